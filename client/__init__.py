@@ -1,0 +1,1 @@
+"""The site side: Flower ClientApp, the site's data and the local LoRA trainer."""

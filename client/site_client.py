@@ -1,0 +1,90 @@
+"""A site as a Flower NumPyClient: receive the global adapter, train or evaluate
+locally, and reply with adapter tensors and aggregate metrics only."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from typing import Any, Sequence
+
+import numpy as np
+from flwr.client import NumPyClient
+from peft import PeftModel
+
+from client.model_cache import cached_lora_model, cached_tokenizer
+from client.site_data import SiteData, load_site_data
+from client.trainer import train_local
+from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
+from fedtune.config import RunSettings
+from fedtune.encoding import make_encoder
+from fedtune.evaluation import evaluate
+from fedtune.model import LoraSettings
+
+log = logging.getLogger("fedtune.site")
+
+Scalar = bool | bytes | float | int | str
+
+
+class SiteClient(NumPyClient):
+    """Trains the run's LoRA adapter on one site's private examples."""
+
+    def __init__(self, settings: RunSettings, node_config: dict[str, Any]) -> None:
+        self.settings = settings
+        self.node_config = node_config
+
+    def _labels(self, config: dict[str, Scalar]) -> list[str]:
+        if "labels" in config:
+            return list(json.loads(str(config["labels"])))
+        return self.settings.label_list()
+
+    def _model(self, labels: Sequence[str]) -> PeftModel:
+        s = self.settings
+        lora = LoraSettings(s.lora_r, s.lora_alpha, s.lora_dropout, tuple(s.target_modules()))
+        return cached_lora_model(s.model, s.task, lora, tuple(labels), s.seed)
+
+    def _site(self, labels: Sequence[str]) -> SiteData:
+        return load_site_data(self.settings, self.node_config, labels)
+
+    def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
+        return get_adapter_arrays(self._model(self._labels(config)))
+
+    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        labels = self._labels(config)
+        site = self._site(labels)
+        model = self._model(labels)
+        set_adapter_arrays(model, parameters)
+        server_round = int(config.get("server-round", 1))
+        num_rounds = int(config.get("num-rounds", self.settings.num_rounds))
+        encoder = make_encoder(cached_tokenizer(self.settings.model), site.train, self.settings.max_length)
+        result = train_local(
+            model,
+            encoder,
+            self.settings,
+            server_round=server_round,
+            num_rounds=num_rounds,
+            site=site.name,
+            proximal_mu=float(config.get("proximal_mu", 0.0)),
+            seed=self.settings.seed + 7919 * server_round + zlib.crc32(site.name.encode()),
+        )
+        metrics: dict[str, Scalar] = {
+            "site": site.name,
+            "train_loss": result.loss,
+            "train_loss_first": result.first_loss,
+            "train_loss_last": result.last_loss,
+            "num_examples": result.num_examples,
+            "steps": result.steps,
+        }
+        return get_adapter_arrays(model), result.num_examples, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        labels = self._labels(config)
+        site = self._site(labels)
+        model = self._model(labels)
+        set_adapter_arrays(model, parameters)
+        examples = site.val or site.train
+        encoder = make_encoder(cached_tokenizer(self.settings.model), examples, self.settings.max_length)
+        metrics = evaluate(model, encoder)
+        out: dict[str, Scalar] = {"site": site.name, "num_examples": len(examples)}
+        out.update({f"val_{k}": float(v) for k, v in metrics.items()})
+        return float(metrics["loss"]), len(examples), out

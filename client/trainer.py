@@ -1,0 +1,91 @@
+"""Local LoRA training at a site: AdamW, a federation-wide LR schedule, optional
+FedProx proximal term; returns only aggregate figures."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from peft import PeftModel
+
+from fedtune.config import RunSettings
+from fedtune.device import autocast_for
+from fedtune.encoding import Encoder, batch_indices
+from fedtune.schedule import lr_factor, round_progress
+
+log = logging.getLogger("fedtune.site")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a round of local training reports: mean loss, examples, steps."""
+
+    loss: float
+    first_loss: float
+    last_loss: float
+    num_examples: int
+    steps: int
+
+
+def steps_for_round(settings: RunSettings, num_examples: int) -> int:
+    """Local steps this round: `local-steps`, else `local-epochs` over the site's data."""
+    if settings.local_steps > 0:
+        return settings.local_steps
+    return max(1, math.ceil(settings.local_epochs * num_examples / settings.batch_size))
+
+
+def train_local(
+    model: PeftModel,
+    encoder: Encoder,
+    settings: RunSettings,
+    server_round: int,
+    num_rounds: int,
+    site: str = "site",
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+) -> TrainResult:
+    """Train the trainable (adapter + head) parameters in place for one round."""
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    anchors: Sequence[torch.Tensor] = [p.detach().clone() for p in params] if proximal_mu > 0 else []
+    optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    steps = steps_for_round(settings, len(encoder))
+    rng = np.random.default_rng(seed)
+    batches = _endless_batches(len(encoder), settings.batch_size, rng)
+    report_every = max(1, steps // 4)
+    losses: list[float] = []
+    model.train()
+    for step in range(steps):
+        progress = round_progress(server_round, step, steps, num_rounds)
+        for group in optimizer.param_groups:
+            group["lr"] = settings.learning_rate * lr_factor(progress, settings.lr_schedule, settings.warmup_fraction)
+        batch = {k: v.to(device) for k, v in encoder.batch(next(batches)).items()}
+        with autocast_for(device):
+            loss = model(**batch).loss
+        if proximal_mu > 0:
+            loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+        if (step + 1) % report_every == 0 or step + 1 == steps:
+            log.info("%s round %d: step %d/%d loss %.4f", site, server_round, step + 1, steps,
+                     float(np.mean(losses[-report_every:])))
+    head = max(1, len(losses) // 10)
+    return TrainResult(
+        loss=float(np.mean(losses)),
+        first_loss=float(np.mean(losses[:head])),
+        last_loss=float(np.mean(losses[-head:])),
+        num_examples=len(encoder),
+        steps=steps,
+    )
+
+
+def _endless_batches(n: int, batch_size: int, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    while True:
+        yield from batch_indices(n, batch_size, rng)

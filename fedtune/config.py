@@ -1,0 +1,180 @@
+"""Run settings: the typed view of Flower's flat run config (`[tool.flwr.app.config]`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedtune.errors import ConfigError
+
+TASKS = ("seq-cls", "causal-lm")
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+PARTITIONINGS = ("iid", "dirichlet")
+LR_SCHEDULES = ("linear", "cosine", "constant")
+
+# Project root: relative data paths in the run config resolve against it when they
+# do not exist relative to the working directory (Flower installs apps elsewhere).
+APP_DIR = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Every knob of a federated run; field names map to dashed config keys."""
+
+    model: str = "default"
+    task: str = "seq-cls"
+    text_field: str = "text"
+    label_field: str = "label"
+    prompt_field: str = "prompt"
+    completion_field: str = "completion"
+    labels: str = ""
+    labels_file: str = ""
+    max_length: int = 64
+    data_path: str = ""
+    partitioning: str = "dirichlet"
+    dirichlet_alpha: float = 0.5
+    val_fraction: float = 0.1
+    seed: int = 42
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    lora_target_modules: str = ""
+    local_epochs: float = 1.0
+    local_steps: int = 0
+    batch_size: int = 32
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.05
+    lr_schedule: str = "linear"
+    num_rounds: int = 5
+    strategy: str = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_sites: int = 2
+    central_eval_path: str = ""
+    central_eval_every: int = 0
+    output_dir: str = "runs"
+    run_name: str = ""
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
+        """Build settings from Flower's run config, checking types and choices."""
+        known = {f.name.replace("_", "-"): f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, raw in run_config.items():
+            field = known.get(key)
+            if field is None:
+                continue  # Flower may add its own keys; unknown keys are not ours.
+            values[field.name] = _coerce(key, raw, field.type)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def to_run_config(self) -> dict[str, Any]:
+        """The flat, dashed form Flower carries in `context.run_config`."""
+        return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first bad key."""
+        _choice("task", self.task, TASKS)
+        _choice("strategy", self.strategy, STRATEGIES)
+        _choice("partitioning", self.partitioning, PARTITIONINGS)
+        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        for key, value in (
+            ("lora-r", self.lora_r),
+            ("batch-size", self.batch_size),
+            ("num-rounds", self.num_rounds),
+            ("max-length", self.max_length),
+            ("min-sites", self.min_sites),
+        ):
+            if value < 1:
+                raise ConfigError(key, f"must be at least 1, got {value}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ConfigError("val-fraction", f"must be in [0, 1), got {self.val_fraction}")
+        if self.dirichlet_alpha <= 0:
+            raise ConfigError("dirichlet-alpha", f"must be > 0, got {self.dirichlet_alpha}")
+        if self.local_steps <= 0 and self.local_epochs <= 0:
+            raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
+        if self.learning_rate <= 0:
+            raise ConfigError("learning-rate", f"must be > 0, got {self.learning_rate}")
+        if not 0.0 < self.fraction_train <= 1.0:
+            raise ConfigError("fraction-train", f"must be in (0, 1], got {self.fraction_train}")
+
+    def target_modules(self) -> list[str]:
+        """The configured LoRA target modules, or [] for the architecture default."""
+        return [m.strip() for m in self.lora_target_modules.split(",") if m.strip()]
+
+    def label_list(self) -> list[str]:
+        """The coordinator's label set, from `labels` or `labels-file` (seq-cls only)."""
+        if self.task != "seq-cls":
+            return []
+        if self.labels.strip():
+            labels = [x.strip() for x in self.labels.split(",") if x.strip()]
+        elif self.labels_file:
+            labels = load_labels_file(resolve_path(self.labels_file))
+        else:
+            raise ConfigError("labels", "seq-cls needs a label set: set 'labels' or 'labels-file'")
+        if len(set(labels)) != len(labels):
+            raise ConfigError("labels", "the label set has duplicates")
+        if len(labels) < 2:
+            raise ConfigError("labels", f"need at least 2 labels, got {len(labels)}")
+        return labels
+
+
+def load_labels_file(path: Path) -> list[str]:
+    """Read a label set: a JSON list of strings, or one label per line."""
+    if not path.is_file():
+        raise ConfigError("labels-file", f"{path}: file not found")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json":
+        try:
+            labels = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError("labels-file", f"{path}:{err.lineno}: bad JSON ({err.msg})") from None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise ConfigError("labels-file", f"{path}: expected a JSON list of strings")
+        return labels
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def resolve_path(path: str) -> Path:
+    """Resolve a config path: absolute, else relative to the cwd, else to the app dir."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate
+    in_app = APP_DIR / candidate
+    return in_app if in_app.exists() else candidate
+
+
+def _coerce(key: str, raw: Any, type_name: Any) -> Any:
+    type_name = getattr(type_name, "__name__", type_name)
+    try:
+        if type_name == "int":
+            if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+                raise ValueError
+            return int(raw)
+        if type_name == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if type_name == "bool":
+            if isinstance(raw, str):
+                if raw.lower() in ("true", "1", "yes"):
+                    return True
+                if raw.lower() in ("false", "0", "no"):
+                    return False
+                raise ValueError
+            return bool(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(key, f"expected {type_name}, got {raw!r}") from None
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")

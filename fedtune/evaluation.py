@@ -1,0 +1,68 @@
+"""Evaluating a (peft) model on encoded examples: classification metrics for seq-cls,
+loss and perplexity over completion tokens for causal-LM."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from fedtune.device import autocast_for
+from fedtune.encoding import IGNORE_INDEX, ClassificationEncoder, Encoder, batch_indices
+from fedtune.metrics import classification_metrics
+
+
+@torch.no_grad()
+def evaluate(model: PreTrainedModel, encoder: Encoder, batch_size: int = 64) -> dict[str, float]:
+    """Aggregate metrics only; nothing per example is returned."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        if isinstance(encoder, ClassificationEncoder):
+            return _evaluate_classification(model, encoder, batch_size, device)
+        return _evaluate_completion(model, encoder, batch_size, device)
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_classification(
+    model: PreTrainedModel, encoder: ClassificationEncoder, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    preds, golds, loss_sum = [], [], 0.0
+    for idx in batch_indices(len(encoder), batch_size):
+        batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
+        with autocast_for(device):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        preds.append(logits.argmax(-1).cpu().numpy())
+        golds.append(batch["labels"].cpu().numpy())
+    num_labels = int(model.config.num_labels)
+    metrics = classification_metrics(np.concatenate(golds), np.concatenate(preds), num_labels)
+    metrics["loss"] = loss_sum / max(len(encoder), 1)
+    return metrics
+
+
+def _evaluate_completion(
+    model: PreTrainedModel, encoder: Encoder, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    nll, tokens = 0.0, 0
+    for idx in batch_indices(len(encoder), batch_size):
+        batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
+        with autocast_for(device):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        targets = batch["labels"][:, 1:]
+        nll += float(
+            F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.size(-1)),
+                targets.reshape(-1),
+                ignore_index=IGNORE_INDEX,
+                reduction="sum",
+            )
+        )
+        tokens += int((targets != IGNORE_INDEX).sum())
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "tokens": float(tokens)}

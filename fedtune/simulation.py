@@ -1,0 +1,114 @@
+"""Running a whole federation on one machine with Flower's Simulation Engine (Ray):
+N virtual sites, each one partition of the configured data set."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from fedtune.config import APP_DIR, RunSettings
+
+FLOWER_QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
+
+
+def project_run_config() -> dict[str, Any]:
+    """Defaults from the dataclass, overlaid with `[tool.flwr.app.config]` when the
+    project's pyproject.toml is at hand."""
+    config = RunSettings().to_run_config()
+    pyproject = APP_DIR / "pyproject.toml"
+    if pyproject.is_file():
+        import tomllib
+
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        config.update(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+    return config
+
+
+def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
+    import json
+
+    lines = ['[project]', 'name = "fedtune-sim"', 'version = "0.0.0"', "", "[tool.flwr.app]", 'publisher = "fedtune"', "",
+             "[tool.flwr.app.components]", 'serverapp = "server.app:app"', 'clientapp = "client.app:app"', "",
+             "[tool.flwr.app.config]"]
+    for key, value in config.items():
+        lines.append(f'"{key}" = {json.dumps(value)}' if not isinstance(value, bool) else f'"{key}" = {str(value).lower()}')
+    (directory / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool = False) -> RunSettings:
+    """Run the ServerApp and `num_sites` ClientApps in this process's Simulation Engine.
+
+    Overrides are validated first, so a bad value fails before Ray starts.
+    """
+    for key, value in FLOWER_QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    config = {**project_run_config(), **overrides}
+    settings = RunSettings.from_run_config(config)
+    settings.label_list()  # fail early on a bad label set
+
+    import logging
+
+    from flwr.app import Context, RecordDict
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.supercore.telemetry import EventType
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    if not verbose:
+        logging.getLogger("flwr").setLevel(logging.WARNING)
+    full_config = settings.to_run_config()
+    cpus = os.cpu_count() or 1
+    gpus = _gpu_count()
+    backend_config: dict[str, Any] = {
+        "client_resources": {"num_cpus": cpus, "num_gpus": 1.0 if gpus else 0.0},
+        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "logging_level": "ERROR", "log_to_driver": True,
+                      "include_dashboard": False},
+    }
+    with tempfile.TemporaryDirectory(prefix="fedtune-sim-") as app_dir:
+        _write_app_config(Path(app_dir), full_config)
+        run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+        run.override_config = {}
+        run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+        run.federation_id = NOOP_FEDERATION_ID
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = run.run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=full_config)
+        _run_simulation(
+            num_supernodes=num_sites,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend_config,
+            server_app_context=context,
+            app_dir=app_dir,
+            run=run,
+            is_app=True,
+            verbose_logging=verbose,
+        )
+    return settings
+
+
+def _gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count()
+    except Exception:  # pragma: no cover - torch is a dependency
+        return 0

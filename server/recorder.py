@@ -1,0 +1,175 @@
+"""A strategy wrapper that records each round: per-site and aggregate metrics plus
+traffic to `metrics.jsonl`, the global adapter as a PEFT checkpoint, and a progress
+line. Aggregation itself is left entirely to the wrapped Flower strategy."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+
+from fedtune.errors import FedtuneError
+from server.traffic import MeteredGrid
+
+log = logging.getLogger("fedtune.server")
+
+SaveFn = Callable[[int, list[Any]], None]
+
+
+class RecordingStrategy(Strategy):
+    """Delegates every decision to `inner`; observes and records what happened."""
+
+    def __init__(
+        self,
+        inner: Strategy,
+        grid: MeteredGrid,
+        append_record: Callable[[dict[str, Any]], None],
+        save_round: SaveFn,
+        num_rounds: int,
+        round_offset: int = 0,
+    ) -> None:
+        self.inner = inner
+        self.grid = grid
+        self.append_record = append_record
+        self.save_round = save_round
+        self.num_rounds = num_rounds
+        self.round_offset = round_offset
+        self.latest_parameters: Parameters | None = None
+        self.completed_rounds: list[int] = []
+        self._pending: dict[str, Any] | None = None
+        self._node_site: dict[int, str] = {}
+        self._round_start = time.monotonic()
+
+    def __repr__(self) -> str:
+        return f"RecordingStrategy({self.inner!r})"
+
+    def global_round(self, server_round: int) -> int:
+        """Flower restarts at round 1 on every start; the run's round continues."""
+        return self.round_offset + server_round
+
+    # -- delegation -------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        params = self.inner.initialize_parameters(client_manager)
+        self.latest_parameters = params
+        return params
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self.flush()
+        self._round_start = time.monotonic()
+        return self.inner.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        rnd = self.global_round(server_round)
+        reasons = [_failure_reason(f) for f in failures]
+        for reason in reasons:
+            log.warning("round %d: a site failed: %s", rnd, reason)
+        if not results:
+            raise FedtuneError(f"round {rnd}: no site returned an update ({'; '.join(reasons) or 'no sites'})")
+        params, metrics = self.inner.aggregate_fit(server_round, results, failures)
+        sites: dict[str, dict[str, Any]] = {}
+        for proxy, res in results:
+            name = str(res.metrics.get("site", f"node-{proxy.node_id}"))
+            self._node_site[proxy.node_id] = name
+            sites[name] = {"node_id": proxy.node_id, **{k: v for k, v in res.metrics.items() if k != "site"}}
+        self._pending = {
+            "round": rnd,
+            "sites": sites,
+            "aggregate": {f"{k}": v for k, v in metrics.items()},
+            "failures": len(failures),
+            "failure_reasons": reasons,
+            "central": None,
+        }
+        if params is not None:
+            self.latest_parameters = params
+            self.save_round(rnd, parameters_to_ndarrays(params))
+        self._log_fit(rnd, sites, len(failures))
+        return params, metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.inner.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        loss, metrics = self.inner.aggregate_evaluate(server_round, results, failures)
+        if self._pending is not None:
+            for proxy, res in results:
+                name = str(res.metrics.get("site", f"node-{proxy.node_id}"))
+                entry = self._pending["sites"].setdefault(name, {"node_id": proxy.node_id})
+                entry.update({k: v for k, v in res.metrics.items() if k.startswith("val_")})
+            self._pending["aggregate"].update({k: v for k, v in metrics.items() if k.startswith("val_")})
+            if loss is not None:
+                self._pending["aggregate"]["val_loss"] = loss
+        return loss, metrics
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        result = self.inner.evaluate(server_round, parameters)
+        if result is not None and self._pending is not None and server_round > 0:
+            self._pending["central"] = {k: float(v) for k, v in result[1].items()}
+        return result
+
+    # -- recording --------------------------------------------------------------
+    def flush(self) -> None:
+        """Write the pending round's record (traffic included) to metrics.jsonl."""
+        if self._pending is None:
+            return
+        record = self._pending
+        self._pending = None
+        round_key = str(record["round"] - self.round_offset)
+        for site in record["sites"].values():
+            site.update(self.grid.site_bytes(round_key, int(site["node_id"])))
+        record["bytes_down"] = sum(s["bytes_down"] for s in record["sites"].values())
+        record["bytes_up"] = sum(s["bytes_up"] for s in record["sites"].values())
+        record["round_seconds"] = round(time.monotonic() - self._round_start, 3)
+        self.append_record(record)
+        self.completed_rounds.append(record["round"])
+        agg = record["aggregate"]
+        parts = [f"[round {record['round']}/{self.num_rounds + self.round_offset}]"]
+        if "val_accuracy" in agg:
+            parts.append(f"site-val acc {agg['val_accuracy']:.4f}")
+        if "val_loss" in agg:
+            parts.append(f"site-val loss {agg['val_loss']:.4f}")
+        if record["central"]:
+            parts.append(" ".join(f"central {k} {v:.4f}" for k, v in record["central"].items() if k in ("accuracy", "loss", "perplexity")))
+        parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB, {record['round_seconds']:.1f}s")
+        log.info(" | ".join(parts))
+
+    def _log_fit(self, rnd: int, sites: dict[str, dict[str, Any]], failures: int) -> None:
+        shown = ", ".join(
+            f"{name} loss {float(m.get('train_loss', float('nan'))):.4f} (n={m.get('num_examples', '?')})"
+            for name, m in sorted(sites.items())
+        )
+        extra = f", {failures} failed" if failures else ""
+        log.info("[round %d/%d] trained: %s%s", rnd, self.num_rounds + self.round_offset, shown, extra)
+
+
+def _failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException | Any) -> str:
+    if isinstance(failure, BaseException):
+        return str(failure).strip().splitlines()[-1] if str(failure).strip() else type(failure).__name__
+    proxy, res = failure
+    return f"node {proxy.node_id}: {res.status.message}"

@@ -1,0 +1,84 @@
+"""The end-of-run `report.md`: settings, per-round table, traffic and final metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedtune.config import RunSettings
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def write_report(
+    path: Path,
+    settings: RunSettings,
+    records: list[dict[str, Any]],
+    final: dict[str, Any],
+    plots: list[Path],
+    adapter_info: dict[str, Any],
+) -> Path:
+    """Render report.md from metrics.jsonl records and the final evaluation."""
+    lines = [f"# fedtune run report: {final.get('run_id', '')}", ""]
+    lines += [
+        "## Summary",
+        "",
+        f"- Task: `{settings.task}`, base model: `{settings.model}`",
+        f"- Strategy: `{settings.strategy}`, rounds completed: {len(records)} of {settings.num_rounds}",
+        f"- Sites: {', '.join(sorted({s for r in records for s in r.get('sites', {})})) or 'none'}",
+        f"- LoRA: r={settings.lora_r}, alpha={settings.lora_alpha}, dropout={settings.lora_dropout}, "
+        f"targets={adapter_info.get('target_modules')}",
+        f"- Tensors exchanged per round: {adapter_info.get('num_tensors')} adapter/head tensors, "
+        f"{adapter_info.get('num_params'):,} parameters ({adapter_info.get('fraction_of_model', 0):.4%} of the model)",
+        "",
+    ]
+    if final.get("central"):
+        lines += ["## Final central evaluation (held-out file)", ""]
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in final["central"].items()]
+        lines.append("")
+    lines += ["## Rounds", ""]
+    header = ["round", "train loss", "site-val loss", "site-val acc", "central acc", "up (bytes)", "down (bytes)", "failures", "seconds"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in records:
+        agg = r.get("aggregate", {})
+        central = r.get("central") or {}
+        lines.append(
+            "| "
+            + " | ".join(
+                _fmt(x)
+                for x in (
+                    r["round"], agg.get("train_loss", ""), agg.get("val_loss", ""), agg.get("val_accuracy", ""),
+                    central.get("accuracy", ""), r.get("bytes_up", ""), r.get("bytes_down", ""),
+                    r.get("failures", 0), r.get("round_seconds", ""),
+                )
+            )
+            + " |"
+        )
+    lines += ["", "## Per-site metrics, last round", ""]
+    if records:
+        last = records[-1]
+        keys = sorted({k for m in last["sites"].values() for k in m if k != "node_id"})
+        lines += ["| site | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        for name, m in sorted(last["sites"].items()):
+            lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k, "")) for k in keys) + " |")
+    lines += ["", "## What the coordinator saw", ""]
+    lines += [
+        "- Per site and round: the adapter and head tensors listed above, the number of training examples, "
+        "and aggregate metrics (mean loss, validation accuracy/F1 or perplexity).",
+        "- Never: raw text, tokens, labels of single examples or any per-example value.",
+        "",
+        "## Files",
+        "",
+        "- `metrics.jsonl`: one JSON line per round (per-site and aggregate metrics, bytes to and from each site).",
+        "- `round-NNN/`: the global adapter after each round (PEFT format, `PeftModel.from_pretrained`).",
+        "- `final/`: the final global adapter.",
+    ]
+    lines += [f"- `{p.name}`" for p in plots]
+    lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
