@@ -54,7 +54,7 @@ def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool =
         os.environ.setdefault(key, value)
     config = {**project_run_config(), **overrides}
     settings = RunSettings.from_run_config(config)
-    settings.label_list()  # fail early on a bad label set
+    _check_inputs(settings)
 
     import logging
 
@@ -112,3 +112,18 @@ def _gpu_count() -> int:
         return torch.cuda.device_count()
     except Exception:  # pragma: no cover - torch is a dependency
         return 0
+
+
+def _check_inputs(settings: RunSettings) -> None:
+    """Validate the run folder, label set, data set and held-out file before Ray starts,
+    so a bad input fails with its one-line error and no run folder is touched."""
+    from client.site_data import load_examples
+    from fedtune.errors import FedtuneError
+
+    run_path = Path(settings.output_dir).expanduser().resolve() / (settings.run_name or "-")
+    if settings.run_name and (run_path / "metrics.jsonl").exists():
+        raise FedtuneError(f"run folder {run_path} already holds a run; choose another --run-name")
+    labels = settings.label_list()
+    load_examples(settings.data_path, settings, labels)
+    if settings.central_eval_path:
+        load_examples(settings.central_eval_path, settings, labels)

@@ -24,6 +24,7 @@ from fedtune.adapter_io import adapter_keys, get_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.logs import setup_logging
 from fedtune.device import pick_device
+from fedtune.errors import FedtuneError
 from fedtune.model import LoraSettings, build_lora_model, resolve_model_path
 from server.central_eval import make_central_evaluator
 from server.plots import save_plots
@@ -56,7 +57,10 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     settings = RunSettings.from_run_config(context.run_config)
     labels = settings.label_list()
     run_id = new_run_id(settings)
-    run_dir = RunDir(Path(settings.output_dir).expanduser().resolve() / run_id).create()
+    run_dir = RunDir(Path(settings.output_dir).expanduser().resolve() / run_id)
+    if run_dir.metrics_file.exists():
+        raise FedtuneError(f"run folder {run_dir.path} already holds a run; choose another run-name")
+    run_dir.create()
     log.info("fedtune %s: run %s -> %s", __version__, run_id, run_dir.path)
 
     lora = LoraSettings(settings.lora_r, settings.lora_alpha, settings.lora_dropout, tuple(settings.target_modules()))
@@ -72,6 +76,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         "run_id": run_id,
     }
     run_dir.write_json("run.json", {**metadata, "settings": settings.to_run_config(), "adapter": adapter_info})
+
+    run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0})
 
     def save_round(server_round: int, arrays: list[np.ndarray]) -> None:
         run_dir.save_adapter(model, arrays, run_dir.round_dir(server_round), {**metadata, "round": server_round})

@@ -4,10 +4,14 @@ content as its protobuf encoding, in both directions."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from flwr.common import Message
 from flwr.common.serde import recorddict_to_proto
+
+
+# Test and audit hook: callables run on every message, with "down" or "up".
+MESSAGE_OBSERVERS: list[Callable[[str, Message], None]] = []
 
 
 def content_bytes(message: Message) -> int:
@@ -37,10 +41,14 @@ class MeteredGrid:
         for msg in messages:
             key = (msg.metadata.group_id, msg.metadata.dst_node_id, msg.metadata.message_type)
             self.down[key] += content_bytes(msg)
+            for observe in MESSAGE_OBSERVERS:
+                observe("down", msg)
         replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
         for reply in replies:
             key = (reply.metadata.group_id, reply.metadata.src_node_id, reply.metadata.message_type)
             self.up[key] += content_bytes(reply)
+            for observe in MESSAGE_OBSERVERS:
+                observe("up", reply)
         return replies
 
     def site_bytes(self, round_key: str, node_id: int) -> dict[str, int]:

@@ -1,0 +1,119 @@
+"""Shared fixtures: offline/quiet environment, tiny BERT and Llama models built from
+config, and small synthetic data sets."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _flwr_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    os.environ["FLWR_HOME"] = str(tmp_path_factory.mktemp("flwr-home"))
+
+
+def _minilm_tokenizer():  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    from fedtune.model import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path("default"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer BERT with random weights and the MiniLM tokenizer."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tok = _minilm_tokenizer()
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} [SEP] {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 2-layer Llama with random weights; MiniLM tokenizer plus a chat template."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    tok = _minilm_tokenizer()
+    tok.chat_template = CHAT_TEMPLATE
+    tok.eos_token = "[SEP]"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    LlamaForCausalLM(cfg).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+POS = ["good", "great", "excellent", "happy", "lovely", "superb"]
+NEG = ["bad", "awful", "terrible", "sad", "poor", "horrible"]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, object]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A learnable 2-label text task: train, held-out test and the labels file."""
+    out = tmp_path_factory.mktemp("sentiment")
+    rng = random.Random(0)
+
+    def rows(n: int) -> list[dict[str, object]]:
+        result = []
+        for _ in range(n):
+            label = rng.choice(["pos", "neg"])
+            words = POS if label == "pos" else NEG
+            # Short texts: a tiny random-weight BERT learns them within a few steps.
+            result.append({"text": f"{rng.choice(words)} {rng.choice(words)}", "label": label})
+        return result
+
+    (out / "labels.json").write_text(json.dumps(["pos", "neg"]), encoding="utf-8")
+    return {
+        "train": _write_jsonl(out / "train.jsonl", rows(240)),
+        "test": _write_jsonl(out / "test.jsonl", rows(60)),
+        "labels": out / "labels.json",
+    }
+
+
+@pytest.fixture(scope="session")
+def completion_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A learnable prompt/completion task for causal-LM tests."""
+    out = tmp_path_factory.mktemp("completions")
+    rng = random.Random(1)
+    pairs = [("red", "apple"), ("yellow", "banana"), ("green", "lime"), ("purple", "grape")]
+
+    def rows(n: int) -> list[dict[str, object]]:
+        return [{"prompt": f"name a {c} fruit", "completion": f"{f}"} for c, f in (rng.choice(pairs) for _ in range(n))]
+
+    return {"train": _write_jsonl(out / "train.jsonl", rows(200)), "test": _write_jsonl(out / "test.jsonl", rows(40))}
