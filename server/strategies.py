@@ -19,7 +19,10 @@ def weighted_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
     total = sum(n for n, _ in results)
     if total == 0:
         return {}
-    keys = {k for _, m in results for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    keys = {
+        k for _, m in results for k, v in m.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("num_examples", "steps")
+    }
     return {
         k: sum(n * float(m[k]) for n, m in results if k in m) / max(sum(n for n, m in results if k in m), 1)
         for k in sorted(keys)
