@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--model", help="HF model path or id; 'default' is the embedded MiniLM")
     sim.add_argument("--data", help="labelled JSONL/CSV to partition across sites (config: data-path)")
     sim.add_argument("--alpha", type=float, help="Dirichlet alpha for the non-IID split (config: dirichlet-alpha)")
-    sim.add_argument("--strategy", choices=["fedavg", "fedprox", "fedadam", "fedyogi"], help="aggregation strategy")
+    sim.add_argument("--strategy", choices=["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"], help="aggregation strategy")
     sim.add_argument("--output-dir", help="where run folders go (default: runs)")
     sim.add_argument("--run-name", help="run folder name (default: a timestamp)")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")

@@ -11,7 +11,7 @@ from typing import Any, Mapping
 from fedtune.errors import ConfigError
 
 TASKS = ("seq-cls", "causal-lm")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 PARTITIONINGS = ("iid", "dirichlet")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 
@@ -52,7 +52,10 @@ class RunSettings:
     num_rounds: int = 5
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
+    server_learning_rate: float = 1.0
+    server_momentum: float = 0.0
+    fedopt_eta: float = 0.01
+    fedopt_tau: float = 0.001
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2

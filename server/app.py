@@ -130,12 +130,15 @@ def _final_arrays(strategy: RecordingStrategy, initial: list[np.ndarray]) -> lis
 def _adapter_info(model: Any, arrays: list[np.ndarray]) -> dict[str, Any]:
     num_params = int(sum(a.size for a in arrays))
     total = int(sum(p.numel() for p in model.parameters()))
+    # The plain model's size: no LoRA factors, and peft's trainable head copy counted once.
+    extra = int(sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n))
     return {
         "keys": adapter_keys(model),
         "num_tensors": len(arrays),
         "num_params": num_params,
         "bytes_fp32": num_params * 4,
         "model_params": total,
+        "base_model_params": total - extra,
         "fraction_of_model": num_params / total,
         "target_modules": sorted(model.peft_config["default"].target_modules),
     }

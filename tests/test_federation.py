@@ -5,6 +5,8 @@ falls, only adapter tensors travel, and saved rounds reload with identical logit
 from __future__ import annotations
 
 import json
+import subprocess
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -38,7 +40,21 @@ def _run(tmp_path: Path, overrides: dict[str, Any]) -> tuple[Path, list[tuple[st
         run_simulation(config, num_sites=2)
     finally:
         traffic.MESSAGE_OBSERVERS.remove(observe)
+    _assert_ray_stopped()
     return tmp_path / "runs" / "t", seen
+
+
+def _assert_ray_stopped() -> None:
+    """The Simulation Engine shut Ray down: no raylet or GCS process is left."""
+    import ray
+
+    assert not ray.is_initialized()
+    for _ in range(50):
+        left = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.strip()
+        if not left:
+            break
+        time.sleep(0.2)
+    assert left == "", f"Ray processes left behind: {left}"
 
 
 def _check_common(run_dir: Path, seen: list[tuple[str, str, list[tuple[int, ...]]]]) -> list[dict[str, Any]]:

@@ -1,0 +1,74 @@
+"""Run settings: parsing Flower's flat config, clear errors, strategy choice."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import ndarrays_to_parameters
+from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+
+from fedtune.config import RunSettings
+from fedtune.errors import ConfigError
+from fedtune.schedule import lr_factor, round_progress
+from fedtune.simulation import project_run_config
+from server.strategies import build_strategy, weighted_metrics
+
+
+def test_pyproject_defaults_parse() -> None:
+    settings = RunSettings.from_run_config(project_run_config())
+    assert settings.task == "seq-cls" and settings.lora_r == 8
+    assert len(settings.label_list()) == 77
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "words"),
+    [
+        ("task", "translation", "must be one of seq-cls, causal-lm"),
+        ("lora-r", 0, "must be at least 1"),
+        ("lora-r", 2.5, "expected int"),
+        ("val-fraction", 1.0, "must be in [0, 1)"),
+        ("strategy", "fedsgd", "must be one of"),
+        ("dirichlet-alpha", 0, "must be > 0"),
+    ],
+)
+def test_bad_values_name_the_key(key: str, value: object, words: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        RunSettings.from_run_config({key: value})
+    assert str(info.value).startswith(f"config '{key}':") and words in str(info.value)
+
+
+def test_label_list_from_string_and_file(tmp_path: Path) -> None:
+    assert RunSettings(labels="a, b ,c").label_list() == ["a", "b", "c"]
+    (tmp_path / "labels.txt").write_text("x\ny\n")
+    assert RunSettings(labels_file=str(tmp_path / "labels.txt")).label_list() == ["x", "y"]
+    with pytest.raises(ConfigError, match="duplicates"):
+        RunSettings(labels="a,a").label_list()
+    (tmp_path / "bad.json").write_text("[1, 2")
+    with pytest.raises(ConfigError, match=r"bad.json:1: bad JSON"):
+        RunSettings(labels_file=str(tmp_path / "bad.json")).label_list()
+    assert RunSettings(task="causal-lm").label_list() == []
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"), [("fedavg", FedAvg), ("fedavgm", FedAvgM), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)]
+)
+def test_strategy_by_name(name: str, cls: type) -> None:
+    params = ndarrays_to_parameters([np.zeros(3, np.float32)])
+    strategy = build_strategy(RunSettings(strategy=name), params, None, lambda r: {}, lambda r: {})
+    assert type(strategy) is cls
+
+
+def test_weighted_metrics_weights_by_examples() -> None:
+    out = weighted_metrics([(1, {"acc": 1.0, "site": "a", "num_examples": 1}), (3, {"acc": 0.0, "site": "b", "num_examples": 3})])
+    assert out == {"acc": 0.25}
+
+
+def test_lr_schedule_continues_across_rounds() -> None:
+    # The LR at the start of round 2 equals the LR at the end of round 1: one schedule.
+    end_r1 = lr_factor(round_progress(1, 10, 10, 4), "linear", 0.0)
+    start_r2 = lr_factor(round_progress(2, 0, 10, 4), "linear", 0.0)
+    assert end_r1 == pytest.approx(start_r2) == pytest.approx(0.75)
+    assert lr_factor(0.0, "linear", 0.1) < 0.01 and lr_factor(0.1, "linear", 0.1) == pytest.approx(1.0)
+    assert lr_factor(1.0, "cosine", 0.0) == pytest.approx(0.0, abs=1e-9)
