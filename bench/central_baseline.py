@@ -39,8 +39,12 @@ def train_and_evaluate_central(
     lora_dropout: float = 0.05,
     warmup_fraction: float = 0.05,
     seed: int = 42,
+    group_by_length: bool = False,
 ) -> dict[str, float]:
-    """Train LoRA centrally for `epochs` and return test accuracy, macro-F1, wall time."""
+    """Train LoRA centrally for `epochs` and return test accuracy, macro-F1, wall time.
+
+    `group_by_length` uses transformers' LengthGroupedSampler (what `Trainer`'s
+    `group_by_length=True` does) instead of plain shuffling."""
     torch.manual_seed(seed)
     label_id = {name: i for i, name in enumerate(labels)}
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -60,7 +64,13 @@ def train_and_evaluate_central(
     test = encode(_read_jsonl(test_path))
     collate = DataCollatorWithPadding(tok)
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
+    if group_by_length:
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(batch_size, lengths=[len(r["input_ids"]) for r in train], generator=generator)
+        loader = DataLoader(train, batch_size=batch_size, sampler=sampler, collate_fn=collate)
+    else:
+        loader = DataLoader(train, batch_size=batch_size, shuffle=True, collate_fn=collate, generator=generator)
     total_steps = int(np.ceil(epochs * len(loader)))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)

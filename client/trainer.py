@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from fedtune.config import RunSettings
 from fedtune.device import autocast_for
-from fedtune.encoding import Encoder, batch_indices
+from fedtune.encoding import ClassificationEncoder, Encoder, batch_indices, example_lengths, length_grouped_batches
 from fedtune.schedule import lr_factor, round_progress
 
 log = logging.getLogger("fedtune.site")
@@ -55,9 +55,11 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps = steps_for_round(settings, len(encoder))
     rng = np.random.default_rng(seed)
-    batches = _endless_batches(len(encoder), settings.batch_size, rng)
+    lengths = example_lengths(encoder) if settings.group_by_length else None
+    batches = _endless_batches(len(encoder), settings.batch_size, rng, lengths)
     report_every = max(1, steps // 4)
     losses: list[float] = []
+    logit_mask = _absent_label_mask(model, encoder, device) if settings.restricted_softmax else None
     model.train()
     for step in range(steps):
         progress = round_progress(server_round, step, steps, num_rounds)
@@ -65,7 +67,12 @@ def train_local(
             group["lr"] = settings.learning_rate * lr_factor(progress, settings.lr_schedule, settings.warmup_fraction)
         batch = {k: v.to(device) for k, v in encoder.batch(next(batches)).items()}
         with autocast_for(device):
-            loss = model(**batch).loss
+            if logit_mask is None:
+                loss = model(**batch).loss
+            else:
+                labels = batch.pop("labels")
+                logits = model(**batch).logits.float() + logit_mask
+                loss = torch.nn.functional.cross_entropy(logits, labels)
         if proximal_mu > 0:
             loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         loss.backward()
@@ -86,6 +93,22 @@ def train_local(
     )
 
 
-def _endless_batches(n: int, batch_size: int, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+def _absent_label_mask(model: PeftModel, encoder: Encoder, device: torch.device) -> torch.Tensor | None:
+    """Restricted softmax (FedRS, Li & Zhan, KDD 2021): labels a site has no examples
+    of are masked out of its training softmax, so the site neither pushes their logits
+    down nor drags their classifier rows towards its own classes."""
+    if not isinstance(encoder, ClassificationEncoder):
+        return None
+    mask = torch.full((int(model.config.num_labels),), float("-inf"), device=device)
+    mask[sorted(set(encoder.labels))] = 0.0
+    return mask
+
+
+def _endless_batches(
+    n: int, batch_size: int, rng: np.random.Generator, lengths: Sequence[int] | None
+) -> Iterator[list[int]]:
     while True:
-        yield from batch_indices(n, batch_size, rng)
+        if lengths is None:
+            yield from batch_indices(n, batch_size, rng)
+        else:
+            yield from length_grouped_batches(lengths, batch_size, rng)

@@ -49,6 +49,8 @@ class RunSettings:
     weight_decay: float = 0.0
     warmup_fraction: float = 0.05
     lr_schedule: str = "linear"
+    restricted_softmax: bool = True
+    group_by_length: bool = True
     num_rounds: int = 5
     strategy: str = "fedavg"
     proximal_mu: float = 0.01

@@ -120,3 +120,26 @@ def batch_indices(n: int, batch_size: int, rng: np.random.Generator | None = Non
     order = rng.permutation(n) if rng is not None else np.arange(n)
     for start in range(0, n, batch_size):
         yield order[start : start + batch_size].tolist()
+
+
+def length_grouped_batches(
+    lengths: Sequence[int], batch_size: int, rng: np.random.Generator, mega: int = 50
+) -> Iterator[list[int]]:
+    """Shuffled batches of similar length (as transformers' `group_by_length`): shuffle,
+    sort within mega-batches of `mega` batches, then shuffle the batch order. Every
+    index appears once per pass; padding, and so compute, shrinks."""
+    order = rng.permutation(len(lengths))
+    size = mega * batch_size
+    batches: list[list[int]] = []
+    for start in range(0, len(order), size):
+        chunk = sorted(order[start : start + size].tolist(), key=lambda i: -lengths[i])
+        batches.extend(chunk[j : j + batch_size] for j in range(0, len(chunk), batch_size))
+    for b in rng.permutation(len(batches)):
+        yield batches[b]
+
+
+def example_lengths(encoder: "Encoder") -> list[int]:
+    """Token count of every encoded example."""
+    if isinstance(encoder, ClassificationEncoder):
+        return [len(ids) for ids in encoder.encoded["input_ids"]]
+    return [len(ids) for ids, _ in encoder.rows]

@@ -11,8 +11,15 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from fedtune.device import autocast_for
-from fedtune.encoding import IGNORE_INDEX, ClassificationEncoder, Encoder, batch_indices
+from fedtune.encoding import IGNORE_INDEX, ClassificationEncoder, Encoder, example_lengths
 from fedtune.metrics import classification_metrics
+
+
+def _sorted_batches(encoder: Encoder, batch_size: int) -> list[list[int]]:
+    """Batches of similar length (sorted): less padding; metrics do not depend on order."""
+    lengths = example_lengths(encoder)
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
 @torch.no_grad()
@@ -33,7 +40,7 @@ def _evaluate_classification(
     model: PreTrainedModel, encoder: ClassificationEncoder, batch_size: int, device: torch.device
 ) -> dict[str, float]:
     preds, golds, loss_sum = [], [], 0.0
-    for idx in batch_indices(len(encoder), batch_size):
+    for idx in _sorted_batches(encoder, batch_size):
         batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
         with autocast_for(device):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
@@ -50,7 +57,7 @@ def _evaluate_completion(
     model: PreTrainedModel, encoder: Encoder, batch_size: int, device: torch.device
 ) -> dict[str, float]:
     nll, tokens = 0.0, 0
-    for idx in batch_indices(len(encoder), batch_size):
+    for idx in _sorted_batches(encoder, batch_size):
         batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
         with autocast_for(device):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()

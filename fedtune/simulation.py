@@ -78,7 +78,8 @@ def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool =
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus, "num_gpus": 1.0 if gpus else 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": gpus, "logging_level": "ERROR", "log_to_driver": True,
-                      "include_dashboard": False},
+                      "include_dashboard": False,
+                      "_node_ip_address": "127.0.0.1"},  # keep Ray's traffic on loopback
     }
     with tempfile.TemporaryDirectory(prefix="fedtune-sim-") as app_dir:
         _write_app_config(Path(app_dir), full_config)
