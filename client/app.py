@@ -7,11 +7,15 @@ import logging
 
 from flwr.client import Client
 from flwr.clientapp import ClientApp
-from flwr.common import Context
+from flwr.client.mod import secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Context, Message, MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
 
 from client.site_client import SiteClient
 from fedtune.config import RunSettings
 from fedtune.logs import setup_logging
+from fedtune.secure_masks import install_csprng_masks
 
 setup_logging()
 
@@ -19,7 +23,15 @@ setup_logging()
 def client_fn(context: Context) -> Client:
     """Flower calls this for every message the site receives."""
     settings = RunSettings.from_run_config(context.run_config)
-    return SiteClient(settings, dict(context.node_config)).to_client()
+    return SiteClient(settings, context).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's `secaggplus_mod` for SecAgg+ rounds; plain train messages pass through."""
+    if msg.metadata.message_type == MessageType.TRAIN and SECAGG_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, ctxt, call_next)
+    return call_next(msg, ctxt)
+
+
+install_csprng_masks("client")
+app = ClientApp(client_fn=client_fn, mods=[secaggplus_when_requested])

@@ -10,16 +10,17 @@ from typing import Any, Sequence
 
 import numpy as np
 from flwr.client import NumPyClient
+from flwr.common import Context
 from peft import PeftModel
 
 from client.model_cache import cached_lora_model, cached_tokenizer
 from client.site_data import SiteData, load_site_data
+from client.test_hooks import maybe_audit, maybe_fail
 from client.trainer import train_local
 from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.encoding import make_encoder
 from fedtune.evaluation import evaluate
-from fedtune.model import LoraSettings
 
 log = logging.getLogger("fedtune.site")
 
@@ -29,9 +30,10 @@ Scalar = bool | bytes | float | int | str
 class SiteClient(NumPyClient):
     """Trains the run's LoRA adapter on one site's private examples."""
 
-    def __init__(self, settings: RunSettings, node_config: dict[str, Any]) -> None:
+    def __init__(self, settings: RunSettings, context: Context) -> None:
         self.settings = settings
-        self.node_config = node_config
+        self.context = context
+        self.node_config = dict(context.node_config)
 
     def _labels(self, config: dict[str, Scalar]) -> list[str]:
         if "labels" in config:
@@ -40,33 +42,51 @@ class SiteClient(NumPyClient):
 
     def _model(self, labels: Sequence[str]) -> PeftModel:
         s = self.settings
-        lora = LoraSettings(s.lora_r, s.lora_alpha, s.lora_dropout, tuple(s.target_modules()))
-        return cached_lora_model(s.model, s.task, lora, tuple(labels), s.seed)
+        return cached_lora_model(s.model, s.task, s.lora_settings(), tuple(labels), s.seed)
 
     def _site(self, labels: Sequence[str]) -> SiteData:
         return load_site_data(self.settings, self.node_config, labels)
 
     def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
-        return get_adapter_arrays(self._model(self._labels(config)))
+        return get_adapter_arrays(self._model(self._labels(config)), self.settings.ffa_lora)
+
+    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
+        """Answers the SecAgg+ census: the site's training-example count only."""
+        site = self._site(self._labels(config))
+        return {"site": site.name, "num_examples": len(site.train)}
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         labels = self._labels(config)
         site = self._site(labels)
         model = self._model(labels)
-        set_adapter_arrays(model, parameters)
+        set_adapter_arrays(model, parameters, self.settings.ffa_lora)
         server_round = int(config.get("server-round", 1))
         num_rounds = int(config.get("num-rounds", self.settings.num_rounds))
         encoder = make_encoder(cached_tokenizer(self.settings.model), site.train, self.settings.max_length)
-        result = train_local(
-            model,
-            encoder,
-            self.settings,
-            server_round=server_round,
-            num_rounds=num_rounds,
-            site=site.name,
-            proximal_mu=float(config.get("proximal_mu", 0.0)),
-            seed=self.settings.seed + 7919 * server_round + zlib.crc32(site.name.encode()),
-        )
+        seed = self.settings.seed + 7919 * server_round + zlib.crc32(site.name.encode())
+        dp_metrics: dict[str, Scalar] = {}
+        if self.settings.dp:
+            from client.dp_trainer import load_history, save_history, train_local_dp  # Opacus only when used
+
+            result, history, report = train_local_dp(model, encoder, self.settings, server_round, num_rounds,
+                                                     load_history(self.context), site=site.name, seed=seed)
+            save_history(self.context, history)
+            dp_metrics = {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
+                          "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate}
+        else:
+            result = train_local(
+                model,
+                encoder,
+                self.settings,
+                server_round=server_round,
+                num_rounds=num_rounds,
+                site=site.name,
+                proximal_mu=float(config.get("proximal_mu", 0.0)),
+                seed=seed,
+            )
+        arrays = get_adapter_arrays(model, self.settings.ffa_lora)
+        maybe_fail(site.name, server_round)
+        maybe_audit(site.name, server_round, arrays, result.num_examples, lambda: get_adapter_arrays(model))
         metrics: dict[str, Scalar] = {
             "site": site.name,
             "train_loss": result.loss,
@@ -74,14 +94,19 @@ class SiteClient(NumPyClient):
             "train_loss_last": result.last_loss,
             "num_examples": result.num_examples,
             "steps": result.steps,
+            **dp_metrics,
         }
-        return get_adapter_arrays(model), result.num_examples, metrics
+        if self.settings.secagg:
+            # SecAgg+ clips values beyond +-C; say how many, since the sum cannot show it.
+            limit = self.settings.secagg_clipping_range
+            metrics["secagg_clipped_values"] = int(sum(int((np.abs(a) > limit).sum()) for a in arrays))
+        return arrays, result.num_examples, metrics
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         labels = self._labels(config)
         site = self._site(labels)
         model = self._model(labels)
-        set_adapter_arrays(model, parameters)
+        set_adapter_arrays(model, parameters, self.settings.ffa_lora)
         examples = site.val or site.train
         encoder = make_encoder(cached_tokenizer(self.settings.model), examples, self.settings.max_length)
         metrics = evaluate(model, encoder)

@@ -59,7 +59,7 @@ def train_local(
     batches = _endless_batches(len(encoder), settings.batch_size, rng, lengths)
     report_every = max(1, steps // 4)
     losses: list[float] = []
-    logit_mask = _absent_label_mask(model, encoder, device) if settings.restricted_softmax else None
+    logit_mask = absent_label_mask(model, encoder, device) if settings.restricted_softmax else None
     model.train()
     for step in range(steps):
         progress = round_progress(server_round, step, steps, num_rounds)
@@ -93,7 +93,7 @@ def train_local(
     )
 
 
-def _absent_label_mask(model: PeftModel, encoder: Encoder, device: torch.device) -> torch.Tensor | None:
+def absent_label_mask(model: PeftModel, encoder: Encoder, device: torch.device) -> torch.Tensor | None:
     """Restricted softmax (FedRS, Li & Zhan, KDD 2021): labels a site has no examples
     of are masked out of its training softmax, so the site neither pushes their logits
     down nor drags their classifier rows towards its own classes."""

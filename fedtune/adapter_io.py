@@ -24,19 +24,29 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: state[k] for k in sorted(state)}
 
 
-def adapter_keys(model: PeftModel) -> list[str]:
+def is_lora_a(key: str) -> bool:
+    """True for LoRA's down-projection A, which FFA-LoRA freezes and never sends."""
+    return ".lora_A." in key
+
+
+def wire_state(model: PeftModel, frozen_a: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors that travel: the whole adapter (and head), or without A (FFA-LoRA)."""
+    return {k: v for k, v in adapter_state(model).items() if not (frozen_a and is_lora_a(k))}
+
+
+def adapter_keys(model: PeftModel, frozen_a: bool = False) -> list[str]:
     """The names of the tensors that travel, in wire order."""
-    return list(adapter_state(model))
+    return list(wire_state(model, frozen_a))
 
 
-def get_adapter_arrays(model: PeftModel) -> list[np.ndarray]:
-    """The adapter tensors as fp32 numpy arrays, in wire order."""
-    return [t.detach().to(torch.float32).cpu().numpy().copy() for t in adapter_state(model).values()]
+def get_adapter_arrays(model: PeftModel, frozen_a: bool = False) -> list[np.ndarray]:
+    """The travelling tensors as fp32 numpy arrays, in wire order."""
+    return [t.detach().to(torch.float32).cpu().numpy().copy() for t in wire_state(model, frozen_a).values()]
 
 
-def set_adapter_arrays(model: PeftModel, arrays: Sequence[np.ndarray]) -> None:
+def set_adapter_arrays(model: PeftModel, arrays: Sequence[np.ndarray], frozen_a: bool = False) -> None:
     """Load wire-order arrays into the model's adapter; shapes must match exactly."""
-    state = adapter_state(model)
+    state = wire_state(model, frozen_a)
     if len(arrays) != len(state):
         raise ValueError(f"expected {len(state)} adapter tensors, got {len(arrays)}")
     new_state: dict[str, torch.Tensor] = {}

@@ -6,9 +6,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 from fedtune.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fedtune.model import LoraSettings
 
 TASKS = ("seq-cls", "causal-lm")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
@@ -42,6 +45,7 @@ class RunSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: str = ""
+    ffa_lora: bool = False
     local_epochs: float = 1.0
     local_steps: int = 0
     batch_size: int = 32
@@ -61,6 +65,20 @@ class RunSettings:
     fraction_train: float = 1.0
     fraction_evaluate: float = 1.0
     min_sites: int = 2
+    dp: bool = False
+    dp_noise_multiplier: float = 0.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_max_grad_norm: float = 1.0
+    dp_epsilon_budget: float = 0.0
+    secagg: bool = False
+    secagg_clipping_range: float = 4.0
+    secagg_quantization_range: int = 4194304
+    secagg_modulus_range: int = 4294967296
+    secagg_max_weight: float = 0.0
+    secagg_num_shares: float = 1.0
+    secagg_reconstruction_threshold: float = 0.67
+    secagg_timeout: float = 600.0
     central_eval_path: str = ""
     central_eval_every: int = 0
     output_dir: str = "runs"
@@ -107,8 +125,21 @@ class RunSettings:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
         if self.learning_rate <= 0:
             raise ConfigError("learning-rate", f"must be > 0, got {self.learning_rate}")
+        if not 0.0 < self.secagg_num_shares <= 1.0:
+            raise ConfigError("secagg-num-shares", f"is a fraction of the sites in (0, 1], got {self.secagg_num_shares}")
+        if not 0.0 < self.secagg_reconstruction_threshold <= 1.0:
+            raise ConfigError(
+                "secagg-reconstruction-threshold",
+                f"is a fraction of the shares in (0, 1], got {self.secagg_reconstruction_threshold}",
+            )
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("fraction-train", f"must be in (0, 1], got {self.fraction_train}")
+
+    def lora_settings(self) -> "LoraSettings":
+        """The LoRA part of the settings, as the model builder takes it."""
+        from fedtune.model import LoraSettings
+
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules()), self.ffa_lora)
 
     def target_modules(self) -> list[str]:
         """The configured LoRA target modules, or [] for the architecture default."""

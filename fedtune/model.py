@@ -44,6 +44,7 @@ class LoraSettings:
     alpha: int = 16
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ()
+    freeze_a: bool = False  # FFA-LoRA: A stays at its seeded initialisation
 
 
 def resolve_model_path(model: str) -> str:
@@ -105,11 +106,17 @@ def lora_config(model_type: str, task: str, lora: LoraSettings) -> LoraConfig:
 def build_lora_model(
     model: str, task: str, lora: LoraSettings, labels: Sequence[str] = (), seed: int = 0
 ) -> PeftModel:
-    """Base model wrapped with LoRA; `seed` fixes the adapter and head initialisation."""
+    """Base model wrapped with LoRA; `seed` fixes the adapter and head initialisation,
+    so every site and the coordinator build identical A matrices from the same seed."""
     model_type = AutoConfig.from_pretrained(resolve_model_path(model)).model_type
     torch.manual_seed(seed)
     base = load_base_model(model, task, labels)
     try:
-        return get_peft_model(base, lora_config(model_type, task, lora))
+        peft_model = get_peft_model(base, lora_config(model_type, task, lora))
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError("lora-target-modules", str(err).splitlines()[0]) from None
+    if lora.freeze_a:
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name:
+                param.requires_grad_(False)
+    return peft_model

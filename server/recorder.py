@@ -52,6 +52,7 @@ class RecordingStrategy(Strategy):
         self._pending: dict[str, Any] | None = None
         self._node_site: dict[int, str] = {}
         self._round_start = time.monotonic()
+        self._configured_round: int | None = None
 
     def __repr__(self) -> str:
         return f"RecordingStrategy({self.inner!r})"
@@ -71,7 +72,10 @@ class RecordingStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.flush()
         self._round_start = time.monotonic()
-        return self.inner.configure_fit(server_round, parameters, client_manager)
+        instructions = self.inner.configure_fit(server_round, parameters, client_manager)
+        if instructions:  # an empty list is a deliberate stop (e.g. the DP budget), not a skip
+            self._configured_round = self.global_round(server_round)
+        return instructions
 
     def aggregate_fit(
         self,
@@ -99,6 +103,9 @@ class RecordingStrategy(Strategy):
             "failure_reasons": reasons,
             "central": None,
         }
+        epsilons = [float(m["dp_epsilon"]) for m in sites.values() if "dp_epsilon" in m]
+        if epsilons:
+            self._pending["dp_epsilon_max"] = max(epsilons)
         if params is not None:
             self.latest_parameters = params
             self.save_round(rnd, parameters_to_ndarrays(params))
@@ -136,7 +143,10 @@ class RecordingStrategy(Strategy):
     # -- recording --------------------------------------------------------------
     def flush(self) -> None:
         """Write the pending round's record (traffic included) to metrics.jsonl."""
+        configured, self._configured_round = self._configured_round, None
         if self._pending is None:
+            if configured is not None and configured not in self.completed_rounds:
+                self._record_skipped(configured)
             return
         record = self._pending
         self._pending = None
@@ -158,6 +168,17 @@ class RecordingStrategy(Strategy):
             parts.append(" ".join(f"central {k} {v:.4f}" for k, v in record["central"].items() if k in ("accuracy", "loss", "perplexity")))
         parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB, {record['round_seconds']:.1f}s")
         log.info(" | ".join(parts))
+
+    def _record_skipped(self, rnd: int) -> None:
+        """A round that produced no aggregate (SecAgg+ below its threshold): the global
+        adapter stays as it was and the run goes on."""
+        log.warning(
+            "[round %d/%d] skipped: too few sites completed secure aggregation (below the "
+            "reconstruction threshold); the global adapter is unchanged", rnd, self.num_rounds + self.round_offset,
+        )
+        self.append_record({"round": rnd, "skipped": True, "sites": {}, "aggregate": {}, "central": None,
+                            "round_seconds": round(time.monotonic() - self._round_start, 3)})
+        self.completed_rounds.append(rnd)
 
     def _log_fit(self, rnd: int, sites: dict[str, dict[str, Any]], failures: int) -> None:
         shown = ", ".join(

@@ -32,6 +32,12 @@ def write_report(
         f"- Sites: {', '.join(sorted({s for r in records for s in r.get('sites', {})})) or 'none'}",
         f"- LoRA: r={settings.lora_r}, alpha={settings.lora_alpha}, dropout={settings.lora_dropout}, "
         f"targets={adapter_info.get('target_modules')}",
+        f"- Privacy: secure aggregation {'on (SecAgg+, CSPRNG masks)' if settings.secagg else 'off'}; "
+        + (f"sample-level DP-SGD at each site (noise multiplier {settings.dp_noise_multiplier or 'from target'}, "
+           f"clip {settings.dp_max_grad_norm}, delta {settings.dp_delta}), worst site epsilon "
+           f"{max((r.get('dp_epsilon_max', 0.0) for r in records), default=0.0):.3f}"
+           + (f" of budget {settings.dp_epsilon_budget}" if settings.dp_epsilon_budget > 0 else "")
+           if settings.dp else "no differential privacy"),
         f"- Tensors exchanged per round: {adapter_info.get('num_tensors')} adapter/head tensors, "
         f"{adapter_info.get('num_params'):,} parameters ({adapter_info.get('fraction_of_model', 0):.4%} of the model)",
         "",
@@ -42,7 +48,7 @@ def write_report(
         lines += [f"| {k} | {_fmt(v)} |" for k, v in final["central"].items()]
         lines.append("")
     lines += ["## Rounds", ""]
-    header = ["round", "train loss", "site-val loss", "site-val acc", "central acc", "up (bytes)", "down (bytes)", "failures", "seconds"]
+    header = ["round", "train loss", "site-val loss", "site-val acc", "central acc", "worst site epsilon", "up (bytes)", "down (bytes)", "failures", "seconds"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         agg = r.get("aggregate", {})
@@ -53,7 +59,8 @@ def write_report(
                 _fmt(x)
                 for x in (
                     r["round"], agg.get("train_loss", ""), agg.get("val_loss", ""), agg.get("val_accuracy", ""),
-                    central.get("accuracy", ""), r.get("bytes_up", ""), r.get("bytes_down", ""),
+                    central.get("accuracy", ""), r.get("dp_epsilon_max", "skipped" if r.get("skipped") else ""),
+                    r.get("bytes_up", ""), r.get("bytes_down", ""),
                     r.get("failures", 0), r.get("round_seconds", ""),
                 )
             )
@@ -67,10 +74,24 @@ def write_report(
         for name, m in sorted(last["sites"].items()):
             lines.append(f"| {name} | " + " | ".join(_fmt(m.get(k, "")) for k in keys) + " |")
     lines += ["", "## What the coordinator saw", ""]
+    if settings.secagg:
+        lines += [
+            "- Per round: only the example-weighted mean of the sites' adapter tensors (SecAgg+ unmasks the sum, "
+            "never one site's tensors).",
+            "- Per site and round: a masked vector (uniformly random integers to the coordinator), the number of "
+            "training examples, and aggregate metrics (mean loss, validation accuracy/F1 or perplexity, epsilon).",
+            "- It could not see: any single site's adapter update, raw text, tokens, or any per-example value.",
+        ]
+    else:
+        lines += [
+            "- Per site and round: that site's adapter and head tensors in the clear (secure aggregation was off), "
+            "the number of training examples, and aggregate metrics (mean loss, validation accuracy/F1 or perplexity).",
+            "- It could not see: raw text, tokens, labels of single examples or any per-example value.",
+        ]
+    if settings.dp:
+        lines.append("- DP-SGD bounds what the adapter reveals about any one record inside a site "
+                     "(sample-level epsilon above); it does not hide a whole site's participation.")
     lines += [
-        "- Per site and round: the adapter and head tensors listed above, the number of training examples, "
-        "and aggregate metrics (mean loss, validation accuracy/F1 or perplexity).",
-        "- Never: raw text, tokens, labels of single examples or any per-example value.",
         "",
         "## Files",
         "",

@@ -57,8 +57,10 @@ class RunDir:
         return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     def save_adapter(
-        self, model: PeftModel, arrays: Sequence[np.ndarray], out_dir: Path, metadata: dict[str, Any]
+        self, model: PeftModel, arrays: Sequence[np.ndarray], out_dir: Path, metadata: dict[str, Any],
+        frozen_a: bool = False,
     ) -> Path:
-        """Load the global arrays into the template model and save it in PEFT format."""
-        set_adapter_arrays(model, arrays)
+        """Load the global arrays into the template model and save it in PEFT format
+        (the whole adapter: with FFA-LoRA the frozen A comes from the shared seed)."""
+        set_adapter_arrays(model, arrays, frozen_a)
         return save_adapter(model, out_dir, metadata)

@@ -1,0 +1,139 @@
+"""Sample-level differential privacy at a site: DP-SGD with Opacus (per-example
+clipping, Gaussian noise, Poisson sampling) and its RDP accountant.
+
+The accountant's history (noise multiplier, sample rate, steps) lives in the site's
+Flower context state, so ε accumulates over rounds even when each round runs in a
+new process, as it does under a SuperNode.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import ConfigRecord, Context
+from opacus import GradSampleModule
+from opacus.accountants import RDPAccountant
+from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from peft import PeftModel
+
+from client.trainer import TrainResult, absent_label_mask, steps_for_round
+from fedtune.config import RunSettings
+from fedtune.device import autocast_for
+from fedtune.encoding import Encoder
+from fedtune.errors import ConfigError
+from fedtune.schedule import lr_factor, round_progress
+
+log = logging.getLogger("fedtune.site")
+STATE_KEY = "fedtune.dp"
+History = list[tuple[float, float, int]]
+
+
+@dataclass(frozen=True)
+class DPReport:
+    """What a DP round reports: ε spent so far, ε after one more such round, noise."""
+
+    epsilon: float
+    epsilon_next_round: float
+    noise_multiplier: float
+    sample_rate: float
+
+
+def load_history(context: Context) -> History:
+    record = context.state.config_records.get(STATE_KEY)
+    if record is None:
+        return []
+    return [tuple(x) for x in json.loads(str(record["history"]))]  # type: ignore[misc]
+
+
+def save_history(context: Context, history: History) -> None:
+    context.state.config_records[STATE_KEY] = ConfigRecord({"history": json.dumps(history)})
+
+
+def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps: int) -> float:
+    """The configured noise multiplier, or the one that spends `dp-target-epsilon`
+    over all rounds' steps."""
+    if settings.dp_noise_multiplier > 0:
+        return settings.dp_noise_multiplier
+    if settings.dp_target_epsilon <= 0:
+        raise ConfigError("dp-target-epsilon", "set dp-noise-multiplier or dp-target-epsilon when dp is on")
+    return float(get_noise_multiplier(target_epsilon=settings.dp_target_epsilon, target_delta=settings.dp_delta,
+                                      sample_rate=sample_rate, steps=total_steps, accountant="rdp"))
+
+
+def train_local_dp(
+    model: PeftModel,
+    encoder: Encoder,
+    settings: RunSettings,
+    server_round: int,
+    num_rounds: int,
+    history: History,
+    site: str = "site",
+    seed: int = 0,
+) -> tuple[TrainResult, History, DPReport]:
+    """One round of DP-SGD on a private copy of the model; returns the trained copy's
+    result, the updated accountant history and the ε report. The caller reads the
+    adapter from `model`, which is updated in place from the copy."""
+    n = len(encoder)
+    steps = steps_for_round(settings, n)
+    sample_rate = min(1.0, settings.batch_size / n)
+    noise = noise_multiplier_for(settings, sample_rate, steps * num_rounds)
+    work = copy.deepcopy(model)  # Opacus hooks go on a copy; the cached model stays clean
+    work.train()
+    device = next(work.parameters()).device
+    params = [p for p in work.parameters() if p.requires_grad]
+    gsm = GradSampleModule(work)
+    optimizer = DPOptimizer(torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay),
+                            noise_multiplier=noise, max_grad_norm=settings.dp_max_grad_norm,
+                            expected_batch_size=settings.batch_size)
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    logit_mask = absent_label_mask(work, encoder, device) if settings.restricted_softmax else None
+    rng = np.random.default_rng(seed)
+    losses: list[float] = []
+    try:
+        for step in range(steps):
+            progress = round_progress(server_round, step, steps, num_rounds)
+            for group in optimizer.param_groups:
+                group["lr"] = settings.learning_rate * lr_factor(progress, settings.lr_schedule, settings.warmup_fraction)
+            idx = np.flatnonzero(rng.random(n) < sample_rate).tolist()  # Poisson sampling
+            accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+            if not idx:
+                continue  # an empty draw: skipping it spends less privacy than accounted
+            batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
+            labels = batch.pop("labels")
+            with autocast_for(device):
+                if logit_mask is not None:
+                    logits = gsm(**batch).logits.float() + logit_mask
+                    loss = torch.nn.functional.cross_entropy(logits, labels)
+                else:
+                    loss = gsm(**batch, labels=labels).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+    finally:
+        gsm.remove_hooks()
+    with torch.no_grad():
+        for (_, target), (_, source) in zip(model.named_parameters(), work.named_parameters()):
+            if target.requires_grad:
+                target.copy_(source)
+    epsilon = accountant.get_epsilon(settings.dp_delta) if accountant.history else 0.0
+    ahead = RDPAccountant()
+    ahead.history = list(accountant.history)
+    for _ in range(steps):
+        ahead.step(noise_multiplier=noise, sample_rate=sample_rate)
+    report = DPReport(epsilon, ahead.get_epsilon(settings.dp_delta), noise, sample_rate)
+    log.info("%s round %d: DP-SGD %d steps, noise %.3f, q %.4f, epsilon %.3f (delta %g)",
+             site, server_round, steps, noise, sample_rate, epsilon, settings.dp_delta)
+    losses = losses or [math.nan]
+    head = max(1, len(losses) // 10)
+    result = TrainResult(loss=float(np.mean(losses)), first_loss=float(np.mean(losses[:head])),
+                         last_loss=float(np.mean(losses[-head:])), num_examples=n, steps=steps)
+    return result, list(accountant.history), report

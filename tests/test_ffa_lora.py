@@ -1,0 +1,76 @@
+"""FFA-LoRA: A stays at the shared seeded initialisation on every site and round,
+only B and the head travel, and the global update equals the average of the sites'
+delta-W = B A exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.common import Message, bytes_to_ndarray
+from safetensors.numpy import load_file
+
+from fedtune.simulation import project_run_config, run_simulation
+from server import traffic
+
+
+@pytest.mark.timeout(600)
+def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    audit = tmp_path / "audit"
+    monkeypatch.setenv("FEDTUNE_TEST_AUDIT_DIR", str(audit))
+    shapes: list[list[tuple[int, ...]]] = []
+
+    def observe(direction: str, msg: Message) -> None:
+        if msg.has_content() and msg.metadata.message_type == "train":
+            shapes.append([tuple(bytes_to_ndarray(a.data).shape) for rec in msg.content.array_records.values()
+                           for a in rec.values()])
+
+    config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
+              "labels-file": str(sentiment_data["labels"]), "central-eval-path": "", "partitioning": "iid",
+              "num-rounds": 2, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05, "ffa-lora": True,
+              "output-dir": str(tmp_path / "runs"), "run-name": "ffa"}
+    traffic.MESSAGE_OBSERVERS.append(observe)
+    try:
+        run_simulation(config, num_sites=2)
+    finally:
+        traffic.MESSAGE_OBSERVERS.remove(observe)
+    run_dir = tmp_path / "runs" / "ffa"
+    info = json.loads((run_dir / "run.json").read_text())["adapter"]
+    wire_keys = info["keys"]
+    assert info["ffa_lora"] and wire_keys and not any(".lora_A." in k for k in wire_keys)
+    assert any(".lora_B." in k for k in wire_keys) and any("classifier" in k for k in wire_keys)
+
+    # Only B and the head travelled, both ways, every round.
+    round0 = load_file(str(run_dir / "round-000" / "adapter_model.safetensors"))
+    wire_shapes = sorted(tuple(round0[k].shape) for k in wire_keys)
+    assert len(shapes) == 2 * 2 * 2 and all(sorted(s) == wire_shapes for s in shapes)
+
+    # A is identical on every site, in every round, and in every saved global adapter.
+    a_keys = sorted(k for k in round0 if ".lora_A." in k)
+    all_keys = sorted(round0)
+    for path in sorted(audit.glob("*.npz")):
+        data = np.load(path)
+        full = {k: data[f"full{i:04d}"] for i, k in enumerate(all_keys)}
+        for k in a_keys:
+            assert np.array_equal(full[k], round0[k]), (path.name, k)
+    for rnd in ("round-001", "round-002", "final"):
+        saved = load_file(str(run_dir / rnd / "adapter_model.safetensors"))
+        assert all(np.array_equal(saved[k], round0[k]) for k in a_keys)
+
+    # The aggregate is exactly the example-weighted average of the sites' delta-W = B A.
+    for rnd in (1, 2):
+        sites = [np.load(p) for p in sorted(audit.glob(f"*-round{rnd:03d}.npz"))]
+        weights = np.array([int(s["num_examples"]) for s in sites], dtype=np.float64)
+        weights /= weights.sum()
+        glob = load_file(str(run_dir / f"round-{rnd:03d}" / "adapter_model.safetensors"))
+        for a_key in a_keys:
+            b_key = a_key.replace(".lora_A.", ".lora_B.")
+            a = round0[a_key].astype(np.float64)
+            b_index = wire_keys.index(b_key)
+            site_dw = sum(w * (s[f"a{b_index:04d}"].astype(np.float64) @ a) for w, s in zip(weights, sites))
+            global_dw = glob[b_key].astype(np.float64) @ a
+            assert np.abs(global_dw - site_dw).max() <= 1e-6 * max(1.0, np.abs(site_dw).max())

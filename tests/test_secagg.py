@@ -1,0 +1,158 @@
+"""SecAgg+ over adapters in a real Flower simulation: the secure aggregate equals the
+plain weighted mean within the documented bound, what the server receives from a site
+looks uniformly random, both sides use the CSPRNG masks, and dropouts are survived."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.common import Message, bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from safetensors.numpy import load_file
+
+from fedtune.config import RunSettings
+from fedtune.secure_masks import AUDIT_ENV as MASK_AUDIT_ENV
+from fedtune.secure_masks import csprng_rand_gen
+from fedtune.simulation import project_run_config, run_simulation
+from server import traffic
+from server.secure_aggregation import secagg_error_bound
+
+
+def _run_secagg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: Path, data: dict[str, Path],
+                sites: int, rounds: int, fail_at: str = "") -> tuple[Path, list[np.ndarray], Path]:
+    audit = tmp_path / "site-audit"
+    masks_log = tmp_path / "mask-calls.txt"
+    monkeypatch.setenv("FEDTUNE_TEST_AUDIT_DIR", str(audit))
+    monkeypatch.setenv(MASK_AUDIT_ENV, str(masks_log))
+    monkeypatch.setenv("FEDTUNE_TEST_FAIL_AT", fail_at)
+    masked: list[np.ndarray] = []
+
+    def observe(direction: str, msg: Message) -> None:
+        if direction == "up" and msg.has_content() and "secaggplus_configs" in msg.content.config_records:
+            rec = msg.content.config_records["secaggplus_configs"]
+            if "masked_parameters" in rec:
+                masked.append(np.concatenate([bytes_to_ndarray(b).ravel() for b in rec["masked_parameters"]]))
+
+    config = {**project_run_config(), "model": str(model), "data-path": str(data["train"]),
+              "labels-file": str(data["labels"]), "central-eval-path": "", "partitioning": "iid",
+              "num-rounds": rounds, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05,
+              "output-dir": str(tmp_path / "runs"), "run-name": "s", "secagg": True, "min-sites": sites,
+              "secagg-timeout": 300.0}
+    traffic.MESSAGE_OBSERVERS.append(observe)
+    try:
+        run_simulation(config, num_sites=sites)
+    finally:
+        traffic.MESSAGE_OBSERVERS.remove(observe)
+    return tmp_path / "runs" / "s", masked, audit
+
+
+def _site_updates(audit: Path, server_round: int) -> dict[str, tuple[int, list[np.ndarray]]]:
+    out = {}
+    for path in sorted(audit.glob(f"*-round{server_round:03d}.npz")):
+        data = np.load(path)
+        arrays = [data[k] for k in sorted(k for k in data.files if k.startswith("a"))]
+        out[path.name.split("-round")[0]] = (int(data["num_examples"]), arrays)
+    return out
+
+
+def _global_arrays(run_dir: Path, server_round: int) -> list[np.ndarray]:
+    keys = json.loads((run_dir / "run.json").read_text())["adapter"]["keys"]
+    tensors = load_file(str(run_dir / f"round-{server_round:03d}" / "adapter_model.safetensors"))
+    # peft saves keys without the adapter name; the wire order is the sorted state-dict order.
+    saved = {k.replace(".default", ""): v for k, v in tensors.items()}
+    return [saved[k.replace(".default", "")] for k in keys]
+
+
+def _assert_is_weighted_mean(run_dir: Path, updates: dict[str, tuple[int, list[np.ndarray]]], server_round: int) -> float:
+    settings = RunSettings.from_run_config({**project_run_config(), "secagg": True})
+    counts = np.array([n for n, _ in updates.values()], dtype=float)
+    stacked = [np.stack([arrays[i] for _, arrays in updates.values()]) for i in range(len(next(iter(updates.values()))[1]))]
+    mean = [np.tensordot(counts / counts.sum(), s, axes=1) for s in stacked]
+    max_weight = json.loads((run_dir / "secagg.json").read_text())["max_weight"]  # from the census
+    max_abs = max(float(np.abs(s).max()) for s in stacked)
+    bound = secagg_error_bound(settings, len(counts), list(counts / max_weight), max_abs)
+    got = _global_arrays(run_dir, server_round)
+    err = max(float(np.abs(g - m).max()) for g, m in zip(got, mean))
+    assert err <= bound, (err, bound)
+    # ... and it is not any single site's update.
+    for _, arrays in updates.values():
+        assert max(float(np.abs(g - a).max()) for g, a in zip(got, arrays)) > 100 * bound
+    return err
+
+
+@pytest.mark.timeout(600)
+def test_secagg_mean_within_bound_and_masked_vectors_look_random(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    run_dir, masked, audit = _run_secagg(tmp_path, monkeypatch, tiny_bert_dir, sentiment_data, sites=3, rounds=1)
+    updates = _site_updates(audit, 1)
+    assert len(updates) == 3
+    _assert_is_weighted_mean(run_dir, updates, 1)
+
+    # What the server received from each site: masked integers, uniform on [0, 2^32).
+    assert len(masked) == 3
+    modulus = 2**32
+    for vec in masked:
+        u = vec.astype(np.float64) / modulus
+        assert vec.min() >= 0 and vec.max() < modulus
+        assert abs(u.mean() - 0.5) < 0.02
+        hist = np.histogram(u, bins=16, range=(0, 1))[0] / len(u)
+        assert np.abs(hist - 1 / 16).max() < 0.02
+        for _, arrays in updates.values():  # no trace of any site's own values
+            plain = np.concatenate([a.ravel() for a in arrays])
+            assert abs(np.corrcoef(plain, u[: len(plain)])[0, 1]) < 0.1
+
+    # Both sides drew their masks from the CSPRNG generator.
+    roles = {line.split()[0] for line in (tmp_path / "mask-calls.txt").read_text().splitlines()}
+    assert roles == {"server", "client"}
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(s["secagg_clipped_values"] == 0 for s in records[0]["sites"].values())
+
+
+@pytest.mark.timeout(600)
+def test_secagg_survives_one_of_four_sites_failing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    run_dir, _, audit = _run_secagg(tmp_path, monkeypatch, tiny_bert_dir, sentiment_data, sites=4, rounds=1,
+                                    fail_at="site-2@1")
+    updates = _site_updates(audit, 1)
+    assert sorted(updates) == ["site-0", "site-1", "site-3"]
+    # The census saw all 4 sites; the weights come from the survivors' own counts.
+    _assert_is_weighted_mean(run_dir, updates, 1)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert record["failures"] == 1 and sorted(record["sites"]) == ["site-0", "site-1", "site-3"]
+
+
+@pytest.mark.timeout(600)
+def test_secagg_below_threshold_skips_round_and_run_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    run_dir, _, _ = _run_secagg(tmp_path, monkeypatch, tiny_bert_dir, sentiment_data, sites=4, rounds=2,
+                                fail_at="site-1@1,site-2@1")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    assert records[0].get("skipped") is True and not (run_dir / "round-001").exists()
+    assert not records[1].get("skipped") and len(records[1]["sites"]) == 4
+    assert (run_dir / "round-002" / "adapter_model.safetensors").is_file()
+
+
+def test_csprng_masks_are_deterministic_uniform_and_use_the_full_secret() -> None:
+    dims = [(3, 5), (), (1000,)]
+    a = csprng_rand_gen(b"k" * 32, 2**32, dims)
+    b = csprng_rand_gen(b"k" * 32, 2**32, dims)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert [x.shape for x in a] == [(3, 5), (), (1000,)]
+    # Flower's generator XOR-folds the secret to 32 bits: these two secrets collide there.
+    s1 = b"\x01\x00\x00\x00" * 8
+    s2 = b"\x00" * 32
+    flower = [pseudo_rand_gen(s, 2**32, [(64,)])[0] for s in (s1, s2)]
+    assert np.array_equal(flower[0], flower[1])
+    c, d = csprng_rand_gen(s1, 2**32, [(64,)]), csprng_rand_gen(s2, 2**32, [(64,)])
+    assert not np.array_equal(c[0], d[0])
+    big = csprng_rand_gen(b"seed" * 8, 2**32, [(200_000,)])[0]
+    assert big.min() >= 0 and big.max() <= 2**32 - 2
+    assert abs(big.mean() / 2**32 - 0.5) < 0.005
