@@ -20,6 +20,7 @@ from client.trainer import train_local
 from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.encoding import make_encoder
+from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate
 
 log = logging.getLogger("fedtune.site")
@@ -45,7 +46,11 @@ class SiteClient(NumPyClient):
         return cached_lora_model(s.model, s.task, s.lora_settings(), tuple(labels), s.seed)
 
     def _site(self, labels: Sequence[str]) -> SiteData:
-        return load_site_data(self.settings, self.node_config, labels)
+        try:
+            return load_site_data(self.settings, self.node_config, labels)
+        except FedtuneError as err:
+            log.error("fedtune: error: %s", err)  # one line for the site operator, then fail the message
+            raise
 
     def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
         return get_adapter_arrays(self._model(self._labels(config)), self.settings.ffa_lora)

@@ -53,6 +53,7 @@ class RecordingStrategy(Strategy):
         self._node_site: dict[int, str] = {}
         self._round_start = time.monotonic()
         self._configured_round: int | None = None
+        self._configured_sites = 0
 
     def __repr__(self) -> str:
         return f"RecordingStrategy({self.inner!r})"
@@ -75,6 +76,7 @@ class RecordingStrategy(Strategy):
         instructions = self.inner.configure_fit(server_round, parameters, client_manager)
         if instructions:  # an empty list is a deliberate stop (e.g. the DP budget), not a skip
             self._configured_round = self.global_round(server_round)
+            self._configured_sites = len(instructions)
         return instructions
 
     def aggregate_fit(
@@ -84,7 +86,9 @@ class RecordingStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rnd = self.global_round(server_round)
-        reasons = [_failure_reason(f) for f in failures]
+        # SecAgg+'s workflow can list one failed message twice; count sites, not entries.
+        reasons = list(dict.fromkeys(_failure_reason(f) for f in failures))
+        num_failed = max(self._configured_sites - len(results), 0) if self._configured_sites else len(reasons)
         for reason in reasons:
             log.warning("round %d: a site failed: %s", rnd, reason)
         if not results:
@@ -99,7 +103,7 @@ class RecordingStrategy(Strategy):
             "round": rnd,
             "sites": sites,
             "aggregate": {f"{k}": v for k, v in metrics.items()},
-            "failures": len(failures),
+            "failures": num_failed,
             "failure_reasons": reasons,
             "central": None,
         }
@@ -109,7 +113,7 @@ class RecordingStrategy(Strategy):
         if params is not None:
             self.latest_parameters = params
             self.save_round(rnd, parameters_to_ndarrays(params))
-        self._log_fit(rnd, sites, len(failures))
+        self._log_fit(rnd, sites, num_failed)
         return params, metrics
 
     def configure_evaluate(

@@ -99,9 +99,9 @@ def test_secagg_mean_within_bound_and_masked_vectors_look_random(
     for vec in masked:
         u = vec.astype(np.float64) / modulus
         assert vec.min() >= 0 and vec.max() < modulus
-        assert abs(u.mean() - 0.5) < 0.02
+        assert abs(u.mean() - 0.5) < 0.03
         hist = np.histogram(u, bins=16, range=(0, 1))[0] / len(u)
-        assert np.abs(hist - 1 / 16).max() < 0.02
+        assert np.abs(hist - 1 / 16).max() < 0.025
         for _, arrays in updates.values():  # no trace of any site's own values
             plain = np.concatenate([a.ravel() for a in arrays])
             assert abs(np.corrcoef(plain, u[: len(plain)])[0, 1]) < 0.1
@@ -125,6 +125,7 @@ def test_secagg_survives_one_of_four_sites_failing(
     _assert_is_weighted_mean(run_dir, updates, 1)
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
     assert record["failures"] == 1 and sorted(record["sites"]) == ["site-0", "site-1", "site-3"]
+    assert any("test hook: site-2 fails in round 1" in reason for reason in record["failure_reasons"])
 
 
 @pytest.mark.timeout(600)
