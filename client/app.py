@@ -29,9 +29,9 @@ def client_fn(context: Context) -> Client:
 def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Flower's `secaggplus_mod` for SecAgg+ rounds; plain train messages pass through."""
     if msg.metadata.message_type == MessageType.TRAIN and SECAGG_CONFIGS in msg.content.config_records:
+        install_csprng_masks("client")  # here, in the process that runs the mod (Ray actor or SuperNode app)
         return secaggplus_mod(msg, ctxt, call_next)
     return call_next(msg, ctxt)
 
 
-install_csprng_masks("client")
 app = ClientApp(client_fn=client_fn, mods=[secaggplus_when_requested])

@@ -12,6 +12,7 @@ the rest of Flower's protocol is unchanged and both sides stay in step.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import math
 import os
 from typing import Callable
@@ -70,10 +71,14 @@ def _audited(role: str) -> MaskGen:
 
 def install_csprng_masks(role: str) -> None:
     """Replace Flower's numpy mask generator on one side ('server' or 'client')."""
-    if role == "server":
-        import flwr.server.workflow.secure_aggregation.secaggplus_workflow as module
-    elif role == "client":
-        import flwr.client.mod.secure_aggregation.secaggplus_mod as module  # type: ignore[no-redef]
-    else:
+    modules = {
+        "server": "flwr.server.workflow.secure_aggregation.secaggplus_workflow",
+        "client": "flwr.client.mod.secure_aggregation.secaggplus_mod",
+    }
+    if role not in modules:
         raise ValueError(f"role must be 'server' or 'client', got {role!r}")
-    module.pseudo_rand_gen = _audited(role)  # type: ignore[attr-defined]
+    # import_module returns the module itself: for the client, `import a.b.secaggplus_mod`
+    # would resolve to the function of that name that the package re-exports.
+    module = importlib.import_module(modules[role])
+    if getattr(module.pseudo_rand_gen, "__name__", "") != f"csprng_rand_gen[{role}]":
+        module.pseudo_rand_gen = _audited(role)

@@ -5,6 +5,7 @@ line. Aggregation itself is left entirely to the wrapped Flower strategy."""
 from __future__ import annotations
 
 import logging
+import re
 import time
 from typing import Any, Callable
 
@@ -194,7 +195,14 @@ class RecordingStrategy(Strategy):
 
 
 def _failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException | Any) -> str:
+    """One readable line for a failed site: Flower wraps the site's exception (and its
+    traceback) into the error reason; keep the site's own message."""
     if isinstance(failure, BaseException):
-        return str(failure).strip().splitlines()[-1] if str(failure).strip() else type(failure).__name__
+        text = str(failure)
+        if "Message: " in text:
+            text = text.rsplit("Message: ", 1)[1]
+        lines = [re.sub(r"""[\\'">)]+$""", "", ln).strip() for ln in text.replace("\\n", "\n").splitlines()]
+        lines = [ln for ln in lines if ln]
+        return lines[-1] if lines else type(failure).__name__
     proxy, res = failure
     return f"node {proxy.node_id}: {res.status.message}"
