@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,12 +22,18 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from peft import PeftModel
 
-from client.trainer import TrainResult, absent_label_mask, steps_for_round
+from client.trainer import (
+    TrainResult,
+    absent_label_mask,
+    set_scheduled_lr,
+    steps_for_round,
+    summarize_losses,
+    training_loss,
+)
 from fedtune.config import RunSettings
-from fedtune.device import autocast_for
 from fedtune.encoding import Encoder
 from fedtune.errors import ConfigError
-from fedtune.schedule import lr_factor, round_progress
+from fedtune.schedule import round_progress
 
 log = logging.getLogger("fedtune.site")
 STATE_KEY = "fedtune.dp"
@@ -99,21 +104,13 @@ def train_local_dp(
     losses: list[float] = []
     try:
         for step in range(steps):
-            progress = round_progress(server_round, step, steps, num_rounds)
-            for group in optimizer.param_groups:
-                group["lr"] = settings.learning_rate * lr_factor(progress, settings.lr_schedule, settings.warmup_fraction)
+            set_scheduled_lr(optimizer, settings, round_progress(server_round, step, steps, num_rounds))
             idx = np.flatnonzero(rng.random(n) < sample_rate).tolist()  # Poisson sampling
             accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
             if not idx:
                 continue  # an empty draw: skipping it spends less privacy than accounted
             batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
-            labels = batch.pop("labels")
-            with autocast_for(device):
-                if logit_mask is not None:
-                    logits = gsm(**batch).logits.float() + logit_mask
-                    loss = torch.nn.functional.cross_entropy(logits, labels)
-                else:
-                    loss = gsm(**batch, labels=labels).loss
+            loss = training_loss(gsm, batch, logit_mask, device)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -132,8 +129,4 @@ def train_local_dp(
     report = DPReport(epsilon, ahead.get_epsilon(settings.dp_delta), noise, sample_rate)
     log.info("%s round %d: DP-SGD %d steps, noise %.3f, q %.4f, epsilon %.3f (delta %g)",
              site, server_round, steps, noise, sample_rate, epsilon, settings.dp_delta)
-    losses = losses or [math.nan]
-    head = max(1, len(losses) // 10)
-    result = TrainResult(loss=float(np.mean(losses)), first_loss=float(np.mean(losses[:head])),
-                         last_loss=float(np.mean(losses[-head:])), num_examples=n, steps=steps)
-    return result, list(accountant.history), report
+    return summarize_losses(losses, n, steps), list(accountant.history), report

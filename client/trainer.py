@@ -62,17 +62,9 @@ def train_local(
     logit_mask = absent_label_mask(model, encoder, device) if settings.restricted_softmax else None
     model.train()
     for step in range(steps):
-        progress = round_progress(server_round, step, steps, num_rounds)
-        for group in optimizer.param_groups:
-            group["lr"] = settings.learning_rate * lr_factor(progress, settings.lr_schedule, settings.warmup_fraction)
+        set_scheduled_lr(optimizer, settings, round_progress(server_round, step, steps, num_rounds))
         batch = {k: v.to(device) for k, v in encoder.batch(next(batches)).items()}
-        with autocast_for(device):
-            if logit_mask is None:
-                loss = model(**batch).loss
-            else:
-                labels = batch.pop("labels")
-                logits = model(**batch).logits.float() + logit_mask
-                loss = torch.nn.functional.cross_entropy(logits, labels)
+        loss = training_loss(model, batch, logit_mask, device)
         if proximal_mu > 0:
             loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
         loss.backward()
@@ -83,12 +75,36 @@ def train_local(
         if (step + 1) % report_every == 0 or step + 1 == steps:
             log.info("%s round %d: step %d/%d loss %.4f", site, server_round, step + 1, steps,
                      float(np.mean(losses[-report_every:])))
+    return summarize_losses(losses, len(encoder), steps)
+
+
+def set_scheduled_lr(optimizer: torch.optim.Optimizer, settings: RunSettings, progress: float) -> None:
+    """Set the federation-wide schedule's LR for `progress` in [0, 1] of all rounds."""
+    for group in optimizer.param_groups:
+        group["lr"] = settings.learning_rate * lr_factor(progress, settings.lr_schedule, settings.warmup_fraction)
+
+
+def training_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], logit_mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """The model's own loss, or cross-entropy over the restricted softmax when a mask is set."""
+    with autocast_for(device):
+        if logit_mask is None:
+            return model(**batch).loss
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float() + logit_mask
+        return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def summarize_losses(losses: list[float], num_examples: int, steps: int) -> TrainResult:
+    """Mean loss of the round, and of its first and last tenth of steps."""
+    losses = losses or [float("nan")]
     head = max(1, len(losses) // 10)
     return TrainResult(
         loss=float(np.mean(losses)),
         first_loss=float(np.mean(losses[:head])),
         last_loss=float(np.mean(losses[-head:])),
-        num_examples=len(encoder),
+        num_examples=num_examples,
         steps=steps,
     )
 
