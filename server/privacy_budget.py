@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import logging
 
-from flwr.common import EvaluateIns, EvaluateRes, FitIns, FitRes, Parameters, Scalar
+from flwr.common import EvaluateIns, FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from server.delegating_strategy import DelegatingStrategy
+
 log = logging.getLogger("fedtune.server")
 
 
-class EpsilonBudgetStrategy(Strategy):
+class EpsilonBudgetStrategy(DelegatingStrategy):
     """Delegates to `inner`; refuses new rounds once the budget would be exceeded."""
 
     def __init__(self, inner: Strategy, budget: float, delta: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.budget = budget
         self.delta = delta
         self.worst_epsilon = 0.0
@@ -26,9 +28,6 @@ class EpsilonBudgetStrategy(Strategy):
 
     def __repr__(self) -> str:
         return f"EpsilonBudgetStrategy({self.inner!r}, budget={self.budget})"
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        return self.inner.initialize_parameters(client_manager)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -62,14 +61,6 @@ class EpsilonBudgetStrategy(Strategy):
         if self.stopped_after is not None and server_round > self.stopped_after:
             return []
         return self.inner.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
-        return self.inner.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         if self.stopped_after is not None and server_round > self.stopped_after:

@@ -10,7 +10,6 @@ import time
 from typing import Any, Callable
 
 from flwr.common import (
-    EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
@@ -23,6 +22,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedtune.errors import FedtuneError
+from server.delegating_strategy import DelegatingStrategy
 from server.traffic import MeteredGrid
 
 log = logging.getLogger("fedtune.server")
@@ -30,7 +30,7 @@ log = logging.getLogger("fedtune.server")
 SaveFn = Callable[[int, list[Any]], None]
 
 
-class RecordingStrategy(Strategy):
+class RecordingStrategy(DelegatingStrategy):
     """Delegates every decision to `inner`; observes and records what happened."""
 
     def __init__(
@@ -42,7 +42,7 @@ class RecordingStrategy(Strategy):
         num_rounds: int,
         round_offset: int = 0,
     ) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.grid = grid
         self.append_record = append_record
         self.save_round = save_round
@@ -56,14 +56,11 @@ class RecordingStrategy(Strategy):
         self._configured_round: int | None = None
         self._configured_sites = 0
 
-    def __repr__(self) -> str:
-        return f"RecordingStrategy({self.inner!r})"
-
     def global_round(self, server_round: int) -> int:
         """Flower restarts at round 1 on every start; the run's round continues."""
         return self.round_offset + server_round
 
-    # -- delegation -------------------------------------------------------------
+    # -- observed calls (the rest are forwarded by DelegatingStrategy) ----------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         params = self.inner.initialize_parameters(client_manager)
         self.latest_parameters = params
@@ -116,11 +113,6 @@ class RecordingStrategy(Strategy):
             self.save_round(rnd, parameters_to_ndarrays(params))
         self._log_fit(rnd, sites, num_failed)
         return params, metrics
-
-    def configure_evaluate(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.inner.configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(
         self,
