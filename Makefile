@@ -28,6 +28,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py
+	$(BIN)/python bench/privacy.py
 
 # `flwr run .` against Flower's managed local SuperLink, then stop that SuperLink.
 flwr-run: $(STAMP)

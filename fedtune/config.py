@@ -71,7 +71,7 @@ class RunSettings:
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
     dp_epsilon_budget: float = 0.0
-    secagg: bool = False
+    secagg: bool = True
     secagg_clipping_range: float = 4.0
     secagg_quantization_range: int = 4194304
     secagg_modulus_range: int = 4294967296

@@ -32,7 +32,8 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
     config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": "", "partitioning": "iid",
               "num-rounds": 2, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05, "ffa-lora": True,
-              "output-dir": str(tmp_path / "runs"), "run-name": "ffa"}
+              "output-dir": str(tmp_path / "runs"), "run-name": "ffa",
+              "secagg": False}  # plain FedAvg: the wire shapes and the exact mean are visible
     traffic.MESSAGE_OBSERVERS.append(observe)
     try:
         run_simulation(config, num_sites=2)

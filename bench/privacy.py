@@ -1,0 +1,213 @@
+"""What privacy costs on the demo workload, in one process so the ratios are fair.
+
+Five federations on the demo setting (Banking77, 3 non-IID sites, MiniLM + LoRA r=8),
+one after another:
+
+    plain       SecAgg+ off, plain FedAvg over A and B (per-site adapters audited locally)
+    secagg      SecAgg+ on (the demo default)
+    ffa-secagg  FFA-LoRA under SecAgg+
+    dp-eps8     SecAgg+ and DP-SGD at each site, target (8, 1e-5) over the whole run
+    dp-eps1     SecAgg+ and DP-SGD at each site, target (1, 1e-5)
+
+The central reference is the plain peft + transformers baseline of `bench/accuracy.py`,
+read from `bench/_work/central.json` (written by that script; `make bench` runs it
+first) or trained here when the file is missing.
+
+    python bench/privacy.py [--rounds R] [--local-epochs E] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from central_baseline import train_and_evaluate_central  # noqa: E402
+from results import update_results  # noqa: E402
+
+from client.test_hooks import AUDIT_ENV  # noqa: E402
+from fedtune.config import resolve_path  # noqa: E402
+from fedtune.model import resolve_model_path  # noqa: E402
+from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
+
+WORK = Path(__file__).resolve().parent / "_work"
+DELTA = 1e-5
+VARIANTS: dict[str, dict[str, Any]] = {
+    "plain": {"secagg": False},
+    "secagg": {"secagg": True},
+    "ffa-secagg": {"secagg": True, "ffa-lora": True},
+    "dp-eps8": {"secagg": True, "dp": True, "dp-target-epsilon": 8.0, "dp-delta": DELTA},
+    "dp-eps1": {"secagg": True, "dp": True, "dp-target-epsilon": 1.0, "dp-delta": DELTA},
+}
+
+
+def run_variant(name: str, base: dict[str, Any], sites: int, stamp: str, audit: Path | None) -> dict[str, Any]:
+    """Run one federation; return its summary, per-round records and wall time."""
+    run_name = f"privacy-{stamp}-{name}"
+    config = {**base, **VARIANTS[name], "output-dir": str(WORK / "runs"), "run-name": run_name}
+    if audit is not None:
+        os.environ[AUDIT_ENV] = str(audit)
+    print(f"== {name}: {VARIANTS[name]}", flush=True)
+    start = time.perf_counter()
+    try:
+        run_simulation(config, num_sites=sites)
+    finally:
+        os.environ.pop(AUDIT_ENV, None)
+    wall = time.perf_counter() - start
+    run_dir = WORK / "runs" / run_name
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    uploads = [s["train_bytes_up"] for r in records for s in r.get("sites", {}).values() if s.get("train_bytes_up")]
+    result = {
+        "run_dir": str(run_dir),
+        "wall_seconds": wall,
+        "rounds": len(records),
+        "accuracy": summary["central"]["accuracy"],
+        "macro_f1": summary["central"]["macro_f1"],
+        "round_seconds_median": statistics.median(r["round_seconds"] for r in records),
+        "round_seconds_mean": statistics.fmean(r["round_seconds"] for r in records),
+        "upload_bytes_per_site_round": statistics.fmean(uploads),
+        "epsilon": max((r.get("dp_epsilon_max", 0.0) for r in records), default=0.0),
+        "epsilon_by_round": [r.get("dp_epsilon_max") for r in records],
+    }
+    print(f"== {name}: {json.dumps({k: v for k, v in result.items() if k != 'epsilon_by_round'})}", flush=True)
+    return result
+
+
+def lora_pairs(keys: list[str]) -> list[tuple[str, str]]:
+    return [(k, k.replace(".lora_A.", ".lora_B.")) for k in keys if ".lora_A." in k]
+
+
+def averaging_error(audit: Path, run_dir: Path, server_round: int) -> dict[str, float]:
+    """How far plain FedAvg over A and B lands from the sites' mean delta-W.
+
+    Returns the relative Frobenius error ||avg(B) avg(A) - avg(B A)|| / ||avg(B A)||,
+    summed over every LoRA layer, for the given round's per-site adapters.
+    """
+    from safetensors.numpy import load_file
+
+    keys = sorted(load_file(str(run_dir / "round-000" / "adapter_model.safetensors")))
+    sites = [np.load(p) for p in sorted(audit.glob(f"*-round{server_round:03d}.npz"))]
+    weights = np.array([int(s["num_examples"]) for s in sites], dtype=np.float64)
+    weights /= weights.sum()
+    full = [{k: s[f"full{i:04d}"].astype(np.float64) for i, k in enumerate(keys)} for s in sites]
+    num = den = 0.0
+    for a_key, b_key in lora_pairs(keys):
+        mean_dw = sum(w * (f[b_key] @ f[a_key]) for w, f in zip(weights, full))
+        mean_a = sum(w * f[a_key] for w, f in zip(weights, full))
+        mean_b = sum(w * f[b_key] for w, f in zip(weights, full))
+        num += float(np.sum((mean_b @ mean_a - mean_dw) ** 2))
+        den += float(np.sum(mean_dw ** 2))
+    return {"relative_error": (num / den) ** 0.5, "sites": len(sites)}
+
+
+def central_reference(config: dict[str, Any], path: Path) -> dict[str, Any]:
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return {**saved["plain"], "source": f"{path.name} from bench/accuracy.py ({saved.get('measured')})"}
+    labels = json.loads(resolve_path(config["labels-file"]).read_text())
+    result = train_and_evaluate_central(
+        resolve_model_path(config["model"]), resolve_path(config["data-path"]), resolve_path(config["central-eval-path"]),
+        labels, epochs=config["num-rounds"] * config["local-epochs"], lr=config["learning-rate"],
+        batch_size=config["batch-size"], max_length=config["max-length"], lora_r=config["lora-r"],
+        lora_alpha=config["lora-alpha"], lora_dropout=config["lora-dropout"],
+        warmup_fraction=config["warmup-fraction"], seed=config["seed"], group_by_length=False,
+    )
+    return {**result, "source": "trained by this run"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, help="federated rounds (default: the demo's)")
+    parser.add_argument("--local-epochs", type=float, help="local epochs per round (default: the demo's)")
+    parser.add_argument("--sites", type=int, default=3)
+    parser.add_argument("--central-json", type=Path, default=WORK / "central.json")
+    parser.add_argument("--no-write", action="store_true", help="print the keys, leave docs/ alone (smoke runs)")
+    args = parser.parse_args()
+
+    config = project_run_config()
+    if args.rounds:
+        config["num-rounds"] = args.rounds
+    if args.local_epochs:
+        config["local-epochs"] = args.local_epochs
+    for key in ("data-path", "labels-file", "central-eval-path"):
+        config[key] = str(resolve_path(config[key]))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    audit = WORK / f"audit-{stamp}"
+
+    central = central_reference(config, args.central_json)
+    runs = {}
+    for name in VARIANTS:
+        runs[name] = run_variant(name, config, args.sites, stamp, audit if name == "plain" else None)
+    last = runs["plain"]["rounds"]
+    plain_error = [averaging_error(audit, Path(runs["plain"]["run_dir"]), r)["relative_error"] for r in (1, last)]
+
+    r = runs
+    keys = {
+        "secagg_over_plain_accuracy": round(r["secagg"]["accuracy"] / r["plain"]["accuracy"], 4),
+        "ffa_secagg_over_central_accuracy": round(r["ffa-secagg"]["accuracy"] / central["accuracy"], 4),
+        "dp_eps8_over_central_accuracy": round(r["dp-eps8"]["accuracy"] / central["accuracy"], 4),
+        "dp_eps1_over_central_accuracy": round(r["dp-eps1"]["accuracy"] / central["accuracy"], 4),
+        "secagg_over_plain_round_time": round(r["secagg"]["round_seconds_median"] / r["plain"]["round_seconds_median"], 3),
+        "ffa_over_lora_upload_bytes": round(r["ffa-secagg"]["upload_bytes_per_site_round"]
+                                            / r["secagg"]["upload_bytes_per_site_round"], 4),
+        "plain_fedavg_delta_w_relative_error": round(plain_error[-1], 5),
+    }
+    (WORK / f"privacy-{stamp}.json").write_text(json.dumps({"central": central, "runs": runs, "keys": keys,
+                                                             "plain_error_rounds_1_last": plain_error}, indent=2))
+    rows = "\n".join(
+        f"| {name} | {v['accuracy']:.4f} | {v['accuracy'] / central['accuracy']:.4f} | {v['macro_f1']:.4f} | "
+        f"{v['epsilon']:.2f} | {v['round_seconds_median']:.1f} | {v['upload_bytes_per_site_round']:,.0f} | {v['rounds']} |"
+        if v["epsilon"] else
+        f"| {name} | {v['accuracy']:.4f} | {v['accuracy'] / central['accuracy']:.4f} | {v['macro_f1']:.4f} | - | "
+        f"{v['round_seconds_median']:.1f} | {v['upload_bytes_per_site_round']:,.0f} | {v['rounds']} |"
+        for name, v in runs.items()
+    )
+    md = f"""## Privacy: SecAgg+, FFA-LoRA and DP on the demo workload (`bench/privacy.py`)
+
+Banking77 test split, {args.sites} sites, Dirichlet alpha={config['dirichlet-alpha']}, {config['num-rounds']} rounds x
+{config['local-epochs']:g} local epochs, MiniLM + LoRA r={config['lora-r']}, the demo's FedAvg recipe. Central reference:
+plain peft + transformers on all training data, accuracy {central['accuracy']:.4f} ({central['source']}).
+DP runs: DP-SGD at each site (Opacus, per-example clip {config['dp-max-grad-norm']}, Poisson sampling), noise set
+so that each site spends its target epsilon over the whole run at delta = {DELTA:g}; epsilon column = worst site's.
+
+| run | test accuracy | / central | macro-F1 | epsilon | median round (s) | upload B/site/round | rounds |
+|---|---|---|---|---|---|---|---|
+{rows}
+
+| key | value | target |
+|---|---|---|
+| `secagg_over_plain_accuracy` | {keys['secagg_over_plain_accuracy']} | >= 0.99 |
+| `secagg_over_plain_round_time` | {keys['secagg_over_plain_round_time']} | <= 1.10 |
+| `ffa_over_lora_upload_bytes` | {keys['ffa_over_lora_upload_bytes']} | <= 0.55 |
+| `ffa_secagg_over_central_accuracy` | {keys['ffa_secagg_over_central_accuracy']} | |
+| `dp_eps8_over_central_accuracy` | {keys['dp_eps8_over_central_accuracy']} | |
+| `dp_eps1_over_central_accuracy` | {keys['dp_eps1_over_central_accuracy']} | |
+
+Round time is the median over rounds of the coordinator's wall time per round (training, SecAgg+ stages,
+per-site evaluation). Upload counts every byte a site sends in a training round (under SecAgg+: its
+public keys, encrypted shares, masked vector and unmasking shares), as protobuf on the wire;
+`ffa_over_lora_upload_bytes` compares the two SecAgg+ runs.
+
+Why FFA-LoRA: plain FedAvg averages A and B separately, and avg(B) avg(A) is not avg(B A). In the
+`plain` run, the relative Frobenius error ||avg(B) avg(A) - avg(B A)|| / ||avg(B A)|| over all LoRA
+layers was {plain_error[0]:.4f} after round 1 and {plain_error[-1]:.4f} after round {last} (computed from the
+sites' own adapters, written locally by the audit hook). With FFA-LoRA A is shared and frozen, so the
+error is zero up to SecAgg+'s quantisation (`tests/test_ffa_lora.py` checks it exactly).
+"""
+    print(json.dumps(keys, indent=2))
+    if not args.no_write:
+        update_results("privacy", keys, md)
+
+
+if __name__ == "__main__":
+    main()
