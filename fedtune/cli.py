@@ -1,4 +1,8 @@
-"""The `fedtune` command line: run a simulated federation, check a site's data file."""
+"""The `fedtune` command line: run a simulated federation, check a site's data file,
+export a run to a signed edge bundle, manage signing keys, and run a bundle on a device.
+
+Heavy imports stay inside the commands: `fedtune edge ...` must work where only the
+`edge` extra (onnxruntime, tokenizers) is installed, without torch."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from typing import Any, Sequence
 from fedtune.errors import FedtuneError
 
 PATH_KEYS_FROM_APP = ("data-path", "labels-file", "central-eval-path")
+TRAIN_ONLY_MODULES = {"torch", "transformers", "peft", "flwr", "optimum", "onnx", "opacus", "ray", "safetensors"}
 
 
 def _parse_value(text: str) -> Any:
@@ -79,6 +84,51 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from edge_export.exporter import export_bundle
+    from fedtune.logs import setup_logging
+
+    setup_logging()
+    manifest = export_bundle(
+        args.run_dir, args.out, args.key, eval_path=args.eval, quantization=args.quantization,
+        max_accuracy_drop_pt=args.max_drop_pt, force=args.force, limit=args.limit,
+    )
+    gate = manifest["parity"]
+    shown = ("top1_agreement", "torch_accuracy", "onnx_accuracy", "accuracy_drop_pt", "max_abs_logit_delta",
+             "torch_perplexity", "onnx_perplexity", "greedy_token_agreement")
+    print(f"{args.out}: signed {manifest['task']} bundle, INT8 {manifest['quantization']['mode']}; parity: "
+          + ", ".join(f"{k} {gate[k]:.4g}" for k in shown if k in gate))
+    return 0
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from edge_export.signing import fingerprint, generate_keypair, load_public_key
+
+    private, public = generate_keypair(args.out, args.name)
+    print(f"{private} (private, keep it on the coordinator)\n{public} (public, give it to devices); "
+          f"fingerprint {fingerprint(load_public_key(public))[:16]}")
+    return 0
+
+
+def cmd_edge_predict(args: argparse.Namespace) -> int:
+    import json
+
+    from edge_export.runtime import EdgeModel
+
+    model = EdgeModel.load(args.bundle, args.trust_key, threads=args.threads)
+    if model.task == "seq-cls":
+        pred = model.classify([args.text])[0]
+        top = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[: args.top]
+        if args.json:
+            print(json.dumps({"label": pred.label, "top": dict(top)}))
+        else:
+            print(f"{pred.label}\t" + "  ".join(f"{label} {p:.3f}" for label, p in top))
+    else:
+        text = model.generate(args.text, args.max_new_tokens)
+        print(json.dumps({"completion": text}) if args.json else text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtune",
@@ -114,6 +164,45 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--task", choices=["seq-cls", "causal-lm"], default="seq-cls")
     chk.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key, e.g. labels-file=...")
     chk.set_defaults(func=cmd_check_data)
+
+    exp = sub.add_parser(
+        "export",
+        help="merge a run's final adapter, export INT8 ONNX, gate it on parity, sign the bundle",
+        description="merge -> ONNX (optimum) -> INT8 (onnxruntime) -> parity gate against the PyTorch "
+        "model on held-out data -> manifest + Ed25519 signature. Writes nothing unless every step passes.",
+    )
+    exp.add_argument("run_dir", help="a finished run folder, e.g. runs/<run-id>")
+    exp.add_argument("--out", required=True, help="the bundle folder to create (must not exist or be empty)")
+    exp.add_argument("--key", required=True, help="Ed25519 private key (PEM) from `fedtune keys generate`")
+    exp.add_argument("--eval", help="held-out JSONL/CSV for the parity gate (default: the run's central-eval-path)")
+    exp.add_argument("--quantization", choices=["per-channel", "per-channel-fp32-head", "per-tensor"],
+                     help="INT8 mode (default: per-channel, picked by bench/edge.py)")
+    exp.add_argument("--max-drop-pt", type=float, default=1.0,
+                     help="largest accuracy drop, in points, the INT8 model may show (default: 1.0)")
+    exp.add_argument("--force", action="store_true", help="write the bundle even if the parity gate fails")
+    exp.add_argument("--limit", type=int, help="use only the first N held-out examples")
+    exp.set_defaults(func=cmd_export)
+
+    keys = sub.add_parser("keys", help="signing keys for bundles").add_subparsers(dest="keys_command", required=True)
+    gen = keys.add_parser("generate", help="make an Ed25519 key pair (NAME.key private, NAME.pub public)")
+    gen.add_argument("--out", default="keys", help="folder for the key files (default: keys)")
+    gen.add_argument("--name", default="fedtune", help="file name stem (default: fedtune)")
+    gen.set_defaults(func=cmd_keys_generate)
+
+    edge = sub.add_parser("edge", help="device side: run a verified bundle (onnxruntime + tokenizers, no torch)")
+    edge_sub = edge.add_subparsers(dest="edge_command", required=True)
+    pred = edge_sub.add_parser(
+        "predict", help="verify a bundle against a trusted key and run one input",
+        description="Checks the manifest signature and every file's sha256 before loading anything.",
+    )
+    pred.add_argument("bundle", help="bundle folder")
+    pred.add_argument("text", help="the text to classify, or the prompt to complete")
+    pred.add_argument("--trust-key", required=True, help="the coordinator's Ed25519 public key (PEM)")
+    pred.add_argument("--top", type=int, default=3, help="seq-cls: labels to show (default: 3)")
+    pred.add_argument("--max-new-tokens", type=int, default=32, help="causal-lm: tokens to generate (default: 32)")
+    pred.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
+    pred.add_argument("--json", action="store_true", help="print JSON")
+    pred.set_defaults(func=cmd_edge_predict)
     return parser
 
 
@@ -125,6 +214,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except FedtuneError as err:
         print(f"fedtune: error: {err}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TRAIN_ONLY_MODULES:
+            raise
+        print(f"fedtune: error: '{args.command}' needs the train extra (missing module {err.name}): "
+              "pip install 'fedtune[train]'", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("fedtune: interrupted", file=sys.stderr)

@@ -1,0 +1,183 @@
+"""`fedtune export`: a run folder's final adapter to a signed INT8 ONNX bundle.
+
+merge (fp32) -> ONNX (optimum) -> INT8 (onnxruntime) -> parity gate on held-out data
+-> tokenizer + manifest (provenance, privacy, metrics, hashes) -> Ed25519 signature.
+The bundle is built in a temporary folder beside the target and renamed into place
+only when it passed the gate and is signed, so a failed export writes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from edge_export.bundle import BUNDLE_FORMAT, MANIFEST_FILE, SIGNATURE_FILE, VerifiedBundle, file_entries, manifest_bytes, sha256_file
+from edge_export.signing import fingerprint, load_private_key, sign
+from fedtune import __version__
+from fedtune.errors import FedtuneError
+
+log = logging.getLogger("fedtune.export")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+PROMPT_SENTINEL = "\u2063FEDTUNE_PROMPT\u2063"
+
+
+class ExportGateError(FedtuneError):
+    """The INT8 model lost more accuracy than allowed; no bundle was written."""
+
+
+def read_run(run_dir: Path) -> dict[str, Any]:
+    """run.json, summary.json, metrics.jsonl and the final adapter's metadata."""
+    for name in ("run.json", "metrics.jsonl", "final/adapter_model.safetensors", "final/fedtune.json"):
+        if not (run_dir / name).exists():
+            raise FedtuneError(f"{run_dir / name}: missing; is {run_dir} a finished fedtune run folder?")
+    summary_path = run_dir / "summary.json"
+    return {
+        "run": json.loads((run_dir / "run.json").read_text()),
+        "summary": json.loads(summary_path.read_text()) if summary_path.exists() else {},
+        "records": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()],
+        "adapter_meta": json.loads((run_dir / "final" / "fedtune.json").read_text()),
+        "secagg": json.loads((run_dir / "secagg.json").read_text()) if (run_dir / "secagg.json").exists() else None,
+    }
+
+
+def federation_facts(info: dict[str, Any]) -> dict[str, Any]:
+    """What the manifest says about the federation that produced the adapter."""
+    settings = info["run"]["settings"]
+    records = info["records"]
+    done = [r for r in records if not r.get("skipped")]
+    last = done[-1] if done else {}
+    epsilons = [r["dp_epsilon_max"] for r in records if "dp_epsilon_max" in r]
+    return {
+        "run_id": info["run"]["run_id"],
+        "rounds": len(done),
+        "rounds_skipped": len(records) - len(done),
+        "rounds_configured": settings["num-rounds"],
+        "sites": max((len(r.get("sites", {})) for r in records), default=0),
+        "strategy": settings["strategy"],
+        "ffa_lora": settings["ffa-lora"],
+        "secagg": {"enabled": bool(settings["secagg"]),
+                   **({k: v for k, v in info["secagg"].items()} if info["secagg"] else {})},
+        "dp": {"enabled": bool(settings["dp"]), "epsilon": max(epsilons) if epsilons else None,
+               "delta": settings["dp-delta"] if settings["dp"] else None,
+               "max_grad_norm": settings["dp-max-grad-norm"] if settings["dp"] else None,
+               "scope": "sample-level DP-SGD at each site (worst site's epsilon)" if settings["dp"] else None},
+        "final_metrics": {"central": info["summary"].get("central"), "sites_mean": last.get("aggregate", {})},
+    }
+
+
+def prompt_format(tokenizer: Any) -> dict[str, Any]:
+    """How the device turns a prompt into ids the way the sites did: the chat template
+    rendered around a sentinel (prefix/suffix), or the plain text with special tokens."""
+    if not getattr(tokenizer, "chat_template", None):
+        return {"prompt_prefix": "", "prompt_suffix": "", "add_special_tokens": True}
+    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT_SENTINEL}],
+                                         add_generation_prompt=True, tokenize=False)
+    prefix, _, suffix = text.partition(PROMPT_SENTINEL)
+    return {"prompt_prefix": prefix, "prompt_suffix": suffix, "add_special_tokens": False}
+
+
+def export_bundle(
+    run_dir: str | Path, out_dir: str | Path, signing_key: str | Path, *, eval_path: str | Path | None = None,
+    quantization: str | None = None, max_accuracy_drop_pt: float = 1.0, force: bool = False,
+    limit: int | None = None, opset: int | None = None, threads: int | None = None,
+) -> dict[str, Any]:
+    """Build, gate, sign and write the bundle; returns the manifest."""
+    from edge_export import merge, onnx_export, parity, quantize
+    from edge_export.runtime import EdgeModel
+    from fedtune.data import load_classification, load_completions
+    from fedtune.model import resolve_model_path
+
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FedtuneError(f"{out_dir}: already exists and is not empty; choose another --out")
+    key = load_private_key(signing_key)
+    info = read_run(run_dir)
+    settings, meta = info["run"]["settings"], info["adapter_meta"]
+    task, labels = meta["task"], meta.get("labels") or []
+    eval_file = Path(eval_path) if eval_path else (Path(settings["central-eval-path"]) if settings.get("central-eval-path") else None)
+    if eval_file is None:
+        raise FedtuneError(f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data for the parity gate")
+    if task == "seq-cls":
+        examples: list[Any] = load_classification(eval_file, settings["text-field"], settings["label-field"], labels)
+    else:
+        examples = load_completions(eval_file, settings["prompt-field"], settings["completion-field"])
+    examples = examples[:limit] if limit else examples
+    mode = quantization or quantize.DEFAULT_MODE
+    max_length = int(settings["max-length"])
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".fedtune-export-", dir=out_dir.parent))
+    staging = work / "bundle"
+    staging.mkdir()
+    try:
+        log.info("[1/5] merging the final adapter into %s (fp32)", meta["base_model"])
+        model, tokenizer = merge.merge_adapter(run_dir / "final", work / "merged")
+        log.info("[2/5] exporting ONNX with optimum (%s)", onnx_export.ONNX_TASKS[task])
+        fp32_path = onnx_export.export_onnx(work / "merged", work / "onnx", task, opset)
+        log.info("[3/5] quantising to INT8 (%s)", mode)
+        quant = quantize.quantize_int8(fp32_path, staging / "model.onnx", mode)
+        quant["opset"] = onnx_export.opset_of(staging / "model.onnx")
+        for name in TOKENIZER_FILES:
+            if (work / "merged" / name).exists():
+                shutil.copy2(work / "merged" / name, staging / name)
+        if not (staging / "tokenizer.json").exists():
+            raise FedtuneError(f"{meta['base_model']}: no fast tokenizer (tokenizer.json); the device runtime needs one")
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+        runtime = {"max_length": max_length, "pad_token_id": int(tokenizer.pad_token_id or 0),
+                   "eos_token_ids": [int(eos)] if eos is not None and task == "causal-lm" else [],
+                   **(prompt_format(tokenizer) if task == "causal-lm" else {})}
+        draft = {"task": task, "labels": labels, "runtime": runtime, "model_file": "model.onnx",
+                 "tokenizer_file": "tokenizer.json"}
+        files = {n: (staging / n).read_bytes() for n in ("model.onnx", "tokenizer.json")}
+        edge = EdgeModel(VerifiedBundle(staging, draft, files), threads)
+        log.info("[4/5] parity gate: PyTorch fp32 vs INT8 ONNX on %d held-out examples from %s", len(examples), eval_file)
+        if task == "seq-cls":
+            gate = parity.classification_parity(model, tokenizer, edge, examples, max_length)
+        else:
+            gate = parity.causal_lm_parity(model, tokenizer, edge, examples, max_length)
+        gate.update({"eval_file": str(eval_file), "max_accuracy_drop_pt": max_accuracy_drop_pt, "forced": False})
+        log.info("parity: %s", ", ".join(f"{k} {v:.4g}" for k, v in gate.items() if isinstance(v, float)))
+        if gate["accuracy_drop_pt"] > max_accuracy_drop_pt:
+            if not force:
+                raise ExportGateError(
+                    f"{run_dir}: INT8 accuracy drop {gate['accuracy_drop_pt']:.2f} pt exceeds the allowed "
+                    f"{max_accuracy_drop_pt:g} pt on {eval_file}; no bundle written (use --force to write it anyway)")
+            gate["forced"] = True
+            log.warning("parity gate failed (%.2f pt) but --force was given", gate["accuracy_drop_pt"])
+
+        log.info("[5/5] writing the manifest and signing it")
+        base_path = resolve_model_path(meta["base_model"])
+        manifest = {
+            "format": BUNDLE_FORMAT,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "fedtune_version": __version__,
+            **draft,
+            "base_model": {"name": meta["base_model"], "path": base_path, "sha256": merge.base_model_hash(meta["base_model"])},
+            "adapter": {"sha256": sha256_file(run_dir / "final" / "adapter_model.safetensors"),
+                        "config_sha256": sha256_file(run_dir / "final" / "adapter_config.json"),
+                        "round": meta.get("round"),
+                        "lora": {"r": settings["lora-r"], "alpha": settings["lora-alpha"],
+                                 "target_modules": info["run"].get("adapter", {}).get("target_modules")}},
+            "federation": federation_facts(info),
+            "quantization": quant,
+            "parity": gate,
+            "signing_key": fingerprint(key.public_key()),
+            "files": file_entries(staging, sorted(p.name for p in staging.iterdir() if p.is_file())),
+        }
+        raw = manifest_bytes(manifest)
+        (staging / MANIFEST_FILE).write_bytes(raw)
+        (staging / SIGNATURE_FILE).write_bytes(sign(key, raw))
+        if out_dir.exists():
+            out_dir.rmdir()  # empty (checked above)
+        os.replace(staging, out_dir)
+        log.info("bundle: %s (%.1f MB, signed by key %s)", out_dir,
+                 sum(e["bytes"] for e in manifest["files"].values()) / 1e6, manifest["signing_key"][:16])
+        return manifest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

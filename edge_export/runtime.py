@@ -1,0 +1,155 @@
+"""The device runtime: load a verified bundle and run it with onnxruntime and
+`tokenizers` alone (no torch, no transformers).
+
+seq-cls returns the label and the class probabilities; causal-lm generates greedily,
+feeding the KV cache back as the exported model's `past_key_values.*` inputs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+from edge_export.bundle import BundleError, VerifiedBundle, verify_bundle
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One seq-cls answer: the top label and every label's probability."""
+
+    label: str
+    probabilities: dict[str, float]
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Intra-op threads (default: all cores), no idle spinning (fair on small devices)."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or os.cpu_count() or 1
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def load_tokenizer(data: bytes, max_length: int) -> Tokenizer:
+    """The bundle's tokenizer.json with its baked-in padding off and truncation set."""
+    tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    tokenizer.no_padding()
+    tokenizer.enable_truncation(max_length)
+    return tokenizer
+
+
+class EdgeModel:
+    """A verified bundle, ready to run."""
+
+    def __init__(self, bundle: VerifiedBundle, threads: int | None = None) -> None:
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.task: str = self.manifest["task"]
+        self.labels: list[str] = list(self.manifest.get("labels") or [])
+        runtime = self.manifest["runtime"]
+        self.max_length = int(runtime["max_length"])
+        self.pad_id = int(runtime["pad_token_id"])
+        self.eos_ids = {int(i) for i in runtime.get("eos_token_ids", [])}
+        self.prompt_prefix = str(runtime.get("prompt_prefix", ""))
+        self.prompt_suffix = str(runtime.get("prompt_suffix", ""))
+        self.add_special_tokens = bool(runtime.get("add_special_tokens", True))
+        self.tokenizer = load_tokenizer(bundle.files[self.manifest["tokenizer_file"]], self.max_length)
+        self.session = ort.InferenceSession(bundle.files[self.manifest["model_file"]], session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, trusted_key: str | Path, threads: int | None = None) -> "EdgeModel":
+        """Verify the signature and every file's sha256, then load."""
+        return cls(verify_bundle(bundle_dir, trusted_key), threads)
+
+    # ---- seq-cls -------------------------------------------------------------------
+    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """Token ids, attention mask (and token types) padded to the longest text."""
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        width = max(len(e.ids) for e in encodings)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        types = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.ids)] = enc.ids
+            mask[row, : len(enc.ids)] = 1
+            types[row, : len(enc.type_ids)] = enc.type_ids
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+        return {name: feeds[name] for name in self.input_names if name in feeds}
+
+    def logits(self, texts: Sequence[str]) -> np.ndarray:
+        """Raw class logits, shape (len(texts), num_labels)."""
+        self._require("seq-cls")
+        return self.session.run(["logits"], self.encode(texts))[0]
+
+    def classify(self, texts: Sequence[str]) -> list[Prediction]:
+        logits = self.logits(texts).astype(np.float64)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        return [Prediction(self.labels[int(p.argmax())], {label: float(v) for label, v in zip(self.labels, p)})
+                for p in probs]
+
+    # ---- causal-lm -----------------------------------------------------------------
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The prompt as the sites trained on it (chat template rendered at export)."""
+        text = f"{self.prompt_prefix}{prompt}{self.prompt_suffix}"
+        return list(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        past = {}
+        for item in self.session.get_inputs():
+            if item.name.startswith("past_key_values."):
+                heads, head_dim = item.shape[1], item.shape[3]
+                if not isinstance(heads, int) or not isinstance(head_dim, int):
+                    raise BundleError(f"{item.name}: the exported model has no static head shape {item.shape}")
+                past[item.name] = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
+        return past
+
+    def _step(self, ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        batch, length = ids.shape
+        feeds: dict[str, Any] = {"input_ids": ids, **past}
+        if "attention_mask" in self.input_names:
+            feeds["attention_mask"] = np.ones((batch, past_len + length), dtype=np.int64)
+        if "position_ids" in self.input_names:
+            feeds["position_ids"] = np.arange(past_len, past_len + length, dtype=np.int64)[None].repeat(batch, 0)
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
+        present = {name.replace("present.", "past_key_values.", 1): value
+                   for name, value in outputs.items() if name.startswith("present.")}
+        return outputs["logits"], present
+
+    def sequence_logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Next-token logits at every position of one sequence (no cache carried)."""
+        self._require("causal-lm")
+        logits, _ = self._step(np.asarray([ids], dtype=np.int64), self._empty_past(1), 0)
+        return logits[0]
+
+    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 32) -> list[int]:
+        """Greedy decoding with the KV cache; stops at an EOS token."""
+        self._require("causal-lm")
+        ids = np.asarray([prompt_ids], dtype=np.int64)
+        logits, past = self._step(ids, self._empty_past(1), 0)
+        length, out = ids.shape[1], []
+        for _ in range(max_new_tokens):
+            token = int(logits[0, -1].argmax())
+            out.append(token)
+            if token in self.eos_ids:
+                break
+            logits, past = self._step(np.asarray([[token]], dtype=np.int64), past, length)
+            length += 1
+        return out
+
+    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
+        ids = self.generate_ids(self.prompt_ids(prompt), max_new_tokens)
+        return self.tokenizer.decode([i for i in ids if i not in self.eos_ids], skip_special_tokens=True)
+
+    def _require(self, task: str) -> None:
+        if self.task != task:
+            raise BundleError(f"{self.bundle.path}: this is a {self.task} bundle, not {task}")
