@@ -20,8 +20,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[train,edge,dev]"
 	touch $(STAMP)
 
+# The demo: a whole federation (3 Banking77 bank sites, SecAgg+ on), then the edge
+# chain: a signing key (once), a signed INT8 bundle, and one prediction on the device runtime.
+DEMO_RUN := $(or $(DEMO_RUN),demo-$(shell date +%Y%m%d-%H%M%S))
+DEMO_TEXT ?= I still have not received my new card, when will it arrive?
+
 demo: $(STAMP)
-	$(BIN)/fedtune simulate
+	$(BIN)/fedtune simulate --run-name $(DEMO_RUN)
+	test -f keys/fedtune.key || $(BIN)/fedtune keys generate --out keys
+	$(BIN)/fedtune export runs/$(DEMO_RUN) --out bundles/$(DEMO_RUN) --key keys/fedtune.key
+	$(BIN)/fedtune edge predict bundles/$(DEMO_RUN) "$(DEMO_TEXT)" --trust-key keys/fedtune.pub
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -29,10 +37,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/privacy.py
+	$(BIN)/python bench/edge.py
 
 # `flwr run .` against Flower's managed local SuperLink, then stop that SuperLink.
 flwr-run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/flwr_run_local.sh
 
 clean:
-	rm -rf $(VENV) runs .flwr
+	rm -rf $(VENV) runs bundles .flwr

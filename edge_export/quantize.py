@@ -2,13 +2,16 @@
 
 Modes (weights INT8, activations quantised on the fly):
 - `per-channel` (default): signed INT8 weights with one scale per output channel;
-- `per-channel-fp32-head`: the same, with the classifier / LM head left in fp32;
+- `per-channel-fp32-head`: the same, with the classifier / LM head left in fp32 (for
+  BERT-likes the classifier is a Gemm, which dynamic quantisation leaves in fp32 anyway;
+  for causal LMs it keeps the `lm_head` MatMul in fp32);
 - `per-tensor`: one scale per weight tensor (what a bare `quantize_dynamic` call does).
 `bench/edge.py` measures them side by side; the default is the one that won there.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +49,15 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, mode: str = DEFAU
         raise ValueError(f"unknown quantisation mode {mode!r}; choose from {', '.join(MODES)}")
     spec = MODES[mode]
     excluded = head_nodes(fp32_path) if spec.fp32_head else []
-    quantize_dynamic(
-        str(fp32_path), str(out_path), per_channel=spec.per_channel, weight_type=QuantType.QInt8,
-        nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser's "consider pre-processing" advice does not apply here
+    try:
+        quantize_dynamic(
+            str(fp32_path), str(out_path), per_channel=spec.per_channel, weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+    finally:
+        root.setLevel(level)
     return {"mode": spec.name, "method": "onnxruntime dynamic", "weight_type": "QInt8",
             "per_channel": spec.per_channel, "fp32_nodes": excluded}
