@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench flwr-run clean
+.PHONY: demo test bench flwr-run protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 # The demo: a whole federation (3 Banking77 bank sites, SecAgg+ on), then the edge
-# chain: a signing key (once), a signed INT8 bundle, and one prediction on the device runtime.
+# chain: a signing key (once), a signed INT8 bundle, one prediction on the device runtime,
+# and the registry on loopback (publish, pull + verify + activate, predict, stop).
 DEMO_RUN := $(or $(DEMO_RUN),demo-$(shell date +%Y%m%d-%H%M%S))
 DEMO_TEXT ?= I still have not received my new card, when will it arrive?
 
@@ -30,6 +31,7 @@ demo: $(STAMP)
 	test -f keys/fedtune.key || $(BIN)/fedtune keys generate --out keys
 	$(BIN)/fedtune export runs/$(DEMO_RUN) --out bundles/$(DEMO_RUN) --key keys/fedtune.key
 	$(BIN)/fedtune edge predict bundles/$(DEMO_RUN) "$(DEMO_TEXT)" --trust-key keys/fedtune.pub
+	FEDTUNE_BIN=$(BIN)/fedtune bash scripts/registry_demo.sh bundles/$(DEMO_RUN) keys/fedtune.pub "$(DEMO_TEXT)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
@@ -43,5 +45,10 @@ bench: $(STAMP)
 flwr-run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/flwr_run_local.sh
 
+# Regenerate the registry's gRPC stubs from protos/ (tests check they match).
+protos: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
+		protos/fedtune/registry/v1/registry.proto
+
 clean:
-	rm -rf $(VENV) runs bundles .flwr
+	rm -rf $(VENV) runs bundles registry-demo .flwr

@@ -129,6 +129,102 @@ def cmd_edge_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs_create(args: argparse.Namespace) -> int:
+    from fedtune.tls import create_ca, issue
+
+    ca = create_ca(args.out)
+    made = [ca]
+    if args.host:
+        made.append(issue(args.out, args.server_name, args.host)[0])
+    for name in args.client or []:
+        made.append(issue(args.out, name, client=True)[0])
+    print("\n".join(str(p) for p in made))
+    return 0
+
+
+def cmd_registry_token(args: argparse.Namespace) -> int:
+    import os
+    import secrets
+
+    path = Path(args.out)
+    if path.exists():
+        raise FedtuneError(f"{path}: already exists; refusing to overwrite a token")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_urlsafe(32) + "\n")
+    print(f"{path} (give it to the coordinator's publisher only)")
+    return 0
+
+
+def _token(path: str) -> str:
+    from fedtune.tls import read_pem
+
+    token = (read_pem(path, "token") or b"").decode().strip()
+    if not token:
+        raise FedtuneError(f"{path}: token file is empty")
+    return token
+
+
+def cmd_registry_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from fedtune.logs import setup_logging
+    from fedtune.registry.service import ServerLimits, make_server
+    from fedtune.registry.store import ModelStore
+    from fedtune.tls import read_pem
+
+    log = setup_logging()
+    store = ModelStore(args.store, trusted_key=args.trust_key)
+    limits = ServerLimits(max_workers=args.max_workers, max_concurrent_rpcs=args.max_concurrent_rpcs)
+    server, port = make_server(
+        store, args.address, read_pem(args.cert, "certificate"), read_pem(args.key, "key"), _token(args.token_file),
+        client_ca=read_pem(args.client_ca, "client CA"), limits=limits,
+    )
+    if port == 0:
+        raise FedtuneError(f"{args.address}: cannot listen there")
+    log.info("registry: serving %s on port %d (TLS%s), store %s", args.address, port,
+             ", mTLS" if args.client_ca else "", Path(args.store).resolve())
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+    log.info("registry: stopped")
+    return 0
+
+
+def cmd_registry_publish(args: argparse.Namespace) -> int:
+    from fedtune.registry.publisher import publish
+    from fedtune.tls import read_pem
+
+    version = args.version or Path(args.bundle).resolve().name
+    reply = publish(args.registry, args.bundle, args.model, version, _token(args.token_file),
+                    read_pem(args.ca, "CA certificate"), read_pem(args.cert, "certificate"), read_pem(args.key, "key"))
+    print(f"published {reply.model} {reply.version} ({reply.total_bytes:,} bytes) to {args.registry}")
+    return 0
+
+
+def cmd_edge_pull(args: argparse.Namespace) -> int:
+    from edge_export.pull import pull
+    from fedtune.tls import read_pem
+
+    result = pull(args.registry, args.model, args.trust_key, args.into, version=args.version or "",
+                  ca=read_pem(args.ca, "CA certificate"), cert=read_pem(args.cert, "certificate"),
+                  key=read_pem(args.key, "key"))
+    print(f"{args.into}/current -> {result.model} {result.version} (verified; {result.downloaded_bytes:,} bytes "
+          f"downloaded, {result.resumed_bytes:,} resumed)")
+    return 0
+
+
+def cmd_edge_rollback(args: argparse.Namespace) -> int:
+    from edge_export.pull import rollback
+
+    print(f"{args.into}/current -> {rollback(args.into)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedtune",
@@ -203,6 +299,58 @@ def build_parser() -> argparse.ArgumentParser:
     pred.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     pred.add_argument("--json", action="store_true", help="print JSON")
     pred.set_defaults(func=cmd_edge_predict)
+
+    pull = edge_sub.add_parser(
+        "pull", help="download a bundle from a registry, verify it, and make it current",
+        description="Downloads into DIR/.incoming (resuming an interrupted download), checks the signature and "
+        "every sha256, then switches DIR/current atomically and keeps DIR/previous.",
+    )
+    pull.add_argument("--registry", required=True, help="HOST:PORT of the registry")
+    pull.add_argument("--model", required=True, help="model name in the registry")
+    pull.add_argument("--version", help="version to pull (default: the latest)")
+    pull.add_argument("--trust-key", required=True, help="the coordinator's Ed25519 public key (PEM)")
+    pull.add_argument("--into", required=True, help="the device's model folder")
+    pull.add_argument("--ca", required=True, help="CA certificate that signed the registry's TLS certificate")
+    pull.add_argument("--cert", help="this device's client certificate (mTLS)")
+    pull.add_argument("--key", help="this device's client key (mTLS)")
+    pull.set_defaults(func=cmd_edge_pull)
+    rb = edge_sub.add_parser("rollback", help="make the previous version current again")
+    rb.add_argument("--into", required=True, help="the device's model folder")
+    rb.set_defaults(func=cmd_edge_rollback)
+
+    certs = sub.add_parser("certs", help="TLS certificates (a private CA)").add_subparsers(dest="certs_command", required=True)
+    cc = certs.add_parser("create", help="a CA (once), a server certificate for --host, client certificates")
+    cc.add_argument("--out", required=True, help="folder for ca.pem/ca.key and the issued certificates")
+    cc.add_argument("--host", action="append", help="server host name or IP (repeatable)")
+    cc.add_argument("--server-name", default="server", help="server certificate file stem (default: server)")
+    cc.add_argument("--client", action="append", help="issue a client certificate with this name (repeatable)")
+    cc.set_defaults(func=cmd_certs_create)
+
+    reg = sub.add_parser("registry", help="the model registry (gRPC)").add_subparsers(dest="registry_command", required=True)
+    tok = reg.add_parser("token", help="create the coordinator's publish token")
+    tok.add_argument("--out", required=True, help="token file to create")
+    tok.set_defaults(func=cmd_registry_token)
+    srv = reg.add_parser("serve", help="serve a store over TLS until SIGTERM/SIGINT")
+    srv.add_argument("--store", required=True, help="store folder")
+    srv.add_argument("--address", default="127.0.0.1:50051", help="listen address (default: 127.0.0.1:50051)")
+    srv.add_argument("--cert", required=True, help="server certificate (PEM)")
+    srv.add_argument("--key", required=True, help="server key (PEM)")
+    srv.add_argument("--client-ca", help="require client certificates signed by this CA (mTLS)")
+    srv.add_argument("--token-file", required=True, help="the publish token (see `fedtune registry token`)")
+    srv.add_argument("--trust-key", help="refuse bundles not signed by this Ed25519 public key")
+    srv.add_argument("--max-workers", type=int, default=16, help="handler threads (default: 16)")
+    srv.add_argument("--max-concurrent-rpcs", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED (default: 64)")
+    srv.set_defaults(func=cmd_registry_serve)
+    pub = reg.add_parser("publish", help="publish a signed bundle (coordinator only)")
+    pub.add_argument("bundle", help="bundle folder from `fedtune export`")
+    pub.add_argument("--registry", required=True, help="HOST:PORT")
+    pub.add_argument("--model", required=True, help="model name")
+    pub.add_argument("--version", help="version name (default: the bundle folder's name)")
+    pub.add_argument("--token-file", required=True, help="the publish token")
+    pub.add_argument("--ca", required=True, help="CA certificate of the registry")
+    pub.add_argument("--cert", help="client certificate (when the registry requires mTLS)")
+    pub.add_argument("--key", help="client key (when the registry requires mTLS)")
+    pub.set_defaults(func=cmd_registry_publish)
     return parser
 
 

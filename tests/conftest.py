@@ -117,3 +117,45 @@ def completion_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
         return [{"prompt": f"name a {c} fruit", "completion": f"{f}"} for c, f in (rng.choice(pairs) for _ in range(n))]
 
     return {"train": _write_jsonl(out / "train.jsonl", rows(200)), "test": _write_jsonl(out / "test.jsonl", rows(40))}
+
+
+def _federate(root: Path, name: str, overrides: dict[str, object]) -> Path:
+    """One short real federation (2 sites, 1 round) into root/runs/name."""
+    from fedtune.simulation import project_run_config, run_simulation
+
+    config = {**project_run_config(), "output-dir": str(root / "runs"), "run-name": name, "num-rounds": 1,
+              "local-steps": 12, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
+              "lr-schedule": "constant", "partitioning": "iid", "val-fraction": 0.2, **overrides}
+    run_simulation(config, num_sites=2)
+    return root / "runs" / name
+
+
+@pytest.fixture(scope="session")
+def federate():  # type: ignore[no-untyped-def]
+    """The short-federation helper, for tests that need their own run."""
+    return _federate
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The coordinator's signing key pair and an intruder's."""
+    from edge_export.signing import generate_keypair
+
+    root = tmp_path_factory.mktemp("keys")
+    private, public = generate_keypair(root, "coordinator")
+    other_private, other_public = generate_keypair(root, "intruder")
+    return {"private": private, "public": public, "other_private": other_private, "other_public": other_public}
+
+
+@pytest.fixture(scope="session")
+def bert_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, sentiment_data: dict[str, Path],
+                keys: dict[str, Path]) -> tuple[Path, Path, dict]:
+    """A tiny BERT federated with SecAgg+ and exported to a signed INT8 bundle."""
+    from edge_export.exporter import export_bundle
+
+    root = tmp_path_factory.mktemp("bert-export")
+    run_dir = _federate(root, "bert", {"model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
+                                      "labels-file": str(sentiment_data["labels"]),
+                                      "central-eval-path": str(sentiment_data["test"]), "secagg": True})
+    manifest = export_bundle(run_dir, root / "bundle", keys["private"], max_accuracy_drop_pt=100.0)
+    return run_dir, root / "bundle", manifest

@@ -5,7 +5,6 @@ torch-free device runtime, which refuses altered or foreign-signed bundles."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import tomllib
@@ -17,46 +16,17 @@ import pytest
 from edge_export.bundle import MANIFEST_FILE, BundleError, VerifiedBundle
 from edge_export.exporter import ExportGateError, export_bundle
 from edge_export.runtime import EdgeModel
-from edge_export.signing import generate_keypair
-from fedtune.simulation import project_run_config, run_simulation
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _federate(root: Path, name: str, overrides: dict[str, object]) -> Path:
-    config = {**project_run_config(), "output-dir": str(root / "runs"), "run-name": name, "num-rounds": 1,
-              "local-steps": 12, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
-              "lr-schedule": "constant", "partitioning": "iid", "val-fraction": 0.2, **overrides}
-    run_simulation(config, num_sites=2)
-    return root / "runs" / name
-
-
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("keys")
-    private, public = generate_keypair(root, "coordinator")
-    other_private, other_public = generate_keypair(root, "intruder")
-    return {"private": private, "public": public, "other_private": other_private, "other_public": other_public}
-
-
-@pytest.fixture(scope="module")
-def bert_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, sentiment_data: dict[str, Path],
-                keys: dict[str, Path]) -> tuple[Path, Path, dict]:
-    root = tmp_path_factory.mktemp("bert-export")
-    run_dir = _federate(root, "bert", {"model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
-                                       "labels-file": str(sentiment_data["labels"]),
-                                       "central-eval-path": str(sentiment_data["test"]), "secagg": True})
-    manifest = export_bundle(run_dir, root / "bundle", keys["private"], max_accuracy_drop_pt=100.0)
-    return run_dir, root / "bundle", manifest
-
-
 @pytest.fixture(scope="module")
 def llama_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path, completion_data: dict[str, Path],
-                 keys: dict[str, Path]) -> tuple[Path, Path, dict]:
+                 keys: dict[str, Path], federate) -> tuple[Path, Path, dict]:  # type: ignore[no-untyped-def]
     root = tmp_path_factory.mktemp("llama-export")
-    run_dir = _federate(root, "llama", {"model": str(tiny_llama_dir), "task": "causal-lm",
-                                        "data-path": str(completion_data["train"]),
-                                        "central-eval-path": str(completion_data["test"]), "secagg": False})
+    run_dir = federate(root, "llama", {"model": str(tiny_llama_dir), "task": "causal-lm",
+                                       "data-path": str(completion_data["train"]),
+                                       "central-eval-path": str(completion_data["test"]), "secagg": False})
     manifest = export_bundle(run_dir, root / "bundle", keys["private"], max_accuracy_drop_pt=100.0)
     return run_dir, root / "bundle", manifest
 
@@ -143,13 +113,13 @@ def test_runtime_imports_no_torch(bert_bundle: tuple[Path, Path, dict], keys: di
 import sys
 class Block:
     def find_spec(self, name, path=None, target=None):
-        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum', 'flwr'):
+        if name.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum', 'flwr', 'onnx'):
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 from fedtune.cli import main
 rc = main(['edge', 'predict', {str(bundle)!r}, 'good great', '--trust-key', {str(keys['public'])!r}])
 assert rc == 0
-loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum', 'flwr'))
+loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum', 'flwr', 'onnx'))
 assert not loaded, loaded
 print('OK no torch')
 """
@@ -162,7 +132,9 @@ def test_edge_extra_holds_only_the_runtime() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {d.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("~")[0].strip().lower()
              for d in project["dependencies"] + project["optional-dependencies"]["edge"]}
-    assert names == {"numpy", "onnxruntime", "tokenizers", "cryptography"}
+    # numpy + onnxruntime + tokenizers run the model, cryptography checks signatures,
+    # grpcio + protobuf pull bundles from the registry.
+    assert names == {"numpy", "onnxruntime", "tokenizers", "cryptography", "grpcio", "protobuf"}
 
 
 @pytest.mark.timeout(900)

@@ -1,0 +1,156 @@
+"""The device side of the registry: pull a bundle, resume interrupted downloads,
+verify it, switch `current` atomically, keep the previous version, roll back.
+
+Layout under the device folder (`--into`):
+    versions/<version>/        verified bundles
+    .incoming/<version>/       a download in progress (partial files are resumed)
+    current  -> versions/<v>   the active bundle (a symlink, switched with os.replace)
+    previous -> versions/<u>   the one before it
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from edge_export.bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, verify_bundle
+from edge_export.signing import load_public_key, verify
+from fedtune.errors import FedtuneError
+from fedtune.registry.channel import open_channel
+from fedtune.registry.store import StoreError, check_name
+from fedtune.registry.v1 import registry_pb2 as pb
+from fedtune.registry.v1 import registry_pb2_grpc as rpc
+
+CURRENT, PREVIOUS = "current", "previous"
+
+
+class PullError(FedtuneError):
+    """The pull failed; the active version is unchanged."""
+
+
+class PullInterrupted(PullError):
+    """The download stopped part-way; the next pull resumes from the partial files."""
+
+
+@dataclass(frozen=True)
+class PullResult:
+    model: str
+    version: str
+    path: Path
+    downloaded_bytes: int   # bytes received in this pull
+    resumed_bytes: int      # bytes already on disk from an earlier, interrupted pull
+    activated: bool
+
+
+def _rpc_error(registry: str, what: str, err: grpc.RpcError) -> PullError:
+    return PullError(f"{registry}: {what}: {err.code().name}: {err.details()}")
+
+
+def pull(
+    registry: str, model: str, trusted_key: str | Path, into: str | Path, *, version: str = "",
+    ca: bytes | None = None, cert: bytes | None = None, key: bytes | None = None,
+    stop_after_bytes: int | None = None, timeout: float = 600.0,
+) -> PullResult:
+    """Download `model` (`version`, or the latest), verify it, and make it current.
+    `stop_after_bytes` cuts the download after that many bytes (tests, benchmarks)."""
+    root = Path(into)
+    public_key = load_public_key(trusted_key)
+    with open_channel(registry, ca, cert, key) as channel:
+        stub = rpc.ModelRegistryStub(channel)
+        try:
+            reply = stub.GetManifest(pb.GetManifestRequest(model=model, version=version), timeout=timeout)
+        except grpc.RpcError as err:
+            raise _rpc_error(registry, f"manifest of {model} {version or '(latest)'}", err) from None
+        try:
+            check_name("version", reply.version)
+        except StoreError as err:
+            raise PullError(f"{registry}: {err}") from None
+        verify(public_key, reply.manifest, reply.signature, f"{registry} {model} {reply.version} manifest")
+        final = root / "versions" / reply.version
+        if final.exists():
+            verify_bundle(final, trusted_key)
+            _activate(root, reply.version)
+            return PullResult(model, reply.version, final, 0, 0, True)
+        incoming = root / ".incoming" / reply.version
+        incoming.mkdir(parents=True, exist_ok=True)
+        (incoming / MANIFEST_FILE).write_bytes(reply.manifest)
+        (incoming / SIGNATURE_FILE).write_bytes(reply.signature)
+        manifest = json.loads(reply.manifest)
+        received = resumed = 0
+        for name, entry in sorted(manifest["files"].items()):
+            try:
+                check_name("file", name)
+            except StoreError as err:
+                raise PullError(f"{registry}: manifest of {model} {reply.version}: {err}") from None
+            part = incoming / name
+            have = part.stat().st_size if part.exists() else 0
+            if have > entry["bytes"]:
+                part.unlink()
+                have = 0
+            resumed += have
+            if have == entry["bytes"]:
+                continue
+            request = pb.DownloadRequest(model=model, version=reply.version, file=name, offset=have)
+            stream = stub.Download(request, timeout=timeout)
+            try:
+                with open(part, "ab") as handle:
+                    for chunk in stream:
+                        if chunk.offset != handle.tell():
+                            raise PullError(f"{registry}: {name}: chunk at {chunk.offset}, expected {handle.tell()}")
+                        handle.write(chunk.data)
+                        received += len(chunk.data)
+                        if stop_after_bytes is not None and received >= stop_after_bytes:
+                            stream.cancel()
+                            raise PullInterrupted(f"{registry}: download of {model} {reply.version} cut after "
+                                                  f"{received} bytes; pull again to resume")
+            except grpc.RpcError as err:
+                raise _rpc_error(registry, f"download {name}", err) from None
+    try:
+        verify_bundle(incoming, trusted_key)
+    except BundleError as err:
+        shutil.rmtree(incoming, ignore_errors=True)  # start clean next time; `current` is untouched
+        raise PullError(f"refused {model} {reply.version} from {registry}: {err}") from None
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(incoming, final)
+    _activate(root, reply.version)
+    return PullResult(model, reply.version, final, received, resumed, True)
+
+
+def _point(root: Path, link: str, version: str) -> None:
+    """Atomically make `root/link` point at versions/<version>."""
+    tmp = root / f".{link}.tmp"
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(Path("versions") / version, tmp)
+    os.replace(tmp, root / link)
+
+
+def active_version(root: str | Path, link: str = CURRENT) -> str | None:
+    path = Path(root) / link
+    return Path(os.readlink(path)).name if path.is_symlink() else None
+
+
+def _activate(root: Path, version: str) -> None:
+    current = active_version(root)
+    if current == version:
+        return
+    _point(root, CURRENT, version)
+    if current is not None:
+        _point(root, PREVIOUS, current)
+
+
+def rollback(into: str | Path) -> str:
+    """Make the previous version current again (and the current one previous)."""
+    root = Path(into)
+    current, previous = active_version(root), active_version(root, PREVIOUS)
+    if previous is None:
+        raise PullError(f"{root}: no previous version to roll back to")
+    _point(root, CURRENT, previous)
+    if current is not None:
+        _point(root, PREVIOUS, current)
+    return previous

@@ -1,0 +1,47 @@
+"""The coordinator's side of the registry: publish a signed bundle folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+
+from edge_export.bundle import MANIFEST_FILE, SIGNATURE_FILE
+from fedtune.errors import FedtuneError
+from fedtune.registry.channel import open_channel
+from fedtune.registry.service import CHUNK_BYTES
+from fedtune.registry.v1 import registry_pb2 as pb
+from fedtune.registry.v1 import registry_pb2_grpc as rpc
+
+
+def bundle_files(bundle: Path) -> list[str]:
+    try:
+        manifest = json.loads((bundle / MANIFEST_FILE).read_bytes())
+    except FileNotFoundError:
+        raise FedtuneError(f"{bundle / MANIFEST_FILE}: missing; is {bundle} a bundle from `fedtune export`?") from None
+    return [MANIFEST_FILE, SIGNATURE_FILE, *sorted(manifest["files"])]
+
+
+def _requests(bundle: Path, model: str, version: str, names: list[str]) -> Iterator[pb.PublishRequest]:
+    yield pb.PublishRequest(header=pb.PublishHeader(model=model, version=version))
+    for name in names:
+        with open(bundle / name, "rb") as handle:
+            offset = 0
+            while block := handle.read(CHUNK_BYTES):
+                yield pb.PublishRequest(chunk=pb.FileChunk(file=name, offset=offset, data=block))
+                offset += len(block)
+
+
+def publish(registry: str, bundle_dir: str | Path, model: str, version: str, token: str, ca: bytes | None,
+            cert: bytes | None = None, key: bytes | None = None, timeout: float = 600.0) -> pb.PublishResponse:
+    bundle = Path(bundle_dir)
+    names = bundle_files(bundle)
+    with open_channel(registry, ca, cert, key) as channel:
+        stub = rpc.ModelRegistryStub(channel)
+        try:
+            return stub.Publish(_requests(bundle, model, version, names), timeout=timeout,
+                                metadata=(("authorization", f"Bearer {token}"),))
+        except grpc.RpcError as err:
+            raise FedtuneError(f"{registry}: publish {model} {version}: {err.code().name}: {err.details()}") from None

@@ -1,0 +1,163 @@
+"""The registry's store on disk: `STORE/<model>/<version>/` holds one published bundle
+(its files, `manifest.json`, `manifest.sig`) and `STORE/<model>/versions.json` the
+publication order. Names are checked before any path is built from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from edge_export.bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, sha256_bytes, verify_bundle
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+INDEX_FILE = "versions.json"
+
+
+class StoreError(Exception):
+    """Base for store errors; `code` names the gRPC status the service maps it to."""
+
+    code = "INTERNAL"
+
+
+class NotFound(StoreError):
+    code = "NOT_FOUND"
+
+
+class InvalidName(StoreError):
+    code = "INVALID_ARGUMENT"
+
+
+class Conflict(StoreError):
+    code = "ALREADY_EXISTS"
+
+
+class Rejected(StoreError):
+    code = "FAILED_PRECONDITION"
+
+
+def check_name(kind: str, name: str) -> str:
+    """A model, version or file name: letters, digits, '.', '_', '-'; no separators, no '..'."""
+    if not NAME_RE.match(name or "") or ".." in name:
+        raise InvalidName(f"{kind} name {name!r} is not allowed (letters, digits, '.', '_', '-'; no '/' or '..')")
+    return name
+
+
+@dataclass(frozen=True)
+class VersionEntry:
+    version: str
+    published: str
+    total_bytes: int
+    manifest_sha256: str
+
+
+class ModelStore:
+    """Read and publish bundles; publishing is atomic (temp folder, verify, rename)."""
+
+    def __init__(self, root: str | Path, trusted_key: str | Path | None = None) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.trusted_key = trusted_key
+        self._lock = threading.Lock()
+
+    # ---- reading -------------------------------------------------------------------
+    def models(self) -> list[str]:
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and (p / INDEX_FILE).exists())
+
+    def versions(self, model: str) -> list[VersionEntry]:
+        index = self.root / check_name("model", model) / INDEX_FILE
+        if not index.exists():
+            raise NotFound(f"model {model!r} is not in the registry")
+        return [VersionEntry(**entry) for entry in json.loads(index.read_text())]
+
+    def resolve(self, model: str, version: str) -> Path:
+        """The folder of `version` (empty: the latest)."""
+        entries = self.versions(model)
+        if not version:
+            version = entries[-1].version
+        check_name("version", version)
+        if version not in {e.version for e in entries}:
+            raise NotFound(f"model {model!r} has no version {version!r}")
+        return self.root / model / version
+
+    def manifest(self, model: str, version: str) -> tuple[str, bytes, bytes]:
+        folder = self.resolve(model, version)
+        return folder.name, (folder / MANIFEST_FILE).read_bytes(), (folder / SIGNATURE_FILE).read_bytes()
+
+    def open_file(self, model: str, version: str, name: str) -> Path:
+        folder = self.resolve(model, version)
+        check_name("file", name)
+        path = folder / name
+        if not path.is_file():
+            raise NotFound(f"model {model!r} version {folder.name!r} has no file {name!r}")
+        return path
+
+    def read_chunks(self, path: Path, offset: int, chunk_size: int) -> Iterator[tuple[int, bytes, int]]:
+        size = path.stat().st_size
+        if offset > size:
+            raise InvalidName(f"offset {offset} is past the end of {path.name} ({size} bytes)")
+        with open(path, "rb") as handle:
+            handle.seek(offset)
+            while block := handle.read(chunk_size):
+                yield offset, block, size
+                offset += len(block)
+
+    # ---- publishing ----------------------------------------------------------------
+    def begin(self, model: str, version: str) -> Path:
+        """A private staging folder for an incoming bundle."""
+        check_name("model", model)
+        check_name("version", version)
+        if (self.root / model / version).exists():
+            raise Conflict(f"model {model!r} already has version {version!r}; versions are immutable")
+        (self.root / model).mkdir(exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".incoming-{version}-", dir=self.root / model))
+
+    def commit(self, model: str, version: str, staging: Path) -> VersionEntry:
+        """Verify the staged bundle (signature when a trusted key is set, every sha256)
+        and move it into place; the staging folder is removed on failure."""
+        try:
+            if self.trusted_key is not None:
+                verify_bundle(staging, self.trusted_key)
+            else:
+                _check_hashes(staging)
+            raw = (staging / MANIFEST_FILE).read_bytes()
+            entry = VersionEntry(version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                 sum(p.stat().st_size for p in staging.iterdir()), sha256_bytes(raw))
+            with self._lock:
+                target = self.root / model / version
+                if target.exists():
+                    raise Conflict(f"model {model!r} already has version {version!r}; versions are immutable")
+                os.replace(staging, target)
+                index = self.root / model / INDEX_FILE
+                entries = json.loads(index.read_text()) if index.exists() else []
+                entries.append(entry.__dict__)
+                tmp = index.with_suffix(".tmp")
+                tmp.write_text(json.dumps(entries, indent=2))
+                os.replace(tmp, index)
+            return entry
+        except BundleError as err:
+            raise Rejected(f"bundle refused: {err}") from None
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _check_hashes(folder: Path) -> None:
+    """Without a trusted key: the manifest must at least match the files it lists."""
+    try:
+        manifest: dict[str, Any] = json.loads((folder / MANIFEST_FILE).read_bytes())
+    except (FileNotFoundError, json.JSONDecodeError) as err:
+        raise BundleError(f"{MANIFEST_FILE}: missing or not JSON ({err})") from None
+    if not (folder / SIGNATURE_FILE).exists():
+        raise BundleError(f"{SIGNATURE_FILE}: missing")
+    for name, entry in manifest.get("files", {}).items():
+        check_name("file", name)
+        path = folder / name
+        if not path.is_file() or sha256_bytes(path.read_bytes()) != entry["sha256"]:
+            raise BundleError(f"{name}: missing or does not match the manifest")

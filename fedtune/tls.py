@@ -1,0 +1,103 @@
+"""A small private PKI with `cryptography`: a CA, server certificates for the hosts a
+service listens on, and client certificates (device identity for mTLS). PEM files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from pathlib import Path
+from typing import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedtune.errors import FedtuneError
+
+VALID_DAYS = 365
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedtune"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _write_key(path: Path, key: ec.EllipticCurvePrivateKey) -> None:
+    data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _load(folder: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    try:
+        cert = x509.load_pem_x509_certificate((folder / "ca.pem").read_bytes())
+        key = serialization.load_pem_private_key((folder / "ca.key").read_bytes(), password=None)
+    except FileNotFoundError as err:
+        raise FedtuneError(f"{err.filename}: missing; create the CA first (fedtune certs create)") from None
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def create_ca(folder: str | Path, common_name: str = "fedtune CA") -> Path:
+    """`ca.pem` and `ca.key` in `folder` (never overwritten)."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "ca.pem").exists():
+        return out / "ca.pem"
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(_name(common_name))
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                     encipher_only=False, decipher_only=False), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    _write_key(out / "ca.key", key)
+    (out / "ca.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out / "ca.pem"
+
+
+def issue(folder: str | Path, name: str, hosts: Sequence[str] = (), client: bool = False) -> tuple[Path, Path]:
+    """`NAME.pem` + `NAME.key` signed by the CA in `folder`: a server certificate for
+    `hosts` (DNS names or IPs), or a client certificate when `client`."""
+    out = Path(folder)
+    ca_cert, ca_key = _load(out)
+    key = ec.generate_private_key(ec.SECP384R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateBuilder().subject_name(_name(name)).issuer_name(ca_cert.subject)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH if client else ExtendedKeyUsageOID.SERVER_AUTH]),
+                       critical=False)
+    )
+    if hosts:
+        names: list[x509.GeneralName] = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _write_key(out / f"{name}.key", key)
+    (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out / f"{name}.pem", out / f"{name}.key"
+
+
+def read_pem(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise FedtuneError(f"{path}: {what} file not found") from None

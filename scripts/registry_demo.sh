@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Registry demo on loopback: start a TLS registry, publish a signed bundle as the
+# coordinator, pull it as a device (verify + activate), predict, then stop the registry.
+#   scripts/registry_demo.sh BUNDLE TRUST_KEY.pub "text"
+# Env: FEDTUNE_BIN (default .venv/bin/fedtune), REGISTRY_WORK (default registry-demo), MODEL (default banking77).
+set -euo pipefail
+BUNDLE=$1; TRUST_KEY=$2; TEXT=$3
+FEDTUNE=${FEDTUNE_BIN:-.venv/bin/fedtune}
+PY="$(dirname "$FEDTUNE")/python"
+WORK=${REGISTRY_WORK:-registry-demo}
+MODEL=${MODEL:-banking77}
+mkdir -p "$WORK"
+[ -f "$WORK/pki/ca.pem" ] || "$FEDTUNE" certs create --out "$WORK/pki" --host 127.0.0.1 --host localhost >/dev/null
+[ -f "$WORK/publish.token" ] || "$FEDTUNE" registry token --out "$WORK/publish.token" >/dev/null
+PORT=$("$PY" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+
+"$FEDTUNE" registry serve --store "$WORK/store" --address "127.0.0.1:$PORT" --cert "$WORK/pki/server.pem" \
+  --key "$WORK/pki/server.key" --token-file "$WORK/publish.token" --trust-key "$TRUST_KEY" &
+PID=$!
+echo "$PID" > "$WORK/registry.pid"
+stop() { kill -TERM "$PID" 2>/dev/null || true; wait "$PID" 2>/dev/null || true; echo "registry (pid $PID) stopped"; }
+trap stop EXIT
+for _ in $(seq 1 100); do
+  "$PY" -c "import socket; socket.create_connection(('127.0.0.1', $PORT), 0.2)" 2>/dev/null && break
+  kill -0 "$PID" 2>/dev/null || { echo "registry failed to start" >&2; exit 1; }
+  sleep 0.2
+done
+
+"$FEDTUNE" registry publish "$BUNDLE" --registry "127.0.0.1:$PORT" --model "$MODEL" \
+  --token-file "$WORK/publish.token" --ca "$WORK/pki/ca.pem"
+"$FEDTUNE" edge pull --registry "127.0.0.1:$PORT" --model "$MODEL" --trust-key "$TRUST_KEY" \
+  --into "$WORK/device" --ca "$WORK/pki/ca.pem"
+"$FEDTUNE" edge predict "$WORK/device/current" "$TEXT" --trust-key "$TRUST_KEY"

@@ -1,0 +1,227 @@
+"""The model registry over real gRPC with TLS on 127.0.0.1: publish -> pull -> predict,
+resumed downloads, a tampered store, bad names, credentials, mTLS, 20 concurrent pulls,
+and the generated stubs against the .proto."""
+
+from __future__ import annotations
+
+import filecmp
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Iterator
+
+import grpc
+import pytest
+
+from edge_export.pull import PullError, PullInterrupted, active_version, pull, rollback
+from edge_export.runtime import EdgeModel
+from fedtune.registry.channel import open_channel
+from fedtune.registry.publisher import publish
+from fedtune.registry.service import ServerLimits, make_server
+from fedtune.registry.store import ModelStore
+from fedtune.registry.v1 import registry_pb2 as pb
+from fedtune.registry.v1 import registry_pb2_grpc as rpc
+from fedtune.tls import create_ca, issue
+
+REPO = Path(__file__).resolve().parent.parent
+TOKEN = "coordinator-secret-token"
+
+
+class Registry:
+    """A running registry server and what a client needs to reach it."""
+
+    def __init__(self, root: Path, pki: dict[str, bytes], keys: dict[str, Path], mtls: bool = False) -> None:
+        self.store_dir = root / "store"
+        self.pki = pki
+        self.server, port = make_server(
+            ModelStore(self.store_dir, trusted_key=keys["public"]), "127.0.0.1:0", pki["server_cert"],
+            pki["server_key"], TOKEN, client_ca=pki["ca"] if mtls else None, limits=ServerLimits(max_workers=24),
+        )
+        self.address = f"127.0.0.1:{port}"
+
+    def stub(self, **tls: bytes) -> rpc.ModelRegistryStub:
+        return rpc.ModelRegistryStub(open_channel(self.address, self.pki["ca"], **tls))
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    root = tmp_path_factory.mktemp("pki")
+    create_ca(root)
+    server_cert, server_key = issue(root, "server", ["127.0.0.1", "localhost"])
+    device_cert, device_key = issue(root, "device-1", client=True)
+    return {"ca": (root / "ca.pem").read_bytes(), "server_cert": server_cert.read_bytes(),
+            "server_key": server_key.read_bytes(), "device_cert": device_cert.read_bytes(),
+            "device_key": device_key.read_bytes()}
+
+
+@pytest.fixture()
+def registry(tmp_path: Path, pki: dict[str, bytes], keys: dict[str, Path]) -> Iterator[Registry]:
+    reg = Registry(tmp_path, pki, keys)
+    yield reg
+    reg.server.stop(grace=None).wait()
+
+
+def _publish(reg: Registry, bundle: Path, version: str, model: str = "banking") -> None:
+    publish(reg.address, bundle, model, version, TOKEN, reg.pki["ca"])
+
+
+@pytest.mark.timeout(900)
+def test_publish_pull_predict_and_rollback(registry: Registry, bert_bundle: tuple[Path, Path, dict],
+                                           keys: dict[str, Path], tmp_path: Path) -> None:
+    _, bundle, manifest = bert_bundle
+    _publish(registry, bundle, "v1")
+    listing = registry.stub().ListModels(pb.ListModelsRequest())
+    assert [(m.name, m.latest_version, m.num_versions) for m in listing.models] == [("banking", "v1", 1)]
+    device = tmp_path / "device"
+    first = pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
+    assert first.version == "v1" and active_version(device) == "v1" and first.resumed_bytes == 0
+    model = EdgeModel.load(device / "current", keys["public"])
+    assert model.classify(["good great"])[0].label in manifest["labels"]
+
+    _publish(registry, bundle, "v2")
+    versions = registry.stub().ListVersions(pb.ListVersionsRequest(model="banking")).versions
+    assert [v.version for v in versions] == ["v1", "v2"] and all(v.total_bytes > 0 for v in versions)
+    assert pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"]).version == "v2"
+    assert (active_version(device), active_version(device, "previous")) == ("v2", "v1")
+    assert rollback(device) == "v1"
+    assert (active_version(device), active_version(device, "previous")) == ("v1", "v2")
+    assert EdgeModel.load(device / "current", keys["public"]).task == "seq-cls"
+
+
+@pytest.mark.timeout(900)
+def test_cut_download_resumes_and_verifies(registry: Registry, bert_bundle: tuple[Path, Path, dict],
+                                           keys: dict[str, Path], tmp_path: Path) -> None:
+    _, bundle, manifest = bert_bundle
+    _publish(registry, bundle, "v1")
+    total = sum(e["bytes"] for e in manifest["files"].values())
+    device = tmp_path / "device"
+    with pytest.raises(PullInterrupted, match="cut after"):
+        pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"], stop_after_bytes=total // 2)
+    assert active_version(device) is None and (device / ".incoming" / "v1").is_dir()
+    result = pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
+    assert result.resumed_bytes >= total // 2 and result.downloaded_bytes + result.resumed_bytes == total
+    assert active_version(device) == "v1" and not (device / ".incoming" / "v1").exists()
+    EdgeModel.load(device / "current", keys["public"])  # verified again on load
+
+
+@pytest.mark.timeout(900)
+def test_tampered_store_is_refused_and_current_version_stays(registry: Registry, bert_bundle: tuple[Path, Path, dict],
+                                                             keys: dict[str, Path], tmp_path: Path) -> None:
+    _, bundle, _ = bert_bundle
+    _publish(registry, bundle, "v1")
+    device = tmp_path / "device"
+    pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
+    _publish(registry, bundle, "v2")
+    stored = registry.store_dir / "banking" / "v2" / "model.onnx"
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    with pytest.raises(PullError, match="refused banking v2.*sha256 does not match"):
+        pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
+    assert active_version(device) == "v1" and not (device / "versions" / "v2").exists()
+    assert not (device / ".incoming" / "v2").exists()
+    EdgeModel.load(device / "current", keys["public"])
+
+
+@pytest.mark.timeout(900)
+def test_bad_names_unknown_models_and_credentials(registry: Registry, bert_bundle: tuple[Path, Path, dict],
+                                                  keys: dict[str, Path]) -> None:
+    _, bundle, _ = bert_bundle
+    _publish(registry, bundle, "v1")
+    stub = registry.stub()
+
+    def code(call) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        return info.value.code()
+
+    assert code(lambda: stub.GetManifest(pb.GetManifestRequest(model="nope"))) == grpc.StatusCode.NOT_FOUND
+    assert code(lambda: stub.GetManifest(pb.GetManifestRequest(model="banking", version="v9"))) == grpc.StatusCode.NOT_FOUND
+    assert code(lambda: list(stub.Download(pb.DownloadRequest(model="banking", version="v1", file="nothere.bin")))) \
+        == grpc.StatusCode.NOT_FOUND
+    for model, version, file in (("../banking", "v1", "model.onnx"), ("banking", "../v1", "model.onnx"),
+                                 ("banking", "v1", "../../banking/v1/model.onnx"), ("a/b", "", ""), ("..", "v1", "x")):
+        assert code(lambda: list(stub.Download(pb.DownloadRequest(model=model, version=version, file=file or "x")))) \
+            == grpc.StatusCode.INVALID_ARGUMENT, (model, version, file)
+    assert code(lambda: stub.GetManifest(pb.GetManifestRequest(model="banking", version="v1/../v1"))) \
+        == grpc.StatusCode.INVALID_ARGUMENT
+    # Publishing: no token, a wrong token -> UNAUTHENTICATED; nothing is stored.
+    header = [pb.PublishRequest(header=pb.PublishHeader(model="banking", version="v2"))]
+    assert code(lambda: stub.Publish(iter(header))) == grpc.StatusCode.UNAUTHENTICATED
+    assert code(lambda: stub.Publish(iter(header), metadata=(("authorization", "Bearer wrong"),))) \
+        == grpc.StatusCode.UNAUTHENTICATED
+    assert not (registry.store_dir / "banking" / "v2").exists()
+    # A bundle signed by another key is refused by a registry that trusts the coordinator's key.
+    with pytest.raises(Exception, match="FAILED_PRECONDITION"):
+        _publish_foreign(registry, bundle, keys)
+    # Versions are immutable.
+    with pytest.raises(Exception, match="ALREADY_EXISTS"):
+        _publish(registry, bundle, "v1")
+
+
+def _publish_foreign(reg: Registry, bundle: Path, keys: dict[str, Path]) -> None:
+    from edge_export.signing import load_private_key, sign
+
+    foreign = bundle.parent / "foreign-bundle"
+    shutil.rmtree(foreign, ignore_errors=True)
+    shutil.copytree(bundle, foreign)
+    (foreign / "manifest.sig").write_bytes(sign(load_private_key(keys["other_private"]), (foreign / "manifest.json").read_bytes()))
+    _publish(reg, foreign, "v-foreign")
+
+
+@pytest.mark.timeout(900)
+def test_twenty_concurrent_pulls_all_verify(registry: Registry, bert_bundle: tuple[Path, Path, dict],
+                                            keys: dict[str, Path], tmp_path: Path) -> None:
+    _, bundle, _ = bert_bundle
+    _publish(registry, bundle, "v1")
+    devices = [tmp_path / f"device-{i:02d}" for i in range(20)]
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(lambda d: pull(registry.address, "banking", keys["public"], d, ca=registry.pki["ca"]),
+                                devices))
+    assert all(r.version == "v1" for r in results)
+    for device in devices:
+        assert active_version(device) == "v1"
+        assert filecmp.cmp(device / "current" / "model.onnx", bundle / "model.onnx", shallow=False)
+
+
+@pytest.mark.timeout(900)
+def test_mtls_requires_a_device_certificate(tmp_path: Path, pki: dict[str, bytes], keys: dict[str, Path],
+                                            bert_bundle: tuple[Path, Path, dict]) -> None:
+    reg = Registry(tmp_path, pki, keys, mtls=True)
+    try:
+        with pytest.raises(PullError, match="UNAVAILABLE"):
+            pull(reg.address, "banking", keys["public"], tmp_path / "anon", ca=pki["ca"], timeout=10)
+        with pytest.raises(grpc.RpcError):
+            reg.stub().ListModels(pb.ListModelsRequest(), timeout=10)
+        models = reg.stub(cert=pki["device_cert"], key=pki["device_key"]).ListModels(pb.ListModelsRequest(), timeout=10)
+        assert list(models.models) == []
+    finally:
+        reg.server.stop(grace=None).wait()
+
+
+def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
+    from grpc_tools import protoc
+
+    rc = protoc.main(["protoc", f"-I{REPO / 'protos'}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
+                      f"--pyi_out={tmp_path}", str(REPO / "protos/fedtune/registry/v1/registry.proto")])
+    assert rc == 0
+    for name in ("registry_pb2.py", "registry_pb2_grpc.py", "registry_pb2.pyi"):
+        fresh = (tmp_path / "fedtune/registry/v1" / name).read_text()
+        assert (REPO / "fedtune/registry/v1" / name).read_text() == fresh, f"{name} is stale: run `make protos`"
+
+
+@pytest.mark.timeout(900)
+def test_registry_demo_script_stops_its_server(bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    """The CLI path `make demo` uses: serve, publish, pull, predict, then the server is stopped."""
+    _, bundle, _ = bert_bundle
+    out = subprocess.run(["bash", str(REPO / "scripts/registry_demo.sh"), str(bundle), str(keys["public"]), "good great"],
+                         capture_output=True, text=True, cwd=REPO, timeout=600,
+                         env={**__import__("os").environ, "FEDTUNE_BIN": str(Path(sys.executable).parent / "fedtune"),
+                              "REGISTRY_WORK": str(tmp_path / "work")})
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "published" in out.stdout and "current ->" in out.stdout
+    pid = int((tmp_path / "work" / "registry.pid").read_text())
+    assert subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0  # stopped
