@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/privacy.py
 	$(BIN)/python bench/edge.py
+	$(BIN)/python bench/registry.py
 
 # `flwr run .` against Flower's managed local SuperLink, then stop that SuperLink.
 flwr-run: $(STAMP)

@@ -30,6 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from demo_run import find_demo_run  # noqa: E402
 from results import update_results  # noqa: E402
 
 from edge_export.bundle import VerifiedBundle  # noqa: E402
@@ -38,20 +39,6 @@ from edge_export.runtime import EdgeModel  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(__file__).resolve().parent / "_work"
 THREADS = 2
-
-
-def find_demo_run() -> Path:
-    """The newest finished seq-cls run on the default model under runs/ or bench/_work/runs/."""
-    candidates = []
-    for root in (ROOT / "runs", WORK / "runs"):
-        for run in root.glob("*/summary.json"):
-            info = json.loads((run.parent / "run.json").read_text())
-            if info["task"] == "seq-cls" and info["base_model"] == "default" and (run.parent / "final").exists() \
-                    and info["settings"]["num-rounds"] >= 16:
-                candidates.append(run.parent)
-    if not candidates:
-        raise SystemExit("no finished demo run found; run `make demo` first or pass --run-dir")
-    return max(candidates, key=lambda p: p.stat().st_mtime)
 
 
 def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
