@@ -3,7 +3,9 @@ clipping, Gaussian noise, Poisson sampling) and its RDP accountant.
 
 The accountant's history (noise multiplier, sample rate, steps) lives in the site's
 Flower context state, so ε accumulates over rounds even when each round runs in a
-new process, as it does under a SuperNode.
+new process, as it does under a SuperNode. It is also written to the site's own disk
+(`site-state-dir`, or the node config's `state-dir`), keyed by run id, so a run that
+the coordinator resumes after a crash keeps counting from what the site already spent.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,15 +54,28 @@ class DPReport:
     sample_rate: float
 
 
-def load_history(context: Context) -> History:
+def history_file(context: Context, settings: RunSettings, run_id: str, site: str) -> Path:
+    """The site's accountant file: STATE_DIR/<run-id>/<site>-dp.json."""
+    state_dir = str(context.node_config.get("state-dir", "") or settings.site_state_dir)
+    return Path(state_dir).expanduser() / run_id / f"{site}-dp.json"
+
+
+def load_history(context: Context, path: Path) -> History:
+    """The accountant history: from this run's context, else from the site's disk."""
     record = context.state.config_records.get(STATE_KEY)
-    if record is None:
-        return []
-    return [tuple(x) for x in json.loads(str(record["history"]))]  # type: ignore[misc]
+    if record is not None:
+        return [tuple(x) for x in json.loads(str(record["history"]))]  # type: ignore[misc]
+    if path.exists():
+        return [tuple(x) for x in json.loads(path.read_text())]  # type: ignore[misc]
+    return []
 
 
-def save_history(context: Context, history: History) -> None:
+def save_history(context: Context, path: Path, history: History) -> None:
     context.state.config_records[STATE_KEY] = ConfigRecord({"history": json.dumps(history)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(history))
+    os.replace(tmp, path)
 
 
 def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps: int) -> float:

@@ -71,11 +71,12 @@ class SiteClient(NumPyClient):
         seed = self.settings.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
         if self.settings.dp:
-            from client.dp_trainer import load_history, save_history, train_local_dp  # Opacus only when used
+            from client.dp_trainer import history_file, load_history, save_history, train_local_dp  # Opacus only when used
 
+            state = history_file(self.context, self.settings, str(config.get("run-id", "run")), site.name)
             result, history, report = train_local_dp(model, encoder, self.settings, server_round, num_rounds,
-                                                     load_history(self.context), site=site.name, seed=seed)
-            save_history(self.context, history)
+                                                     load_history(self.context, state), site=site.name, seed=seed)
+            save_history(self.context, state, history)
             dp_metrics = {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
                           "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate}
         else:

@@ -55,6 +55,7 @@ def train_local(
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     steps = steps_for_round(settings, len(encoder))
     rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)  # dropout: a round's training depends only on (seed, site, round), so resumes replay it
     lengths = example_lengths(encoder) if settings.group_by_length else None
     batches = _endless_batches(len(encoder), settings.batch_size, rng, lengths)
     report_every = max(1, steps // 4)

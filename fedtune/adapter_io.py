@@ -57,6 +57,16 @@ def set_adapter_arrays(model: PeftModel, arrays: Sequence[np.ndarray], frozen_a:
     set_peft_model_state_dict(model, new_state)
 
 
+def load_adapter_arrays(model: PeftModel, adapter_dir: str | Path, frozen_a: bool = False) -> list[np.ndarray]:
+    """Load a saved PEFT checkpoint into `model` (peft's own loader) and return the
+    arrays that travel, in wire order."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
+    set_peft_model_state_dict(model, state)
+    return get_adapter_arrays(model, frozen_a)
+
+
 def save_adapter(model: PeftModel, out_dir: str | Path, metadata: dict[str, Any]) -> Path:
     """Write a PEFT checkpoint plus `fedtune.json`, atomically (temp dir, then rename)."""
     out_dir = Path(out_dir)

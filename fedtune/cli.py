@@ -43,8 +43,9 @@ def _absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
     for key in PATH_KEYS_FROM_APP:
         if config.get(key):
             config[key] = str(resolve_path(str(config[key])).resolve())
-    if config.get("output-dir"):
-        config["output-dir"] = str(Path(str(config["output-dir"])).expanduser().resolve())
+    for key in ("output-dir", "site-state-dir"):
+        if config.get(key):
+            config[key] = str(Path(str(config[key])).expanduser().resolve())
     return config
 
 
@@ -59,6 +60,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             overrides[key] = value
+    if args.resume:
+        overrides["resume"] = True
     config = _absolute_paths({**project_run_config(), **overrides})
     run_simulation(config, num_sites=args.sites, verbose=args.verbose)
     return 0
@@ -247,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--strategy", choices=["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"], help="aggregation strategy")
     sim.add_argument("--output-dir", help="where run folders go (default: runs)")
     sim.add_argument("--run-name", help="run folder name (default: a timestamp)")
+    sim.add_argument("--resume", action="store_true",
+                     help="continue --run-name after its last completed round (after a coordinator crash)")
     sim.add_argument("--set", action="append", metavar="KEY=VALUE", help="override any run-config key (repeatable)")
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     sim.set_defaults(func=cmd_simulate)

@@ -83,6 +83,8 @@ class RunSettings:
     central_eval_every: int = 0
     output_dir: str = "runs"
     run_name: str = ""
+    resume: bool = False
+    site_state_dir: str = ".fedtune-site-state"
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
@@ -121,6 +123,8 @@ class RunSettings:
             raise ConfigError("val-fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.dirichlet_alpha <= 0:
             raise ConfigError("dirichlet-alpha", f"must be > 0, got {self.dirichlet_alpha}")
+        if self.resume and not self.run_name:
+            raise ConfigError("resume", "needs run-name: the run folder to continue")
         if self.local_steps <= 0 and self.local_epochs <= 0:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
         if self.learning_rate <= 0:

@@ -122,8 +122,11 @@ def _check_inputs(settings: RunSettings) -> None:
     from fedtune.errors import FedtuneError
 
     run_path = Path(settings.output_dir).expanduser().resolve() / (settings.run_name or "-")
-    if settings.run_name and (run_path / "metrics.jsonl").exists():
-        raise FedtuneError(f"run folder {run_path} already holds a run; choose another --run-name")
+    if settings.resume:
+        if not (run_path / "run.json").exists():
+            raise FedtuneError(f"cannot resume: {run_path} holds no run (run.json missing)")
+    elif settings.run_name and (run_path / "metrics.jsonl").exists():
+        raise FedtuneError(f"run folder {run_path} already holds a run; choose another --run-name, or --resume it")
     labels = settings.label_list()
     load_examples(settings.data_path, settings, labels)
     if settings.central_eval_path:

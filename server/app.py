@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune import __version__
-from fedtune.adapter_io import adapter_keys, get_adapter_arrays
+from fedtune.adapter_io import adapter_keys, get_adapter_arrays, load_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.logs import setup_logging
 from fedtune.device import pick_device
@@ -33,6 +35,7 @@ from server.privacy_budget import EpsilonBudgetStrategy
 from server.recorder import RecordingStrategy
 from server.report import write_report
 from server.run_dir import RunDir
+from server.strategy_state import load_strategy_state, save_strategy_state
 from server.secure_aggregation import build_secagg_workflow, census_max_weight, check_secagg_settings, wait_for_sites
 from server.strategies import build_strategy
 from server.traffic import MeteredGrid
@@ -55,13 +58,17 @@ def new_run_id(settings: RunSettings) -> str:
 
 
 def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
-    """Run every round, record it, and write the final adapter, plots and report."""
+    """Run every round (or, with `resume`, the rounds after the last completed one),
+    record it, and write the final adapter, plots and report."""
     started = time.monotonic()
     settings = RunSettings.from_run_config(context.run_config)
     labels = settings.label_list()
     run_id = new_run_id(settings)
     run_dir = RunDir(Path(settings.output_dir).expanduser().resolve() / run_id)
-    if run_dir.metrics_file.exists():
+    if settings.resume:
+        if not (run_dir.path / "run.json").exists():
+            raise FedtuneError(f"cannot resume: {run_dir.path} holds no run (run.json missing)")
+    elif run_dir.metrics_file.exists():
         raise FedtuneError(f"run folder {run_dir.path} already holds a run; choose another run-name")
     run_dir.create()
     log.info("fedtune %s: run %s -> %s", __version__, run_id, run_dir.path)
@@ -77,39 +84,57 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         "task": settings.task,
         "labels": labels,
         "run_id": run_id,
+        "run_uid": uuid.uuid4().hex,  # kept across resumes; sites key their own state by it
     }
-    run_dir.write_json("run.json", {**metadata, "settings": settings.to_run_config(), "adapter": adapter_info})
-
-    run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0}, ffa)
-
-    def save_round(server_round: int, arrays: list[np.ndarray]) -> None:
-        run_dir.save_adapter(model, arrays, run_dir.round_dir(server_round), {**metadata, "round": server_round}, ffa)
-
     num_rounds = settings.num_rounds
+    done = 0
+    if settings.resume:
+        done, initial = _resume_point(run_dir, settings, model, metadata)
+    else:
+        run_dir.write_json("run.json", {**metadata, "settings": settings.to_run_config(), "adapter": adapter_info})
+        run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0}, ffa)
+    flower_strategy_box: list[Any] = []
+
+    def save_round(global_round: int, arrays: list[np.ndarray]) -> None:
+        folder = run_dir.round_dir(global_round)
+        run_dir.save_adapter(model, arrays, folder, {**metadata, "round": global_round}, ffa)
+        save_strategy_state(flower_strategy_box[0], folder)
+
     evaluate_fn = make_central_evaluator(
         settings,
         model,
         labels,
-        should_run=lambda r: r == num_rounds or (settings.central_eval_every > 0 and r > 0 and r % settings.central_eval_every == 0),
+        should_run=lambda r: r > 0 and (r == num_rounds or (
+            settings.central_eval_every > 0 and r % settings.central_eval_every == 0)),
     )
     labels_json = json.dumps(labels)
 
-    def fit_config(server_round: int) -> dict[str, Any]:
-        return {"server-round": server_round, "num-rounds": num_rounds, "labels": labels_json}
+    def fit_config(global_round: int) -> dict[str, Any]:
+        # RecordingStrategy passes the run's global round, so LR schedules continue across a resume.
+        return {"server-round": global_round, "num-rounds": num_rounds, "labels": labels_json,
+                "run-id": f"{run_id}-{metadata['run_uid'][:12]}"}
 
-    inner = build_strategy(settings, ndarrays_to_parameters(initial), evaluate_fn, fit_config, fit_config)
+    flower_strategy = build_strategy(settings, ndarrays_to_parameters(initial), evaluate_fn, fit_config, fit_config)
+    flower_strategy_box.append(flower_strategy)
+    inner: Any = flower_strategy
+    if settings.resume:
+        restored = load_strategy_state(flower_strategy, run_dir.round_dir(done))
+        if restored:
+            log.info("resume: restored strategy state %s from round %d", ", ".join(restored), done)
     if settings.dp:
         inner = EpsilonBudgetStrategy(inner, settings.dp_epsilon_budget, settings.dp_delta)
+        inner.worst_epsilon = max((r.get("dp_epsilon_max", 0.0) for r in run_dir.read_metrics()), default=0.0)
     metered = MeteredGrid(grid)
-    strategy = RecordingStrategy(inner, metered, run_dir.append_metrics, save_round, num_rounds)
-    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds), strategy=strategy)
+    strategy = RecordingStrategy(inner, metered, _crash_hook(run_dir.append_metrics), save_round, num_rounds - done,
+                                 round_offset=done)
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds - done), strategy=strategy)
     fit_workflow = _secagg_fit_workflow(settings, metered, run_dir)
     DefaultWorkflow(fit_workflow=fit_workflow)(metered, legacy)  # type: ignore[arg-type]
     strategy.flush()
 
     records = run_dir.read_metrics()
     final_arrays = [np.asarray(a) for a in _final_arrays(strategy, initial)]
-    run_dir.save_adapter(model, final_arrays, run_dir.final_dir, {**metadata, "round": len(records)}, ffa)
+    run_dir.save_adapter(model, final_arrays, run_dir.final_dir, {**metadata, "round": records[-1]["round"] if records else 0}, ffa)
     central = next((r["central"] for r in reversed(records) if r.get("central")), None)
     if central is None and evaluate_fn is not None and records and records[-1]["round"] < num_rounds:
         # The run stopped early (DP budget): evaluate the final adapter now.
@@ -127,6 +152,47 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     run_dir.write_json("summary.json", summary)
     log.info(_summary_line(summary, settings.task))
     return summary
+
+
+def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: dict[str, Any]) -> tuple[int, list[np.ndarray]]:
+    """The last completed round and its global adapter; refuses a run whose model,
+    task, labels or LoRA settings differ from the ones being resumed."""
+    saved = json.loads((run_dir.path / "run.json").read_text())
+    for key in ("model", "task", "lora-r", "lora-alpha", "lora-target-modules", "ffa-lora", "seed", "num-rounds"):
+        if saved["settings"].get(key) != settings.to_run_config()[key]:
+            raise FedtuneError(f"cannot resume {run_dir.path}: '{key}' was {saved['settings'].get(key)!r}, "
+                               f"now {settings.to_run_config()[key]!r}")
+    if saved["labels"] != metadata["labels"]:
+        raise FedtuneError(f"cannot resume {run_dir.path}: the label set differs from the run's")
+    metadata["run_uid"] = saved.get("run_uid", metadata["run_uid"])
+    records = run_dir.read_metrics()
+    done = records[-1]["round"] if records else 0
+    if done >= settings.num_rounds:
+        raise FedtuneError(f"cannot resume {run_dir.path}: all {settings.num_rounds} rounds are already done")
+    folder = run_dir.round_dir(done)
+    arrays = load_adapter_arrays(model, folder, settings.ffa_lora)
+    log.info("resume: run %s continues after round %d (rounds %d-%d to go), from %s",
+             run_dir.path.name, done, done + 1, settings.num_rounds, folder)
+    resumed = saved.setdefault("resumed", [])
+    resumed.append({"after_round": done, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    run_dir.write_json("run.json", saved)
+    return done, arrays
+
+
+def _crash_hook(append: Any) -> Any:
+    """Test hook FEDTUNE_TEST_CRASH_AFTER_ROUND=N: the coordinator process dies (as if
+    killed) right after round N is recorded. Off unless the variable is set."""
+    crash_after = int(os.environ.get("FEDTUNE_TEST_CRASH_AFTER_ROUND", "0") or 0)
+    if crash_after <= 0:
+        return append
+
+    def append_then_maybe_die(record: dict[str, Any]) -> None:
+        append(record)
+        if record.get("round") == crash_after:
+            log.warning("test hook: coordinator killed after round %d", crash_after)
+            os._exit(137)
+
+    return append_then_maybe_die
 
 
 def _secagg_fit_workflow(settings: RunSettings, grid: MeteredGrid, run_dir: RunDir) -> Any:

@@ -10,6 +10,7 @@ import time
 from typing import Any, Callable
 
 from flwr.common import (
+    EvaluateIns,
     EvaluateRes,
     FitIns,
     FitRes,
@@ -57,8 +58,11 @@ class RecordingStrategy(DelegatingStrategy):
         self._configured_sites = 0
 
     def global_round(self, server_round: int) -> int:
-        """Flower restarts at round 1 on every start; the run's round continues."""
-        return self.round_offset + server_round
+        """Flower restarts at round 1 on every start; the run's round continues. Every
+        call into the wrapped strategy gets the global round (round 0, the initial
+        evaluation, stays 0), so FedAdam's bias correction, the fit config and the
+        central evaluation schedule see the run's real round after a resume."""
+        return self.round_offset + server_round if server_round > 0 else 0
 
     # -- observed calls (the rest are forwarded by DelegatingStrategy) ----------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -71,7 +75,7 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.flush()
         self._round_start = time.monotonic()
-        instructions = self.inner.configure_fit(server_round, parameters, client_manager)
+        instructions = self.inner.configure_fit(self.global_round(server_round), parameters, client_manager)
         if instructions:  # an empty list is a deliberate stop (e.g. the DP budget), not a skip
             self._configured_round = self.global_round(server_round)
             self._configured_sites = len(instructions)
@@ -91,7 +95,7 @@ class RecordingStrategy(DelegatingStrategy):
             log.warning("round %d: a site failed: %s", rnd, reason)
         if not results:
             raise FedtuneError(f"round {rnd}: no site returned an update ({'; '.join(reasons) or 'no sites'})")
-        params, metrics = self.inner.aggregate_fit(server_round, results, failures)
+        params, metrics = self.inner.aggregate_fit(rnd, results, failures)
         sites: dict[str, dict[str, Any]] = {}
         for proxy, res in results:
             name = str(res.metrics.get("site", f"node-{proxy.node_id}"))
@@ -114,13 +118,18 @@ class RecordingStrategy(DelegatingStrategy):
         self._log_fit(rnd, sites, num_failed)
         return params, metrics
 
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return self.inner.configure_evaluate(self.global_round(server_round), parameters, client_manager)
+
     def aggregate_evaluate(
         self,
         server_round: int,
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
-        loss, metrics = self.inner.aggregate_evaluate(server_round, results, failures)
+        loss, metrics = self.inner.aggregate_evaluate(self.global_round(server_round), results, failures)
         if self._pending is not None:
             for proxy, res in results:
                 name = str(res.metrics.get("site", f"node-{proxy.node_id}"))
@@ -132,7 +141,7 @@ class RecordingStrategy(DelegatingStrategy):
         return loss, metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        result = self.inner.evaluate(server_round, parameters)
+        result = self.inner.evaluate(self.global_round(server_round), parameters)
         if result is not None and self._pending is not None and server_round > 0:
             self._pending["central"] = {k: float(v) for k, v in result[1].items()}
         return result

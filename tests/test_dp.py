@@ -29,7 +29,8 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir:
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
               "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "local-steps": STEPS, "batch-size": BATCH,
               "learning-rate": 0.05, "dp": True, "dp-noise-multiplier": NOISE, "dp-delta": DELTA,
-              "dp-epsilon-budget": budget, "output-dir": str(tmp_path / "runs"), "run-name": "dp"}
+              "dp-epsilon-budget": budget, "output-dir": str(tmp_path / "runs"), "run-name": "dp",
+              "site-state-dir": str(tmp_path / "site-state")}
     run_simulation(config, num_sites=2)
     run_dir = tmp_path / "runs" / "dp"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
