@@ -87,11 +87,13 @@ def _text(path: Path, line: int, row: dict[str, object], field: str) -> str:
 
 
 def load_classification(
-    path: str | Path, text_field: str, label_field: str, labels: Sequence[str]
+    path: str | Path, text_field: str, label_field: str, labels: Sequence[str] | None
 ) -> list[ClassificationExample]:
-    """Read labelled texts; a label outside the coordinator's set is an error."""
+    """Read labelled texts; a label outside the coordinator's set is an error.
+    `labels=None` accepts any label (a site checking its file before it knows the set)."""
     path = Path(path)
-    index = {name: i for i, name in enumerate(labels)}
+    open_set = labels is None
+    index = {name: i for i, name in enumerate(labels or [])}
     examples: list[ClassificationExample] = []
     for line, row in read_rows(path):
         text = _text(path, line, row, text_field)
@@ -101,10 +103,12 @@ def load_classification(
         if isinstance(raw, bool) or not isinstance(raw, (str, int)):
             raise DataError(path, f"expected a string label, got {type(raw).__name__}", line=line, field=label_field)
         name = str(raw).strip()
+        if open_set and name and name not in index:
+            index[name] = len(index)
         if name not in index:
             raise DataError(
                 path,
-                f"label {name!r} is not in the coordinator's label set ({len(labels)} labels)",
+                f"label {name!r} is not in the coordinator's label set ({len(index)} labels)",
                 line=line,
                 field=label_field,
             )
