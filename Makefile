@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/privacy.py
 	$(BIN)/python bench/edge.py
 	$(BIN)/python bench/registry.py
+	$(BIN)/python bench/deploy.py
 
 # `flwr run .` against Flower's managed local SuperLink, then stop that SuperLink.
 flwr-run: $(STAMP)

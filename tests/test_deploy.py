@@ -7,8 +7,6 @@ process the test starts is stopped by PID, also when it fails."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import subprocess
 import sys
@@ -16,13 +14,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import IO, Iterator
+from typing import Iterator
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedtune.deploy import child_env, init_pki, register_site, run_command, site_keypair
+from fedtune.deploy import ManagedProcesses, child_env, init_pki, register_site, run_command, site_keypair, wait_for_port
 from fedtune.tls import create_ca
 
 REPO = Path(__file__).resolve().parent.parent
@@ -35,64 +33,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class Processes:
-    """Starts processes in their own session and stops them all (and the helpers
-    Flower detaches from them, which carry `--parent-pid PID`) by PID."""
-
-    def __init__(self, logs: Path) -> None:
-        self.logs = logs
-        self.started: list[subprocess.Popen[bytes]] = []
-
-    def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        log: IO[bytes] = open(self.logs / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env or child_env(),
-                                start_new_session=True)
-        self.started.append(proc)
-        return proc
-
-    def helpers(self, pid: int) -> list[int]:
-        out = subprocess.run(["pgrep", "-f", f"[-]-parent-pid {pid}( |$)"], capture_output=True, text=True).stdout
-        return [int(p) for p in out.split()]
-
-    def stop_all(self) -> None:
-        pids = []
-        for proc in self.started:
-            pids += [proc.pid, *self.helpers(proc.pid)]
-        for pid in pids:
-            for target in (lambda: os.killpg(pid, signal.SIGTERM), lambda: os.kill(pid, signal.SIGTERM)):
-                try:
-                    target()
-                except (ProcessLookupError, PermissionError):
-                    pass
-        deadline = time.time() + 20
-        for proc in self.started:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.time()))
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        for pid in pids:
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def alive(self) -> list[int]:
-        return [p.pid for p in self.started if p.poll() is None]
-
-
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.5).close()
-            return
-        except OSError:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            time.sleep(0.3)
-    raise AssertionError(f"port {port} never opened: {log.read_text()[-3000:]}")
-
-
 def wait_for_log(path: Path, needle: str, timeout: float = 60) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -103,8 +43,8 @@ def wait_for_log(path: Path, needle: str, timeout: float = 60) -> None:
 
 
 @pytest.fixture()
-def processes(tmp_path: Path) -> Iterator[Processes]:
-    procs = Processes(tmp_path)
+def processes(tmp_path: Path) -> Iterator[ManagedProcesses]:
+    procs = ManagedProcesses(tmp_path, cwd=REPO)
     try:
         yield procs
     finally:
@@ -114,7 +54,7 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
 
 @pytest.mark.timeout(1200)
 def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
-    tmp_path: Path, processes: Processes, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+    tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
 ) -> None:
     deploy = tmp_path / "deploy"
     ca, _, _ = init_pki(deploy, ["127.0.0.1", "localhost"])
