@@ -117,6 +117,7 @@ class Block:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 from fedtune.cli import main
+import edge_export.pull  # the device's registry client too
 rc = main(['edge', 'predict', {str(bundle)!r}, 'good great', '--trust-key', {str(keys['public'])!r}])
 assert rc == 0
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum', 'flwr', 'onnx'))
