@@ -15,6 +15,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client.site_client import SiteClient
 from fedtune.config import RunSettings
 from fedtune.logs import setup_logging
+from fedtune.masked_vector_codec import narrow_masked_reply
 from fedtune.secure_masks import install_csprng_masks
 
 setup_logging()
@@ -30,7 +31,9 @@ def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppC
     """Flower's `secaggplus_mod` for SecAgg+ rounds; plain train messages pass through."""
     if msg.metadata.message_type == MessageType.TRAIN and SECAGG_CONFIGS in msg.content.config_records:
         install_csprng_masks("client")  # here, in the process that runs the mod (Ray actor or SuperNode app)
-        return secaggplus_mod(msg, ctxt, call_next)
+        reply = secaggplus_mod(msg, ctxt, call_next)
+        narrow_masked_reply(reply)  # uint32 on the wire: half of Flower's int64
+        return reply
     return call_next(msg, ctxt)
 
 

@@ -9,6 +9,8 @@ from typing import Any, Callable, Iterable
 from flwr.common import Message
 from flwr.common.serde import recorddict_to_proto
 
+from fedtune.masked_vector_codec import widen_masked_reply
+
 
 # Test and audit hook: callables run on every message, with "down" or "up".
 MESSAGE_OBSERVERS: list[Callable[[str, Message], None]] = []
@@ -46,9 +48,10 @@ class MeteredGrid:
         replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
         for reply in replies:
             key = (reply.metadata.group_id, reply.metadata.src_node_id, reply.metadata.message_type)
-            self.up[key] += content_bytes(reply)
+            self.up[key] += content_bytes(reply)  # as it came over the wire
             for observe in MESSAGE_OBSERVERS:
                 observe("up", reply)
+            widen_masked_reply(reply)  # SecAgg+ masked vectors: uint32 on the wire, int64 for Flower's sums
         return replies
 
     def site_bytes(self, round_key: str, node_id: int) -> dict[str, int]:

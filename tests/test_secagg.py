@@ -98,6 +98,7 @@ def test_secagg_mean_within_bound_and_masked_vectors_look_random(
     assert len(masked) == 3
     modulus = 2**32
     for vec in masked:
+        assert vec.dtype == np.uint32  # the narrow wire encoding (fedtune/masked_vector_codec.py)
         u = vec.astype(np.float64) / modulus
         assert vec.min() >= 0 and vec.max() < modulus
         assert abs(u.mean() - 0.5) < 0.03
