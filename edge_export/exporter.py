@@ -100,7 +100,9 @@ def export_bundle(
     info = read_run(run_dir)
     settings, meta = info["run"]["settings"], info["adapter_meta"]
     task, labels = meta["task"], meta.get("labels") or []
-    eval_file = Path(eval_path) if eval_path else (Path(settings["central-eval-path"]) if settings.get("central-eval-path") else None)
+    from fedtune.config import resolve_path
+
+    eval_file = Path(eval_path) if eval_path else (resolve_path(settings["central-eval-path"]) if settings.get("central-eval-path") else None)
     if eval_file is None:
         raise FedtuneError(f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data for the parity gate")
     if task == "seq-cls":

@@ -36,25 +36,32 @@ def _run(tmp_path: Path, overrides: dict[str, Any]) -> tuple[Path, list[tuple[st
               "local-steps": 16, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
               "lr-schedule": "constant", "val-fraction": 0.2, "central-eval-every": 1, **overrides}
     traffic.MESSAGE_OBSERVERS.append(observe)
+    before = _ray_pids()
     try:
         run_simulation(config, num_sites=2)
     finally:
         traffic.MESSAGE_OBSERVERS.remove(observe)
-    _assert_ray_stopped()
+    _assert_ray_stopped(before)
     return tmp_path / "runs" / "t", seen
 
 
-def _assert_ray_stopped() -> None:
-    """The Simulation Engine shut Ray down: no raylet or GCS process is left."""
+def _ray_pids() -> set[int]:
+    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def _assert_ray_stopped(before: set[int]) -> None:
+    """The Simulation Engine shut Ray down: no raylet or GCS process it started is left
+    (Ray processes that were running before the test, e.g. another job's, are ignored)."""
     import ray
 
     assert not ray.is_initialized()
     for _ in range(50):
-        left = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout.strip()
+        left = _ray_pids() - before
         if not left:
             break
         time.sleep(0.2)
-    assert left == "", f"Ray processes left behind: {left}"
+    assert not left, f"Ray processes left behind: {sorted(left)}"
 
 
 def _check_common(run_dir: Path, seen: list[tuple[str, str, list[tuple[int, ...]]]]) -> list[dict[str, Any]]:
