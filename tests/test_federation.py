@@ -5,6 +5,7 @@ falls, only adapter tensors travel, and saved rounds reload with identical logit
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections import Counter
@@ -46,13 +47,16 @@ def _run(tmp_path: Path, overrides: dict[str, Any]) -> tuple[Path, list[tuple[st
 
 
 def _ray_pids() -> set[int]:
-    out = subprocess.run(["pgrep", "-f", "raylet|gcs_server"], capture_output=True, text=True).stdout
-    return {int(p) for p in out.split()}
+    """raylet / GCS processes of Ray sessions this process started: Ray names a session
+    directory after the starting driver's PID (…/session_<date>_<n>_<pid>/), so another
+    job's Ray cluster on the same machine is not counted."""
+    out = subprocess.run(["pgrep", "-fa", "raylet|gcs_server"], capture_output=True, text=True).stdout
+    mine = f"_{os.getpid()}/"
+    return {int(line.split()[0]) for line in out.splitlines() if mine in line}
 
 
 def _assert_ray_stopped(before: set[int]) -> None:
-    """The Simulation Engine shut Ray down: no raylet or GCS process it started is left
-    (Ray processes that were running before the test, e.g. another job's, are ignored)."""
+    """The Simulation Engine shut Ray down: no raylet or GCS process it started is left."""
     import ray
 
     assert not ray.is_initialized()
