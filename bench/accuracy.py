@@ -18,11 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from central_baseline import train_and_evaluate_central  # noqa: E402
+from central_baseline import central_from_run_config  # noqa: E402
 from results import update_results  # noqa: E402
 
 from fedtune.config import resolve_path  # noqa: E402
-from fedtune.model import resolve_model_path  # noqa: E402
 from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
@@ -43,17 +42,11 @@ def main() -> None:
     if args.local_epochs:
         config["local-epochs"] = args.local_epochs
     total_epochs = config["num-rounds"] * config["local-epochs"]
-    labels = json.loads(resolve_path(config["labels-file"]).read_text())
     train_path, test_path = resolve_path(config["data-path"]), resolve_path(config["central-eval-path"])
 
     def central_run(group_by_length: bool) -> dict[str, float]:
         print(f"central ({'length-grouped' if group_by_length else 'plain'} batches): {total_epochs:g} epochs", flush=True)
-        result = train_and_evaluate_central(
-            resolve_model_path(config["model"]), train_path, test_path, labels, epochs=total_epochs,
-            lr=config["learning-rate"], batch_size=config["batch-size"], max_length=config["max-length"],
-            lora_r=config["lora-r"], lora_alpha=config["lora-alpha"], lora_dropout=config["lora-dropout"],
-            warmup_fraction=config["warmup-fraction"], seed=config["seed"], group_by_length=group_by_length,
-        )
+        result = central_from_run_config(config, group_by_length)
         print(f"central: {result}", flush=True)
         return result
 

@@ -106,3 +106,21 @@ def train_and_evaluate_central(
         "train_seconds": train_seconds,
         "wall_seconds": wall,
     }
+
+
+def central_from_run_config(config: dict, group_by_length: bool) -> dict[str, float]:
+    """The baseline with a fedtune run config's data, model, LoRA and optimiser settings,
+    for the federation's total epochs (num-rounds x local-epochs)."""
+    import json as _json
+
+    from fedtune.config import resolve_path
+    from fedtune.model import resolve_model_path
+
+    labels = _json.loads(resolve_path(config["labels-file"]).read_text())
+    return train_and_evaluate_central(
+        resolve_model_path(config["model"]), resolve_path(config["data-path"]), resolve_path(config["central-eval-path"]),
+        labels, epochs=config["num-rounds"] * config["local-epochs"], lr=config["learning-rate"],
+        batch_size=config["batch-size"], max_length=config["max-length"], lora_r=config["lora-r"],
+        lora_alpha=config["lora-alpha"], lora_dropout=config["lora-dropout"],
+        warmup_fraction=config["warmup-fraction"], seed=config["seed"], group_by_length=group_by_length,
+    )

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,6 +30,7 @@ from results import update_results  # noqa: E402
 
 from fedtune.deploy import (  # noqa: E402
     ManagedProcesses,
+    free_port,
     init_pki,
     register_site,
     run_command,
@@ -51,12 +51,6 @@ build_lora_model(sys.argv[1], "seq-cls", LoraSettings(), ["neg", "pos"], 0)
 t2 = time.perf_counter()
 print(json.dumps({"import": t1 - t0, "load": t2 - t1}))
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def tiny_workload(root: Path) -> dict[str, Path]:

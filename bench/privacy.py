@@ -31,12 +31,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from central_baseline import train_and_evaluate_central  # noqa: E402
+from central_baseline import central_from_run_config  # noqa: E402
 from results import update_results  # noqa: E402
 
 from client.test_hooks import AUDIT_ENV  # noqa: E402
 from fedtune.config import resolve_path  # noqa: E402
-from fedtune.model import resolve_model_path  # noqa: E402
 from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
@@ -117,15 +116,7 @@ def central_reference(config: dict[str, Any], path: Path) -> dict[str, Any]:
     if path.exists():
         saved = json.loads(path.read_text())
         return {**saved["plain"], "source": f"{path.name} from bench/accuracy.py ({saved.get('measured')})"}
-    labels = json.loads(resolve_path(config["labels-file"]).read_text())
-    result = train_and_evaluate_central(
-        resolve_model_path(config["model"]), resolve_path(config["data-path"]), resolve_path(config["central-eval-path"]),
-        labels, epochs=config["num-rounds"] * config["local-epochs"], lr=config["learning-rate"],
-        batch_size=config["batch-size"], max_length=config["max-length"], lora_r=config["lora-r"],
-        lora_alpha=config["lora-alpha"], lora_dropout=config["lora-dropout"],
-        warmup_fraction=config["warmup-fraction"], seed=config["seed"], group_by_length=False,
-    )
-    return {**result, "source": "trained by this run"}
+    return {**central_from_run_config(config, group_by_length=False), "source": "trained by this run"}
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,14 +34,9 @@ from results import update_results  # noqa: E402
 
 from edge_export.pull import pull  # noqa: E402
 from edge_export.signing import generate_keypair  # noqa: E402
+from fedtune.deploy import free_port, wait_for_port  # noqa: E402
 from fedtune.registry.publisher import publish  # noqa: E402
 from fedtune.tls import create_ca, issue  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def main() -> None:
@@ -67,18 +61,14 @@ def main() -> None:
         ca = (work / "pki" / "ca.pem").read_bytes()
         port = free_port()
         fedtune = Path(sys.executable).parent / "fedtune"
+        server_log = open(work / "registry.log", "wb")
         server = subprocess.Popen(
             [str(fedtune), "registry", "serve", "--store", str(work / "store"), "--address", f"127.0.0.1:{port}",
              "--cert", str(work / "pki/server.pem"), "--key", str(work / "pki/server.key"),
              "--token-file", str(work / "token"), "--trust-key", str(public)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
         address = f"127.0.0.1:{port}"
-        for _ in range(100):
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                time.sleep(0.2)
+        wait_for_port(port, server, work / "registry.log")
         publish(address, bundle, "banking77", "v1", "bench-token", ca)
         files = sorted(p for p in bundle.iterdir() if p.is_file())
         total = sum(p.stat().st_size for p in files)

@@ -59,6 +59,21 @@ def _check_name(name: str, bundle: Path) -> None:
         raise BundleError(f"{bundle / MANIFEST_FILE}: field 'files': unsafe file name {name!r}")
 
 
+def read_listed_files(bundle: Path, manifest: dict[str, Any]) -> dict[str, bytes]:
+    """Every file the manifest lists, read once and checked against its size and sha256."""
+    files: dict[str, bytes] = {}
+    for name, entry in manifest["files"].items():
+        _check_name(name, bundle)
+        try:
+            data = (bundle / name).read_bytes()
+        except FileNotFoundError:
+            raise BundleError(f"{bundle / name}: listed in the manifest but missing") from None
+        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
+            raise BundleError(f"{bundle / name}: sha256 does not match the signed manifest (file altered)")
+        files[name] = data
+    return files
+
+
 def verify_bundle(bundle_dir: str | Path, trusted_key: str | Path) -> VerifiedBundle:
     """Check the signature against `trusted_key`, then every listed file's size and
     sha256; return the manifest and the verified bytes. Raises BundleError."""
@@ -79,14 +94,5 @@ def verify_bundle(bundle_dir: str | Path, trusted_key: str | Path) -> VerifiedBu
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{bundle / MANIFEST_FILE}: field 'format': expected {BUNDLE_FORMAT!r}, "
                           f"got {manifest.get('format')!r}")
-    files: dict[str, bytes] = {}
-    for name, entry in manifest["files"].items():
-        _check_name(name, bundle)
-        try:
-            data = (bundle / name).read_bytes()
-        except FileNotFoundError:
-            raise BundleError(f"{bundle / name}: listed in the manifest but missing") from None
-        if len(data) != entry["bytes"] or sha256_bytes(data) != entry["sha256"]:
-            raise BundleError(f"{bundle / name}: sha256 does not match the signed manifest (file altered)")
-        files[name] = data
+    files = read_listed_files(bundle, manifest)
     return VerifiedBundle(bundle, manifest, files)

@@ -229,6 +229,13 @@ def _signal_group(pid: int, sig: int) -> None:
             pass
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: float = 60.0) -> None:
     """Wait until 127.0.0.1:port accepts connections; fail early if `proc` died."""
     deadline = time.time() + timeout

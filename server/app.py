@@ -93,13 +93,6 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     else:
         run_dir.write_json("run.json", {**metadata, "settings": settings.to_run_config(), "adapter": adapter_info})
         run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0}, ffa)
-    flower_strategy_box: list[Any] = []
-
-    def save_round(global_round: int, arrays: list[np.ndarray]) -> None:
-        folder = run_dir.round_dir(global_round)
-        run_dir.save_adapter(model, arrays, folder, {**metadata, "round": global_round}, ffa)
-        save_strategy_state(flower_strategy_box[0], folder)
-
     evaluate_fn = make_central_evaluator(
         settings,
         model,
@@ -115,7 +108,12 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
                 "run-id": f"{run_id}-{metadata['run_uid'][:12]}"}
 
     flower_strategy = build_strategy(settings, ndarrays_to_parameters(initial), evaluate_fn, fit_config, fit_config)
-    flower_strategy_box.append(flower_strategy)
+
+    def save_round(global_round: int, arrays: list[np.ndarray]) -> None:
+        folder = run_dir.round_dir(global_round)
+        run_dir.save_adapter(model, arrays, folder, {**metadata, "round": global_round}, ffa)
+        save_strategy_state(flower_strategy, folder)
+
     inner: Any = flower_strategy
     if settings.resume:
         restored = load_strategy_state(flower_strategy, run_dir.round_dir(done))

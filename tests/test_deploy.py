@@ -7,7 +7,6 @@ process the test starts is stopped by PID, also when it fails."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -20,17 +19,20 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from fedtune.deploy import ManagedProcesses, child_env, init_pki, register_site, run_command, site_keypair, wait_for_port
+from fedtune.deploy import (
+    ManagedProcesses,
+    child_env,
+    free_port,
+    init_pki,
+    register_site,
+    run_command,
+    site_keypair,
+    wait_for_port,
+)
 from fedtune.tls import create_ca
 
 REPO = Path(__file__).resolve().parent.parent
 FEDTUNE = str(Path(sys.executable).parent / "fedtune")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for_log(path: Path, needle: str, timeout: float = 60) -> None:
