@@ -2,14 +2,16 @@
 
 Variants, all at 2 threads on the Banking77 test split:
 - PyTorch fp32 eager (the merged model, transformers tokenizer): the baseline;
-- ONNX fp32 (optimum export);
-- fedtune's INT8 modes (onnxruntime dynamic quantisation; see edge_export/quantize.py);
+- ONNX fp32 (optimum export), before and after onnxruntime's transformer fusion;
+- fedtune's INT8 modes on the fused graph (onnxruntime dynamic quantisation; see
+  edge_export/quantize.py), and the default mode on the unfused graph, to show what fusion adds;
 - "optimum default": a plain optimum export quantised with optimum's own dynamic
   preset (`AutoQuantizationConfig.avx2(is_static=False, per_channel=False)`), the
   path a user would take instead.
 Every ONNX variant runs through the same device runtime code (onnxruntime +
-tokenizers), so the model file is the only difference. Each variant is timed in its
-own block, with ORT's idle spinning off.
+tokenizers, length-bucketed batches), so the model file is the only difference; one extra
+row runs the default INT8 model with each batch as a single padded tensor, like PyTorch. The variants take
+turns on every request (see `interleaved_latencies`), with ORT's idle spinning off.
 
     python bench/edge.py [--run-dir runs/<id>] [--latency-texts N] [--batches N]
 """
@@ -34,43 +36,47 @@ from demo_run import find_demo_run  # noqa: E402
 from results import update_results  # noqa: E402
 
 from edge_export.bundle import VerifiedBundle  # noqa: E402
-from edge_export.runtime import EdgeModel  # noqa: E402
+from edge_export.runtime import DEFAULT_BATCH_TOKENS, EdgeModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(__file__).resolve().parent / "_work"
 THREADS = 2
 
 
-def timed(fn: Callable[[], Any], repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+Predict = Callable[[Sequence[str]], np.ndarray]
 
 
-def measure(predict: Callable[[Sequence[str]], np.ndarray], texts: list[str], gold: np.ndarray,
-            latency_texts: list[str], batches: list[list[str]]) -> dict[str, float]:
-    """Accuracy on the whole split; batch-1 p50 and batch-32 median latency (seconds)."""
-    for text in latency_texts[:10]:
-        predict([text])  # warm-up
-    b1 = [timed(lambda t=t: predict([t]), 1)[0] for t in latency_texts]
-    b32 = [timed(lambda b=b: predict(b), 1)[0] for b in batches]
+def accuracy(predict: Predict, texts: list[str], gold: np.ndarray) -> float:
+    """Top-1 accuracy on the whole split, in batches of 64 texts of similar length."""
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     preds = np.empty(len(texts), dtype=np.int64)
     for start in range(0, len(order), 64):
         idx = order[start : start + 64]
         preds[idx] = predict([texts[i] for i in idx]).argmax(1)
-    return {"accuracy": float((preds == gold).mean()), "latency_b1_p50_ms": 1000 * statistics.median(b1),
-            "latency_b1_p90_ms": 1000 * float(np.percentile(b1, 90)), "latency_b32_ms": 1000 * statistics.median(b32)}
+    return float((preds == gold).mean())
+
+
+def interleaved_latencies(predictors: dict[str, Predict], requests: list[list[str]]) -> dict[str, list[float]]:
+    """Seconds per request for every variant, the variants taking turns on each request (in an
+    order rotated per request), so drift in the machine's speed hits every variant alike."""
+    names = list(predictors)
+    for request in requests[:5]:
+        for name in names:
+            predictors[name](request)  # warm-up
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for k, request in enumerate(requests):
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            start = time.perf_counter()
+            predictors[name](request)
+            out[name].append(time.perf_counter() - start)
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-dir", type=Path, help="a finished demo run (default: the newest one found)")
-    parser.add_argument("--latency-texts", type=int, default=300, help="batch-1 requests timed per variant")
-    parser.add_argument("--batches", type=int, default=30, help="batch-32 requests timed per variant")
+    parser.add_argument("--latency-texts", type=int, default=400, help="batch-1 requests timed per variant")
+    parser.add_argument("--batches", type=int, default=60, help="batch-32 requests timed per variant")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
@@ -79,6 +85,7 @@ def main() -> None:
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     from edge_export import quantize
+    from edge_export.graph_fusion import fuse_transformer_graph
     from edge_export.merge import merge_adapter
     from edge_export.onnx_export import export_onnx
     from fedtune.data import load_classification
@@ -99,11 +106,15 @@ def main() -> None:
     try:
         model, tokenizer = merge_adapter(run_dir / "final", work / "merged")
         fp32_onnx = export_onnx(work / "merged", work / "onnx", "seq-cls")
-        files = {"torch-fp32": work / "merged" / "model.safetensors", "onnx-fp32": fp32_onnx}
-        quant_info = {}
+        fused = work / "fused.onnx"
+        fusion = fuse_transformer_graph(fp32_onnx, fused, work / "merged" / "config.json")
+        print(f"graph fusion: {fusion}", flush=True)
+        files = {"torch-fp32": work / "merged" / "model.safetensors", "onnx-fp32": fp32_onnx, "onnx-fp32-fused": fused}
         for mode in quantize.MODES:
             files[f"int8-{mode}"] = work / f"int8-{mode}.onnx"
-            quant_info[mode] = quantize.quantize_int8(fp32_onnx, files[f"int8-{mode}"], mode)
+            quantize.quantize_int8(fused, files[f"int8-{mode}"], mode)
+        files[f"int8-{quantize.DEFAULT_MODE}-unfused"] = work / "int8-unfused.onnx"
+        quantize.quantize_int8(fp32_onnx, files[f"int8-{quantize.DEFAULT_MODE}-unfused"], quantize.DEFAULT_MODE)
         quantizer = ORTQuantizer.from_pretrained(str(work / "onnx"))
         quantizer.quantize(save_dir=str(work / "optimum-q"),
                            quantization_config=AutoQuantizationConfig.avx2(is_static=False, per_channel=False))
@@ -116,20 +127,29 @@ def main() -> None:
             enc = tokenizer(list(batch), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
             return model(**enc).logits.numpy()
 
-        print("timing torch-fp32", flush=True)
-        results["torch-fp32"] = measure(torch_predict, texts, gold, latency_texts, batches)
-        del model
         tokenizer_json = (work / "merged" / "tokenizer.json").read_bytes()
         manifest = {"task": "seq-cls", "labels": labels, "model_file": "model.onnx", "tokenizer_file": "tokenizer.json",
                     "runtime": {"max_length": max_length, "pad_token_id": int(tokenizer.pad_token_id or 0)}}
+        # The shipped default once more, every batch run as one padded tensor (no length buckets).
+        unbucketed = f"int8-{quantize.DEFAULT_MODE}-one-padded-batch"
+        files[unbucketed] = files[f"int8-{quantize.DEFAULT_MODE}"]
+        predictors: dict[str, Predict] = {"torch-fp32": torch_predict}
         for name, path in files.items():
-            if name == "torch-fp32":
-                continue
-            print(f"timing {name}", flush=True)
-            edge = EdgeModel(VerifiedBundle(work, manifest, {"model.onnx": path.read_bytes(),
-                                                             "tokenizer.json": tokenizer_json}), threads=THREADS)
-            results[name] = measure(edge.logits, texts, gold, latency_texts, batches)
-            del edge
+            if name != "torch-fp32":
+                predictors[name] = EdgeModel(
+                    VerifiedBundle(work, manifest, {"model.onnx": path.read_bytes(), "tokenizer.json": tokenizer_json}),
+                    threads=THREADS, batch_tokens=10**9 if name == unbucketed else DEFAULT_BATCH_TOKENS).logits
+        print(f"timing {len(predictors)} variants, interleaved: {len(latency_texts)} single queries", flush=True)
+        b1 = interleaved_latencies(predictors, [[t] for t in latency_texts])
+        print(f"timing {len(predictors)} variants, interleaved: {len(batches)} batches of 32", flush=True)
+        b32 = interleaved_latencies(predictors, batches)
+        for name, predict in predictors.items():
+            print(f"accuracy of {name}", flush=True)
+            results[name] = {"accuracy": accuracy(predict, texts, gold),
+                             "latency_b1_p50_ms": 1000 * statistics.median(b1[name]),
+                             "latency_b1_p90_ms": 1000 * float(np.percentile(b1[name], 90)),
+                             "latency_b32_ms": 1000 * statistics.median(b32[name])}
+        del predictors, model
         for name, path in files.items():
             results[name]["size_mb"] = path.stat().st_size / 1e6
             print(f"{name}: {json.dumps({k: round(v, 4) for k, v in results[name].items()})}", flush=True)
@@ -162,8 +182,12 @@ def main() -> None:
 
 The demo's federated MiniLM (run `{run_dir.name}`, LoRA merged), Banking77 test split ({len(texts):,} queries),
 {THREADS} threads. Latency is one request end to end (tokenise + model), p50 over {args.latency_texts} single queries
-and the median over {args.batches} batches of 32 random queries (padded to the longest). Size is the weights file
-(`model.safetensors` for PyTorch, `model.onnx` otherwise).
+and the median over {args.batches} batches of 32 random queries. Size is the weights file (`model.safetensors` for
+PyTorch, `model.onnx` otherwise). PyTorch runs each batch of 32 as one tensor padded to its longest query, as a
+plain transformers loop does. The device runtime splits a batch into length buckets of at most
+{DEFAULT_BATCH_TOKENS} padded tokens (`edge_export.runtime.length_buckets`): Banking77 queries average about 15
+tokens, while a random batch of 32 pads to about 43, so two thirds of a single padded tensor is padding. The row
+`{unbucketed}` is the shipped model run as one padded tensor, i.e. the kernels alone against PyTorch.
 
 | variant | size (MB) | / torch | b1 p50 (ms) | / torch | b32 (ms) | / torch | accuracy | drop (pt) |
 |---|---|---|---|---|---|---|---|---|
@@ -177,7 +201,9 @@ and the median over {args.batches} batches of 32 random queries (padded to the l
 | `int8_accuracy_drop_pt` | {keys['int8_accuracy_drop_pt']} | <= 0.5 |
 | `int8_over_optimum_default_latency_b1` | {keys['int8_over_optimum_default_latency_b1']} | |
 
-Default INT8 mode: `{quantize.DEFAULT_MODE}`. By this run's rule (fastest at batch 1 among modes losing at most
+Graph fusion (`edge_export/graph_fusion.py`, onnxruntime's transformer optimizer, before quantising):
+{', '.join(f'{op} x{n}' for op, n in fusion.get('fused_ops', {}).items()) or fusion['fusion']}.
+Default INT8 mode: `{quantize.DEFAULT_MODE}` on the fused graph. By this run's rule (fastest at batch 1 among modes losing at most
 0.5 pt) the best mode was `{best}`. "optimum default" is optimum's `ORTQuantizer` with
 `AutoQuantizationConfig.avx2(is_static=False, per_channel=False)` on the same fp32 export, run through the
 same runtime code.

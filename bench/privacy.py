@@ -14,6 +14,8 @@ read from `bench/_work/central.json` (written by that script; `make bench` runs 
 first) or trained here when the file is missing.
 
     python bench/privacy.py [--rounds R] [--local-epochs E] [--no-write]
+    python bench/privacy.py --resume STAMP     # finish an interrupted run
+    python bench/privacy.py --collect STAMP    # only rebuild the results of one
 """
 
 from __future__ import annotations
@@ -129,8 +131,13 @@ def main() -> None:
     parser.add_argument("--collect", metavar="STAMP", help="do not train: rebuild the results from the run folders "
                         "of an earlier (possibly interrupted) run, bench/_work/runs/privacy-STAMP-*; variants that "
                         "did not finish are reported as missing")
+    parser.add_argument("--resume", metavar="STAMP", help="finish an interrupted run: keep the variants of "
+                        "bench/_work/runs/privacy-STAMP-* that finished, run the others (a half-written run "
+                        "folder is moved aside first)")
     parser.add_argument("--work", type=Path, default=WORK, help="the bench work folder (with --collect)")
     args = parser.parse_args()
+    if args.collect and args.resume:
+        parser.error("--collect and --resume exclude each other")
 
     config = project_run_config()
     if args.rounds:
@@ -140,17 +147,21 @@ def main() -> None:
     for key in ("data-path", "labels-file", "central-eval-path"):
         config[key] = str(resolve_path(config[key]))
     work = args.work if args.collect else WORK
-    stamp = args.collect or time.strftime("%Y%m%d-%H%M%S")
+    stamp = args.collect or args.resume or time.strftime("%Y%m%d-%H%M%S")
     audit = work / f"audit-{stamp}"
 
     central = central_reference(config, work / "central.json" if args.collect else args.central_json)
     runs: dict[str, dict[str, Any]] = {}
+    resumed: list[str] = []
     for name in VARIANTS:
-        if args.collect:
-            run_dir = work / "runs" / f"privacy-{stamp}-{name}"
-            if (run_dir / "summary.json").exists():
-                runs[name] = read_variant(run_dir)
-        else:
+        run_dir = work / "runs" / f"privacy-{stamp}-{name}"
+        if (args.collect or args.resume) and (run_dir / "summary.json").exists():
+            runs[name] = read_variant(run_dir)
+        elif not args.collect:
+            if run_dir.exists():
+                run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
+            if args.resume:
+                resumed.append(name)
             runs[name] = run_variant(name, config, args.sites, stamp, audit if name == "plain" else None)
     missing = [name for name in VARIANTS if name not in runs]
     last = runs["plain"]["rounds"]
@@ -210,6 +221,12 @@ layers was {plain_error[0]:.4f} after round 1 and {plain_error[-1]:.4f} after ro
 sites' own adapters, written locally by the audit hook). With FFA-LoRA A is shared and frozen, so the
 error is zero up to SecAgg+'s quantisation (`tests/test_ffa_lora.py` checks it exactly).
 """
+    if resumed:
+        md += (f"\nThis run was interrupted and finished with `--resume {stamp}`: {', '.join(resumed)} ran in the "
+               f"second process ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}), the other variants in the "
+               f"first. " + ("`secagg_over_plain_round_time` compares runs from different processes.\n"
+                             if len({"secagg", "plain"} & set(resumed)) == 1 else
+                             "`secagg_over_plain_round_time` compares two runs from the same process.\n"))
     if missing:
         md += (f"\nNot measured in this run: {', '.join(missing)} (the run was stopped before these variants "
                f"finished; results rebuilt from its run folders with `--collect {stamp}`).\n")

@@ -1,6 +1,6 @@
 """`fedtune export`: a run folder's final adapter to a signed INT8 ONNX bundle.
 
-merge (fp32) -> ONNX (optimum) -> INT8 (onnxruntime) -> parity gate on held-out data
+merge (fp32) -> ONNX (optimum) -> fused graph + INT8 (onnxruntime) -> parity gate on held-out data
 -> tokenizer + manifest (provenance, privacy, metrics, hashes) -> Ed25519 signature.
 The bundle is built in a temporary folder beside the target and renamed into place
 only when it passed the gate and is signed, so a failed export writes nothing.
@@ -88,7 +88,7 @@ def export_bundle(
     limit: int | None = None, opset: int | None = None, threads: int | None = None,
 ) -> dict[str, Any]:
     """Build, gate, sign and write the bundle; returns the manifest."""
-    from edge_export import merge, onnx_export, parity, quantize
+    from edge_export import graph_fusion, merge, onnx_export, parity, quantize
     from edge_export.runtime import EdgeModel
     from fedtune.data import load_classification, load_completions
     from fedtune.model import resolve_model_path
@@ -122,8 +122,9 @@ def export_bundle(
         model, tokenizer = merge.merge_adapter(run_dir / "final", work / "merged")
         log.info("[2/5] exporting ONNX with optimum (%s)", onnx_export.ONNX_TASKS[task])
         fp32_path = onnx_export.export_onnx(work / "merged", work / "onnx", task, opset)
-        log.info("[3/5] quantising to INT8 (%s)", mode)
-        quant = quantize.quantize_int8(fp32_path, staging / "model.onnx", mode)
+        log.info("[3/5] fusing the graph and quantising to INT8 (%s)", mode)
+        fusion = graph_fusion.fuse_transformer_graph(fp32_path, work / "fused.onnx", work / "merged" / "config.json")
+        quant = {**quantize.quantize_int8(work / "fused.onnx", staging / "model.onnx", mode), **fusion}
         quant["opset"] = onnx_export.opset_of(staging / "model.onnx")
         for name in TOKENIZER_FILES:
             if (work / "merged" / name).exists():

@@ -1,8 +1,9 @@
 """The device runtime: load a verified bundle and run it with onnxruntime and
 `tokenizers` alone (no torch, no transformers).
 
-seq-cls returns the label and the class probabilities; causal-lm generates greedily,
-feeding the KV cache back as the exported model's `past_key_values.*` inputs.
+seq-cls returns the label and the class probabilities; a batch is split into length
+buckets (`length_buckets`) so short queries are not padded to the longest one. causal-lm
+generates greedily, feeding the KV cache back as the exported model's `past_key_values.*` inputs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import onnxruntime as ort
-from tokenizers import Tokenizer
+from tokenizers import Encoding, Tokenizer
 
 from edge_export.bundle import BundleError, VerifiedBundle, verify_bundle
 
@@ -44,11 +45,29 @@ def load_tokenizer(data: bytes, max_length: int) -> Tokenizer:
     return tokenizer
 
 
+DEFAULT_BATCH_TOKENS = 256
+
+
+def length_buckets(lengths: Sequence[int], max_tokens: int = DEFAULT_BATCH_TOKENS) -> list[list[int]]:
+    """Indices grouped by length so that each group's padded size (rows x longest) stays within
+    `max_tokens`; a text longer than the budget gets a group of its own. Shortest first."""
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 class EdgeModel:
     """A verified bundle, ready to run."""
 
-    def __init__(self, bundle: VerifiedBundle, threads: int | None = None) -> None:
+    def __init__(self, bundle: VerifiedBundle, threads: int | None = None,
+                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> None:
         self.bundle = bundle
+        self.batch_tokens = batch_tokens
         self.manifest = bundle.manifest
         self.task: str = self.manifest["task"]
         self.labels: list[str] = list(self.manifest.get("labels") or [])
@@ -73,7 +92,9 @@ class EdgeModel:
     # ---- seq-cls -------------------------------------------------------------------
     def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
         """Token ids, attention mask (and token types) padded to the longest text."""
-        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        return self._feeds(self.tokenizer.encode_batch(list(texts), add_special_tokens=True))
+
+    def _feeds(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
         width = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)
@@ -86,9 +107,18 @@ class EdgeModel:
         return {name: feeds[name] for name in self.input_names if name in feeds}
 
     def logits(self, texts: Sequence[str]) -> np.ndarray:
-        """Raw class logits, shape (len(texts), num_labels)."""
+        """Raw class logits, shape (len(texts), num_labels), in the order of `texts`.
+
+        The texts run in length buckets of at most `batch_tokens` padded tokens each."""
         self._require("seq-cls")
-        return self.session.run(["logits"], self.encode(texts))[0]
+        encodings = self.tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        out: np.ndarray | None = None
+        for group in length_buckets([len(e.ids) for e in encodings], self.batch_tokens):
+            logits = self.session.run(["logits"], self._feeds([encodings[i] for i in group]))[0]
+            if out is None:
+                out = np.empty((len(encodings), logits.shape[1]), dtype=logits.dtype)
+            out[group] = logits
+        return out if out is not None else np.empty((0, len(self.labels)), dtype=np.float32)
 
     def classify(self, texts: Sequence[str]) -> list[Prediction]:
         logits = self.logits(texts).astype(np.float64)

@@ -52,6 +52,10 @@ def test_bert_bundle_int8_parity_manifest_and_prediction(bert_bundle: tuple[Path
 
     graph = onnx.load(str(bundle / "model.onnx")).graph
     assert any(n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
+    # Fused before quantising: attention runs as one INT8 QAttention kernel per layer.
+    assert manifest["quantization"]["fusion"] == "onnxruntime.transformers bert"
+    attention = [n for n in graph.node if n.op_type == "QAttention"]
+    assert attention and manifest["quantization"]["fused_ops"].get("Attention") == len(attention)
     # The device runtime verifies, loads and predicts a label from the set.
     model = EdgeModel.load(bundle, keys["public"], threads=1)
     preds = model.classify(["good great", "awful terrible"])
@@ -194,3 +198,29 @@ def test_llama_bundle_kv_cache_generation_matches_pytorch(llama_bundle: tuple[Pa
     # The INT8 bundle generates too.
     assert isinstance(EdgeModel.load(bundle, keys["public"]).generate(prompts[0], 8), str)
     np.testing.assert_array_equal(np.array(manifest["runtime"]["eos_token_ids"]), [tokenizer.eos_token_id])
+
+
+def test_length_buckets_cover_every_text_once_within_the_token_budget() -> None:
+    from edge_export.runtime import length_buckets
+
+    lengths = [5, 40, 7, 300, 12, 6, 9, 40, 3, 18]
+    groups = length_buckets(lengths, max_tokens=64)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    for group in groups:
+        assert len(group) == 1 or len(group) * max(lengths[i] for i in group) <= 64
+    flat = [lengths[i] for g in groups for i in g]
+    assert flat == sorted(lengths)  # shortest first, so neighbours share a padded width
+    assert any(g == [lengths.index(300)] for g in groups)  # over budget: alone
+
+
+def test_bucketed_batch_matches_each_text_alone(bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path]) -> None:
+    _, bundle, _ = bert_bundle
+    texts = ["good", "awful terrible service " * 6, "great", "bad bad " * 10, "fine thanks"]
+    model = EdgeModel.load(bundle, keys["public"], threads=1)
+    model.batch_tokens = 16  # force several buckets for these five texts
+    batched = model.logits(texts)
+    alone = np.concatenate([model.logits([t]) for t in texts])
+    assert batched.shape == (len(texts), len(model.labels))
+    # Same rows in the caller's order (INT8 activations are quantised per batch, hence the tolerance).
+    np.testing.assert_allclose(batched, alone, atol=0.05)
+    assert (batched.argmax(1) == alone.argmax(1)).all()
