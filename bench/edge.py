@@ -185,7 +185,7 @@ The demo's federated MiniLM (run `{run_dir.name}`, LoRA merged), Banking77 test 
 and the median over {args.batches} batches of 32 random queries. Size is the weights file (`model.safetensors` for
 PyTorch, `model.onnx` otherwise). PyTorch runs each batch of 32 as one tensor padded to its longest query, as a
 plain transformers loop does. The device runtime splits a batch into length buckets of at most
-{DEFAULT_BATCH_TOKENS} padded tokens (`edge_export.runtime.length_buckets`): Banking77 queries average about 15
+{DEFAULT_BATCH_TOKENS} padded tokens (`fedtune.length_buckets`): Banking77 queries average about 15
 tokens, while a random batch of 32 pads to about 43, so two thirds of a single padded tensor is padding. The row
 `{unbucketed}` is the shipped model run as one padded tensor, i.e. the kernels alone against PyTorch.
 

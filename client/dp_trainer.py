@@ -35,13 +35,15 @@ from client.trainer import (
     training_loss,
 )
 from fedtune.config import RunSettings
-from fedtune.encoding import Encoder
+from fedtune.encoding import Encoder, example_lengths
 from fedtune.errors import ConfigError
+from fedtune.length_buckets import length_buckets
 from fedtune.schedule import round_progress
 
 log = logging.getLogger("fedtune.site")
 STATE_KEY = "fedtune.dp"
 History = list[tuple[float, float, int]]
+PHYSICAL_BATCH_TOKENS = 512  # padded tokens per forward pass inside one DP-SGD step
 
 
 @dataclass(frozen=True)
@@ -89,6 +91,29 @@ def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps:
                                       sample_rate=sample_rate, steps=total_steps, accountant="rdp"))
 
 
+def dp_step(gsm: GradSampleModule, optimizer: DPOptimizer, encoder: Encoder, idx: list[int], lengths: list[int],
+            logit_mask: torch.Tensor | None, device: torch.device) -> float:
+    """One DP-SGD step over the Poisson batch `idx`; returns its mean loss.
+
+    The batch runs as physical batches of similar length (`fedtune.length_buckets`), so short
+    examples are not padded to the longest one. Per-example clipping makes this exact: each
+    physical batch's clipped per-example gradients are summed (Opacus' skipped steps), and
+    noise is added and the sum scaled once, at the last physical batch.
+    """
+    groups = length_buckets([lengths[i] for i in idx], PHYSICAL_BATCH_TOKENS)
+    total = 0.0
+    for k, group in enumerate(groups):
+        rows = [idx[j] for j in group]
+        batch = {key: value.to(device) for key, value in encoder.batch(rows).items()}
+        loss = training_loss(gsm, batch, logit_mask, device)
+        loss.backward()
+        total += float(loss.detach()) * len(rows)
+        optimizer.signal_skip_step(do_skip=k + 1 < len(groups))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return total / len(idx)
+
+
 def train_local_dp(
     model: PeftModel,
     encoder: Encoder,
@@ -118,6 +143,7 @@ def train_local_dp(
     accountant.history = list(history)
     logit_mask = absent_label_mask(work, encoder, device) if settings.restricted_softmax else None
     rng = np.random.default_rng(seed)
+    lengths = example_lengths(encoder)
     losses: list[float] = []
     try:
         for step in range(steps):
@@ -126,12 +152,7 @@ def train_local_dp(
             accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
             if not idx:
                 continue  # an empty draw: skipping it spends less privacy than accounted
-            batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
-            loss = training_loss(gsm, batch, logit_mask, device)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(float(loss.detach()))
+            losses.append(dp_step(gsm, optimizer, encoder, idx, lengths, logit_mask, device))
     finally:
         gsm.remove_hooks()
     with torch.no_grad():

@@ -2,7 +2,7 @@
 `tokenizers` alone (no torch, no transformers).
 
 seq-cls returns the label and the class probabilities; a batch is split into length
-buckets (`length_buckets`) so short queries are not padded to the longest one. causal-lm
+buckets (`fedtune.length_buckets`) so short queries are not padded to the longest one. causal-lm
 generates greedily, feeding the KV cache back as the exported model's `past_key_values.*` inputs.
 """
 
@@ -18,6 +18,7 @@ import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
 from edge_export.bundle import BundleError, VerifiedBundle, verify_bundle
+from fedtune.length_buckets import length_buckets
 
 
 @dataclass(frozen=True)
@@ -46,19 +47,6 @@ def load_tokenizer(data: bytes, max_length: int) -> Tokenizer:
 
 
 DEFAULT_BATCH_TOKENS = 256
-
-
-def length_buckets(lengths: Sequence[int], max_tokens: int = DEFAULT_BATCH_TOKENS) -> list[list[int]]:
-    """Indices grouped by length so that each group's padded size (rows x longest) stays within
-    `max_tokens`; a text longer than the budget gets a group of its own. Shortest first."""
-    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    groups: list[list[int]] = []
-    for i in order:
-        if groups and (len(groups[-1]) + 1) * lengths[i] <= max_tokens:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    return groups
 
 
 class EdgeModel:

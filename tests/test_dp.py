@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from opacus.accountants import RDPAccountant
 
 from fedtune.simulation import project_run_config, run_simulation
@@ -45,3 +46,58 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir:
     assert summary["central"] is not None  # the final adapter was still evaluated
     report = (run_dir / "report.md").read_text()
     assert "worst site epsilon" in report and f"of budget {budget}" in report
+
+
+def test_dp_step_in_length_buckets_equals_one_padded_batch(tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Splitting a Poisson batch into physical batches of similar length changes nothing:
+    per-example clipping sees the same per-example gradients, and noise is added once."""
+    import copy
+
+    from opacus import GradSampleModule
+    from opacus.optimizers import DPOptimizer
+    from transformers import AutoTokenizer
+
+    from client import dp_trainer
+    from fedtune.data import ClassificationExample
+    from fedtune.encoding import ClassificationEncoder, example_lengths
+    from fedtune.model import LoraSettings, build_lora_model
+
+    texts = ["good", "bad " * 20, "great great", "awful " * 9, "fine", "terrible " * 14]
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_bert_dir))
+    encoder = ClassificationEncoder(tokenizer, [ClassificationExample(t, i % 2) for i, t in enumerate(texts)], 64)
+    lengths = example_lengths(encoder)
+    base = build_lora_model(str(tiny_bert_dir), "seq-cls", LoraSettings(r=4, alpha=8, dropout=0.0), ["neg", "pos"])
+    for module in base.modules():  # no dropout, so both runs see the same function (Opacus needs train mode)
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if hasattr(module, "dropout_prob"):  # SDPA attention takes its dropout as a float
+            module.dropout_prob = 0.0
+    base.train()
+
+    def one_step(budget: int) -> tuple[dict[str, torch.Tensor], float]:
+        monkeypatch.setattr(dp_trainer, "PHYSICAL_BATCH_TOKENS", budget)
+        model = copy.deepcopy(base)
+        params = [p for p in model.parameters() if p.requires_grad]
+        gsm = GradSampleModule(model)
+        optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05,
+                                expected_batch_size=len(texts))
+        loss = dp_trainer.dp_step(gsm, optimizer, encoder, list(range(len(texts))), lengths, None, torch.device("cpu"))
+        gsm.remove_hooks()
+        return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, loss
+
+    assert len(length_buckets_of(lengths, 40)) > 2  # the split run really uses several passes
+    split, split_loss = one_step(40)
+    whole, whole_loss = one_step(10**9)
+    assert split_loss == pytest.approx(whole_loss, rel=1e-5)
+    start = dict(base.named_parameters())
+    d_split = torch.cat([(split[n] - start[n]).flatten() for n in whole])
+    d_whole = torch.cat([(whole[n] - start[n]).flatten() for n in whole])
+    assert float(d_whole.norm()) > 0  # the step did update the adapter
+    # Same update up to float rounding (a wrong scale, e.g. dividing by the number of passes, is off by 50 %+).
+    assert float((d_split - d_whole).norm() / d_whole.norm()) < 1e-4
+
+
+def length_buckets_of(lengths: list[int], budget: int) -> list[list[int]]:
+    from fedtune.length_buckets import length_buckets
+
+    return length_buckets(lengths, budget)

@@ -201,7 +201,7 @@ def test_llama_bundle_kv_cache_generation_matches_pytorch(llama_bundle: tuple[Pa
 
 
 def test_length_buckets_cover_every_text_once_within_the_token_budget() -> None:
-    from edge_export.runtime import length_buckets
+    from fedtune.length_buckets import length_buckets
 
     lengths = [5, 40, 7, 300, 12, 6, 9, 40, 3, 18]
     groups = length_buckets(lengths, max_tokens=64)
