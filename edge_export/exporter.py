@@ -90,6 +90,7 @@ def export_bundle(
     """Build, gate, sign and write the bundle; returns the manifest."""
     from edge_export import graph_fusion, merge, onnx_export, parity, quantize
     from edge_export.runtime import EdgeModel
+    from fedtune.config import resolve_path
     from fedtune.data import load_classification, load_completions
     from fedtune.model import resolve_model_path
 
@@ -100,8 +101,6 @@ def export_bundle(
     info = read_run(run_dir)
     settings, meta = info["run"]["settings"], info["adapter_meta"]
     task, labels = meta["task"], meta.get("labels") or []
-    from fedtune.config import resolve_path
-
     eval_file = Path(eval_path) if eval_path else (resolve_path(settings["central-eval-path"]) if settings.get("central-eval-path") else None)
     if eval_file is None:
         raise FedtuneError(f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data for the parity gate")

@@ -78,11 +78,8 @@ class EdgeModel:
         return cls(verify_bundle(bundle_dir, trusted_key), threads)
 
     # ---- seq-cls -------------------------------------------------------------------
-    def encode(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
-        """Token ids, attention mask (and token types) padded to the longest text."""
-        return self._feeds(self.tokenizer.encode_batch(list(texts), add_special_tokens=True))
-
     def _feeds(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray]:
+        """Token ids, attention mask (and token types) padded to the longest encoding."""
         width = max(len(e.ids) for e in encodings)
         ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
         mask = np.zeros((len(encodings), width), dtype=np.int64)

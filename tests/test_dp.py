@@ -10,6 +10,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 
+from fedtune.length_buckets import length_buckets
 from fedtune.simulation import project_run_config, run_simulation
 
 NOISE, BATCH, STEPS, DELTA = 1.0, 16, 4, 1e-5
@@ -85,7 +86,7 @@ def test_dp_step_in_length_buckets_equals_one_padded_batch(tiny_bert_dir: Path, 
         gsm.remove_hooks()
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, loss
 
-    assert len(length_buckets_of(lengths, 40)) > 2  # the split run really uses several passes
+    assert len(length_buckets(lengths, 40)) > 2  # the split run really uses several passes
     split, split_loss = one_step(40)
     whole, whole_loss = one_step(10**9)
     assert split_loss == pytest.approx(whole_loss, rel=1e-5)
@@ -96,8 +97,3 @@ def test_dp_step_in_length_buckets_equals_one_padded_batch(tiny_bert_dir: Path, 
     # Same update up to float rounding (a wrong scale, e.g. dividing by the number of passes, is off by 50 %+).
     assert float((d_split - d_whole).norm() / d_whole.norm()) < 1e-4
 
-
-def length_buckets_of(lengths: list[int], budget: int) -> list[list[int]]:
-    from fedtune.length_buckets import length_buckets
-
-    return length_buckets(lengths, budget)
