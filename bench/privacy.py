@@ -1,13 +1,14 @@
 """What privacy costs on the demo workload, in one process so the ratios are fair.
 
-Five federations on the demo setting (Banking77, 3 non-IID sites, MiniLM + LoRA r=8),
+Six federations on the demo setting (Banking77, 3 non-IID sites, MiniLM + LoRA r=8),
 one after another:
 
-    plain       SecAgg+ off, plain FedAvg over A and B (per-site adapters audited locally)
-    secagg      SecAgg+ on (the demo default)
-    ffa-secagg  FFA-LoRA under SecAgg+
-    dp-eps8     SecAgg+ and DP-SGD at each site, target (8, 1e-5) over the whole run
-    dp-eps1     SecAgg+ and DP-SGD at each site, target (1, 1e-5)
+    plain            SecAgg+ off, plain FedAvg over A and B (per-site adapters audited locally)
+    secagg           SecAgg+ on (the demo default)
+    ffa-full-head    FFA-LoRA under SecAgg+, the paper's recipe: B and the full head travel
+    ffa-secagg       FFA-LoRA under SecAgg+ with a low-rank head (ffa-head-rank): only B, B_h travel
+    dp-eps8          SecAgg+, FFA-LoRA (low-rank head) and DP-SGD at each site, target (8, 1e-5)
+    dp-eps1          the same at target (1, 1e-5)
 
 The central reference is the plain peft + transformers baseline of `bench/accuracy.py`,
 read from `bench/_work/central.json` (written by that script; `make bench` runs it
@@ -42,12 +43,19 @@ from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 DELTA = 1e-5
+DP_BATCH, DP_LR = 256, 0.01
+HEAD_RANK = 128
+FFA = {"secagg": True, "ffa-lora": True, "ffa-head-rank": HEAD_RANK}
+# DP-SGD wants large logical batches (noise on the mean gradient falls as 1/batch) and few
+# noisy coordinates: FFA-LoRA with the low-rank head trains 46,720 values instead of 103,373.
+DP = {**FFA, "dp": True, "dp-batch-size": DP_BATCH, "dp-learning-rate": DP_LR, "dp-delta": DELTA}
 VARIANTS: dict[str, dict[str, Any]] = {
     "plain": {"secagg": False},
     "secagg": {"secagg": True},
-    "ffa-secagg": {"secagg": True, "ffa-lora": True},
-    "dp-eps8": {"secagg": True, "dp": True, "dp-target-epsilon": 8.0, "dp-delta": DELTA},
-    "dp-eps1": {"secagg": True, "dp": True, "dp-target-epsilon": 1.0, "dp-delta": DELTA},
+    "ffa-full-head": {"secagg": True, "ffa-lora": True},
+    "ffa-secagg": FFA,
+    "dp-eps8": {**DP, "dp-target-epsilon": 8.0},
+    "dp-eps1": {**DP, "dp-target-epsilon": 1.0},
 }
 
 
@@ -177,6 +185,10 @@ def main() -> None:
                                          / r["plain"]["round_seconds_median"], 3),
         "ffa_over_lora_upload_bytes": (("ffa-secagg", "secagg"), lambda: r["ffa-secagg"]["upload_bytes_per_site_round"]
                                        / r["secagg"]["upload_bytes_per_site_round"], 4),
+        "ffa_full_head_secagg_over_central_accuracy": (("ffa-full-head",), lambda: r["ffa-full-head"]["accuracy"]
+                                                       / central["accuracy"], 4),
+        "ffa_full_head_over_lora_upload_bytes": (("ffa-full-head", "secagg"), lambda: r["ffa-full-head"][
+            "upload_bytes_per_site_round"] / r["secagg"]["upload_bytes_per_site_round"], 4),
         "plain_fedavg_delta_w_relative_error": (("plain",), lambda: plain_error[-1], 5),
     }
     keys = {k: round(fn(), digits) for k, (needs, fn, digits) in candidates.items() if all(n in runs for n in needs)}
@@ -199,8 +211,12 @@ def main() -> None:
 Banking77 test split, {args.sites} sites, Dirichlet alpha={config['dirichlet-alpha']}, {config['num-rounds']} rounds x
 {config['local-epochs']:g} local epochs, MiniLM + LoRA r={config['lora-r']}, the demo's FedAvg recipe. Central reference:
 plain peft + transformers on all training data, accuracy {central['accuracy']:.4f} ({central['source']}).
-DP runs: DP-SGD at each site (Opacus, per-example clip {config['dp-max-grad-norm']}, Poisson sampling), noise set
-so that each site spends its target epsilon over the whole run at delta = {DELTA:g}; epsilon column = worst site's.
+`ffa-secagg` is FFA-LoRA with `ffa-head-rank = {HEAD_RANK}`: the 77-way head is B_h A_h with A_h frozen at the
+shared seed like every other A, so only B and B_h travel; `ffa-full-head` is the paper's recipe, where the
+whole head (29,645 of LoRA's 103,373 values) travels and caps FFA's saving at 36 %.
+DP runs: DP-SGD at each site (Opacus, per-example clip {config['dp-max-grad-norm']}, Poisson sampling) on the
+`ffa-secagg` model, expected batch {DP_BATCH} (`dp-batch-size`), peak LR {DP_LR} (`dp-learning-rate`); noise set so
+that each site spends its target epsilon over the whole run at delta = {DELTA:g}; epsilon column = worst site's.
 
 | run | test accuracy | / central | macro-F1 | epsilon | median round (s) | upload B/site/round | rounds |
 |---|---|---|---|---|---|---|---|
@@ -213,7 +229,7 @@ so that each site spends its target epsilon over the whole run at delta = {DELTA
 Round time is the median over rounds of the coordinator's wall time per round (training, SecAgg+ stages,
 per-site evaluation). Upload counts every byte a site sends in a training round (under SecAgg+: its
 public keys, encrypted shares, masked vector and unmasking shares), as protobuf on the wire;
-`ffa_over_lora_upload_bytes` compares the two SecAgg+ runs.
+`ffa_over_lora_upload_bytes` compares `ffa-secagg` with `secagg`, both under SecAgg+.
 
 Why FFA-LoRA: plain FedAvg averages A and B separately, and avg(B) avg(A) is not avg(B A). In the
 `plain` run, the relative Frobenius error ||avg(B) avg(A) - avg(B A)|| / ||avg(B A)|| over all LoRA

@@ -11,6 +11,7 @@ the coordinator resumes after a crash keeps counting from what the site already 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -91,6 +92,17 @@ def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps:
                                       sample_rate=sample_rate, steps=total_steps, accountant="rdp"))
 
 
+def dp_recipe(settings: RunSettings) -> RunSettings:
+    """The settings DP-SGD trains with: `dp-batch-size` and `dp-learning-rate` in place
+    of `batch-size` and `learning-rate` where set. DP-SGD wants larger logical batches
+    than plain training: the noise on the mean gradient falls as 1/batch."""
+    return dataclasses.replace(
+        settings,
+        batch_size=settings.dp_batch_size or settings.batch_size,
+        learning_rate=settings.dp_learning_rate or settings.learning_rate,
+    )
+
+
 def dp_step(gsm: GradSampleModule, optimizer: DPOptimizer, encoder: Encoder, idx: list[int], lengths: list[int],
             logit_mask: torch.Tensor | None, device: torch.device) -> float:
     """One DP-SGD step over the Poisson batch `idx`; returns its mean loss.
@@ -127,6 +139,7 @@ def train_local_dp(
     """One round of DP-SGD on a private copy of the model; returns the trained copy's
     result, the updated accountant history and the ε report. The caller reads the
     adapter from `model`, which is updated in place from the copy."""
+    settings = dp_recipe(settings)
     n = len(encoder)
     steps = steps_for_round(settings, n)
     sample_rate = min(1.0, settings.batch_size / n)

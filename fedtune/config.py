@@ -46,6 +46,7 @@ class RunSettings:
     lora_dropout: float = 0.05
     lora_target_modules: str = ""
     ffa_lora: bool = False
+    ffa_head_rank: int = 0
     local_epochs: float = 1.0
     local_steps: int = 0
     batch_size: int = 32
@@ -70,6 +71,8 @@ class RunSettings:
     dp_target_epsilon: float = 0.0
     dp_delta: float = 1e-5
     dp_max_grad_norm: float = 1.0
+    dp_batch_size: int = 0
+    dp_learning_rate: float = 0.0
     dp_epsilon_budget: float = 0.0
     secagg: bool = True
     secagg_clipping_range: float = 4.0
@@ -119,6 +122,10 @@ class RunSettings:
         ):
             if value < 1:
                 raise ConfigError(key, f"must be at least 1, got {value}")
+        if self.ffa_head_rank < 0:
+            raise ConfigError("ffa-head-rank", f"must be 0 (full head) or a rank >= 1, got {self.ffa_head_rank}")
+        if self.ffa_head_rank and not (self.ffa_lora and self.task == "seq-cls"):
+            raise ConfigError("ffa-head-rank", "applies to seq-cls runs with ffa-lora = true")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val-fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.dirichlet_alpha <= 0:
@@ -127,6 +134,10 @@ class RunSettings:
             raise ConfigError("resume", "needs run-name: the run folder to continue")
         if self.local_steps <= 0 and self.local_epochs <= 0:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
+        if self.dp_batch_size < 0:
+            raise ConfigError("dp-batch-size", f"must be 0 (use batch-size) or at least 1, got {self.dp_batch_size}")
+        if self.dp_learning_rate < 0:
+            raise ConfigError("dp-learning-rate", f"must be 0 (use learning-rate) or > 0, got {self.dp_learning_rate}")
         if self.learning_rate <= 0:
             raise ConfigError("learning-rate", f"must be > 0, got {self.learning_rate}")
         if not 0.0 < self.secagg_num_shares <= 1.0:
@@ -143,7 +154,8 @@ class RunSettings:
         """The LoRA part of the settings, as the model builder takes it."""
         from fedtune.model import LoraSettings
 
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules()), self.ffa_lora)
+        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules()), self.ffa_lora,
+                            self.ffa_head_rank)
 
     def target_modules(self) -> list[str]:
         """The configured LoRA target modules, or [] for the architecture default."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -45,6 +46,11 @@ class LoraSettings:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ()
     freeze_a: bool = False  # FFA-LoRA: A stays at its seeded initialisation
+    head_rank: int = 0  # > 0 (with freeze_a): the seq-cls head is B_h A_h, A_h frozen too (`head_module`)
+
+
+# Names of a sequence-classification head that is one Linear layer (BERT, Llama, GPT-2, ...).
+_LINEAR_HEAD_NAMES = ("classifier", "score")
 
 
 def resolve_model_path(model: str) -> str:
@@ -91,9 +97,56 @@ def load_base_model(model: str, task: str, labels: Sequence[str] = ()) -> PreTra
     return base
 
 
-def lora_config(model_type: str, task: str, lora: LoraSettings) -> LoraConfig:
-    """The peft LoraConfig; for seq-cls peft adds the classifier head to modules_to_save."""
+def head_module(base: PreTrainedModel) -> str:
+    """The name of a seq-cls model's head when it is one Linear layer; a ConfigError for
+    heads with hidden layers (RoBERTa, DistilBERT), whose fresh layers a low-rank head
+    would leave at random."""
+    for name in _LINEAR_HEAD_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Linear):
+            return name
+    kind = type(getattr(base, "classifier", None) or getattr(base, "score", None)).__name__
+    raise ConfigError(
+        "ffa-head-rank",
+        f"needs a classification head that is one Linear layer ('classifier' or 'score'); "
+        f"{base.config.model_type} has {kind}: set ffa-head-rank = 0",
+    )
+
+
+def low_rank_head_alpha(in_features: int) -> float:
+    """LoRA alpha for a low-rank head: scale sqrt(3) d / r, so that an Adam step on B_h
+    moves the logits about as far as a step on a full d-wide head (peft's A is
+    kaiming-uniform, std 1/sqrt(3 d)). In a one-epoch probe on 3,000 Banking77 examples
+    (MiniLM, rank 128) the full head reached 0.56 test accuracy, this scale 0.55, and
+    scale 1 (alpha = r) only 0.25."""
+    return math.sqrt(3.0) * in_features
+
+
+def zero_head(base: PreTrainedModel) -> None:
+    """Zero the base head before a low-rank head is put on it, so the head is exactly
+    B_h A_h everywhere: at every site, at the coordinator and when the export reloads it."""
+    head = getattr(base, head_module(base))
+    with torch.no_grad():
+        head.weight.zero_()
+        if head.bias is not None:
+            head.bias.zero_()
+
+
+def lora_config(model_type: str, task: str, lora: LoraSettings, head: str = "", head_alpha: float = 0.0) -> LoraConfig:
+    """The peft LoraConfig. For seq-cls peft trains the whole head (modules_to_save);
+    with a low-rank head (`head` names it) the head is one more LoRA target of rank
+    `lora.head_rank` and alpha `head_alpha`, and no task type is set, since peft's seq-cls wrapper
+    would force the head into modules_to_save."""
     targets = list(lora.target_modules) or default_target_modules(model_type)
+    if head:
+        return LoraConfig(
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=[*targets, head],
+            rank_pattern={head: lora.head_rank},
+            alpha_pattern={head: head_alpha},
+        )
     return LoraConfig(
         r=lora.r,
         lora_alpha=lora.alpha,
@@ -111,8 +164,15 @@ def build_lora_model(
     model_type = AutoConfig.from_pretrained(resolve_model_path(model)).model_type
     torch.manual_seed(seed)
     base = load_base_model(model, task, labels)
+    head, head_alpha = "", 0.0
+    if lora.head_rank > 0:
+        if task != "seq-cls" or not lora.freeze_a:
+            raise ConfigError("ffa-head-rank", "applies to seq-cls runs with ffa-lora = true")
+        head = head_module(base)
+        zero_head(base)
+        head_alpha = low_rank_head_alpha(getattr(base, head).in_features)
     try:
-        peft_model = get_peft_model(base, lora_config(model_type, task, lora))
+        peft_model = get_peft_model(base, lora_config(model_type, task, lora, head, head_alpha))
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError("lora-target-modules", str(err).splitlines()[0]) from None
     if lora.freeze_a:

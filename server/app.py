@@ -83,6 +83,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         "base_model_path": resolve_model_path(settings.model),
         "task": settings.task,
         "labels": labels,
+        "ffa_head_rank": settings.ffa_head_rank,
         "run_id": run_id,
         "run_uid": uuid.uuid4().hex,  # kept across resumes; sites key their own state by it
     }
@@ -156,10 +157,11 @@ def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: 
     """The last completed round and its global adapter; refuses a run whose model,
     task, labels or LoRA settings differ from the ones being resumed."""
     saved = json.loads((run_dir.path / "run.json").read_text())
-    for key in ("model", "task", "lora-r", "lora-alpha", "lora-target-modules", "ffa-lora", "seed", "num-rounds"):
-        if saved["settings"].get(key) != settings.to_run_config()[key]:
-            raise FedtuneError(f"cannot resume {run_dir.path}: '{key}' was {saved['settings'].get(key)!r}, "
-                               f"now {settings.to_run_config()[key]!r}")
+    for key in ("model", "task", "lora-r", "lora-alpha", "lora-target-modules", "ffa-lora", "ffa-head-rank", "seed",
+                "num-rounds"):
+        was = saved["settings"].get(key, RunSettings().to_run_config()[key])  # keys added later: their default
+        if was != settings.to_run_config()[key]:
+            raise FedtuneError(f"cannot resume {run_dir.path}: '{key}' was {was!r}, now {settings.to_run_config()[key]!r}")
     if saved["labels"] != metadata["labels"]:
         raise FedtuneError(f"cannot resume {run_dir.path}: the label set differs from the run's")
     metadata["run_uid"] = saved.get("run_uid", metadata["run_uid"])

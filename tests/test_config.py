@@ -31,6 +31,8 @@ def test_pyproject_defaults_parse() -> None:
         ("val-fraction", 1.0, "must be in [0, 1)"),
         ("strategy", "fedsgd", "must be one of"),
         ("dirichlet-alpha", 0, "must be > 0"),
+        ("ffa-head-rank", 16, "applies to seq-cls runs with ffa-lora = true"),
+        ("dp-batch-size", -1, "must be 0 (use batch-size) or at least 1"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value: object, words: str) -> None:

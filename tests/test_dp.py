@@ -29,8 +29,8 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir:
     budget = (_epsilon_after(2) + _epsilon_after(3)) / 2  # rounds 1-2 fit, a 3rd would not
     config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
-              "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "local-steps": STEPS, "batch-size": BATCH,
-              "learning-rate": 0.05, "dp": True, "dp-noise-multiplier": NOISE, "dp-delta": DELTA,
+              "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "local-steps": STEPS, "batch-size": 4 * BATCH,
+              "learning-rate": 0.05, "dp": True, "dp-batch-size": BATCH, "dp-learning-rate": 0.02, "dp-noise-multiplier": NOISE, "dp-delta": DELTA,
               "dp-epsilon-budget": budget, "output-dir": str(tmp_path / "runs"), "run-name": "dp",
               "site-state-dir": str(tmp_path / "site-state")}
     run_simulation(config, num_sites=2)
@@ -41,7 +41,7 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir:
     assert eps[0] < eps[1] <= budget
     for rnd, rec in enumerate(records, start=1):
         for site in rec["sites"].values():
-            assert site["dp_sample_rate"] == pytest.approx(BATCH / SITE_TRAIN)
+            assert site["dp_sample_rate"] == pytest.approx(BATCH / SITE_TRAIN)  # dp-batch-size, not batch-size
             assert site["dp_epsilon"] == pytest.approx(_epsilon_after(rnd), rel=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["central"] is not None  # the final adapter was still evaluated

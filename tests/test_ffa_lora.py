@@ -1,6 +1,6 @@
 """FFA-LoRA: A stays at the shared seeded initialisation on every site and round,
 only B and the head travel, and the global update equals the average of the sites'
-delta-W = B A exactly."""
+delta-W = B A exactly; with `ffa-head-rank` the head is B_h A_h too, and only B_h travels."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from server import traffic
 
 
 @pytest.mark.timeout(600)
+@pytest.mark.parametrize("head_rank", [0, 3])
 def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path],
+    head_rank: int,
 ) -> None:
     audit = tmp_path / "audit"
     monkeypatch.setenv("FEDTUNE_TEST_AUDIT_DIR", str(audit))
@@ -32,7 +34,7 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
     config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": "", "partitioning": "iid",
               "num-rounds": 2, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05, "ffa-lora": True,
-              "output-dir": str(tmp_path / "runs"), "run-name": "ffa",
+              "ffa-head-rank": head_rank, "output-dir": str(tmp_path / "runs"), "run-name": "ffa",
               "secagg": False}  # plain FedAvg: the wire shapes and the exact mean are visible
     traffic.MESSAGE_OBSERVERS.append(observe)
     try:
@@ -44,6 +46,11 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
     wire_keys = info["keys"]
     assert info["ffa_lora"] and wire_keys and not any(".lora_A." in k for k in wire_keys)
     assert any(".lora_B." in k for k in wire_keys) and any("classifier" in k for k in wire_keys)
+    head_keys = [k for k in wire_keys if "classifier" in k]
+    if head_rank:  # the low-rank head sends its B_h (labels x rank) and nothing else
+        assert head_keys == ["base_model.model.classifier.lora_B.weight"]
+    else:  # the full head (weight and bias) travels
+        assert head_keys == ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]
 
     # Only B and the head travelled, both ways, every round.
     round0 = load_file(str(run_dir / "round-000" / "adapter_model.safetensors"))
@@ -75,3 +82,16 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
             site_dw = sum(w * (s[f"a{b_index:04d}"].astype(np.float64) @ a) for w, s in zip(weights, sites))
             global_dw = glob[b_key].astype(np.float64) @ a
             assert np.abs(global_dw - site_dw).max() <= 1e-6 * max(1.0, np.abs(site_dw).max())
+
+    if head_rank:
+        # The saved adapter reloads on a zeroed head: merged, the head is exactly s B_h A_h.
+        from fedtune.adapter_io import load_adapter_model
+        from fedtune.model import low_rank_head_alpha
+
+        final = load_file(str(run_dir / "final" / "adapter_model.safetensors"))
+        head_a, head_b = (final[f"base_model.model.classifier.lora_{x}.weight"].astype(np.float64) for x in "AB")
+        assert head_b.shape == (2, head_rank) and np.abs(head_b).max() > 0
+        merged = load_adapter_model(run_dir / "final").merge_and_unload()
+        scale = low_rank_head_alpha(head_a.shape[1]) / head_rank
+        assert np.allclose(merged.classifier.weight.detach().numpy(), scale * head_b @ head_a, atol=1e-6)
+        assert not merged.classifier.bias.detach().numpy().any()
