@@ -43,7 +43,7 @@ from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 DELTA = 1e-5
-DP_BATCH, DP_LR = 256, 0.01
+DP_BATCH, DP_LR = 512, 0.06
 HEAD_RANK = 128
 FFA = {"secagg": True, "ffa-lora": True, "ffa-head-rank": HEAD_RANK}
 # DP-SGD wants large logical batches (noise on the mean gradient falls as 1/batch) and few
