@@ -59,13 +59,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_variant(name: str, base: dict[str, Any], sites: int, stamp: str, audit: Path | None) -> dict[str, Any]:
-    """Run one federation; return its summary, per-round records and wall time."""
+def run_variant(name: str, base: dict[str, Any], sites: int, stamp: str, audit: Path | None,
+                settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run one federation (`settings`, default VARIANTS[name]); return its summary,
+    per-round records and wall time."""
     run_name = f"privacy-{stamp}-{name}"
-    config = {**base, **VARIANTS[name], "output-dir": str(WORK / "runs"), "run-name": run_name}
+    settings = VARIANTS[name] if settings is None else settings
+    config = {**base, **settings, "output-dir": str(WORK / "runs"), "run-name": run_name}
     if audit is not None:
         os.environ[AUDIT_ENV] = str(audit)
-    print(f"== {name}: {VARIANTS[name]}", flush=True)
+    print(f"== {name}: {settings}", flush=True)
     start = time.perf_counter()
     try:
         run_simulation(config, num_sites=sites)
@@ -93,6 +96,32 @@ def read_variant(run_dir: Path, wall: float | None = None) -> dict[str, Any]:
         "epsilon": max((r.get("dp_epsilon_max", 0.0) for r in records), default=0.0),
         "epsilon_by_round": [r.get("dp_epsilon_max") for r in records],
     }
+
+
+def timing_pairs(config: dict[str, Any], sites: int, stamp: str, pairs: int, rounds: int, work: Path,
+                 collect: bool) -> list[dict[str, dict[str, Any]]]:
+    """Extra (plain, secagg) pairs of short federations, run back to back in alternating
+    order, so that the round-time ratio does not rest on one pair that machine noise can
+    tilt. Pairs already on disk are read back; with `collect` nothing is run."""
+    out: list[dict[str, dict[str, Any]]] = []
+    for i in range(pairs):
+        pair: dict[str, dict[str, Any]] = {}
+        for name in ("secagg", "plain") if i % 2 == 0 else ("plain", "secagg"):
+            label = f"timing{i + 1}-{name}"
+            run_dir = work / "runs" / f"privacy-{stamp}-{label}"
+            if (run_dir / "summary.json").exists():
+                pair[name] = read_variant(run_dir)
+            elif not collect:
+                if run_dir.exists():
+                    run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
+                pair[name] = run_variant(label, {**config, "num-rounds": rounds}, sites, stamp, None, VARIANTS[name])
+        if len(pair) == 2:
+            out.append(pair)
+    return out
+
+
+def round_time_ratio(pair: dict[str, dict[str, Any]]) -> float:
+    return pair["secagg"]["round_seconds_median"] / pair["plain"]["round_seconds_median"]
 
 
 def lora_pairs(keys: list[str]) -> list[tuple[str, str]]:
@@ -142,6 +171,10 @@ def main() -> None:
     parser.add_argument("--resume", metavar="STAMP", help="finish an interrupted run: keep the variants of "
                         "bench/_work/runs/privacy-STAMP-* that finished, run the others (a half-written run "
                         "folder is moved aside first)")
+    parser.add_argument("--timing-pairs", type=int, default=2, help="extra short (plain, secagg) pairs, in "
+                        "alternating order, for secagg_over_plain_round_time (default 2; the key is the median "
+                        "ratio over these and the main pair)")
+    parser.add_argument("--timing-rounds", type=int, default=5, help="rounds per timing federation (default 5)")
     parser.add_argument("--work", type=Path, default=WORK, help="the bench work folder (with --collect)")
     args = parser.parse_args()
     if args.collect and args.resume:
@@ -172,6 +205,10 @@ def main() -> None:
                 resumed.append(name)
             runs[name] = run_variant(name, config, args.sites, stamp, audit if name == "plain" else None)
     missing = [name for name in VARIANTS if name not in runs]
+    pairs = timing_pairs(config, args.sites, stamp, args.timing_pairs, args.timing_rounds, work, bool(args.collect))
+    if "plain" in runs and "secagg" in runs:
+        pairs.insert(0, {"plain": runs["plain"], "secagg": runs["secagg"]})
+    pair_ratios = [round_time_ratio(p) for p in pairs]
     last = runs["plain"]["rounds"]
     plain_error = [averaging_error(audit, Path(runs["plain"]["run_dir"]), r)["relative_error"] for r in (1, last)]
 
@@ -181,8 +218,7 @@ def main() -> None:
         "ffa_secagg_over_central_accuracy": (("ffa-secagg",), lambda: r["ffa-secagg"]["accuracy"] / central["accuracy"], 4),
         "dp_eps8_over_central_accuracy": (("dp-eps8",), lambda: r["dp-eps8"]["accuracy"] / central["accuracy"], 4),
         "dp_eps1_over_central_accuracy": (("dp-eps1",), lambda: r["dp-eps1"]["accuracy"] / central["accuracy"], 4),
-        "secagg_over_plain_round_time": (("secagg", "plain"), lambda: r["secagg"]["round_seconds_median"]
-                                         / r["plain"]["round_seconds_median"], 3),
+        "secagg_over_plain_round_time": (("secagg", "plain"), lambda: statistics.median(pair_ratios), 3),
         "ffa_over_lora_upload_bytes": (("ffa-secagg", "secagg"), lambda: r["ffa-secagg"]["upload_bytes_per_site_round"]
                                        / r["secagg"]["upload_bytes_per_site_round"], 4),
         "ffa_full_head_secagg_over_central_accuracy": (("ffa-full-head",), lambda: r["ffa-full-head"]["accuracy"]
@@ -193,6 +229,7 @@ def main() -> None:
     }
     keys = {k: round(fn(), digits) for k, (needs, fn, digits) in candidates.items() if all(n in runs for n in needs)}
     (WORK / f"privacy-{stamp}.json").write_text(json.dumps({"central": central, "runs": runs, "keys": keys,
+                                                             "timing_pairs": pairs, "round_time_ratios": pair_ratios,
                                                              "plain_error_rounds_1_last": plain_error}, indent=2))
     rows = "\n".join(
         f"| {name} | {v['accuracy']:.4f} | {v['accuracy'] / central['accuracy']:.4f} | {v['macro_f1']:.4f} | "
@@ -206,6 +243,7 @@ def main() -> None:
                "ffa_over_lora_upload_bytes": "<= 0.55"}
     key_rows = "\n".join(f"| `{k}` | {keys[k] if k in keys else 'not measured'} | {targets.get(k, '')} |"
                          for k in candidates)
+    timing_note = f" (the extra pairs ran in the `--resume {stamp}` process)" if args.resume and not resumed else ""
     md = f"""## Privacy: SecAgg+, FFA-LoRA and DP on the demo workload (`bench/privacy.py`)
 
 Banking77 test split, {args.sites} sites, Dirichlet alpha={config['dirichlet-alpha']}, {config['num-rounds']} rounds x
@@ -227,7 +265,10 @@ that each site spends its target epsilon over the whole run at delta = {DELTA:g}
 {key_rows}
 
 Round time is the median over rounds of the coordinator's wall time per round (training, SecAgg+ stages,
-per-site evaluation). Upload counts every byte a site sends in a training round (under SecAgg+: its
+per-site evaluation). `secagg_over_plain_round_time` is the median of the secagg/plain ratios of
+{len(pair_ratios)} pairs: the main one above and {len(pair_ratios) - 1} pairs of {args.timing_rounds}-round federations run after the
+variants, in alternating order ({', '.join(f'{x:.3f}' for x in pair_ratios)}){timing_note}; local training dominates a round, and
+one pair can be tilted by noise on a shared machine. Upload counts every byte a site sends in a training round (under SecAgg+: its
 public keys, encrypted shares, masked vector and unmasking shares), as protobuf on the wire;
 `ffa_over_lora_upload_bytes` compares `ffa-secagg` with `secagg`, both under SecAgg+.
 

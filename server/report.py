@@ -88,6 +88,9 @@ def write_report(
             "the number of training examples, and aggregate metrics (mean loss, validation accuracy/F1 or perplexity).",
             "- It could not see: raw text, tokens, labels of single examples or any per-example value.",
         ]
+    if settings.ffa_lora:
+        sent = f"B and the low-rank head's B_h (rank {settings.ffa_head_rank})" if settings.ffa_head_rank else "B and the head"
+        lines.append(f"- FFA-LoRA: no A matrix travelled (every party builds them from the shared seed); only {sent} did.")
     if settings.dp:
         lines.append("- DP-SGD bounds what the adapter reveals about any one record inside a site "
                      "(sample-level epsilon above); it does not hide a whole site's participation.")

@@ -74,3 +74,17 @@ def test_lr_schedule_continues_across_rounds() -> None:
     assert end_r1 == pytest.approx(start_r2) == pytest.approx(0.75)
     assert lr_factor(0.0, "linear", 0.1) < 0.01 and lr_factor(0.1, "linear", 0.1) == pytest.approx(1.0)
     assert lr_factor(1.0, "cosine", 0.0) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_low_rank_head_refuses_a_head_with_hidden_layers(tmp_path: Path) -> None:
+    """RoBERTa's head has a fresh dense layer before its output: a low-rank head would
+    leave that layer at random, so ffa-head-rank names the problem instead."""
+    from transformers import RobertaConfig, RobertaModel
+
+    from fedtune.model import LoraSettings, build_lora_model
+
+    RobertaModel(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=40)).save_pretrained(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        build_lora_model(str(tmp_path), "seq-cls", LoraSettings(freeze_a=True, head_rank=4), ["a", "b"])
+    assert str(info.value).startswith("config 'ffa-head-rank':") and "RobertaClassificationHead" in str(info.value)

@@ -52,6 +52,9 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
     else:  # the full head (weight and bias) travels
         assert head_keys == ["base_model.model.classifier.bias", "base_model.model.classifier.weight"]
 
+    report = (run_dir / "report.md").read_text()
+    assert "FFA-LoRA: no A matrix travelled" in report and ((f"B_h (rank {head_rank})" in report) == bool(head_rank))
+
     # Only B and the head travelled, both ways, every round.
     round0 = load_file(str(run_dir / "round-000" / "adapter_model.safetensors"))
     wire_shapes = sorted(tuple(round0[k].shape) for k in wire_keys)
