@@ -1,5 +1,5 @@
 """Upload per site and round on the demo setting: plain FedAvg, SecAgg+ and FFA-LoRA
-under SecAgg+, measured as protobuf bytes on the wire (every byte a site sends in a
+(full or low-rank head) under SecAgg+, measured as protobuf bytes on the wire (every byte a site sends in a
 training round, SecAgg+'s keys, shares and masked vector included). Bytes do not
 depend on the round, so a short run per variant is enough.
 
@@ -23,7 +23,9 @@ from fedtune.config import resolve_path  # noqa: E402
 from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
-VARIANTS = {"plain": {"secagg": False}, "secagg": {"secagg": True}, "ffa-secagg": {"secagg": True, "ffa-lora": True}}
+HEAD_RANK = 128
+VARIANTS = {"plain": {"secagg": False}, "secagg": {"secagg": True}, "ffa-secagg": {"secagg": True, "ffa-lora": True},
+            "ffa-low-rank-head": {"secagg": True, "ffa-lora": True, "ffa-head-rank": HEAD_RANK}}
 
 
 def main() -> None:
@@ -50,6 +52,7 @@ def main() -> None:
         "upload_secagg_bytes_per_site_round": int(round(up["secagg"])),
         "upload_secagg_fraction_of_full_model": round(up["secagg"] / full_model_bytes, 5),
         "ffa_over_lora_upload_bytes_secagg_uint32": round(up["ffa-secagg"] / up["secagg"], 4),
+        "ffa_low_rank_head_over_lora_upload_bytes_secagg_uint32": round(up["ffa-low-rank-head"] / up["secagg"], 4),
     }
     md = f"""## Upload per site and round (`bench/upload.py`)
 
@@ -61,12 +64,14 @@ in one training round, as protobuf on the wire; the full fp32 model is {full_mod
 | plain FedAvg (fp32 tensors) | {up['plain']:,.0f} | {up['plain'] / full_model_bytes:.5f} |
 | SecAgg+ (masked vector as uint32, plus keys and shares) | {up['secagg']:,.0f} | {up['secagg'] / full_model_bytes:.5f} |
 | FFA-LoRA under SecAgg+ (B and the head only) | {up['ffa-secagg']:,.0f} | {up['ffa-secagg'] / full_model_bytes:.5f} |
+| FFA-LoRA under SecAgg+, `ffa-head-rank = {HEAD_RANK}` (B and B_h only) | {up['ffa-low-rank-head']:,.0f} | {up['ffa-low-rank-head'] / full_model_bytes:.5f} |
 
 Flower's SecAgg+ encodes the masked vector as int64 (8 bytes per value: 832,962 bytes per site and round in
 `bench/accuracy.py`'s run). Its values lie in [0, modulus) with modulus <= 2^32, so fedtune's sites send them as
 uint32 and the coordinator widens them back before Flower sums them (`fedtune/masked_vector_codec.py`); the
-protocol's arithmetic is unchanged. FFA-LoRA halves the LoRA part of the upload; the classifier head (29,645
-values) travels either way, so the whole upload drops to (B + head) / (A + B + head) = 0.64 here.
+protocol's arithmetic is unchanged. FFA-LoRA halves the LoRA part of the upload; with the paper's full head
+(29,645 values) the whole upload only drops to (B + head) / (A + B + head) = 0.64 here. With a low-rank head
+(B_h A_h, A_h frozen at the shared seed) only B_h, 77 x {HEAD_RANK} = 9,856 values, travels with B: 46,720 of 103,373.
 """
     print(json.dumps(keys, indent=2))
     if not args.no_write:
