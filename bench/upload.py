@@ -17,13 +17,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from privacy import HEAD_RANK  # noqa: E402
 from results import update_results  # noqa: E402
 
 from fedtune.config import resolve_path  # noqa: E402
 from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
-HEAD_RANK = 128
 VARIANTS = {"plain": {"secagg": False}, "secagg": {"secagg": True}, "ffa-secagg": {"secagg": True, "ffa-lora": True},
             "ffa-low-rank-head": {"secagg": True, "ffa-lora": True, "ffa-head-rank": HEAD_RANK}}
 

@@ -138,22 +138,12 @@ def lora_config(model_type: str, task: str, lora: LoraSettings, head: str = "", 
     `lora.head_rank` and alpha `head_alpha`, and no task type is set, since peft's seq-cls wrapper
     would force the head into modules_to_save."""
     targets = list(lora.target_modules) or default_target_modules(model_type)
+    common = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
     if head:
-        return LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=[*targets, head],
-            rank_pattern={head: lora.head_rank},
-            alpha_pattern={head: head_alpha},
-        )
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM,
-    )
+        return LoraConfig(**common, target_modules=[*targets, head], rank_pattern={head: lora.head_rank},
+                          alpha_pattern={head: head_alpha})
+    return LoraConfig(**common, target_modules=targets,
+                      task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM)
 
 
 def build_lora_model(

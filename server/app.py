@@ -157,11 +157,12 @@ def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: 
     """The last completed round and its global adapter; refuses a run whose model,
     task, labels or LoRA settings differ from the ones being resumed."""
     saved = json.loads((run_dir.path / "run.json").read_text())
+    now, defaults = settings.to_run_config(), RunSettings().to_run_config()
     for key in ("model", "task", "lora-r", "lora-alpha", "lora-target-modules", "ffa-lora", "ffa-head-rank", "seed",
                 "num-rounds"):
-        was = saved["settings"].get(key, RunSettings().to_run_config()[key])  # keys added later: their default
-        if was != settings.to_run_config()[key]:
-            raise FedtuneError(f"cannot resume {run_dir.path}: '{key}' was {was!r}, now {settings.to_run_config()[key]!r}")
+        was = saved["settings"].get(key, defaults[key])  # keys added after the run was saved: their default
+        if was != now[key]:
+            raise FedtuneError(f"cannot resume {run_dir.path}: '{key}' was {was!r}, now {now[key]!r}")
     if saved["labels"] != metadata["labels"]:
         raise FedtuneError(f"cannot resume {run_dir.path}: the label set differs from the run's")
     metadata["run_uid"] = saved.get("run_uid", metadata["run_uid"])

@@ -30,7 +30,8 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir:
     config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
               "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "local-steps": STEPS, "batch-size": 4 * BATCH,
-              "learning-rate": 0.05, "dp": True, "dp-batch-size": BATCH, "dp-learning-rate": 0.02, "dp-noise-multiplier": NOISE, "dp-delta": DELTA,
+              "learning-rate": 0.05, "dp": True, "dp-batch-size": BATCH, "dp-learning-rate": 0.02,
+              "dp-noise-multiplier": NOISE, "dp-delta": DELTA,
               "dp-epsilon-budget": budget, "output-dir": str(tmp_path / "runs"), "run-name": "dp",
               "site-state-dir": str(tmp_path / "site-state")}
     run_simulation(config, num_sites=2)
