@@ -47,10 +47,14 @@ bench: $(STAMP)
 flwr-run: $(STAMP)
 	PATH=$(CURDIR)/$(BIN):$$PATH bash scripts/flwr_run_local.sh
 
-# Regenerate the registry's gRPC stubs from protos/ (tests check they match).
+# Regenerate the registry's gRPC stubs from protos/ (tests check they match). protoc
+# writes them under the import name fedtune/registry/v1/; they live in registry/v1/.
 protos: $(STAMP)
-	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=. --grpc_python_out=. --pyi_out=. \
-		protos/fedtune/registry/v1/registry.proto
+	rm -rf .protos-out && mkdir .protos-out
+	$(BIN)/python -m grpc_tools.protoc -Iprotos --python_out=.protos-out --grpc_python_out=.protos-out \
+		--pyi_out=.protos-out protos/fedtune/registry/v1/registry.proto
+	cp .protos-out/fedtune/registry/v1/registry_pb2*.py* registry/v1/
+	rm -rf .protos-out
 
 clean:
 	rm -rf $(VENV) runs bundles registry-demo .flwr

@@ -19,10 +19,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from central_baseline import central_from_run_config  # noqa: E402
+from fedtune.cli.simulation import run_simulation  # noqa: E402
 from results import update_results  # noqa: E402
 
-from fedtune.config import resolve_path  # noqa: E402
-from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
+from fedtune.config import (
+    project_run_config,  # noqa: E402
+    resolve_path,  # noqa: E402
+)
 
 WORK = Path(__file__).resolve().parent / "_work"
 

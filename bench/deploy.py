@@ -25,19 +25,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support/: process management
 
+from fedtune.cli.simulation import run_simulation  # noqa: E402
+from fedtune.server.deployment import init_pki, register_site, run_command, site_keypair  # noqa: E402
 from results import update_results  # noqa: E402
+from support.processes import ManagedProcesses, free_port, wait_for_port  # noqa: E402
 
-from fedtune.deploy import (  # noqa: E402
-    ManagedProcesses,
-    free_port,
-    init_pki,
-    register_site,
-    run_command,
-    site_keypair,
-    wait_for_port,
-)
-from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
+from fedtune.config import project_run_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDTUNE = str(Path(sys.executable).parent / "fedtune")

@@ -33,10 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_run import find_demo_run  # noqa: E402
+from fedtune.edge_device.bundle import VerifiedBundle  # noqa: E402
+from fedtune.edge_device.runtime import DEFAULT_BATCH_TOKENS, EdgeModel  # noqa: E402
 from results import update_results  # noqa: E402
-
-from edge_export.bundle import VerifiedBundle  # noqa: E402
-from edge_export.runtime import DEFAULT_BATCH_TOKENS, EdgeModel  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(__file__).resolve().parent / "_work"
@@ -81,13 +80,13 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from fedtune.edge_export import quantize
+    from fedtune.edge_export.graph_fusion import fuse_transformer_graph
+    from fedtune.edge_export.merge import merge_adapter
+    from fedtune.edge_export.onnx_export import export_onnx
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    from edge_export import quantize
-    from edge_export.graph_fusion import fuse_transformer_graph
-    from edge_export.merge import merge_adapter
-    from edge_export.onnx_export import export_onnx
     from fedtune.data import load_classification
 
     torch.set_num_threads(THREADS)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -33,13 +32,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support/: the site audit mod
 
 from central_baseline import central_from_run_config  # noqa: E402
+from fedtune.cli.simulation import run_simulation  # noqa: E402
 from results import update_results  # noqa: E402
+from support.site_hooks import AuditUpdates, client_app_with  # noqa: E402
 
-from client.test_hooks import AUDIT_ENV  # noqa: E402
-from fedtune.config import resolve_path  # noqa: E402
-from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
+from fedtune.config import project_run_config, resolve_path  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 DELTA = 1e-5
@@ -66,14 +66,10 @@ def run_variant(name: str, base: dict[str, Any], sites: int, stamp: str, audit: 
     run_name = f"privacy-{stamp}-{name}"
     settings = VARIANTS[name] if settings is None else settings
     config = {**base, **settings, "output-dir": str(WORK / "runs"), "run-name": run_name}
-    if audit is not None:
-        os.environ[AUDIT_ENV] = str(audit)
+    client_app = client_app_with(inner=[AuditUpdates(str(audit))]) if audit is not None else None
     print(f"== {name}: {settings}", flush=True)
     start = time.perf_counter()
-    try:
-        run_simulation(config, num_sites=sites)
-    finally:
-        os.environ.pop(AUDIT_ENV, None)
+    run_simulation(config, num_sites=sites, client_app=client_app)
     result = read_variant(WORK / "runs" / run_name, time.perf_counter() - start)
     print(f"== {name}: {json.dumps({k: v for k, v in result.items() if k != 'epsilon_by_round'})}", flush=True)
     return result

@@ -28,14 +28,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support/: free ports
 
 from demo_run import WORK, find_demo_run  # noqa: E402
-from results import update_results  # noqa: E402
-
-from edge_export.pull import pull  # noqa: E402
-from edge_export.signing import generate_keypair  # noqa: E402
-from fedtune.deploy import free_port, wait_for_port  # noqa: E402
+from fedtune.edge_device.pull import pull  # noqa: E402
+from fedtune.edge_export.signing import generate_keypair  # noqa: E402
 from fedtune.registry.publisher import publish  # noqa: E402
+from results import update_results  # noqa: E402
+from support.processes import free_port, wait_for_port  # noqa: E402
+
 from fedtune.tls import create_ca, issue  # noqa: E402
 
 
@@ -47,7 +48,7 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
-    from edge_export.exporter import export_bundle
+    from fedtune.edge_export.exporter import export_bundle
 
     work = Path(tempfile.mkdtemp(prefix="registry-bench-", dir=WORK if WORK.exists() else None))
     server = None

@@ -17,11 +17,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from fedtune.cli.simulation import run_simulation  # noqa: E402
 from privacy import HEAD_RANK  # noqa: E402
 from results import update_results  # noqa: E402
 
-from fedtune.config import resolve_path  # noqa: E402
-from fedtune.simulation import project_run_config, run_simulation  # noqa: E402
+from fedtune.config import (
+    project_run_config,  # noqa: E402
+    resolve_path,  # noqa: E402
+)
 
 WORK = Path(__file__).resolve().parent / "_work"
 VARIANTS = {"plain": {"secagg": False}, "secagg": {"secagg": True}, "ffa-secagg": {"secagg": True, "ffa-lora": True},

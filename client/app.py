@@ -6,18 +6,22 @@ from __future__ import annotations
 import logging
 
 from flwr.client import Client
-from flwr.clientapp import ClientApp
 from flwr.client.mod import secaggplus_mod
+from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message, MessageType
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS as SECAGG_CONFIGS,
+)
 
-from client.site_client import SiteClient
 from fedtune.config import RunSettings
 from fedtune.logs import setup_logging
-from fedtune.masked_vector_codec import narrow_masked_reply
-from fedtune.secure_masks import install_csprng_masks
+from fedtune.secagg.masks import SecAggSetupError, install_csprng_masks
+from fedtune.secagg.wire_codec import narrow_masked_reply
 
+from .site_client import SiteClient
+
+log = logging.getLogger("fedtune.site")
 setup_logging()
 
 
@@ -28,13 +32,23 @@ def client_fn(context: Context) -> Client:
 
 
 def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
-    """Flower's `secaggplus_mod` for SecAgg+ rounds; plain train messages pass through."""
+    """Flower's `secaggplus_mod` for SecAgg+ rounds; plain train messages pass through.
+
+    Before any SecAgg+ stage, in the process that runs the mod (a Ray actor or a
+    SuperNode's ClientApp process), the CSPRNG masks are installed and checked; if
+    Flower would not call them, the site refuses SecAgg+ and replies with the error."""
     if msg.metadata.message_type == MessageType.TRAIN and SECAGG_CONFIGS in msg.content.config_records:
-        install_csprng_masks("client")  # here, in the process that runs the mod (Ray actor or SuperNode app)
+        try:
+            install_csprng_masks("client")
+        except SecAggSetupError as err:
+            log.error("fedtune: error: %s", err)
+            raise
         reply = secaggplus_mod(msg, ctxt, call_next)
         narrow_masked_reply(reply)  # uint32 on the wire: half of Flower's int64
         return reply
     return call_next(msg, ctxt)
 
 
-app = ClientApp(client_fn=client_fn, mods=[secaggplus_when_requested])
+# The mods every site runs, outermost first (tests wrap the app with their own after these).
+MODS = [secaggplus_when_requested]
+app = ClientApp(client_fn=client_fn, mods=list(MODS))

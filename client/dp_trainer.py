@@ -27,7 +27,13 @@ from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from peft import PeftModel
 
-from client.trainer import (
+from fedtune.config import RunSettings
+from fedtune.encoding import Encoder, example_lengths
+from fedtune.errors import ConfigError
+from fedtune.length_buckets import length_buckets
+from fedtune.schedule import round_progress
+
+from .trainer import (
     TrainResult,
     absent_label_mask,
     set_scheduled_lr,
@@ -35,11 +41,6 @@ from client.trainer import (
     summarize_losses,
     training_loss,
 )
-from fedtune.config import RunSettings
-from fedtune.encoding import Encoder, example_lengths
-from fedtune.errors import ConfigError
-from fedtune.length_buckets import length_buckets
-from fedtune.schedule import round_progress
 
 log = logging.getLogger("fedtune.site")
 STATE_KEY = "fedtune.dp"

@@ -7,7 +7,7 @@ import functools
 
 from peft import PeftModel
 
-from fedtune.device import pick_device
+from fedtune.accelerator import pick_device
 from fedtune.model import LoraSettings, build_lora_model, load_tokenizer
 
 

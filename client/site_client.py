@@ -6,22 +6,22 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 from flwr.client import NumPyClient
 from flwr.common import Context
 from peft import PeftModel
 
-from client.model_cache import cached_lora_model, cached_tokenizer
-from client.site_data import SiteData, load_site_data
-from client.test_hooks import maybe_audit, maybe_fail
-from client.trainer import train_local
 from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.encoding import make_encoder
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate
+
+from .model_cache import cached_lora_model, cached_tokenizer
+from .site_data import SiteData, load_site_data
+from .trainer import train_local
 
 log = logging.getLogger("fedtune.site")
 
@@ -71,7 +71,12 @@ class SiteClient(NumPyClient):
         seed = self.settings.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
         if self.settings.dp:
-            from client.dp_trainer import history_file, load_history, save_history, train_local_dp  # Opacus only when used
+            from .dp_trainer import (  # Opacus only when used
+                history_file,
+                load_history,
+                save_history,
+                train_local_dp,
+            )
 
             state = history_file(self.context, self.settings, str(config.get("run-id", "run")), site.name)
             result, history, report = train_local_dp(model, encoder, self.settings, server_round, num_rounds,
@@ -91,8 +96,6 @@ class SiteClient(NumPyClient):
                 seed=seed,
             )
         arrays = get_adapter_arrays(model, self.settings.ffa_lora)
-        maybe_fail(site.name, server_round)
-        maybe_audit(site.name, server_round, arrays, result.num_examples, lambda: get_adapter_arrays(model))
         metrics: dict[str, Scalar] = {
             "site": site.name,
             "train_loss": result.loss,

@@ -3,12 +3,11 @@ node config), or one partition of the configured data set in simulation."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 from fedtune.config import RunSettings, resolve_path
-from fedtune.data import Example, load_classification, load_completions
+from fedtune.data import Example, load_examples
 from fedtune.errors import DataError
 from fedtune.partition import dirichlet_partition, iid_partition, train_val_split
 
@@ -20,23 +19,6 @@ class SiteData:
     name: str
     train: list[Example]
     val: list[Example]
-
-
-def load_examples(path: str, settings: RunSettings, labels: Sequence[str]) -> list[Example]:
-    """Read and validate one data file for the run's task."""
-    resolved = str(resolve_path(path))
-    return list(_cached_examples(resolved, settings.task, settings.text_field, settings.label_field,
-                                 settings.prompt_field, settings.completion_field, tuple(labels)))
-
-
-@functools.lru_cache(maxsize=4)
-def _cached_examples(
-    path: str, task: str, text_field: str, label_field: str, prompt_field: str,
-    completion_field: str, labels: tuple[str, ...],
-) -> tuple[Example, ...]:
-    if task == "seq-cls":
-        return tuple(load_classification(path, text_field, label_field, labels))
-    return tuple(load_completions(path, prompt_field, completion_field))
 
 
 def site_partition(examples: Sequence[Example], settings: RunSettings, part: int, num_parts: int) -> list[Example]:

@@ -12,9 +12,15 @@ import numpy as np
 import torch
 from peft import PeftModel
 
+from fedtune.accelerator import autocast_for
 from fedtune.config import RunSettings
-from fedtune.device import autocast_for
-from fedtune.encoding import ClassificationEncoder, Encoder, batch_indices, example_lengths, length_grouped_batches
+from fedtune.encoding import (
+    ClassificationEncoder,
+    Encoder,
+    batch_indices,
+    example_lengths,
+    length_grouped_batches,
+)
 from fedtune.schedule import lr_factor, round_progress
 
 log = logging.getLogger("fedtune.site")

@@ -1,10 +1,6 @@
-"""Edge export and the device runtime.
+"""The export: merge a run's final adapter into the base model, export ONNX with
+optimum, fuse and quantise it to INT8 with onnxruntime, gate it on parity with the
+PyTorch model on held-out data (through the device runtime), and sign the bundle.
 
-Export side (needs torch): `exporter.export_bundle` merges a run's final adapter,
-exports ONNX with optimum, quantises it to INT8 with onnxruntime, gates it on parity
-with the PyTorch model and writes a signed bundle.
-
-Device side (no torch, no transformers): `runtime.EdgeModel` verifies a bundle's
-signature and every file's sha256, then runs it with onnxruntime and `tokenizers`.
-Nothing is imported here, so `import edge_export.runtime` stays light.
-"""
+Needs torch; the device side it produces bundles for is `fedtune.edge_device`.
+Nothing is imported here, so `import fedtune.edge_export.signing` stays light."""

@@ -17,10 +17,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from edge_export.bundle import BUNDLE_FORMAT, MANIFEST_FILE, SIGNATURE_FILE, VerifiedBundle, file_entries, manifest_bytes, sha256_file
-from edge_export.signing import fingerprint, load_private_key, sign
+from fedtune.edge_device.bundle import (
+    BUNDLE_FORMAT,
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    VerifiedBundle,
+    file_entries,
+    manifest_bytes,
+    sha256_file,
+)
+from fedtune.edge_device.signature import fingerprint
+
 from fedtune import __version__
 from fedtune.errors import FedtuneError
+
+from .signing import load_private_key, sign
 
 log = logging.getLogger("fedtune.export")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -88,11 +99,13 @@ def export_bundle(
     limit: int | None = None, opset: int | None = None, threads: int | None = None,
 ) -> dict[str, Any]:
     """Build, gate, sign and write the bundle; returns the manifest."""
-    from edge_export import graph_fusion, merge, onnx_export, parity, quantize
-    from edge_export.runtime import EdgeModel
+    from fedtune.edge_device.runtime import EdgeModel
+
     from fedtune.config import resolve_path
     from fedtune.data import load_classification, load_completions
     from fedtune.model import resolve_model_path
+
+    from . import graph_fusion, merge, onnx_export, parity, quantize
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):

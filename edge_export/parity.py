@@ -14,10 +14,10 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fedtune.edge_device.runtime import EdgeModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from edge_export.runtime import EdgeModel
 from fedtune.data import ClassificationExample, CompletionExample
 from fedtune.encoding import IGNORE_INDEX, CompletionEncoder
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
+import tomllib
+
 from fedtune.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -230,3 +232,14 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def project_run_config() -> dict[str, Any]:
+    """Defaults from the dataclass, overlaid with `[tool.flwr.app.config]` when the
+    project's pyproject.toml is at hand."""
+    config = RunSettings().to_run_config()
+    pyproject = APP_DIR / "pyproject.toml"
+    if pyproject.is_file():
+        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
+        config.update(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
+    return config

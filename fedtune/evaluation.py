@@ -10,8 +10,13 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from fedtune.device import autocast_for
-from fedtune.encoding import IGNORE_INDEX, ClassificationEncoder, Encoder, example_lengths
+from fedtune.accelerator import autocast_for
+from fedtune.encoding import (
+    IGNORE_INDEX,
+    ClassificationEncoder,
+    Encoder,
+    example_lengths,
+)
 from fedtune.metrics import classification_metrics
 
 

@@ -1,2 +1,6 @@
-"""The coordinator side: Flower ServerApp, strategy choice, checkpoints, traffic
-metering, central evaluation and the end-of-run report."""
+"""The coordinator: Flower ServerApp, strategy choice, secure aggregation, checkpoints
+and resume, traffic metering, central evaluation, the end-of-run report, and the
+coordinator's side of a deployment.
+
+Installed as `fedtune.server`; Flower loads it from the app folder as `server`, so
+modules here import each other relatively and import only the core (`fedtune.*`)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 import uuid
 from pathlib import Path
@@ -22,23 +21,33 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid, ServerApp
 
 from fedtune import __version__
+from fedtune.accelerator import pick_device
 from fedtune.adapter_io import adapter_keys, get_adapter_arrays, load_adapter_arrays
 from fedtune.config import RunSettings
-from fedtune.logs import setup_logging
-from fedtune.device import pick_device
 from fedtune.errors import FedtuneError
+from fedtune.logs import setup_logging
 from fedtune.model import build_lora_model, resolve_model_path
-from fedtune.secure_masks import install_csprng_masks
-from server.central_eval import make_central_evaluator
-from server.plots import save_plots
-from server.privacy_budget import EpsilonBudgetStrategy
-from server.recorder import RecordingStrategy
-from server.report import write_report
-from server.run_dir import RunDir
-from server.strategy_state import load_strategy_state, save_strategy_state
-from server.secure_aggregation import build_secagg_workflow, census_max_weight, check_secagg_settings, wait_for_sites
-from server.strategies import build_strategy
-from server.traffic import MeteredGrid
+from fedtune.secagg.masks import install_csprng_masks
+
+from .central_eval import make_central_evaluator
+from .plots import save_plots
+from .privacy_budget import EpsilonBudgetStrategy
+from .recorder import RecordingStrategy
+from .report import write_report
+from .run_dir import RunDir
+from .secure_aggregation import (
+    build_secagg_workflow,
+    census_max_weight,
+    check_secagg_settings,
+    wait_for_sites,
+)
+from .strategies import build_strategy
+from .strategy_state import (
+    check_strategy_state,
+    load_strategy_state,
+    save_strategy_state,
+)
+from .traffic import MeteredGrid
 
 log = logging.getLogger("fedtune.server")
 setup_logging()
@@ -70,6 +79,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
             raise FedtuneError(f"cannot resume: {run_dir.path} holds no run (run.json missing)")
     elif run_dir.metrics_file.exists():
         raise FedtuneError(f"run folder {run_dir.path} already holds a run; choose another run-name")
+    if settings.secagg:
+        install_csprng_masks("server")  # refuses SecAgg+ before anything is written if Flower would not call them
     run_dir.create()
     log.info("fedtune %s: run %s -> %s", __version__, run_id, run_dir.path)
 
@@ -109,6 +120,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
                 "run-id": f"{run_id}-{metadata['run_uid'][:12]}"}
 
     flower_strategy = build_strategy(settings, ndarrays_to_parameters(initial), evaluate_fn, fit_config, fit_config)
+    check_strategy_state(flower_strategy)  # before round 1: Flower still keeps its state where we save it from
 
     def save_round(global_round: int, arrays: list[np.ndarray]) -> None:
         folder = run_dir.round_dir(global_round)
@@ -124,7 +136,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         inner = EpsilonBudgetStrategy(inner, settings.dp_epsilon_budget, settings.dp_delta)
         inner.worst_epsilon = max((r.get("dp_epsilon_max", 0.0) for r in run_dir.read_metrics()), default=0.0)
     metered = MeteredGrid(grid)
-    strategy = RecordingStrategy(inner, metered, _crash_hook(run_dir.append_metrics), save_round, num_rounds - done,
+    strategy = RecordingStrategy(inner, metered, run_dir.append_metrics, save_round, num_rounds - done,
                                  round_offset=done)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds - done), strategy=strategy)
     fit_workflow = _secagg_fit_workflow(settings, metered, run_dir)
@@ -180,27 +192,10 @@ def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: 
     return done, arrays
 
 
-def _crash_hook(append: Any) -> Any:
-    """Test hook FEDTUNE_TEST_CRASH_AFTER_ROUND=N: the coordinator process dies (as if
-    killed) right after round N is recorded. Off unless the variable is set."""
-    crash_after = int(os.environ.get("FEDTUNE_TEST_CRASH_AFTER_ROUND", "0") or 0)
-    if crash_after <= 0:
-        return append
-
-    def append_then_maybe_die(record: dict[str, Any]) -> None:
-        append(record)
-        if record.get("round") == crash_after:
-            log.warning("test hook: coordinator killed after round %d", crash_after)
-            os._exit(137)
-
-    return append_then_maybe_die
-
-
 def _secagg_fit_workflow(settings: RunSettings, grid: MeteredGrid, run_dir: RunDir) -> Any:
     """SecAgg+ as the fit stage when `secagg` is on; None keeps Flower's plain fit."""
     if not settings.secagg:
         return None
-    install_csprng_masks("server")
     nodes = wait_for_sites(grid, settings.min_sites, settings.secagg_timeout)
     check_secagg_settings(settings, len(nodes))
     max_weight = settings.secagg_max_weight or census_max_weight(grid, nodes, settings.secagg_timeout)

@@ -10,9 +10,9 @@ import numpy as np
 from flwr.common import NDArrays, Scalar
 from peft import PeftModel
 
-from client.site_data import load_examples
 from fedtune.adapter_io import set_adapter_arrays
 from fedtune.config import RunSettings
+from fedtune.data import load_examples
 from fedtune.encoding import Encoder, make_encoder
 from fedtune.evaluation import evaluate
 from fedtune.model import load_tokenizer

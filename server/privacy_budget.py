@@ -11,7 +11,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from server.delegating_strategy import DelegatingStrategy
+from .delegating_strategy import DelegatingStrategy
 
 log = logging.getLogger("fedtune.server")
 

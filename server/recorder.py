@@ -23,8 +23,9 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedtune.errors import FedtuneError
-from server.delegating_strategy import DelegatingStrategy
-from server.traffic import MeteredGrid
+
+from .delegating_strategy import DelegatingStrategy
+from .traffic import MeteredGrid
 
 log = logging.getLogger("fedtune.server")
 

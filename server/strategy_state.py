@@ -1,23 +1,51 @@
 """Saving and restoring a Flower strategy's own state with each checkpoint, so a
-resumed run continues FedAdam/FedYogi moments and FedAvgM momentum where they were."""
+resumed run continues FedAdam/FedYogi moments and FedAvgM momentum where they were.
+
+Flower's legacy strategies keep that state in plain attributes that are not part of
+its API (`FedOpt`: `current_weights`, `m_t`, `v_t`; `FedAvgM`: `momentum_vector`;
+verified on Flower 1.41). `check_strategy_state` runs when the coordinator starts and
+refuses to run if the strategy lacks one of them, so a Flower release that renames
+one fails loudly instead of resuming with the moments silently reset.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-from flwr.server.strategy import Strategy
+from flwr.server.strategy import FedAvgM, FedOpt, Strategy
+
+from fedtune.errors import FedtuneError
 
 STATE_FILE = "strategy_state.npz"
-# The attributes Flower's legacy FedOpt (FedAdam, FedYogi, FedAdagrad) and FedAvgM keep.
-STATE_ATTRIBUTES = ("current_weights", "m_t", "v_t", "momentum_vector")
+# The private attributes each legacy strategy family keeps its state in.
+STATE_ATTRIBUTES: tuple[tuple[type, tuple[str, ...]], ...] = (
+    (FedOpt, ("current_weights", "m_t", "v_t")),  # FedAdam, FedYogi, FedAdagrad
+    (FedAvgM, ("momentum_vector",)),
+)
+
+
+def state_attributes(strategy: Strategy) -> tuple[str, ...]:
+    """The attributes holding `strategy`'s state (none for stateless FedAvg/FedProx)."""
+    return next((names for cls, names in STATE_ATTRIBUTES if isinstance(strategy, cls)), ())
+
+
+def check_strategy_state(strategy: Strategy) -> None:
+    """Refuse to start if Flower no longer keeps this strategy's state where we read it."""
+    import flwr
+
+    missing = [name for name in state_attributes(strategy) if not hasattr(strategy, name)]
+    if missing:
+        raise FedtuneError(
+            f"{type(strategy).__name__} in Flower {flwr.__version__} has no {', '.join(missing)}: fedtune saves and "
+            "resumes the strategy's state from these attributes (verified on Flower 1.41.x); install that version")
 
 
 def save_strategy_state(strategy: Strategy, folder: Path) -> Path | None:
     """Write the strategy's array state next to the round's adapter (none: no file)."""
     arrays: dict[str, np.ndarray] = {}
-    for name in STATE_ATTRIBUTES:
-        value = getattr(strategy, name, None)
+    for name in state_attributes(strategy):
+        value = getattr(strategy, name)
         if value is None:
             continue
         arrays[f"{name}.count"] = np.asarray(len(value))
@@ -39,8 +67,8 @@ def load_strategy_state(strategy: Strategy, folder: Path) -> list[str]:
         return []
     data = np.load(path)
     restored = []
-    for name in STATE_ATTRIBUTES:
-        if f"{name}.count" in data and hasattr(strategy, name):
+    for name in state_attributes(strategy):
+        if f"{name}.count" in data:
             count = int(data[f"{name}.count"])
             setattr(strategy, name, [data[f"{name}.{i:04d}"] for i in range(count)])
             restored.append(name)

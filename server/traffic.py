@@ -4,16 +4,12 @@ content as its protobuf encoding, in both directions."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 from flwr.common import Message
 from flwr.common.serde import recorddict_to_proto
 
-from fedtune.masked_vector_codec import widen_masked_reply
-
-
-# Test and audit hook: callables run on every message, with "down" or "up".
-MESSAGE_OBSERVERS: list[Callable[[str, Message], None]] = []
+from fedtune.secagg.wire_codec import widen_masked_reply
 
 
 def content_bytes(message: Message) -> int:
@@ -43,14 +39,10 @@ class MeteredGrid:
         for msg in messages:
             key = (msg.metadata.group_id, msg.metadata.dst_node_id, msg.metadata.message_type)
             self.down[key] += content_bytes(msg)
-            for observe in MESSAGE_OBSERVERS:
-                observe("down", msg)
         replies = list(self._grid.send_and_receive(messages, *args, **kwargs))
         for reply in replies:
             key = (reply.metadata.group_id, reply.metadata.src_node_id, reply.metadata.message_type)
             self.up[key] += content_bytes(reply)  # as it came over the wire
-            for observe in MESSAGE_OBSERVERS:
-                observe("up", reply)
             widen_masked_reply(reply)  # SecAgg+ masked vectors: uint32 on the wire, int64 for Flower's sums
         return replies
 

@@ -121,7 +121,9 @@ def completion_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 
 def _federate(root: Path, name: str, overrides: dict[str, object]) -> Path:
     """One short real federation (2 sites, 1 round) into root/runs/name."""
-    from fedtune.simulation import project_run_config, run_simulation
+    from fedtune.cli.simulation import run_simulation
+
+    from fedtune.config import project_run_config
 
     config = {**project_run_config(), "output-dir": str(root / "runs"), "run-name": name, "num-rounds": 1,
               "local-steps": 12, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
@@ -139,7 +141,7 @@ def federate():  # type: ignore[no-untyped-def]
 @pytest.fixture(scope="session")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The coordinator's signing key pair and an intruder's."""
-    from edge_export.signing import generate_keypair
+    from fedtune.edge_export.signing import generate_keypair
 
     root = tmp_path_factory.mktemp("keys")
     private, public = generate_keypair(root, "coordinator")
@@ -151,7 +153,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def bert_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, sentiment_data: dict[str, Path],
                 keys: dict[str, Path]) -> tuple[Path, Path, dict]:
     """A tiny BERT federated with SecAgg+ and exported to a signed INT8 bundle."""
-    from edge_export.exporter import export_bundle
+    from fedtune.edge_export.exporter import export_bundle
 
     root = tmp_path_factory.mktemp("bert-export")
     run_dir = _federate(root, "bert", {"model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),

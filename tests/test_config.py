@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedtune.server.strategies import build_strategy, weighted_metrics
 from flwr.common import ndarrays_to_parameters
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from fedtune.config import RunSettings
+from fedtune.config import RunSettings, project_run_config
 from fedtune.errors import ConfigError
 from fedtune.schedule import lr_factor, round_progress
-from fedtune.simulation import project_run_config
-from server.strategies import build_strategy, weighted_metrics
 
 
 def test_pyproject_defaults_parse() -> None:

@@ -17,18 +17,11 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from fedtune.server.deployment import init_pki, register_site, run_command, site_keypair
 from safetensors.numpy import load_file
+from support.processes import ManagedProcesses, free_port, wait_for_port
 
-from fedtune.deploy import (
-    ManagedProcesses,
-    child_env,
-    free_port,
-    init_pki,
-    register_site,
-    run_command,
-    site_keypair,
-    wait_for_port,
-)
+from fedtune.flower_env import child_env
 from fedtune.tls import create_ca
 
 REPO = Path(__file__).resolve().parent.parent

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fedtune.cli.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 
+from fedtune.config import project_run_config
 from fedtune.length_buckets import length_buckets
-from fedtune.simulation import project_run_config, run_simulation
 
 NOISE, BATCH, STEPS, DELTA = 1.0, 16, 4, 1e-5
 SITE_TRAIN = 96  # 240 rows, IID over 2 sites, 20 % held out for validation
@@ -55,11 +56,11 @@ def test_dp_step_in_length_buckets_equals_one_padded_batch(tiny_bert_dir: Path, 
     per-example clipping sees the same per-example gradients, and noise is added once."""
     import copy
 
+    from fedtune.client import dp_trainer
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from transformers import AutoTokenizer
 
-    from client import dp_trainer
     from fedtune.data import ClassificationExample
     from fedtune.encoding import ClassificationEncoder, example_lengths
     from fedtune.model import LoraSettings, build_lora_model

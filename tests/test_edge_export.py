@@ -7,15 +7,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
-
-from edge_export.bundle import MANIFEST_FILE, BundleError, VerifiedBundle
-from edge_export.exporter import ExportGateError, export_bundle
-from edge_export.runtime import EdgeModel
+import tomllib
+from fedtune.edge_device.bundle import MANIFEST_FILE, BundleError, VerifiedBundle
+from fedtune.edge_device.runtime import EdgeModel
+from fedtune.edge_export.exporter import ExportGateError, export_bundle
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -88,7 +87,7 @@ def test_runtime_refuses_altered_or_foreign_bundles(bert_bundle: tuple[Path, Pat
     _flip_byte(cases["model"] / "model.onnx", (cases["model"] / "model.onnx").stat().st_size // 2)
     _flip_byte(cases["manifest"] / MANIFEST_FILE, 40)
     # Re-sign the untouched manifest with another key: valid signature, untrusted signer.
-    from edge_export.signing import load_private_key, sign
+    from fedtune.edge_export.signing import load_private_key, sign
 
     raw = (cases["foreign"] / MANIFEST_FILE).read_bytes()
     (cases["foreign"] / "manifest.sig").write_bytes(sign(load_private_key(keys["other_private"]), raw))
@@ -121,7 +120,7 @@ class Block:
             raise ImportError('blocked: ' + name)
 sys.meta_path.insert(0, Block())
 from fedtune.cli import main
-import edge_export.pull  # the device's registry client too
+import fedtune.edge_device.pull  # the device's registry client too
 rc = main(['edge', 'predict', {str(bundle)!r}, 'good great', '--trust-key', {str(keys['public'])!r}])
 assert rc == 0
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum', 'flwr', 'onnx'))
@@ -163,9 +162,9 @@ def test_parity_gate_refuses_and_writes_nothing_unless_forced(bert_bundle: tuple
 def test_llama_bundle_kv_cache_generation_matches_pytorch(llama_bundle: tuple[Path, Path, dict], keys: dict[str, Path],
                                                           tmp_path: Path, completion_data: dict[str, Path]) -> None:
     import torch
+    from fedtune.edge_export.merge import merge_adapter
+    from fedtune.edge_export.onnx_export import export_onnx
 
-    from edge_export.merge import merge_adapter
-    from edge_export.onnx_export import export_onnx
     from fedtune.data import load_completions
     from fedtune.encoding import CompletionEncoder
 

@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from fedtune.cli.simulation import run_simulation
 from flwr.common import Message, bytes_to_ndarray
 from safetensors.numpy import load_file
+from support.wire import observe_messages
 
 from fedtune.adapter_io import load_adapter_model, read_metadata
-from fedtune.simulation import project_run_config, run_simulation
-from server import traffic
+from fedtune.config import project_run_config
 
 
 def _run(tmp_path: Path, overrides: dict[str, Any]) -> tuple[Path, list[tuple[str, str, list[tuple[int, ...]]]]]:
@@ -36,12 +37,10 @@ def _run(tmp_path: Path, overrides: dict[str, Any]) -> tuple[Path, list[tuple[st
     config = {**project_run_config(), "output-dir": str(tmp_path / "runs"), "run-name": "t", "secagg": False, "num-rounds": 2,
               "local-steps": 16, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
               "lr-schedule": "constant", "val-fraction": 0.2, "central-eval-every": 1, **overrides}
-    traffic.MESSAGE_OBSERVERS.append(observe)
-    before = _ray_pids()
-    try:
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        observe_messages(monkeypatch, observe)
+        before = _ray_pids()
         run_simulation(config, num_sites=2)
-    finally:
-        traffic.MESSAGE_OBSERVERS.remove(observe)
     _assert_ray_stopped(before)
     return tmp_path / "runs" / "t", seen
 
@@ -139,9 +138,10 @@ def test_tiny_llama_causal_lm_federation(tmp_path: Path, tiny_llama_dir: Path, c
 def test_saved_round_adapter_reloads_with_identical_logits(tmp_path: Path, tiny_bert_dir: Path) -> None:
     """A checkpoint written by the server's writer reloads via PeftModel.from_pretrained
     and reproduces the in-memory model's logits exactly."""
+    from fedtune.server.run_dir import RunDir
+
     from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
     from fedtune.model import LoraSettings, build_lora_model, load_tokenizer
-    from server.run_dir import RunDir
 
     model = build_lora_model(str(tiny_bert_dir), "seq-cls", LoraSettings(), ["pos", "neg"], seed=3)
     rng = np.random.default_rng(0)

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fedtune.cli.simulation import run_simulation
 from flwr.common import Message, bytes_to_ndarray
 from safetensors.numpy import load_file
+from support.site_hooks import AuditUpdates, client_app_with
+from support.wire import observe_messages
 
-from fedtune.simulation import project_run_config, run_simulation
-from server import traffic
+from fedtune.config import project_run_config
 
 
 @pytest.mark.timeout(600)
@@ -23,7 +25,6 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
     head_rank: int,
 ) -> None:
     audit = tmp_path / "audit"
-    monkeypatch.setenv("FEDTUNE_TEST_AUDIT_DIR", str(audit))
     shapes: list[list[tuple[int, ...]]] = []
 
     def observe(direction: str, msg: Message) -> None:
@@ -36,11 +37,8 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
               "num-rounds": 2, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05, "ffa-lora": True,
               "ffa-head-rank": head_rank, "output-dir": str(tmp_path / "runs"), "run-name": "ffa",
               "secagg": False}  # plain FedAvg: the wire shapes and the exact mean are visible
-    traffic.MESSAGE_OBSERVERS.append(observe)
-    try:
-        run_simulation(config, num_sites=2)
-    finally:
-        traffic.MESSAGE_OBSERVERS.remove(observe)
+    observe_messages(monkeypatch, observe)
+    run_simulation(config, num_sites=2, client_app=client_app_with(inner=[AuditUpdates(str(audit))]))
     run_dir = tmp_path / "runs" / "ffa"
     info = json.loads((run_dir / "run.json").read_text())["adapter"]
     wire_keys = info["keys"]

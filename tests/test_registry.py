@@ -4,6 +4,7 @@ and the generated stubs against the .proto."""
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import shutil
 import subprocess
@@ -14,15 +15,22 @@ from typing import Iterator
 
 import grpc
 import pytest
-
-from edge_export.pull import PullError, PullInterrupted, active_version, pull, rollback
-from edge_export.runtime import EdgeModel
-from fedtune.registry.channel import open_channel
+from fedtune.edge_device import pull as device_pull
+from fedtune.edge_device.pull import (
+    PullError,
+    PullInterrupted,
+    active_version,
+    pull,
+    rollback,
+)
+from fedtune.edge_device.runtime import EdgeModel
+from fedtune.registry.protocol import open_channel
 from fedtune.registry.publisher import publish
 from fedtune.registry.service import ServerLimits, make_server
 from fedtune.registry.store import ModelStore
 from fedtune.registry.v1 import registry_pb2 as pb
 from fedtune.registry.v1 import registry_pb2_grpc as rpc
+
 from fedtune.tls import create_ca, issue
 
 REPO = Path(__file__).resolve().parent.parent
@@ -90,6 +98,39 @@ def test_publish_pull_predict_and_rollback(registry: Registry, bert_bundle: tupl
     assert EdgeModel.load(device / "current", keys["public"]).task == "seq-cls"
 
 
+@contextlib.contextmanager
+def _connection_cut_after(limit: int) -> Iterator[None]:
+    """The device's download streams are cancelled (a real gRPC CANCELLED) once `limit`
+    bytes have arrived, as when a device loses its connection part-way."""
+    real_stub = device_pull.rpc.ModelRegistryStub
+    received = 0
+
+    class CuttingStub(real_stub):  # type: ignore[misc, valid-type]
+        def __init__(self, channel: grpc.Channel) -> None:
+            super().__init__(channel)
+            real_download = self.Download
+
+            def download(request: object, **kwargs: object) -> Iterator[object]:
+                call = real_download(request, **kwargs)
+
+                def chunks() -> Iterator[object]:
+                    nonlocal received
+                    for chunk in call:
+                        yield chunk
+                        received += len(chunk.data)
+                        if received >= limit:
+                            call.cancel()
+                return chunks()
+
+            self.Download = download
+
+    device_pull.rpc.ModelRegistryStub = CuttingStub
+    try:
+        yield
+    finally:
+        device_pull.rpc.ModelRegistryStub = real_stub
+
+
 @pytest.mark.timeout(900)
 def test_cut_download_resumes_and_verifies(registry: Registry, bert_bundle: tuple[Path, Path, dict],
                                            keys: dict[str, Path], tmp_path: Path) -> None:
@@ -97,8 +138,8 @@ def test_cut_download_resumes_and_verifies(registry: Registry, bert_bundle: tupl
     _publish(registry, bundle, "v1")
     total = sum(e["bytes"] for e in manifest["files"].values())
     device = tmp_path / "device"
-    with pytest.raises(PullInterrupted, match="cut after"):
-        pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"], stop_after_bytes=total // 2)
+    with _connection_cut_after(total // 2), pytest.raises(PullInterrupted, match="cut after"):
+        pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
     assert active_version(device) is None and (device / ".incoming" / "v1").is_dir()
     result = pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
     assert result.resumed_bytes >= total // 2 and result.downloaded_bytes + result.resumed_bytes == total
@@ -162,7 +203,7 @@ def test_bad_names_unknown_models_and_credentials(registry: Registry, bert_bundl
 
 
 def _publish_foreign(reg: Registry, bundle: Path, keys: dict[str, Path]) -> None:
-    from edge_export.signing import load_private_key, sign
+    from fedtune.edge_export.signing import load_private_key, sign
 
     foreign = bundle.parent / "foreign-bundle"
     shutil.rmtree(foreign, ignore_errors=True)
@@ -209,7 +250,7 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     assert rc == 0
     for name in ("registry_pb2.py", "registry_pb2_grpc.py", "registry_pb2.pyi"):
         fresh = (tmp_path / "fedtune/registry/v1" / name).read_text()
-        assert (REPO / "fedtune/registry/v1" / name).read_text() == fresh, f"{name} is stale: run `make protos`"
+        assert (REPO / "registry/v1" / name).read_text() == fresh, f"{name} is stale: run `make protos`"
 
 
 @pytest.mark.timeout(900)

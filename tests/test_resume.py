@@ -1,5 +1,5 @@
-"""Crash-safe resume: the coordinator process dies (os._exit, like a kill -9) right
-after round 2 of 4; `fedtune simulate --resume` runs rounds 3 and 4 once each,
+"""Crash-safe resume: the coordinator process dies (os._exit, like a kill -9, injected by
+tests/support/crashing_coordinator.py) right after round 2 of 4; `fedtune simulate --resume` runs rounds 3 and 4 once each,
 metrics.jsonl holds rounds 1-4 exactly once, FedAdam's moments and the sites' DP
 accountants carry on, and the final adapter equals an uninterrupted run's."""
 
@@ -18,16 +18,17 @@ from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
 
 REPO = Path(__file__).resolve().parent.parent
+CRASHING_COORDINATOR = REPO / "tests" / "support" / "crashing_coordinator.py"
 
 
 def _simulate(out: Path, run: str, sets: dict[str, object], crash_after: int = 0, resume: bool = False,
               ) -> subprocess.CompletedProcess[str]:
-    args = [sys.executable, "-m", "fedtune.cli", "simulate", "--sites", "2", "--output-dir", str(out), "--run-name", run]
+    launcher = ["-m", "fedtune.cli"] if not crash_after else [str(CRASHING_COORDINATOR), str(crash_after)]
+    args = [sys.executable, *launcher, "simulate", "--sites", "2", "--output-dir", str(out), "--run-name", run]
     args += [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     if resume:
         args.append("--resume")
-    env = {**os.environ, "FEDTUNE_TEST_CRASH_AFTER_ROUND": str(crash_after)}
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                             start_new_session=True)
     try:
         stdout, _ = proc.communicate(timeout=900)

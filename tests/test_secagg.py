@@ -10,26 +10,24 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fedtune.cli.simulation import run_simulation
+from fedtune.server.secure_aggregation import secagg_error_bound
 from flwr.common import Message, bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from safetensors.numpy import load_file
+from support.site_hooks import AuditUpdates, CountMaskDraws, FailAt, client_app_with
+from support.wire import observe_messages
 
-from fedtune.config import RunSettings
-from fedtune.secure_masks import AUDIT_ENV as MASK_AUDIT_ENV
-from fedtune.secure_masks import csprng_rand_gen
-from fedtune.simulation import project_run_config, run_simulation
-from server import traffic
-from server.secure_aggregation import secagg_error_bound
+from fedtune.config import RunSettings, project_run_config
+from fedtune.secagg import masks
+from fedtune.secagg.masks import csprng_rand_gen
 
 
 def _run_secagg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: Path, data: dict[str, Path],
                 sites: int, rounds: int, fail_at: str = "") -> tuple[Path, list[np.ndarray], Path]:
     audit = tmp_path / "site-audit"
     masks_log = tmp_path / "mask-calls.txt"
-    monkeypatch.setenv("FEDTUNE_TEST_AUDIT_DIR", str(audit))
-    monkeypatch.setenv(MASK_AUDIT_ENV, str(masks_log))
-    monkeypatch.setenv("FEDTUNE_TEST_FAIL_AT", fail_at)
     masked: list[np.ndarray] = []
 
     def observe(direction: str, msg: Message) -> None:
@@ -43,11 +41,18 @@ def _run_secagg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: Path, da
               "num-rounds": rounds, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05,
               "output-dir": str(tmp_path / "runs"), "run-name": "s", "secagg": True, "min-sites": sites,
               "secagg-timeout": 300.0}
-    traffic.MESSAGE_OBSERVERS.append(observe)
-    try:
-        run_simulation(config, num_sites=sites)
-    finally:
-        traffic.MESSAGE_OBSERVERS.remove(observe)
+    observe_messages(monkeypatch, observe)
+    draw = masks.csprng_rand_gen
+
+    def count_server_draws(*args: Any) -> list[np.ndarray]:  # the coordinator runs in this process
+        with open(masks_log, "a", encoding="utf-8") as handle:
+            handle.write("server\n")
+        return draw(*args)
+
+    monkeypatch.setattr(masks, "csprng_rand_gen", count_server_draws)
+    fail = FailAt(frozenset(x for x in fail_at.split(",") if x))
+    app = client_app_with(outer=[CountMaskDraws(str(masks_log))], inner=[fail, AuditUpdates(str(audit))])
+    run_simulation(config, num_sites=sites, client_app=app)
     return tmp_path / "runs" / "s", masked, audit
 
 

@@ -11,8 +11,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edge_export.signing import SignatureError, load_public_key, verify
 from fedtune.errors import FedtuneError
+
+from .signature import SignatureError, load_public_key, verify
 
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"

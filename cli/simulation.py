@@ -1,14 +1,18 @@
-"""Running a whole federation on one machine with Flower's Simulation Engine (Ray):
-N virtual sites, each one partition of the configured data set."""
+"""The simulation launcher, one of fedtune's two composition roots (with the CLI): it
+wires the coordinator's ServerApp and the site's ClientApp into Flower's Simulation
+Engine (Ray) on one machine, N virtual sites, each one partition of the data set."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
-from fedtune.config import APP_DIR, RunSettings
+from fedtune.config import RunSettings, project_run_config
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
 
 FLOWER_QUIET_ENV = {
     "FLWR_TELEMETRY_ENABLED": "0",
@@ -19,19 +23,6 @@ FLOWER_QUIET_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
 }
-
-
-def project_run_config() -> dict[str, Any]:
-    """Defaults from the dataclass, overlaid with `[tool.flwr.app.config]` when the
-    project's pyproject.toml is at hand."""
-    config = RunSettings().to_run_config()
-    pyproject = APP_DIR / "pyproject.toml"
-    if pyproject.is_file():
-        import tomllib
-
-        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        config.update(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
-    return config
 
 
 def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
@@ -45,10 +36,12 @@ def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
     (directory / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
-def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool = False) -> RunSettings:
+def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool = False,
+                   client_app: ClientApp | None = None) -> RunSettings:
     """Run the ServerApp and `num_sites` ClientApps in this process's Simulation Engine.
 
-    Overrides are validated first, so a bad value fails before Ray starts.
+    Overrides are validated first, so a bad value fails before Ray starts. `client_app`
+    defaults to the product's; tests pass one wrapped with their own mods.
     """
     for key, value in FLOWER_QUIET_ENV.items():
         os.environ.setdefault(key, value)
@@ -59,7 +52,11 @@ def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool =
     import logging
 
     from flwr.app import Context, RecordDict
-    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.common.constant import (
+        RUN_ID_NUM_BYTES,
+        SUPERLINK_NODE_ID,
+        TASK_ID_NUM_BYTES,
+    )
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
@@ -67,8 +64,9 @@ def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool =
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.supercore.telemetry import EventType
 
-    from client.app import app as client_app
-    from server.app import app as server_app
+    if client_app is None:
+        from fedtune.client.app import app as client_app
+    from fedtune.server.app import app as server_app
 
     if not verbose:
         logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -118,7 +116,7 @@ def _gpu_count() -> int:
 def _check_inputs(settings: RunSettings) -> None:
     """Validate the run folder, label set, data set and held-out file before Ray starts,
     so a bad input fails with its one-line error and no run folder is touched."""
-    from client.site_data import load_examples
+    from fedtune.data import load_examples
     from fedtune.errors import FedtuneError
 
     run_path = Path(settings.output_dir).expanduser().resolve() / (settings.run_name or "-")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 import threading
@@ -15,24 +14,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from edge_export.bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, read_listed_files, sha256_bytes, verify_bundle
+from fedtune.edge_device.bundle import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    BundleError,
+    read_listed_files,
+    sha256_bytes,
+    verify_bundle,
+)
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+from .protocol import InvalidName, StoreError, check_name
+
 INDEX_FILE = "versions.json"
-
-
-class StoreError(Exception):
-    """Base for store errors; `code` names the gRPC status the service maps it to."""
-
-    code = "INTERNAL"
 
 
 class NotFound(StoreError):
     code = "NOT_FOUND"
-
-
-class InvalidName(StoreError):
-    code = "INVALID_ARGUMENT"
 
 
 class Conflict(StoreError):
@@ -41,13 +38,6 @@ class Conflict(StoreError):
 
 class Rejected(StoreError):
     code = "FAILED_PRECONDITION"
-
-
-def check_name(kind: str, name: str) -> str:
-    """A model, version or file name: letters, digits, '.', '_', '-'; no separators, no '..'."""
-    if not NAME_RE.match(name or "") or ".." in name:
-        raise InvalidName(f"{kind} name {name!r} is not allowed (letters, digits, '.', '_', '-'; no '/' or '..')")
-    return name
 
 
 @dataclass(frozen=True)

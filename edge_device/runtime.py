@@ -17,8 +17,9 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Encoding, Tokenizer
 
-from edge_export.bundle import BundleError, VerifiedBundle, verify_bundle
 from fedtune.length_buckets import length_buckets
+
+from .bundle import BundleError, VerifiedBundle, verify_bundle
 
 
 @dataclass(frozen=True)

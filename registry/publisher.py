@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
+from fedtune.edge_device.bundle import MANIFEST_FILE, SIGNATURE_FILE
 
-from edge_export.bundle import MANIFEST_FILE, SIGNATURE_FILE
 from fedtune.errors import FedtuneError
-from fedtune.registry.channel import open_channel
-from fedtune.registry.service import CHUNK_BYTES
-from fedtune.registry.v1 import registry_pb2 as pb
-from fedtune.registry.v1 import registry_pb2_grpc as rpc
+
+from .protocol import CHUNK_BYTES, open_channel
+from .v1 import registry_pb2 as pb
+from .v1 import registry_pb2_grpc as rpc
 
 
 def bundle_files(bundle: Path) -> list[str]:

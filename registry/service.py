@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hmac
 import logging
+import signal
+import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,13 +15,18 @@ from typing import Iterator
 
 import grpc
 
-from fedtune.registry.store import InvalidName, ModelStore, StoreError, check_name
-from fedtune.registry.v1 import registry_pb2 as pb
-from fedtune.registry.v1 import registry_pb2_grpc as rpc
+from .protocol import (
+    CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    InvalidName,
+    StoreError,
+    check_name,
+)
+from .store import ModelStore
+from .v1 import registry_pb2 as pb
+from .v1 import registry_pb2_grpc as rpc
 
 log = logging.getLogger("fedtune.registry")
-CHUNK_BYTES = 1 << 20
-MAX_MESSAGE_BYTES = 4 << 20
 MAX_BUNDLE_BYTES = 4 << 30
 
 
@@ -136,3 +143,12 @@ def make_server(
     port = server.add_secure_port(address, credentials)
     server.start()
     return server, port
+
+
+def serve_until_signalled(server: grpc.Server, grace: float = 2.0) -> None:
+    """Block until SIGTERM or SIGINT, then stop `server`, letting calls in flight finish."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=grace).wait()

@@ -17,14 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-
-from edge_export.bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, verify_bundle
-from edge_export.signing import load_public_key, verify
-from fedtune.errors import FedtuneError
-from fedtune.registry.channel import open_channel
-from fedtune.registry.store import StoreError, check_name
+from fedtune.registry.protocol import StoreError, check_name, open_channel
 from fedtune.registry.v1 import registry_pb2 as pb
 from fedtune.registry.v1 import registry_pb2_grpc as rpc
+
+from fedtune.errors import FedtuneError
+
+from .bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, verify_bundle
+from .signature import load_public_key, verify
 
 CURRENT, PREVIOUS = "current", "previous"
 
@@ -54,10 +54,11 @@ def _rpc_error(registry: str, what: str, err: grpc.RpcError) -> PullError:
 def pull(
     registry: str, model: str, trusted_key: str | Path, into: str | Path, *, version: str = "",
     ca: bytes | None = None, cert: bytes | None = None, key: bytes | None = None,
-    stop_after_bytes: int | None = None, timeout: float = 600.0,
+    timeout: float = 600.0,
 ) -> PullResult:
     """Download `model` (`version`, or the latest), verify it, and make it current.
-    `stop_after_bytes` cuts the download after that many bytes (tests, benchmarks)."""
+    A download that breaks off part-way keeps what it received and raises
+    PullInterrupted; the next pull resumes from there."""
     root = Path(into)
     public_key = load_public_key(trusted_key)
     with open_channel(registry, ca, cert, key) as channel:
@@ -104,11 +105,10 @@ def pull(
                             raise PullError(f"{registry}: {name}: chunk at {chunk.offset}, expected {handle.tell()}")
                         handle.write(chunk.data)
                         received += len(chunk.data)
-                        if stop_after_bytes is not None and received >= stop_after_bytes:
-                            stream.cancel()
-                            raise PullInterrupted(f"{registry}: download of {model} {reply.version} cut after "
-                                                  f"{received} bytes; pull again to resume")
             except grpc.RpcError as err:
+                if received or resumed:
+                    raise PullInterrupted(f"{registry}: download of {model} {reply.version} cut after {received} bytes "
+                                          f"({err.code().name}); pull again to resume") from None
                 raise _rpc_error(registry, f"download {name}", err) from None
     try:
         verify_bundle(incoming, trusted_key)

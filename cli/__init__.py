@@ -1,0 +1,54 @@
+"""The `fedtune` command line, one of fedtune's two composition roots (with the
+simulation launcher): each command group lives in its own module and calls into the
+stage it belongs to.
+
+    run.py       simulate, check-data          export.py    export, keys
+    edge.py      edge predict/pull/rollback    registry.py  certs, registry
+    deploy.py    deploy ...
+
+Heavy imports stay inside the commands: `fedtune edge ...` must work where only the
+`edge` extra (onnxruntime, tokenizers) is installed, without torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+from fedtune.errors import FedtuneError
+
+from . import deploy, edge, export, registry, run
+
+TRAIN_ONLY_MODULES = {"torch", "transformers", "peft", "flwr", "optimum", "onnx", "opacus", "ray", "safetensors"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedtune",
+        description="Federated LoRA fine-tuning with Flower: sites train adapters on local data; "
+        "the coordinator aggregates only the adapters.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    for group in (run, export, edge, deploy, registry):
+        group.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; user errors print one line and exit 1 (no traceback)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except FedtuneError as err:
+        print(f"fedtune: error: {err}", file=sys.stderr)
+        return 1
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TRAIN_ONLY_MODULES:
+            raise
+        print(f"fedtune: error: '{args.command}' needs the train extra (missing module {err.name}): "
+              "pip install 'fedtune[train]'", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedtune: interrupted", file=sys.stderr)
+        return 130

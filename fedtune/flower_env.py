@@ -1,0 +1,37 @@
+"""Where Flower's command-line tools are and the environment its processes run in:
+this interpreter's console scripts first on PATH, no telemetry, no update check, no
+runtime dependency installation (nothing is downloaded), Hugging Face offline."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from fedtune.errors import FedtuneError
+
+
+def bin_dir() -> Path:
+    """The folder of this interpreter's console scripts (flower-*, flwr)."""
+    return Path(sys.executable).parent
+
+
+def tool(name: str) -> str:
+    found = shutil.which(name, path=f"{bin_dir()}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        raise FedtuneError(f"'{name}' not found: install the train extra (pip install 'fedtune[train]')")
+    return found
+
+
+def child_env(flwr_home: Path | None = None) -> dict[str, str]:
+    """Environment for Flower's processes: our console scripts first on PATH, no
+    telemetry, and no runtime dependency installation (nothing is downloaded)."""
+    env = dict(os.environ)
+    env["PATH"] = f"{bin_dir()}{os.pathsep}{env.get('PATH', '')}"
+    env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
+                "RAY_USAGE_STATS_ENABLED": "0"})
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env

@@ -1,0 +1,126 @@
+"""Test hooks for a site, injected as Flower mods around the product's ClientApp.
+
+The product's app never reads an environment variable that would make a site write its
+raw update or fail on purpose; a test builds its own ClientApp with these mods and hands
+it to the simulation launcher:
+
+- `AuditUpdates(folder)`, inside SecAgg+'s mod: writes each site's unmasked reply
+  (adapter arrays, example count) and its whole adapter (A included) to a local folder,
+  so a test can compare what SecAgg+ delivered with what the sites sent.
+- `FailAt({"site-2@1"})`, inside SecAgg+'s mod: that site raises in that round's training.
+- `CountMaskDraws(log)`, outside SecAgg+'s mod: appends "client <pid>" to `log` every
+  time that process draws a CSPRNG mask.
+
+Ray runs the sites in worker processes; the mods travel there by reference, so
+`importable_in_workers()` puts this folder on the workers' PYTHONPATH first.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Context, Message, MessageType, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import (
+    recorddict_to_fitins,
+    recorddict_to_fitres,
+)
+
+TESTS_DIR = Path(__file__).resolve().parent.parent
+
+
+def importable_in_workers() -> None:
+    """Let Ray's worker processes (started after this call) import `support.*`."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if str(TESTS_DIR) not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *paths])
+
+
+def client_app_with(inner: list[object] = (), outer: list[object] = ()) -> ClientApp:  # type: ignore[assignment]
+    """The product's ClientApp with test mods outside and inside its own mods."""
+    from fedtune.client import app as site_app
+
+    importable_in_workers()
+    return ClientApp(client_fn=site_app.client_fn, mods=[*outer, *site_app.MODS, *inner])  # type: ignore[list-item]
+
+
+def _is_fit(msg: Message) -> bool:
+    return msg.metadata.message_type == MessageType.TRAIN and msg.has_content() and bool(msg.content.array_records)
+
+
+def _site_name(ctxt: Context) -> str:
+    node = ctxt.node_config
+    return str(node.get("site-name") or f"site-{node['partition-id']}")
+
+
+@dataclass(frozen=True)
+class FailAt:
+    """Raise in the training of the listed "SITE@ROUND" pairs."""
+
+    targets: frozenset[str]
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if _is_fit(msg):
+            server_round = int(recorddict_to_fitins(msg.content, keep_input=True).config["server-round"])
+            site = _site_name(ctxt)
+            if f"{site}@{server_round}" in self.targets:
+                raise RuntimeError(f"test hook: {site} fails in round {server_round}")
+        return call_next(msg, ctxt)
+
+
+@dataclass(frozen=True)
+class AuditUpdates:
+    """Write each site's unmasked fit reply, and its whole adapter, to `folder`."""
+
+    folder: str
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        reply = call_next(msg, ctxt)
+        if not _is_fit(msg) or reply.has_error():
+            return reply
+        from fedtune.client.model_cache import cached_lora_model
+
+        from fedtune.adapter_io import get_adapter_arrays
+        from fedtune.config import RunSettings
+
+        fitins = recorddict_to_fitins(msg.content, keep_input=True)
+        fitres = recorddict_to_fitres(reply.content, keep_input=True)
+        settings = RunSettings.from_run_config(ctxt.run_config)
+        labels = tuple(json.loads(str(fitins.config["labels"])))
+        model = cached_lora_model(settings.model, settings.task, settings.lora_settings(), labels, settings.seed)
+        arrays = parameters_to_ndarrays(fitres.parameters)
+        site, server_round = fitres.metrics["site"], int(fitins.config["server-round"])
+        path = Path(self.folder)
+        path.mkdir(parents=True, exist_ok=True)
+        np.savez(path / f"{site}-round{server_round:03d}.npz", num_examples=fitres.num_examples,
+                 **{f"a{i:04d}": a for i, a in enumerate(arrays)},
+                 **{f"full{i:04d}": a for i, a in enumerate(get_adapter_arrays(model))})
+        return reply
+
+
+@dataclass(frozen=True)
+class CountMaskDraws:
+    """Append "client <pid>" to `log` each time this process draws CSPRNG masks."""
+
+    log: str
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        from fedtune.secagg import masks
+
+        draw = masks.csprng_rand_gen
+        if not getattr(draw, "counted", False):
+            log = self.log
+
+            def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+                with open(log, "a", encoding="utf-8") as handle:
+                    handle.write(f"client {os.getpid()}\n")
+                return draw(*args, **kwargs)
+
+            counted.counted = True  # type: ignore[attr-defined]
+            masks.csprng_rand_gen = counted
+        return call_next(msg, ctxt)

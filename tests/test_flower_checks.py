@@ -1,0 +1,102 @@
+"""The Flower internals fedtune touches fail loudly: SecAgg+ is refused, on either side,
+unless Flower will really call the CSPRNG mask generator, and a strategy whose state
+Flower no longer keeps where fedtune saves it from is refused at start-up."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flwr.common import ndarrays_to_parameters
+from flwr.common.secure_aggregation import secaggplus_utils
+from flwr.server.strategy import FedAdam, FedAvgM
+
+from fedtune.cli.simulation import run_simulation
+from fedtune.config import project_run_config
+from fedtune.errors import FedtuneError
+from fedtune.secagg import masks
+from fedtune.server.strategy_state import check_strategy_state
+
+FLOWER_NUMPY_GENERATOR = secaggplus_utils.pseudo_rand_gen
+
+
+def _flower_module(role: str) -> Any:
+    return importlib.import_module(masks.MASK_CALLERS[role][0])
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_installed_masks_pass_the_check(role: str) -> None:
+    masks.install_csprng_masks(role)
+    assert getattr(_flower_module(role).pseudo_rand_gen, "__name__") == f"csprng_rand_gen[{role}]"
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_a_failed_patch_is_refused(role: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rebinding silently leaves Flower's 32-bit-seeded numpy generator in place."""
+    module = _flower_module(role)
+    monkeypatch.setattr(module, "pseudo_rand_gen", FLOWER_NUMPY_GENERATOR)
+    monkeypatch.setattr(masks, "_generator_for", lambda _role: FLOWER_NUMPY_GENERATOR)
+    with pytest.raises(masks.SecAggSetupError, match=f"SecAgg\\+ refused on the {role} side: .*not the CSPRNG"):
+        masks.install_csprng_masks(role)
+
+
+@pytest.mark.parametrize("role", ["server", "client"])
+def test_flower_moving_the_call_is_refused(role: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Flower release whose mask-drawing function reaches the generator another way
+    (here: through the utils module) would bypass the rebound name."""
+    masks.install_csprng_masks(role)
+    dotted = masks.MASK_CALLERS[role][1][0]
+    *owner_path, attribute = dotted.split(".")
+    owner = _flower_module(role)
+    for part in owner_path:
+        owner = getattr(owner, part)
+
+    def draws_elsewhere(*args: Any, **kwargs: Any) -> Any:
+        return secaggplus_utils.pseudo_rand_gen(b"", 2, [])
+
+    monkeypatch.setattr(owner, attribute, draws_elsewhere)
+    with pytest.raises(masks.SecAggSetupError, match="no longer calls pseudo_rand_gen"):
+        masks.verify_csprng_masks(role)
+    monkeypatch.delattr(owner, attribute)  # renamed away
+    with pytest.raises(masks.SecAggSetupError, match=f"has no {dotted}"):
+        masks.verify_csprng_masks(role)
+
+
+def test_an_alias_of_the_numpy_generator_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    masks.install_csprng_masks("client")
+    monkeypatch.setattr(_flower_module("client"), "_legacy_prg", FLOWER_NUMPY_GENERATOR, raising=False)
+    with pytest.raises(masks.SecAggSetupError, match="as _legacy_prg"):
+        masks.verify_csprng_masks("client")
+
+
+@pytest.mark.timeout(600)
+def test_coordinator_refuses_secagg_before_round_one_when_the_patch_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    """A whole simulated run with the coordinator's patch failing: no round runs, nothing is
+    written, and the error says why."""
+    monkeypatch.setattr(_flower_module("server"), "pseudo_rand_gen", FLOWER_NUMPY_GENERATOR)
+    monkeypatch.setattr(masks, "_generator_for", lambda _role: FLOWER_NUMPY_GENERATOR)
+    config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
+              "labels-file": str(sentiment_data["labels"]), "central-eval-path": "", "partitioning": "iid",
+              "num-rounds": 1, "local-steps": 2, "batch-size": 16, "output-dir": str(tmp_path / "runs"),
+              "run-name": "refused", "secagg": True}
+    with pytest.raises(masks.SecAggSetupError, match="SecAgg\\+ refused on the server side: .*not the CSPRNG"):
+        run_simulation(config, num_sites=2)
+    assert not (tmp_path / "runs" / "refused").exists()
+
+
+def test_strategy_state_attributes_are_checked() -> None:
+    initial = ndarrays_to_parameters([])
+    for strategy in (FedAdam(initial_parameters=initial), FedAvgM(initial_parameters=initial)):
+        check_strategy_state(strategy)  # Flower 1.41 keeps them where we read them
+
+    class RenamedFedAdam(FedAdam):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__(**kwargs)
+            self.first_moment = self.__dict__.pop("m_t")
+
+    with pytest.raises(FedtuneError, match="RenamedFedAdam in Flower .* has no m_t"):
+        check_strategy_state(RenamedFedAdam(initial_parameters=initial))
