@@ -16,7 +16,7 @@ from fedtune.data import load_classification, load_completions
 from fedtune.errors import FedtuneError
 from fedtune.flower_env import child_env, tool
 
-# flower-supernode prints "[code: 2004] Failed to activate SuperNode." for an unregistered key.
+UNREGISTERED_KEY = "[code: 2004]"  # flower-supernode: "[code: 2004] Failed to activate SuperNode."
 
 
 def check_tls(superlink: str, ca: Path, timeout: float = 10.0) -> None:
@@ -63,7 +63,7 @@ def stop_helpers(pid: int) -> None:
 
 
 def explain_supernode_exit(code: int, output: str, key: Path, superlink: str) -> str:
-    if "[code: 2004]" in output:
+    if UNREGISTERED_KEY in output:
         return (f"{key}: this site's key is not registered with the SuperLink at {superlink}; send "
                 f"{key.with_suffix('.pub').name} to the coordinator (fedtune deploy register)")
     last = [line for line in output.splitlines() if line.strip()][-3:]

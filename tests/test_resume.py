@@ -1,6 +1,6 @@
 """Crash-safe resume: the coordinator process dies (os._exit, like a kill -9, injected by
-tests/support/crashing_coordinator.py) right after round 2 of 4; `fedtune simulate --resume` runs rounds 3 and 4 once each,
-metrics.jsonl holds rounds 1-4 exactly once, FedAdam's moments and the sites' DP
+tests/support/crashing_coordinator.py) right after round 2 of 4; `fedtune simulate
+--resume` runs rounds 3 and 4 once each, metrics.jsonl holds rounds 1-4 exactly once, FedAdam's moments and the sites' DP
 accountants carry on, and the final adapter equals an uninterrupted run's."""
 
 from __future__ import annotations

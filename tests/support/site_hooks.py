@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 from flwr.clientapp import ClientApp
@@ -32,6 +33,7 @@ from flwr.compat.common.recorddict_compat import (
 )
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
+Mod = Callable[[Message, Context, ClientAppCallable], Message]
 
 
 def importable_in_workers() -> None:
@@ -41,12 +43,12 @@ def importable_in_workers() -> None:
         os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS_DIR), *paths])
 
 
-def client_app_with(inner: list[object] = (), outer: list[object] = ()) -> ClientApp:  # type: ignore[assignment]
+def client_app_with(inner: Sequence[Mod] = (), outer: Sequence[Mod] = ()) -> ClientApp:
     """The product's ClientApp with test mods outside and inside its own mods."""
     from fedtune.client import app as site_app
 
     importable_in_workers()
-    return ClientApp(client_fn=site_app.client_fn, mods=[*outer, *site_app.MODS, *inner])  # type: ignore[list-item]
+    return ClientApp(client_fn=site_app.client_fn, mods=[*outer, *site_app.MODS, *inner])
 
 
 def _is_fit(msg: Message) -> bool:
