@@ -49,6 +49,6 @@ def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppC
     return call_next(msg, ctxt)
 
 
-# The mods every site runs, outermost first (tests wrap the app with their own after these).
+# The mods every site runs, outermost first; tests build their own ClientApp with extra mods around these.
 MODS = [secaggplus_when_requested]
 app = ClientApp(client_fn=client_fn, mods=list(MODS))
