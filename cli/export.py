@@ -45,8 +45,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     exp.add_argument("--out", required=True, help="the bundle folder to create (must not exist or be empty)")
     exp.add_argument("--key", required=True, help="Ed25519 private key (PEM) from `fedtune keys generate`")
     exp.add_argument("--eval", help="held-out JSONL/CSV for the parity gate (default: the run's central-eval-path)")
-    exp.add_argument("--quantization", choices=["per-channel", "per-channel-fp32-head", "per-tensor"],
-                     help="INT8 mode (default: per-channel, picked by bench/edge.py)")
+    exp.add_argument("--quantization", choices=["per-channel", "per-channel-fp32-head", "per-tensor", "weight-only-int8"],
+                     help="INT8 mode (default: per-channel for seq-cls, picked by bench/edge.py; weight-only-int8 for causal-lm)")
     exp.add_argument("--max-drop-pt", type=float, default=1.0,
                      help="largest accuracy drop, in points, the INT8 model may show (default: 1.0)")
     exp.add_argument("--force", action="store_true", help="write the bundle even if the parity gate fails")

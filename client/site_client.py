@@ -43,7 +43,7 @@ class SiteClient(NumPyClient):
 
     def _model(self, labels: Sequence[str]) -> PeftModel:
         s = self.settings
-        return cached_lora_model(s.model, s.task, s.lora_settings(), tuple(labels), s.seed)
+        return cached_lora_model(s.base_model, s.task, s.lora_settings(), tuple(labels), s.seed)
 
     def _site(self, labels: Sequence[str]) -> SiteData:
         try:
@@ -67,7 +67,8 @@ class SiteClient(NumPyClient):
         set_adapter_arrays(model, parameters, self.settings.ffa_lora)
         server_round = int(config.get("server-round", 1))
         num_rounds = int(config.get("num-rounds", self.settings.num_rounds))
-        encoder = make_encoder(cached_tokenizer(self.settings.model), site.train, self.settings.max_length)
+        encoder = make_encoder(cached_tokenizer(self.settings.base_model), site.train, self.settings.max_length,
+                               self.settings.system_prompt)
         seed = self.settings.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
         if self.settings.dp:
@@ -117,8 +118,9 @@ class SiteClient(NumPyClient):
         model = self._model(labels)
         set_adapter_arrays(model, parameters, self.settings.ffa_lora)
         examples = site.val or site.train
-        encoder = make_encoder(cached_tokenizer(self.settings.model), examples, self.settings.max_length)
-        metrics = evaluate(model, encoder)
+        s = self.settings
+        encoder = make_encoder(cached_tokenizer(s.base_model), examples, s.max_length, s.system_prompt)
+        metrics = evaluate(model, encoder, max_new_tokens=s.eval_max_new_tokens, max_generated=s.eval_max_examples)
         out: dict[str, Scalar] = {"site": site.name, "num_examples": len(examples)}
         out.update({f"val_{k}": float(v) for k, v in metrics.items()})
         return float(metrics["loss"]), len(examples), out

@@ -22,9 +22,14 @@ class SiteData:
 
 
 def site_partition(examples: Sequence[Example], settings: RunSettings, part: int, num_parts: int) -> list[Example]:
-    """Partition `part` of `num_parts` (Dirichlet over labels for seq-cls, else IID)."""
-    if settings.partitioning == "dirichlet" and settings.task == "seq-cls":
-        labels = [e.label for e in examples]  # type: ignore[union-attr]
+    """Partition `part` of `num_parts`: Dirichlet over labels (seq-cls) or over distinct
+    completions (causal-lm, e.g. intents in words), or IID."""
+    if settings.partitioning == "dirichlet":
+        if settings.task == "seq-cls":
+            labels = [e.label for e in examples]  # type: ignore[union-attr]
+        else:
+            index: dict[str, int] = {}
+            labels = [index.setdefault(e.completion, len(index)) for e in examples]  # type: ignore[union-attr]
         parts = dirichlet_partition(labels, num_parts, settings.dirichlet_alpha, settings.seed, min_size=2)
     else:
         parts = iid_partition(len(examples), num_parts, settings.seed)

@@ -3,6 +3,7 @@ FedProx proximal term; returns only aggregate figures."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from peft import PeftModel
 from fedtune.accelerator import autocast_for
 from fedtune.config import RunSettings
 from fedtune.encoding import (
+    IGNORE_INDEX,
     ClassificationEncoder,
     Encoder,
     batch_indices,
@@ -94,13 +96,38 @@ def set_scheduled_lr(optimizer: torch.optim.Optimizer, settings: RunSettings, pr
 def training_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], logit_mask: torch.Tensor | None, device: torch.device
 ) -> torch.Tensor:
-    """The model's own loss, or cross-entropy over the restricted softmax when a mask is set."""
+    """The model's own loss, cross-entropy over the restricted softmax when a mask is set,
+    or, for causal LMs, the completion loss from logits at the labelled positions only."""
     with autocast_for(device):
+        if batch["labels"].dim() == 2 and accepts_logits_to_keep(model):
+            return completion_loss(model, batch)
         if logit_mask is None:
             return model(**batch).loss
         labels = batch.pop("labels")
         logits = model(**batch).logits.float() + logit_mask
         return torch.nn.functional.cross_entropy(logits, labels)
+
+
+def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over completion tokens, as the model's own loss,
+    but the LM head runs only at positions that predict a labelled token in some row
+    (`logits_to_keep`): a completion of a few tokens after a 30-token prompt no longer
+    pays for 49k-way logits at every prompt position."""
+    targets = batch["labels"][:, 1:]
+    positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                   logits_to_keep=positions).logits.float()
+    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, positions].reshape(-1),
+                                             ignore_index=IGNORE_INDEX)
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the (peft-wrapped) causal LM's forward takes `logits_to_keep` (Llama,
+    Qwen, Mistral, GPT-2, ... in transformers >= 4.50)."""
+    inner = getattr(model, "_module", model)  # Opacus' GradSampleModule wraps the peft model
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
 def summarize_losses(losses: list[float], num_examples: int, steps: int) -> TrainResult:

@@ -82,12 +82,14 @@ def federation_facts(info: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def prompt_format(tokenizer: Any) -> dict[str, Any]:
+def prompt_format(tokenizer: Any, system_prompt: str = "") -> dict[str, Any]:
     """How the device turns a prompt into ids the way the sites did: the chat template
-    rendered around a sentinel (prefix/suffix), or the plain text with special tokens."""
+    (with the run's system prompt) rendered around a sentinel (prefix/suffix), or the
+    plain text with special tokens."""
     if not getattr(tokenizer, "chat_template", None):
         return {"prompt_prefix": "", "prompt_suffix": "", "add_special_tokens": True}
-    text = tokenizer.apply_chat_template([{"role": "user", "content": PROMPT_SENTINEL}],
+    system = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    text = tokenizer.apply_chat_template([*system, {"role": "user", "content": PROMPT_SENTINEL}],
                                          add_generation_prompt=True, tokenize=False)
     prefix, _, suffix = text.partition(PROMPT_SENTINEL)
     return {"prompt_prefix": prefix, "prompt_suffix": suffix, "add_special_tokens": False}
@@ -122,7 +124,7 @@ def export_bundle(
     else:
         examples = load_completions(eval_file, settings["prompt-field"], settings["completion-field"])
     examples = examples[:limit] if limit else examples
-    mode = quantization or quantize.DEFAULT_MODE
+    mode = quantization or quantize.DEFAULT_MODE_BY_TASK[task]
     max_length = int(settings["max-length"])
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +148,7 @@ def export_bundle(
         eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
         runtime = {"max_length": max_length, "pad_token_id": int(tokenizer.pad_token_id or 0),
                    "eos_token_ids": [int(eos)] if eos is not None and task == "causal-lm" else [],
-                   **(prompt_format(tokenizer) if task == "causal-lm" else {})}
+                   **(prompt_format(tokenizer, meta.get("system_prompt", "")) if task == "causal-lm" else {})}
         draft = {"task": task, "labels": labels, "runtime": runtime, "model_file": "model.onnx",
                  "tokenizer_file": "tokenizer.json"}
         files = {n: (staging / n).read_bytes() for n in ("model.onnx", "tokenizer.json")}
@@ -155,7 +157,7 @@ def export_bundle(
         if task == "seq-cls":
             gate = parity.classification_parity(model, tokenizer, edge, examples, max_length)
         else:
-            gate = parity.causal_lm_parity(model, tokenizer, edge, examples, max_length)
+            gate = parity.causal_lm_parity(model, tokenizer, edge, examples, max_length, meta.get("system_prompt", ""))
         gate.update({"eval_file": str(eval_file), "max_accuracy_drop_pt": max_accuracy_drop_pt, "forced": False})
         log.info("parity: %s", ", ".join(f"{k} {v:.4g}" for k, v in gate.items() if isinstance(v, float)))
         if gate["accuracy_drop_pt"] > max_accuracy_drop_pt:

@@ -55,9 +55,9 @@ def classification_parity(
 @torch.no_grad()
 def causal_lm_parity(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, edge: EdgeModel,
-    examples: Sequence[CompletionExample], max_length: int,
+    examples: Sequence[CompletionExample], max_length: int, system_prompt: str = "",
 ) -> dict[str, float]:
-    encoder = CompletionEncoder(tokenizer, examples, max_length)
+    encoder = CompletionEncoder(tokenizer, examples, max_length, system_prompt)
     nll = {"torch": 0.0, "onnx": 0.0}
     right = {"torch": 0, "onnx": 0}
     agree = tokens = 0

@@ -35,6 +35,9 @@ class RunSettings:
     label_field: str = "label"
     prompt_field: str = "prompt"
     completion_field: str = "completion"
+    system_prompt: str = ""
+    eval_max_new_tokens: int = 16
+    eval_max_examples: int = 0
     labels: str = ""
     labels_file: str = ""
     max_length: int = 64
@@ -47,6 +50,7 @@ class RunSettings:
     lora_alpha: int = 16
     lora_dropout: float = 0.05
     lora_target_modules: str = ""
+    lora_top_layers: int = 0
     ffa_lora: bool = False
     ffa_head_rank: int = 0
     local_epochs: float = 1.0
@@ -121,13 +125,18 @@ class RunSettings:
             ("num-rounds", self.num_rounds),
             ("max-length", self.max_length),
             ("min-sites", self.min_sites),
+            ("eval-max-new-tokens", self.eval_max_new_tokens),
         ):
             if value < 1:
                 raise ConfigError(key, f"must be at least 1, got {value}")
+        if self.lora_top_layers < 0:
+            raise ConfigError("lora-top-layers", f"must be 0 (every layer) or a count, got {self.lora_top_layers}")
         if self.ffa_head_rank < 0:
             raise ConfigError("ffa-head-rank", f"must be 0 (full head) or a rank >= 1, got {self.ffa_head_rank}")
         if self.ffa_head_rank and not (self.ffa_lora and self.task == "seq-cls"):
             raise ConfigError("ffa-head-rank", "applies to seq-cls runs with ffa-lora = true")
+        if self.eval_max_examples < 0:
+            raise ConfigError("eval-max-examples", f"must be 0 (all) or a count, got {self.eval_max_examples}")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError("val-fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.dirichlet_alpha <= 0:
@@ -152,12 +161,20 @@ class RunSettings:
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("fraction-train", f"must be in (0, 1], got {self.fraction_train}")
 
+    @property
+    def base_model(self) -> str:
+        """The model to load: `model`, with 'default' meaning the task's embedded model
+        (the MiniLM for seq-cls, SmolLM2-135M-Instruct for causal-lm)."""
+        from fedtune.embedded_models import DEFAULT_MODEL, default_model
+
+        return default_model(self.task) if self.model in ("", DEFAULT_MODEL) else self.model
+
     def lora_settings(self) -> "LoraSettings":
         """The LoRA part of the settings, as the model builder takes it."""
         from fedtune.model import LoraSettings
 
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules()), self.ffa_lora,
-                            self.ffa_head_rank)
+                            self.ffa_head_rank, self.lora_top_layers)
 
     def target_modules(self) -> list[str]:
         """The configured LoRA target modules, or [] for the architecture default."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -25,10 +25,13 @@ class ClassificationExample:
 
 @dataclass(frozen=True)
 class CompletionExample:
-    """One prompt/completion pair for causal-LM fine-tuning."""
+    """One prompt/completion pair for causal-LM fine-tuning, with where it was read
+    (for errors found later, when it is tokenised)."""
 
     prompt: str
     completion: str
+    source: str = field(default="", compare=False)
+    line: int = field(default=0, compare=False)
 
 
 Example = ClassificationExample | CompletionExample
@@ -127,6 +130,8 @@ def load_completions(path: str | Path, prompt_field: str, completion_field: str)
         CompletionExample(
             prompt=_text(path, line, row, prompt_field),
             completion=_text(path, line, row, completion_field),
+            source=str(path),
+            line=line,
         )
         for line, row in read_rows(path)
     ]

@@ -10,6 +10,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedtune.data import ClassificationExample, CompletionExample
+from fedtune.errors import DataError
 
 IGNORE_INDEX = -100
 Batch = dict[str, torch.Tensor]
@@ -38,39 +39,44 @@ class ClassificationEncoder:
 class CompletionEncoder:
     """Prompt + completion token ids; labels mask the prompt (and padding) with -100.
 
-    With a chat template the pair is a user turn and an assistant turn; otherwise the
-    completion ids (plus EOS) follow the prompt ids directly.
+    With a chat template the pair is a user turn and an assistant turn (after a system
+    turn when `system_prompt` is set); otherwise the completion ids (plus EOS) follow the
+    prompt ids directly. The examples are kept for generation metrics (exact match).
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, examples: Sequence[CompletionExample], max_length: int
+        self, tokenizer: PreTrainedTokenizerBase, examples: Sequence[CompletionExample], max_length: int,
+        system_prompt: str = "",
     ) -> None:
         self.tokenizer = tokenizer
+        self.system_prompt = system_prompt
+        self.examples = list(examples)
+        self.max_length = max_length
         self.rows = [self._encode(e, max_length) for e in examples]
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    def messages(self, prompt: str, completion: str | None = None) -> list[dict[str, str]]:
+        """The chat turns for a pair (the assistant turn only when `completion` is given)."""
+        turns = [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+        turns.append({"role": "user", "content": prompt})
+        if completion is not None:
+            turns.append({"role": "assistant", "content": completion})
+        return turns
+
     def prompt_ids(self, prompt: str) -> list[int]:
         """The ids a generation for `prompt` starts from (chat template when present)."""
         tok = self.tokenizer
         if tok.chat_template:
-            return list(tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True))
+            return list(tok.apply_chat_template(self.messages(prompt), add_generation_prompt=True, tokenize=True))
         return list(tok(prompt, add_special_tokens=True)["input_ids"])
 
     def _encode(self, example: CompletionExample, max_length: int) -> tuple[list[int], int]:
         tok = self.tokenizer
         prompt = self.prompt_ids(example.prompt)
         if tok.chat_template:
-            full = list(
-                tok.apply_chat_template(
-                    [
-                        {"role": "user", "content": example.prompt},
-                        {"role": "assistant", "content": example.completion},
-                    ],
-                    tokenize=True,
-                )
-            )
+            full = list(tok.apply_chat_template(self.messages(example.prompt, example.completion), tokenize=True))
             if full[: len(prompt)] != prompt:  # template re-renders the prompt: fall back
                 full = prompt + list(tok(example.completion, add_special_tokens=False)["input_ids"])
             completion = full[len(prompt) :]
@@ -79,8 +85,14 @@ class CompletionEncoder:
             eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
             if eos is not None:
                 completion.append(eos)
-        completion = completion[: max(1, max_length - 1)]
-        prompt = prompt[-max(1, max_length - len(completion)) :]
+        if len(prompt) + len(completion) > max_length:
+            where = example.source or "<examples>"
+            if len(completion) >= max_length:
+                raise DataError(where, f"completion is {len(completion)} tokens, over max-length {max_length}; "
+                                "shorten it or raise max-length", line=example.line or None, field="completion")
+            raise DataError(where, f"prompt is {len(prompt)} tokens (with the chat template) and leaves "
+                            f"{max_length - len(prompt)} of max-length {max_length} for a {len(completion)}-token "
+                            "completion; shorten it or raise max-length", line=example.line or None, field="prompt")
         return prompt + completion, len(prompt)
 
     def batch(self, indices: Sequence[int]) -> Batch:
@@ -108,10 +120,11 @@ def make_encoder(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[ClassificationExample] | Sequence[CompletionExample],
     max_length: int,
+    system_prompt: str = "",
 ) -> Encoder:
-    """The encoder that fits the examples' task."""
+    """The encoder that fits the examples' task (`system_prompt`: causal-LM chat turns)."""
     if examples and isinstance(examples[0], CompletionExample):
-        return CompletionEncoder(tokenizer, examples, max_length)  # type: ignore[arg-type]
+        return CompletionEncoder(tokenizer, examples, max_length, system_prompt)  # type: ignore[arg-type]
     return ClassificationEncoder(tokenizer, examples, max_length)  # type: ignore[arg-type]
 
 

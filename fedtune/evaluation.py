@@ -1,5 +1,6 @@
-"""Evaluating a (peft) model on encoded examples: classification metrics for seq-cls,
-loss and perplexity over completion tokens for causal-LM."""
+"""Evaluating a (peft) model on encoded examples: classification metrics for seq-cls;
+loss and perplexity over completion tokens, and exact match of greedy completions,
+for causal-LM."""
 
 from __future__ import annotations
 
@@ -14,10 +15,12 @@ from fedtune.accelerator import autocast_for
 from fedtune.encoding import (
     IGNORE_INDEX,
     ClassificationEncoder,
+    CompletionEncoder,
     Encoder,
     example_lengths,
 )
-from fedtune.metrics import classification_metrics
+from fedtune.generation import greedy_completions
+from fedtune.metrics import classification_metrics, exact_match
 
 
 def _sorted_batches(encoder: Encoder, batch_size: int) -> list[list[int]]:
@@ -28,15 +31,23 @@ def _sorted_batches(encoder: Encoder, batch_size: int) -> list[list[int]]:
 
 
 @torch.no_grad()
-def evaluate(model: PreTrainedModel, encoder: Encoder, batch_size: int = 64) -> dict[str, float]:
-    """Aggregate metrics only; nothing per example is returned."""
+def evaluate(
+    model: PreTrainedModel, encoder: Encoder, batch_size: int = 64, max_new_tokens: int = 16,
+    max_generated: int = 0,
+) -> dict[str, float]:
+    """Aggregate metrics only; nothing per example is returned. For causal-LM, exact
+    match covers the first `max_generated` examples (0: all), each generating at most
+    `max_new_tokens` greedy tokens."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         if isinstance(encoder, ClassificationEncoder):
             return _evaluate_classification(model, encoder, batch_size, device)
-        return _evaluate_completion(model, encoder, batch_size, device)
+        metrics = _evaluate_completion(model, encoder, batch_size, device)
+        if isinstance(encoder, CompletionEncoder) and max_new_tokens > 0:
+            metrics.update(_exact_match(model, encoder, max_new_tokens, max_generated))
+        return metrics
     finally:
         model.train(was_training)
 
@@ -78,3 +89,11 @@ def _evaluate_completion(
         tokens += int((targets != IGNORE_INDEX).sum())
     loss = nll / max(tokens, 1)
     return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "tokens": float(tokens)}
+
+
+def _exact_match(model: PreTrainedModel, encoder: CompletionEncoder, max_new_tokens: int, limit: int) -> dict[str, float]:
+    examples = encoder.examples[:limit] if limit > 0 else encoder.examples
+    prompts = [encoder.prompt_ids(e.prompt)[-encoder.max_length :] for e in examples]
+    completions = greedy_completions(model, encoder.tokenizer, prompts, max_new_tokens)
+    return {"exact_match": exact_match(completions, [e.completion for e in examples]),
+            "generated": float(len(examples))}

@@ -1,8 +1,31 @@
-"""Classification metrics (accuracy, macro precision/recall/F1) from predictions."""
+"""Task metrics from predictions: classification (accuracy, macro precision/recall/F1)
+and generation (exact match of normalised completions)."""
 
 from __future__ import annotations
 
+import re
+import string
+from typing import Sequence
+
 import numpy as np
+
+_PUNCTUATION = re.compile(f"[{re.escape(string.punctuation)}]")
+
+
+def normalize_answer(text: str) -> str:
+    """Lower case, punctuation removed, whitespace collapsed (SQuAD-style, without
+    dropping articles): 'Card arrival.' and ' card  arrival' compare equal."""
+    return " ".join(_PUNCTUATION.sub(" ", text.lower()).split())
+
+
+def exact_match(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Share of predictions equal to their reference after `normalize_answer`."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    if not references:
+        return 0.0
+    hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references))
+    return hits / len(references)
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, num_labels: int) -> dict[str, float]:

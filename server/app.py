@@ -85,14 +85,15 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     log.info("fedtune %s: run %s -> %s", __version__, run_id, run_dir.path)
 
     ffa = settings.ffa_lora
-    model = build_lora_model(settings.model, settings.task, settings.lora_settings(), labels, settings.seed).to(pick_device())
+    model = build_lora_model(settings.base_model, settings.task, settings.lora_settings(), labels, settings.seed).to(pick_device())
     initial = get_adapter_arrays(model, ffa)
     adapter_info = _adapter_info(model, initial, ffa)
     metadata = {
         "fedtune_version": __version__,
-        "base_model": settings.model,
-        "base_model_path": resolve_model_path(settings.model),
+        "base_model": settings.base_model,
+        "base_model_path": resolve_model_path(settings.base_model),
         "task": settings.task,
+        "system_prompt": settings.system_prompt,
         "labels": labels,
         "ffa_head_rank": settings.ffa_head_rank,
         "run_id": run_id,
@@ -156,6 +157,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         "run_dir": str(run_dir.path),
         "rounds": len(records),
         "central": central,
+        "site_validation": records[-1].get("aggregate", {}) if records else {},
         "seconds": round(time.monotonic() - started, 2),
     }
     plots = save_plots(records, run_dir.path, settings.task)
@@ -236,6 +238,9 @@ def _summary_line(summary: dict[str, Any], task: str) -> str:
     central = summary.get("central") or {}
     if task == "seq-cls" and "accuracy" in central:
         result = f"test accuracy {central['accuracy']:.4f} (macro-F1 {central['macro_f1']:.4f})"
+    elif "exact_match" in central:
+        result = (f"test exact match {central['exact_match']:.4f} ({int(central.get('generated', 0))} greedy completions), "
+                  f"perplexity {central['perplexity']:.3f}")
     elif "perplexity" in central:
         result = f"test perplexity {central['perplexity']:.3f}"
     else:

@@ -41,13 +41,15 @@ def _plot(ax: Any, records: list[dict[str, Any]], key: str, central_key: str | N
 
 
 def save_plots(records: list[dict[str, Any]], out_dir: Path, task: str) -> list[Path]:
-    """Write loss.png and (seq-cls) accuracy.png; returns the files written."""
+    """Write loss.png and accuracy.png (seq-cls) or exact_match.png (causal-lm: exact
+    match and perplexity); returns the files written."""
     written: list[Path] = []
     panels = [("loss.png", [("train_loss", None, "site train loss"), ("val_loss", "loss", "validation loss")])]
     if task == "seq-cls":
         panels.append(("accuracy.png", [("val_accuracy", "accuracy", "validation accuracy"), ("val_macro_f1", "macro_f1", "validation macro-F1")]))
     else:
-        panels.append(("perplexity.png", [("val_perplexity", "perplexity", "validation perplexity")]))
+        panels.append(("exact_match.png", [("val_exact_match", "exact_match", "greedy completion exact match"),
+                                            ("val_perplexity", "perplexity", "completion perplexity")]))
     for name, specs in panels:
         fig, axes = plt.subplots(1, len(specs), figsize=(6 * len(specs), 4.2), squeeze=False)
         for ax, (key, central_key, title) in zip(axes[0], specs):

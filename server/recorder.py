@@ -169,10 +169,12 @@ class RecordingStrategy(DelegatingStrategy):
         parts = [f"[round {record['round']}/{self.num_rounds + self.round_offset}]"]
         if "val_accuracy" in agg:
             parts.append(f"site-val acc {agg['val_accuracy']:.4f}")
+        if "val_exact_match" in agg:
+            parts.append(f"site-val exact match {agg['val_exact_match']:.4f}")
         if "val_loss" in agg:
             parts.append(f"site-val loss {agg['val_loss']:.4f}")
         if record["central"]:
-            parts.append(" ".join(f"central {k} {v:.4f}" for k, v in record["central"].items() if k in ("accuracy", "loss", "perplexity")))
+            parts.append(" ".join(f"central {k} {v:.4f}" for k, v in record["central"].items() if k in ("accuracy", "exact_match", "loss", "perplexity")))
         parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB, {record['round_seconds']:.1f}s")
         log.info(" | ".join(parts))
 

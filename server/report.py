@@ -48,7 +48,8 @@ def write_report(
         lines += [f"| {k} | {_fmt(v)} |" for k, v in final["central"].items()]
         lines.append("")
     lines += ["## Rounds", ""]
-    header = ["round", "train loss", "site-val loss", "site-val acc", "central acc", "worst site epsilon", "up (bytes)", "down (bytes)", "failures", "seconds"]
+    quality = ("val_accuracy", "accuracy", "acc") if settings.task == "seq-cls" else ("val_exact_match", "exact_match", "exact match")
+    header = ["round", "train loss", "site-val loss", f"site-val {quality[2]}", f"central {quality[2]}", "worst site epsilon", "up (bytes)", "down (bytes)", "failures", "seconds"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
         agg = r.get("aggregate", {})
@@ -58,8 +59,8 @@ def write_report(
             + " | ".join(
                 _fmt(x)
                 for x in (
-                    r["round"], agg.get("train_loss", ""), agg.get("val_loss", ""), agg.get("val_accuracy", ""),
-                    central.get("accuracy", ""), r.get("dp_epsilon_max", "skipped" if r.get("skipped") else ""),
+                    r["round"], agg.get("train_loss", ""), agg.get("val_loss", ""), agg.get(quality[0], ""),
+                    central.get(quality[1], ""), r.get("dp_epsilon_max", "skipped" if r.get("skipped") else ""),
                     r.get("bytes_up", ""), r.get("bytes_down", ""),
                     r.get("failures", 0), r.get("round_seconds", ""),
                 )
@@ -79,13 +80,13 @@ def write_report(
             "- Per round: only the example-weighted mean of the sites' adapter tensors (SecAgg+ unmasks the sum, "
             "never one site's tensors).",
             "- Per site and round: a masked vector (uniformly random integers to the coordinator), the number of "
-            "training examples, and aggregate metrics (mean loss, validation accuracy/F1 or perplexity, epsilon).",
+            "training examples, and aggregate metrics (mean loss, validation accuracy/F1, or perplexity and exact match, epsilon).",
             "- It could not see: any single site's adapter update, raw text, tokens, or any per-example value.",
         ]
     else:
         lines += [
             "- Per site and round: that site's adapter and head tensors in the clear (secure aggregation was off), "
-            "the number of training examples, and aggregate metrics (mean loss, validation accuracy/F1 or perplexity).",
+            "the number of training examples, and aggregate metrics (mean loss, validation accuracy/F1, or perplexity and exact match).",
             "- It could not see: raw text, tokens, labels of single examples or any per-example value.",
         ]
     if settings.ffa_lora:

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from fedtune.data import CompletionExample
 from fedtune.encoding import IGNORE_INDEX, CompletionEncoder
+from fedtune.errors import DataError
 from fedtune.model import load_tokenizer
 
 
@@ -35,9 +38,14 @@ def test_without_chat_template_completion_follows_prompt(tiny_bert_dir: Path) ->
     assert tok.convert_ids_to_tokens(supervised) == ["yes", "[SEP]"]
 
 
-def test_truncation_keeps_completion_tokens(tiny_bert_dir: Path) -> None:
+def test_over_long_prompt_is_one_clear_line(tiny_bert_dir: Path) -> None:
+    """A prompt that leaves no room for its completion is refused, naming file, line and
+    field, instead of being cut silently."""
     tok = load_tokenizer(str(tiny_bert_dir))
-    enc = CompletionEncoder(tok, [CompletionExample("word " * 100, "answer")], 16)
-    batch = enc.batch([0])
-    assert batch["input_ids"].shape[1] <= 16
-    assert (batch["labels"] != IGNORE_INDEX).sum() >= 1
+    with pytest.raises(DataError) as err:
+        CompletionEncoder(tok, [CompletionExample("word " * 100, "answer", source="site.jsonl", line=7)], 16)
+    message = str(err.value)
+    assert message.startswith("site.jsonl:7: field 'prompt': prompt is ") and "max-length 16" in message
+    assert "\n" not in message
+    with pytest.raises(DataError, match="field 'completion'"):
+        CompletionEncoder(tok, [CompletionExample("hi", "word " * 40, source="site.jsonl", line=2)], 16)
