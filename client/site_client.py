@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from flwr.client import NumPyClient
@@ -15,7 +15,7 @@ from peft import PeftModel
 
 from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
 from fedtune.config import RunSettings
-from fedtune.encoding import make_encoder
+from fedtune.encoding import Encoder, make_encoder
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate
 
@@ -52,6 +52,15 @@ class SiteClient(NumPyClient):
             log.error("fedtune: error: %s", err)  # one line for the site operator, then fail the message
             raise
 
+    def _encoder(self, examples: Sequence[Any]) -> Encoder:
+        """The examples tokenised for this run (a pair over max-length is a DataError)."""
+        s = self.settings
+        try:
+            return make_encoder(cached_tokenizer(s.base_model), examples, s.max_length, s.system_prompt)
+        except FedtuneError as err:
+            log.error("fedtune: error: %s", err)
+            raise
+
     def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
         return get_adapter_arrays(self._model(self._labels(config)), self.settings.ffa_lora)
 
@@ -67,8 +76,7 @@ class SiteClient(NumPyClient):
         set_adapter_arrays(model, parameters, self.settings.ffa_lora)
         server_round = int(config.get("server-round", 1))
         num_rounds = int(config.get("num-rounds", self.settings.num_rounds))
-        encoder = make_encoder(cached_tokenizer(self.settings.base_model), site.train, self.settings.max_length,
-                               self.settings.system_prompt)
+        encoder = self._encoder(site.train)
         seed = self.settings.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
         if self.settings.dp:
@@ -119,7 +127,7 @@ class SiteClient(NumPyClient):
         set_adapter_arrays(model, parameters, self.settings.ffa_lora)
         examples = site.val or site.train
         s = self.settings
-        encoder = make_encoder(cached_tokenizer(s.base_model), examples, s.max_length, s.system_prompt)
+        encoder = self._encoder(examples)
         metrics = evaluate(model, encoder, max_new_tokens=s.eval_max_new_tokens, max_generated=s.eval_max_examples)
         out: dict[str, Scalar] = {"site": site.name, "num_examples": len(examples)}
         out.update({f"val_{k}": float(v) for k, v in metrics.items()})

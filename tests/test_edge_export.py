@@ -174,6 +174,10 @@ def test_llama_bundle_kv_cache_generation_matches_pytorch(llama_bundle: tuple[Pa
     assert gate["torch_perplexity"] > 1.0 and gate["onnx_perplexity"] > 1.0
     assert 0.0 <= gate["greedy_token_agreement"] <= 1.0
     assert any(i.name.startswith("past_key_values.") for i in EdgeModel.load(bundle, keys["public"]).session.get_inputs())
+    # Causal LMs get weight-only INT8 (MatMulNBits): activations stay fp32.
+    assert manifest["quantization"]["mode"] == "weight-only-int8" and manifest["quantization"]["weight_type"] == "INT8"
+    graph = __import__("onnx").load(str(bundle / "model.onnx")).graph
+    assert any(n.op_type == "MatMulNBits" for n in graph.node) and not any(n.op_type == "DynamicQuantizeLinear" for n in graph.node)
 
     # fp32 ONNX through the device runtime's KV-cache loop vs PyTorch generate, token for token.
     model, tokenizer = merge_adapter(run_dir / "final", tmp_path / "merged")
