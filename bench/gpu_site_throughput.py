@@ -21,6 +21,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from peft_baseline import pairs_trainer, peft_causal_lm  # noqa: E402
 from results import update_results  # noqa: E402
 
 from fedtune.cli.common import read_run_config_file  # noqa: E402
@@ -92,44 +93,15 @@ def fedtune_site(settings: RunSettings, examples: list[Any], warmup: int) -> dic
 
 def peft_trainer(settings: RunSettings, examples: list[Any], warmup: int) -> dict[str, float]:
     """Plain peft + Trainer with bf16=True: what a site would run without fedtune."""
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
     from fedtune.encoding import CompletionEncoder
-    from fedtune.model import load_tokenizer, resolve_model_path
+    from fedtune.model import load_tokenizer
 
     encoder = CompletionEncoder(load_tokenizer(settings.base_model), examples, settings.max_length,
                                 settings.system_prompt)
-    torch.manual_seed(settings.seed)
-    base = AutoModelForCausalLM.from_pretrained(resolve_model_path(settings.base_model), dtype=torch.float32)
-    layers = int(base.config.num_hidden_layers)
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=settings.target_modules(), task_type=TaskType.CAUSAL_LM,
-                      layers_to_transform=(list(range(layers - settings.lora_top_layers, layers))
-                                           if settings.lora_top_layers else None))
-    model = get_peft_model(base, lora)
-
-    class Pairs(torch.utils.data.Dataset):  # type: ignore[type-arg]
-        def __len__(self) -> int:
-            return len(encoder)
-
-        def __getitem__(self, i: int) -> int:
-            return i
-
-    def trainer(steps: int) -> Trainer:
-        args = TrainingArguments(
-            output_dir=str(WORK / "gpu-trainer"), per_device_train_batch_size=settings.batch_size, max_steps=steps,
-            learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, lr_scheduler_type="linear",
-            warmup_ratio=settings.warmup_fraction, max_grad_norm=1.0, save_strategy="no", report_to=[],
-            seed=settings.seed, bf16=torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0, remove_unused_columns=False,
-            disable_tqdm=True, logging_steps=max(1, steps),
-        )
-        return Trainer(model=model, args=args, train_dataset=Pairs(), data_collator=lambda idx: encoder.batch(idx))
-
-    trainer(warmup).train()
-    run = trainer(settings.local_steps)
+    model = peft_causal_lm(settings)
+    pairs_trainer(model, encoder, settings, warmup, WORK / "gpu-trainer", logging_steps=warmup).train()
+    run = pairs_trainer(model, encoder, settings, settings.local_steps, WORK / "gpu-trainer",
+                        logging_steps=settings.local_steps)
     reset_peak()
     started = synchronize()
     output = run.train()

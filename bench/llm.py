@@ -27,6 +27,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from peft_baseline import pairs_trainer, peft_causal_lm  # noqa: E402
 from results import update_results  # noqa: E402
 
 from fedtune.cli.common import read_run_config_file  # noqa: E402
@@ -61,44 +62,15 @@ def score(model: Any, settings: RunSettings, examples: list[Any]) -> dict[str, f
 
 def central_trainer(settings: RunSettings, samples: int) -> tuple[Any, dict[str, float]]:
     """Plain peft + transformers Trainer on the whole training file: the baseline."""
-    import torch
-    from peft import LoraConfig, TaskType, get_peft_model
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
-
     from fedtune.data import load_completions
     from fedtune.encoding import CompletionEncoder
-    from fedtune.model import load_tokenizer, resolve_model_path
+    from fedtune.model import load_tokenizer
 
-    path = resolve_model_path(settings.base_model)
-    tokenizer = load_tokenizer(settings.base_model)
     train = load_completions(resolve_path(settings.data_path), settings.prompt_field, settings.completion_field)
-    encoder = CompletionEncoder(tokenizer, train, settings.max_length, settings.system_prompt)
-    torch.manual_seed(settings.seed)
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    layers = int(base.config.num_hidden_layers)
-    lora = LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
-                      target_modules=settings.target_modules() or ["q_proj", "v_proj"], task_type=TaskType.CAUSAL_LM,
-                      layers_to_transform=(list(range(layers - settings.lora_top_layers, layers))
-                                           if settings.lora_top_layers else None))
-    model = get_peft_model(base, lora)
-
-    class Pairs(torch.utils.data.Dataset):  # type: ignore[type-arg]
-        def __len__(self) -> int:
-            return len(encoder)
-
-        def __getitem__(self, i: int) -> int:
-            return i
-
+    encoder = CompletionEncoder(load_tokenizer(settings.base_model), train, settings.max_length, settings.system_prompt)
+    model = peft_causal_lm(settings)
     steps = math.ceil(samples / settings.batch_size)
-    args = TrainingArguments(
-        output_dir=str(WORK / "llm-central"), per_device_train_batch_size=settings.batch_size, max_steps=steps,
-        learning_rate=settings.learning_rate, weight_decay=settings.weight_decay, warmup_ratio=settings.warmup_fraction,
-        lr_scheduler_type=settings.lr_schedule if settings.lr_schedule != "constant" else "constant_with_warmup",
-        max_grad_norm=1.0, logging_steps=max(1, steps // 10), save_strategy="no", report_to=[], seed=settings.seed,
-        use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), dataloader_num_workers=0,
-        remove_unused_columns=False, disable_tqdm=True,
-    )
-    trainer = Trainer(model=model, args=args, train_dataset=Pairs(), data_collator=lambda idx: encoder.batch(idx))
+    trainer = pairs_trainer(model, encoder, settings, steps, WORK / "llm-central", logging_steps=max(1, steps // 10))
     started = time.perf_counter()
     trainer.train()
     return model, {"train_seconds": time.perf_counter() - started, "steps": steps}
