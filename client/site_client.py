@@ -3,10 +3,11 @@ locally, and reply with adapter tensors and aggregate metrics only."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import zlib
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 from flwr.client import NumPyClient
@@ -28,6 +29,16 @@ log = logging.getLogger("fedtune.site")
 Scalar = bool | bytes | float | int | str
 
 
+@contextlib.contextmanager
+def errors_logged() -> Iterator[None]:
+    """Log a FedtuneError as one line for the site operator, then let it fail the message."""
+    try:
+        yield
+    except FedtuneError as err:
+        log.error("fedtune: error: %s", err)
+        raise
+
+
 class SiteClient(NumPyClient):
     """Trains the run's LoRA adapter on one site's private examples."""
 
@@ -46,20 +57,14 @@ class SiteClient(NumPyClient):
         return cached_lora_model(s.base_model, s.task, s.lora_settings(), tuple(labels), s.seed)
 
     def _site(self, labels: Sequence[str]) -> SiteData:
-        try:
+        with errors_logged():
             return load_site_data(self.settings, self.node_config, labels)
-        except FedtuneError as err:
-            log.error("fedtune: error: %s", err)  # one line for the site operator, then fail the message
-            raise
 
     def _encoder(self, examples: Sequence[Any]) -> Encoder:
         """The examples tokenised for this run (a pair over max-length is a DataError)."""
         s = self.settings
-        try:
+        with errors_logged():
             return make_encoder(cached_tokenizer(s.base_model), examples, s.max_length, s.system_prompt)
-        except FedtuneError as err:
-            log.error("fedtune: error: %s", err)
-            raise
 
     def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
         return get_adapter_arrays(self._model(self._labels(config)), self.settings.ffa_lora)

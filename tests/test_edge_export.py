@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import tomllib
 from fedtune.edge_device.bundle import MANIFEST_FILE, BundleError, VerifiedBundle
@@ -176,7 +177,7 @@ def test_llama_bundle_kv_cache_generation_matches_pytorch(llama_bundle: tuple[Pa
     assert any(i.name.startswith("past_key_values.") for i in EdgeModel.load(bundle, keys["public"]).session.get_inputs())
     # Causal LMs get weight-only INT8 (MatMulNBits): activations stay fp32.
     assert manifest["quantization"]["mode"] == "weight-only-int8" and manifest["quantization"]["weight_type"] == "INT8"
-    graph = __import__("onnx").load(str(bundle / "model.onnx")).graph
+    graph = onnx.load(str(bundle / "model.onnx")).graph
     assert any(n.op_type == "MatMulNBits" for n in graph.node) and not any(n.op_type == "DynamicQuantizeLinear" for n in graph.node)
 
     # fp32 ONNX through the device runtime's KV-cache loop vs PyTorch generate, token for token.
