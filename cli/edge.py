@@ -9,19 +9,40 @@ import argparse
 def cmd_edge_predict(args: argparse.Namespace) -> int:
     import json
 
-    from fedtune.edge_device.runtime import EdgeModel
+    from fedtune.edge_device.runtime import EdgeModel, bundle_engine
 
+    if bundle_engine(args.bundle) == "onnxruntime-genai":
+        return _generate(args)
     model = EdgeModel.load(args.bundle, args.trust_key, threads=args.threads)
-    if model.task == "seq-cls":
-        pred = model.classify([args.text])[0]
-        top = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[: args.top]
-        if args.json:
-            print(json.dumps({"label": pred.label, "top": dict(top)}))
-        else:
-            print(f"{pred.label}\t" + "  ".join(f"{label} {p:.3f}" for label, p in top))
+    if model.task != "seq-cls":
+        print(f"{args.bundle}: a {model.task} bundle from an older fedtune; export it again for onnxruntime-genai")
+        return 1
+    pred = model.classify([args.text])[0]
+    top = sorted(pred.probabilities.items(), key=lambda kv: -kv[1])[: args.top]
+    if args.json:
+        print(json.dumps({"label": pred.label, "top": dict(top)}))
     else:
-        text = model.generate(args.text, args.max_new_tokens)
-        print(json.dumps({"completion": text}) if args.json else text)
+        print(f"{pred.label}\t" + "  ".join(f"{label} {p:.3f}" for label, p in top))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    """Causal LM: stream the completion to the terminal as tokens come (or print JSON)."""
+    import json
+    import sys
+
+    from fedtune.edge_device.generative import GenerationOptions, GenerativeModel
+
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    with GenerativeModel(args.bundle, args.trust_key, base=args.base, threads=args.threads) as model:
+        if args.json:
+            print(json.dumps({"completion": model.generate(args.text, options), "model": model.version_info}))
+            return 0
+        for piece in model.stream(args.text, options):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
     return 0
 
 
@@ -53,10 +74,16 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         description="Checks the manifest signature and every file's sha256 before loading anything.",
     )
     pred.add_argument("bundle", help="bundle folder")
-    pred.add_argument("text", help="the text to classify, or the prompt to complete")
+    pred.add_argument("text", help="the text to classify, or the prompt to complete (streamed as it is generated)")
     pred.add_argument("--trust-key", required=True, help="the coordinator's Ed25519 public key (PEM)")
     pred.add_argument("--top", type=int, default=3, help="seq-cls: labels to show (default: 3)")
     pred.add_argument("--max-new-tokens", type=int, default=32, help="causal-lm: tokens to generate (default: 32)")
+    pred.add_argument("--sample", action="store_true", help="causal-lm: sample instead of greedy decoding")
+    pred.add_argument("--temperature", type=float, default=1.0, help="causal-lm sampling temperature (default: 1.0)")
+    pred.add_argument("--top-p", type=float, default=1.0, help="causal-lm sampling nucleus (default: 1.0)")
+    pred.add_argument("--top-k", type=int, default=50, help="causal-lm sampling top-k (default: 50)")
+    pred.add_argument("--seed", type=int, help="causal-lm sampling seed")
+    pred.add_argument("--base", help="causal-lm adapter update: the base bundle it fits (default: a folder beside it)")
     pred.add_argument("--threads", type=int, help="onnxruntime intra-op threads (default: all cores)")
     pred.add_argument("--json", action="store_true", help="print JSON")
     pred.set_defaults(func=cmd_edge_predict)

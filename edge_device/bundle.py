@@ -1,15 +1,21 @@
 """A bundle on disk: `manifest.json`, its signature `manifest.sig`, and the files the
-manifest lists with their sha256 and size. Verification reads every file once into
-memory, so what is checked is exactly what gets loaded. Torch-free.
+manifest lists with their sha256 and size. What is checked is exactly what gets loaded:
+`verify_bundle` reads every file once into memory; `verify_bundle_into` copies every
+file, hashing as it copies, into a private folder (0700) from which the runtime then loads
+(onnxruntime-genai opens its model folder by path). Torch-free.
+
+`kind` is `model` (a whole model) or `adapter` (an `.onnx_adapter` file for the base bundle
+whose manifest sha256 it names in `base_bundle.manifest_sha256`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from fedtune.errors import FedtuneError
 
@@ -22,6 +28,16 @@ BUNDLE_FORMAT = "fedtune-bundle/1"
 
 class BundleError(FedtuneError):
     """A bundle that is incomplete, altered, or not signed by the trusted key."""
+
+
+@dataclass(frozen=True)
+class CopiedBundle:
+    """A bundle whose signature and file hashes checked out, copied into `root`."""
+
+    path: Path
+    manifest: dict[str, Any]
+    manifest_sha256: str
+    root: Path
 
 
 @dataclass(frozen=True)
@@ -75,9 +91,12 @@ def read_listed_files(bundle: Path, manifest: dict[str, Any]) -> dict[str, bytes
     return files
 
 
-def verify_bundle(bundle_dir: str | Path, trusted_key: str | Path) -> VerifiedBundle:
-    """Check the signature against `trusted_key`, then every listed file's size and
-    sha256; return the manifest and the verified bytes. Raises BundleError."""
+def bundle_kind(manifest: dict[str, Any]) -> str:
+    return str(manifest.get("kind", "model"))
+
+
+def signed_manifest(bundle_dir: str | Path, trusted_key: str | Path) -> tuple[dict[str, Any], str]:
+    """The manifest, once its signature checks out against `trusted_key`, and its sha256."""
     bundle = Path(bundle_dir)
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: not a bundle folder")
@@ -95,5 +114,54 @@ def verify_bundle(bundle_dir: str | Path, trusted_key: str | Path) -> VerifiedBu
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{bundle / MANIFEST_FILE}: field 'format': expected {BUNDLE_FORMAT!r}, "
                           f"got {manifest.get('format')!r}")
-    files = read_listed_files(bundle, manifest)
-    return VerifiedBundle(bundle, manifest, files)
+    return manifest, sha256_bytes(raw)
+
+
+def verify_bundle(bundle_dir: str | Path, trusted_key: str | Path) -> VerifiedBundle:
+    """Check the signature against `trusted_key`, then every listed file's size and
+    sha256; return the manifest and the verified bytes. Raises BundleError."""
+    manifest, _ = signed_manifest(bundle_dir, trusted_key)
+    return VerifiedBundle(Path(bundle_dir), manifest, read_listed_files(Path(bundle_dir), manifest))
+
+
+def copy_listed_files(bundle: Path, manifest: dict[str, Any], root: Path, chunk: int = 1 << 20) -> None:
+    """Copy every listed file into `root` (0600), hashing the bytes as they are written;
+    a size or sha256 that does not match the manifest removes the copy and raises."""
+    for name, entry in manifest["files"].items():
+        _check_name(name, bundle)
+        target = root / name
+        digest, size = hashlib.sha256(), 0
+        try:
+            with open(bundle / name, "rb") as src, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
+                                                        "wb") as dst:
+                while block := src.read(chunk):
+                    digest.update(block)
+                    size += len(block)
+                    dst.write(block)
+        except FileNotFoundError as err:
+            if err.filename == str(bundle / name):
+                raise BundleError(f"{bundle / name}: listed in the manifest but missing") from None
+            raise
+        if size != entry["bytes"] or digest.hexdigest() != entry["sha256"]:
+            target.unlink()
+            raise BundleError(f"{bundle / name}: sha256 does not match the signed manifest (file altered)")
+
+
+def verify_bundle_into(bundle_dir: str | Path, trusted_key: str | Path, root: Path) -> CopiedBundle:
+    """Check the signature, then copy and hash every listed file into `root`, a folder the
+    caller created private (0700). Raises BundleError; `root` may then hold partial copies."""
+    manifest, digest = signed_manifest(bundle_dir, trusted_key)
+    copy_listed_files(Path(bundle_dir), manifest, root)
+    return CopiedBundle(Path(bundle_dir), manifest, digest, root)
+
+
+def find_base(adapter_dir: Path, manifest_sha256: str, search: Sequence[Path] = ()) -> Path:
+    """The bundle whose manifest.json has `manifest_sha256`: among `search`, else beside the
+    adapter (a device's versions/ folder holds both)."""
+    candidates = list(search) or sorted(p for p in adapter_dir.resolve().parent.iterdir() if p.is_dir())
+    for folder in candidates:
+        manifest = folder / MANIFEST_FILE
+        if manifest.is_file() and sha256_file(manifest) == manifest_sha256:
+            return folder
+    raise BundleError(f"{adapter_dir}: this adapter fits base bundle {manifest_sha256[:16]}, which is not "
+                      f"{'at ' + str(search[0]) if search else 'beside it'}; pull or pass that base bundle first")

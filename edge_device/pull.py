@@ -1,6 +1,10 @@
 """The device side of the registry: pull a bundle, resume interrupted downloads,
 verify it, switch `current` atomically, keep the previous version, roll back.
 
+An adapter update (`kind: adapter`) is a version like any other; it is refused before any
+download unless the base bundle it names is already under versions/, where the runtime
+then finds it.
+
 Layout under the device folder (`--into`):
     versions/<version>/        verified bundles
     .incoming/<version>/       a download in progress (partial files are resumed)
@@ -23,7 +27,7 @@ from fedtune.registry.v1 import registry_pb2_grpc as rpc
 
 from fedtune.errors import FedtuneError
 
-from .bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, verify_bundle
+from .bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, bundle_kind, find_base, verify_bundle
 from .signature import load_public_key, verify
 
 CURRENT, PREVIOUS = "current", "previous"
@@ -73,6 +77,9 @@ def pull(
             raise PullError(f"{registry}: {err}") from None
         verify(public_key, reply.manifest, reply.signature, f"{registry} {model} {reply.version} manifest")
         final = root / "versions" / reply.version
+        manifest = json.loads(reply.manifest)
+        if bundle_kind(manifest) == "adapter":
+            _require_base(root, manifest, f"{registry} {model} {reply.version}")
         if final.exists():
             verify_bundle(final, trusted_key)
             _activate(root, reply.version)
@@ -81,7 +88,6 @@ def pull(
         incoming.mkdir(parents=True, exist_ok=True)
         (incoming / MANIFEST_FILE).write_bytes(reply.manifest)
         (incoming / SIGNATURE_FILE).write_bytes(reply.signature)
-        manifest = json.loads(reply.manifest)
         received = resumed = 0
         for name, entry in sorted(manifest["files"].items()):
             try:
@@ -119,6 +125,18 @@ def pull(
     os.replace(incoming, final)
     _activate(root, reply.version)
     return PullResult(model, reply.version, final, received, resumed, True)
+
+
+def _require_base(root: Path, manifest: dict, what: str) -> None:  # type: ignore[type-arg]
+    """An adapter update is refused before any download unless its base bundle is here."""
+    versions = root / "versions"
+    held = sorted(p for p in versions.iterdir() if p.is_dir()) if versions.is_dir() else []
+    try:
+        find_base(versions, manifest["base_bundle"]["manifest_sha256"], held or [versions / "(none)"])
+    except BundleError:
+        raise PullError(f"refused {what}: an adapter for base bundle "
+                        f"{manifest['base_bundle']['manifest_sha256'][:16]}, which this device does not hold; "
+                        "pull that base first") from None
 
 
 def _point(root: Path, link: str, version: str) -> None:

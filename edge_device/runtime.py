@@ -1,9 +1,9 @@
-"""The device runtime: load a verified bundle and run it with onnxruntime and
-`tokenizers` alone (no torch, no transformers).
+"""The device runtime for classifiers: load a verified INT8 bundle and run it with
+onnxruntime and `tokenizers` alone (no torch, no transformers).
 
-seq-cls returns the label and the class probabilities; a batch is split into length
-buckets (`fedtune.length_buckets`) so short queries are not padded to the longest one. causal-lm
-generates greedily, feeding the KV cache back as the exported model's `past_key_values.*` inputs.
+It returns the label and the class probabilities; a batch is split into length buckets
+(`fedtune.length_buckets`) so short queries are not padded to the longest one. Causal LMs
+run on onnxruntime-genai (`generative.py`); `open_model` picks the runtime a bundle needs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -19,7 +19,7 @@ from tokenizers import Encoding, Tokenizer
 
 from fedtune.length_buckets import length_buckets
 
-from .bundle import BundleError, VerifiedBundle, verify_bundle
+from .bundle import MANIFEST_FILE, BundleError, VerifiedBundle, verify_bundle
 
 
 @dataclass(frozen=True)
@@ -63,10 +63,6 @@ class EdgeModel:
         runtime = self.manifest["runtime"]
         self.max_length = int(runtime["max_length"])
         self.pad_id = int(runtime["pad_token_id"])
-        self.eos_ids = {int(i) for i in runtime.get("eos_token_ids", [])}
-        self.prompt_prefix = str(runtime.get("prompt_prefix", ""))
-        self.prompt_suffix = str(runtime.get("prompt_suffix", ""))
-        self.add_special_tokens = bool(runtime.get("add_special_tokens", True))
         self.tokenizer = load_tokenizer(bundle.files[self.manifest["tokenizer_file"]], self.max_length)
         self.session = ort.InferenceSession(bundle.files[self.manifest["model_file"]], session_options(threads),
                                             providers=["CPUExecutionProvider"])
@@ -113,59 +109,22 @@ class EdgeModel:
         return [Prediction(self.labels[int(p.argmax())], {label: float(v) for label, v in zip(self.labels, p)})
                 for p in probs]
 
-    # ---- causal-lm -----------------------------------------------------------------
-    def prompt_ids(self, prompt: str) -> list[int]:
-        """The prompt as the sites trained on it (chat template rendered at export)."""
-        text = f"{self.prompt_prefix}{prompt}{self.prompt_suffix}"
-        return list(self.tokenizer.encode(text, add_special_tokens=self.add_special_tokens).ids)
-
-    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        past = {}
-        for item in self.session.get_inputs():
-            if item.name.startswith("past_key_values."):
-                heads, head_dim = item.shape[1], item.shape[3]
-                if not isinstance(heads, int) or not isinstance(head_dim, int):
-                    raise BundleError(f"{item.name}: the exported model has no static head shape {item.shape}")
-                past[item.name] = np.zeros((batch, heads, 0, head_dim), dtype=np.float32)
-        return past
-
-    def _step(self, ids: np.ndarray, past: dict[str, np.ndarray], past_len: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        batch, length = ids.shape
-        feeds: dict[str, Any] = {"input_ids": ids, **past}
-        if "attention_mask" in self.input_names:
-            feeds["attention_mask"] = np.ones((batch, past_len + length), dtype=np.int64)
-        if "position_ids" in self.input_names:
-            feeds["position_ids"] = np.arange(past_len, past_len + length, dtype=np.int64)[None].repeat(batch, 0)
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds)))
-        present = {name.replace("present.", "past_key_values.", 1): value
-                   for name, value in outputs.items() if name.startswith("present.")}
-        return outputs["logits"], present
-
-    def sequence_logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Next-token logits at every position of one sequence (no cache carried)."""
-        self._require("causal-lm")
-        logits, _ = self._step(np.asarray([ids], dtype=np.int64), self._empty_past(1), 0)
-        return logits[0]
-
-    def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 32) -> list[int]:
-        """Greedy decoding with the KV cache; stops at an EOS token."""
-        self._require("causal-lm")
-        ids = np.asarray([prompt_ids], dtype=np.int64)
-        logits, past = self._step(ids, self._empty_past(1), 0)
-        length, out = ids.shape[1], []
-        for _ in range(max_new_tokens):
-            token = int(logits[0, -1].argmax())
-            out.append(token)
-            if token in self.eos_ids:
-                break
-            logits, past = self._step(np.asarray([[token]], dtype=np.int64), past, length)
-            length += 1
-        return out
-
-    def generate(self, prompt: str, max_new_tokens: int = 32) -> str:
-        ids = self.generate_ids(self.prompt_ids(prompt), max_new_tokens)
-        return self.tokenizer.decode([i for i in ids if i not in self.eos_ids], skip_special_tokens=True)
-
     def _require(self, task: str) -> None:
         if self.task != task:
             raise BundleError(f"{self.bundle.path}: this is a {self.task} bundle, not {task}")
+
+
+def bundle_engine(bundle_dir: str | Path) -> str:
+    """Which runtime a bundle needs, from its (not yet verified) manifest: `onnxruntime-genai`
+    or `onnxruntime`. The runtime then verifies everything before it loads anything."""
+    import json
+
+    try:
+        manifest = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_bytes())
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f"{Path(bundle_dir) / MANIFEST_FILE}: missing; is {bundle_dir} a bundle?") from None
+    except ValueError:
+        raise BundleError(f"{Path(bundle_dir) / MANIFEST_FILE}: not JSON") from None
+    if manifest.get("kind") == "adapter" or manifest.get("runtime", {}).get("engine") == "onnxruntime-genai":
+        return "onnxruntime-genai"
+    return "onnxruntime"

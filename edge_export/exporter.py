@@ -1,7 +1,8 @@
-"""`fedtune export`: a run folder's final adapter to a signed INT8 ONNX bundle.
+"""`fedtune export`: a run folder's final adapter to a signed bundle.
 
-merge (fp32) -> ONNX (optimum) -> fused graph + INT8 (onnxruntime) -> parity gate on held-out data
--> tokenizer + manifest (provenance, privacy, metrics, hashes) -> Ed25519 signature.
+seq-cls: merge (fp32) -> ONNX (optimum) -> fused graph + INT8 (onnxruntime) -> parity gate on
+held-out data -> tokenizer + manifest (provenance, privacy, metrics, hashes) -> Ed25519 signature.
+causal-lm: INT4 with onnxruntime-genai's builder (`llm_export`).
 The bundle is built in a temporary folder beside the target and renamed into place
 only when it passed the gate and is signed, so a failed export writes nothing.
 """
@@ -99,12 +100,13 @@ def export_bundle(
     run_dir: str | Path, out_dir: str | Path, signing_key: str | Path, *, eval_path: str | Path | None = None,
     quantization: str | None = None, max_accuracy_drop_pt: float = 1.0, force: bool = False,
     limit: int | None = None, opset: int | None = None, threads: int | None = None,
+    int4: Any = None, adapter_ready: bool = False, checkpoint: str = "final",
 ) -> dict[str, Any]:
     """Build, gate, sign and write the bundle; returns the manifest."""
     from fedtune.edge_device.runtime import EdgeModel
 
     from fedtune.config import resolve_path
-    from fedtune.data import load_classification, load_completions
+    from fedtune.data import load_classification
     from fedtune.model import resolve_model_path
 
     from . import graph_fusion, merge, onnx_export, parity, quantize
@@ -116,13 +118,18 @@ def export_bundle(
     info = read_run(run_dir)
     settings, meta = info["run"]["settings"], info["adapter_meta"]
     task, labels = meta["task"], meta.get("labels") or []
+    if task == "causal-lm":
+        from .llm_export import export_llm_bundle
+
+        return export_llm_bundle(run_dir, out_dir, signing_key, options=int4, adapter_ready=adapter_ready,
+                                 checkpoint=checkpoint, eval_path=eval_path, max_drop_pt=max_accuracy_drop_pt,
+                                 force=force, limit=limit, threads=threads)
+    if quantization == "weight-only-int8" or adapter_ready or checkpoint != "final":
+        raise FedtuneError("--quantization weight-only-int8, --adapter-ready and --checkpoint are for causal-lm runs")
     eval_file = Path(eval_path) if eval_path else (resolve_path(settings["central-eval-path"]) if settings.get("central-eval-path") else None)
     if eval_file is None:
         raise FedtuneError(f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data for the parity gate")
-    if task == "seq-cls":
-        examples: list[Any] = load_classification(eval_file, settings["text-field"], settings["label-field"], labels)
-    else:
-        examples = load_completions(eval_file, settings["prompt-field"], settings["completion-field"])
+    examples: list[Any] = load_classification(eval_file, settings["text-field"], settings["label-field"], labels)
     examples = examples[:limit] if limit else examples
     mode = quantization or quantize.DEFAULT_MODE_BY_TASK[task]
     max_length = int(settings["max-length"])
@@ -145,19 +152,13 @@ def export_bundle(
                 shutil.copy2(work / "merged" / name, staging / name)
         if not (staging / "tokenizer.json").exists():
             raise FedtuneError(f"{meta['base_model']}: no fast tokenizer (tokenizer.json); the device runtime needs one")
-        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-        runtime = {"max_length": max_length, "pad_token_id": int(tokenizer.pad_token_id or 0),
-                   "eos_token_ids": [int(eos)] if eos is not None and task == "causal-lm" else [],
-                   **(prompt_format(tokenizer, meta.get("system_prompt", "")) if task == "causal-lm" else {})}
+        runtime = {"max_length": max_length, "pad_token_id": int(tokenizer.pad_token_id or 0)}
         draft = {"task": task, "labels": labels, "runtime": runtime, "model_file": "model.onnx",
                  "tokenizer_file": "tokenizer.json"}
         files = {n: (staging / n).read_bytes() for n in ("model.onnx", "tokenizer.json")}
         edge = EdgeModel(VerifiedBundle(staging, draft, files), threads)
         log.info("[4/5] parity gate: PyTorch fp32 vs INT8 ONNX on %d held-out examples from %s", len(examples), eval_file)
-        if task == "seq-cls":
-            gate = parity.classification_parity(model, tokenizer, edge, examples, max_length)
-        else:
-            gate = parity.causal_lm_parity(model, tokenizer, edge, examples, max_length, meta.get("system_prompt", ""))
+        gate = parity.classification_parity(model, tokenizer, edge, examples, max_length)
         gate.update({"eval_file": str(eval_file), "max_accuracy_drop_pt": max_accuracy_drop_pt, "forced": False})
         log.info("parity: %s", ", ".join(f"{k} {v:.4g}" for k, v in gate.items() if isinstance(v, float)))
         if gate["accuracy_drop_pt"] > max_accuracy_drop_pt:
@@ -172,6 +173,7 @@ def export_bundle(
         base_path = resolve_model_path(meta["base_model"])
         manifest = {
             "format": BUNDLE_FORMAT,
+            "kind": "model",
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "fedtune_version": __version__,
             **draft,

@@ -24,44 +24,17 @@ from fedtune.edge_device.pull import (
     rollback,
 )
 from fedtune.edge_device.runtime import EdgeModel
-from fedtune.registry.protocol import open_channel
 from fedtune.registry.publisher import publish
-from fedtune.registry.service import ServerLimits, make_server
-from fedtune.registry.store import ModelStore
 from fedtune.registry.v1 import registry_pb2 as pb
 from fedtune.registry.v1 import registry_pb2_grpc as rpc
-
-from fedtune.tls import create_ca, issue
+from support.registry_server import TOKEN, Registry, make_pki
 
 REPO = Path(__file__).resolve().parent.parent
-TOKEN = "coordinator-secret-token"
-
-
-class Registry:
-    """A running registry server and what a client needs to reach it."""
-
-    def __init__(self, root: Path, pki: dict[str, bytes], keys: dict[str, Path], mtls: bool = False) -> None:
-        self.store_dir = root / "store"
-        self.pki = pki
-        self.server, port = make_server(
-            ModelStore(self.store_dir, trusted_key=keys["public"]), "127.0.0.1:0", pki["server_cert"],
-            pki["server_key"], TOKEN, client_ca=pki["ca"] if mtls else None, limits=ServerLimits(max_workers=24),
-        )
-        self.address = f"127.0.0.1:{port}"
-
-    def stub(self, **tls: bytes) -> rpc.ModelRegistryStub:
-        return rpc.ModelRegistryStub(open_channel(self.address, self.pki["ca"], **tls))
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
-    root = tmp_path_factory.mktemp("pki")
-    create_ca(root)
-    server_cert, server_key = issue(root, "server", ["127.0.0.1", "localhost"])
-    device_cert, device_key = issue(root, "device-1", client=True)
-    return {"ca": (root / "ca.pem").read_bytes(), "server_cert": server_cert.read_bytes(),
-            "server_key": server_key.read_bytes(), "device_cert": device_cert.read_bytes(),
-            "device_key": device_key.read_bytes()}
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 @pytest.fixture()
