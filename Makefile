@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo demo-llm test bench bench-llm flwr-run protos clean
+.PHONY: demo demo-llm test bench bench-llm bench-edge-llm flwr-run protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,21 +36,33 @@ demo: $(STAMP)
 	FEDTUNE_BIN=$(BIN)/fedtune bash scripts/registry_demo.sh bundles/$(DEMO_RUN) keys/fedtune.pub "$(DEMO_TEXT)"
 
 # The causal-LM demo: SmolLM2-135M-Instruct (embedded) instruction-tuned on Banking77
-# prompt/completion pairs by 3 bank sites under SecAgg+ (configs/banking77-llm.toml), then
-# an exported bundle and one greedy answer on the device runtime.
+# prompt/completion pairs by 3 bank sites under SecAgg+ (configs/banking77-llm.toml). Then
+# the edge: a signed adapter-ready INT4 bundle (onnxruntime-genai) carrying round 1's
+# adapter, and the final adapter as a signed adapter-only update for it; the registry on
+# loopback serves both as versions of one model: the device pulls the bundle and streams an
+# answer, then pulls the few-MB update and streams the fine-tuned answer.
 LLM_RUN := $(or $(LLM_RUN),llm-$(shell date +%Y%m%d-%H%M%S))
 
 demo-llm: $(STAMP)
 	$(BIN)/fedtune simulate --run-config configs/banking77-llm.toml --run-name $(LLM_RUN)
 	test -f keys/fedtune.key || $(BIN)/fedtune keys generate --out keys
-	$(BIN)/fedtune export runs/$(LLM_RUN) --out bundles/$(LLM_RUN) --key keys/fedtune.key --limit $(LLM_PARITY_EXAMPLES)
-	$(BIN)/fedtune edge predict bundles/$(LLM_RUN) "$(DEMO_TEXT)" --trust-key keys/fedtune.pub --max-new-tokens 8
+	$(BIN)/fedtune export runs/$(LLM_RUN) --out bundles/$(LLM_RUN)-base --key keys/fedtune.key \
+		--adapter-ready --checkpoint round-001 --limit $(LLM_PARITY_EXAMPLES)
+	$(BIN)/fedtune export-adapter runs/$(LLM_RUN) --base bundles/$(LLM_RUN)-base --out bundles/$(LLM_RUN)-update \
+		--key keys/fedtune.key --limit $(LLM_PARITY_EXAMPLES)
+	FEDTUNE_BIN=$(BIN)/fedtune MODEL=banking77-llm REGISTRY_WORK=registry-demo-llm PREDICT_ARGS="--max-new-tokens 8" \
+		bash scripts/registry_demo.sh bundles/$(LLM_RUN)-base keys/fedtune.pub "$(DEMO_TEXT)" bundles/$(LLM_RUN)-update
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 bench-llm: $(STAMP)
 	$(BIN)/python bench/llm.py
+
+# INT4 on onnxruntime-genai vs PyTorch, optimum INT8 and llama.cpp (built into .venv-llamacpp,
+# for this benchmark only), on the newest causal-LM run (`make demo-llm` first).
+bench-edge-llm: $(STAMP)
+	$(BIN)/python bench/edge_llm.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py
@@ -73,4 +85,4 @@ protos: $(STAMP)
 	rm -rf .protos-out
 
 clean:
-	rm -rf $(VENV) runs bundles registry-demo .flwr
+	rm -rf $(VENV) .venv-llamacpp runs bundles registry-demo registry-demo-llm .flwr

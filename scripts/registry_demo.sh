@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # Registry demo on loopback: start a TLS registry, publish a signed bundle as the
 # coordinator, pull it as a device (verify + activate), predict, then stop the registry.
-#   scripts/registry_demo.sh BUNDLE TRUST_KEY.pub "text"
-# Env: FEDTUNE_BIN (default .venv/bin/fedtune), REGISTRY_WORK (default registry-demo), MODEL (default banking77).
+# Further bundles (e.g. an adapter-only update for the first) are published, pulled and
+# run in turn, as later versions of the same model.
+#   scripts/registry_demo.sh BUNDLE TRUST_KEY.pub "text" [LATER_BUNDLE ...]
+# Env: FEDTUNE_BIN (default .venv/bin/fedtune), REGISTRY_WORK (default registry-demo), MODEL (default banking77),
+#      PREDICT_ARGS (extra `fedtune edge predict` flags, e.g. --max-new-tokens 8).
 set -euo pipefail
 BUNDLE=$1; TRUST_KEY=$2; TEXT=$3
+shift 3
+LATER=("$@")
 FEDTUNE=${FEDTUNE_BIN:-.venv/bin/fedtune}
 PY="$(dirname "$FEDTUNE")/python"
 WORK=${REGISTRY_WORK:-registry-demo}
@@ -26,8 +31,11 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 
-"$FEDTUNE" registry publish "$BUNDLE" --registry "127.0.0.1:$PORT" --model "$MODEL" \
-  --token-file "$WORK/publish.token" --ca "$WORK/pki/ca.pem"
-"$FEDTUNE" edge pull --registry "127.0.0.1:$PORT" --model "$MODEL" --trust-key "$TRUST_KEY" \
-  --into "$WORK/device" --ca "$WORK/pki/ca.pem"
-"$FEDTUNE" edge predict "$WORK/device/current" "$TEXT" --trust-key "$TRUST_KEY"
+for B in "$BUNDLE" ${LATER[@]+"${LATER[@]}"}; do
+  "$FEDTUNE" registry publish "$B" --registry "127.0.0.1:$PORT" --model "$MODEL" \
+    --token-file "$WORK/publish.token" --ca "$WORK/pki/ca.pem"
+  "$FEDTUNE" edge pull --registry "127.0.0.1:$PORT" --model "$MODEL" --trust-key "$TRUST_KEY" \
+    --into "$WORK/device" --ca "$WORK/pki/ca.pem"
+  # shellcheck disable=SC2086
+  "$FEDTUNE" edge predict "$WORK/device/current" "$TEXT" --trust-key "$TRUST_KEY" ${PREDICT_ARGS:-}
+done

@@ -131,11 +131,8 @@ def _llm_federation(tmp_path: Path, name: str, overrides: dict[str, Any]) -> tup
 
 
 @pytest.mark.timeout(900)
-def test_short_federation_on_smollm2_with_secagg_reports_exact_match(tmp_path: Path, smollm2_dir: Path,
-                                                                     keys: dict[str, Path]) -> None:
+def test_short_federation_on_smollm2_with_secagg_reports_exact_match(tmp_path: Path, smollm2_dir: Path) -> None:
     from fedtune.adapter_io import read_metadata
-    from fedtune.edge_device.runtime import EdgeModel
-    from fedtune.edge_export.exporter import export_bundle
 
     run_dir, summary = _llm_federation(tmp_path, "llm", {})
     central = summary["central"]
@@ -153,15 +150,7 @@ def test_short_federation_on_smollm2_with_secagg_reports_exact_match(tmp_path: P
     assert adapter["layers_to_transform"] == [28, 29]  # the last two of SmolLM2's 30 blocks
     run = json.loads((run_dir / "run.json").read_text())
     assert run["adapter"]["num_tensors"] == 8  # A and B of q_proj and v_proj in 2 blocks
-
-    # The export path holds on the real model: weight-only INT8 passes the default 1-point gate
-    # (dynamic INT8 failed it completely on SmolLM2), and the device answers through the system prompt.
-    manifest = export_bundle(run_dir, tmp_path / "bundle", keys["private"], limit=4)
-    gate = manifest["parity"]
-    assert gate["accuracy_drop_pt"] <= 1.0 and gate["greedy_token_agreement"] >= 0.9, gate
-    assert manifest["runtime"]["prompt_prefix"].startswith("<|im_start|>system\nName the banking intent.<|im_end|>")
-    edge = EdgeModel.load(tmp_path / "bundle", keys["public"])
-    assert isinstance(edge.generate("Where is my card?", max_new_tokens=4), str)
+    # Its export to an INT4 device bundle is tested in test_edge_llm.py.
 
 
 @pytest.mark.timeout(900)
