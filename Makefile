@@ -37,17 +37,17 @@ demo: $(STAMP)
 
 # The causal-LM demo: SmolLM2-135M-Instruct (embedded) instruction-tuned on Banking77
 # prompt/completion pairs by 3 bank sites under SecAgg+ (configs/banking77-llm.toml). Then
-# the edge: a signed adapter-ready INT4 bundle (onnxruntime-genai) carrying round 1's
-# adapter, and the final adapter as a signed adapter-only update for it; the registry on
-# loopback serves both as versions of one model: the device pulls the bundle and streams an
-# answer, then pulls the few-MB update and streams the fine-tuned answer.
+# the edge: a signed adapter-ready INT4 bundle (onnxruntime-genai) of the pre-trained model
+# (round 0's adapter: LoRA B is zero), and the final adapter as a signed adapter-only update
+# for it; the registry on loopback serves both as versions of one model: the device pulls
+# the bundle and streams an answer, then pulls the few-MB update and streams the fine-tuned one.
 LLM_RUN := $(or $(LLM_RUN),llm-$(shell date +%Y%m%d-%H%M%S))
 
 demo-llm: $(STAMP)
 	$(BIN)/fedtune simulate --run-config configs/banking77-llm.toml --run-name $(LLM_RUN)
 	test -f keys/fedtune.key || $(BIN)/fedtune keys generate --out keys
 	$(BIN)/fedtune export runs/$(LLM_RUN) --out bundles/$(LLM_RUN)-base --key keys/fedtune.key \
-		--adapter-ready --checkpoint round-001 --limit $(LLM_PARITY_EXAMPLES)
+		--adapter-ready --checkpoint round-000 --limit $(LLM_PARITY_EXAMPLES)
 	$(BIN)/fedtune export-adapter runs/$(LLM_RUN) --base bundles/$(LLM_RUN)-base --out bundles/$(LLM_RUN)-update \
 		--key keys/fedtune.key --limit $(LLM_PARITY_EXAMPLES)
 	FEDTUNE_BIN=$(BIN)/fedtune MODEL=banking77-llm REGISTRY_WORK=registry-demo-llm PREDICT_ARGS="--max-new-tokens 8" \
