@@ -162,7 +162,17 @@ def main() -> None:
             tokens.append(token)
         print(json.dumps({"tokens": tokens, "ttft": stamps[0] - begin,
                           "decode_seconds": stamps[-1] - stamps[0], "decoded": len(tokens) - 1}), flush=True)
-    print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}), flush=True)
+    print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that
+    across execve, so a worker would report its parent's peak."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 if __name__ == "__main__":

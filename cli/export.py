@@ -100,7 +100,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                      "later runs can ship adapter-only updates (`fedtune export-adapter`)")
     llm.add_argument("--checkpoint", default="final", help="which adapter of the run: final (default) or round-NNN")
     llm.add_argument("--int4-algo", choices=["rtn", "k_quant", "k_quant_mixed", "default"],
-                     help="builder quantisation algorithm (default: rtn)")
+                     help="builder quantisation algorithm (default: k_quant_mixed)")
     llm.add_argument("--int4-block-size", type=int, help="weights per scale (default: 32)")
     llm.add_argument("--int4-accuracy-level", type=int, help="4: INT8 activations in the CPU kernel, 0: fp32 (default: 4)")
     llm.add_argument("--int4-symmetric", choices=["yes", "no"], help="symmetric INT4 (default: no)")

@@ -127,9 +127,9 @@ def test_edge_extra_holds_only_the_runtime() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     names = {d.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("~")[0].strip().lower()
              for d in project["dependencies"] + project["optional-dependencies"]["edge"]}
-    # numpy + onnxruntime + tokenizers run the model, cryptography checks signatures,
-    # grpcio + protobuf pull bundles from the registry.
-    assert names == {"numpy", "onnxruntime", "tokenizers", "cryptography", "grpcio", "protobuf"}
+    # numpy + onnxruntime + tokenizers run classifiers, onnxruntime-genai runs LLMs,
+    # cryptography checks signatures, grpcio + protobuf pull bundles from the registry.
+    assert names == {"numpy", "onnxruntime", "onnxruntime-genai", "tokenizers", "cryptography", "grpcio", "protobuf"}
 
 
 @pytest.mark.timeout(900)
