@@ -66,7 +66,10 @@ class GenerativeModel:
         manifest_path = bundle_dir / MANIFEST_FILE
         if not manifest_path.is_file():
             raise BundleError(f"{manifest_path}: missing; a bundle needs manifest.json and manifest.sig")
-        first = json.loads(manifest_path.read_bytes())
+        try:
+            first = json.loads(manifest_path.read_bytes())
+        except ValueError:
+            raise BundleError(f"{manifest_path}: not JSON") from None
         self.adapter: CopiedBundle | None = None
         if bundle_kind(first) == "adapter":
             (self._private / "adapter").mkdir()
