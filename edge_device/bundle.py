@@ -155,13 +155,37 @@ def verify_bundle_into(bundle_dir: str | Path, trusted_key: str | Path, root: Pa
     return CopiedBundle(Path(bundle_dir), manifest, digest, root)
 
 
-def find_base(adapter_dir: Path, manifest_sha256: str, search: Sequence[Path] = ()) -> Path:
-    """The bundle whose manifest.json has `manifest_sha256`: among `search`, else beside the
-    adapter (a device's versions/ folder holds both)."""
-    candidates = list(search) or sorted(p for p in adapter_dir.resolve().parent.iterdir() if p.is_dir())
+def unverified_manifest(bundle_dir: str | Path) -> dict[str, Any]:
+    """The manifest as it lies on disk, *not* verified: only to decide which runtime or path
+    verifies the bundle next. Raises BundleError."""
+    path = Path(bundle_dir) / MANIFEST_FILE
+    try:
+        return dict(json.loads(path.read_bytes()))
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f"{path}: missing; is {bundle_dir} a bundle?") from None
+    except ValueError:
+        raise BundleError(f"{path}: not JSON") from None
+
+
+def find_base(manifest_sha256: str, candidates: Sequence[Path]) -> Path | None:
+    """The folder among `candidates` whose manifest.json has `manifest_sha256`, if any."""
     for folder in candidates:
         manifest = folder / MANIFEST_FILE
         if manifest.is_file() and sha256_file(manifest) == manifest_sha256:
             return folder
-    raise BundleError(f"{adapter_dir}: this adapter fits base bundle {manifest_sha256[:16]}, which is not "
-                      f"{'at ' + str(search[0]) if search else 'beside it'}; pull or pass that base bundle first")
+    return None
+
+
+def lora_fit_problem(shapes: dict[str, Sequence[int]], lora_inputs: dict[str, list[int]]) -> str | None:
+    """Why adapter weights of these shapes cannot feed a base with these LoRA inputs
+    ({name: [rows, cols]} as built; A is rows x r, B is r x cols), or None when they fit."""
+    missing, extra = sorted(set(lora_inputs) - set(shapes)), sorted(set(shapes) - set(lora_inputs))
+    if missing or extra:
+        return (f"{len(missing)} of the base model's {len(lora_inputs)} LoRA inputs missing (e.g. {missing[:1]}), "
+                f"{len(extra)} unexpected (e.g. {extra[:1]})")
+    for name, shape in shapes.items():
+        rows, cols = lora_inputs[name]
+        if len(shape) != 2 or (shape[0] != rows if ".lora_A." in name else shape[1] != cols):
+            expected = [rows, "r"] if ".lora_A." in name else ["r", cols]
+            return f"weight {name} has shape {list(shape)}; the base model expects {expected}"
+    return None

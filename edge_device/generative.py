@@ -20,7 +20,15 @@ from typing import Iterator, Sequence
 import numpy as np
 import onnxruntime_genai as og
 
-from .bundle import MANIFEST_FILE, BundleError, CopiedBundle, bundle_kind, find_base, verify_bundle_into
+from .bundle import (
+    BundleError,
+    CopiedBundle,
+    bundle_kind,
+    find_base,
+    lora_fit_problem,
+    unverified_manifest,
+    verify_bundle_into,
+)
 
 ADAPTER_NAME = "fedtune"
 
@@ -63,19 +71,17 @@ class GenerativeModel:
         if not bundle_dir.is_dir():
             raise BundleError(f"{bundle_dir}: not a bundle folder")
         (self._private / "model").mkdir()
-        manifest_path = bundle_dir / MANIFEST_FILE
-        if not manifest_path.is_file():
-            raise BundleError(f"{manifest_path}: missing; a bundle needs manifest.json and manifest.sig")
-        try:
-            first = json.loads(manifest_path.read_bytes())
-        except ValueError:
-            raise BundleError(f"{manifest_path}: not JSON") from None
         self.adapter: CopiedBundle | None = None
-        if bundle_kind(first) == "adapter":
+        if bundle_kind(unverified_manifest(bundle_dir)) == "adapter":
             (self._private / "adapter").mkdir()
             self.adapter = verify_bundle_into(bundle_dir, trusted_key, self._private / "adapter")
             wanted = self.adapter.manifest["base_bundle"]["manifest_sha256"]
-            base_dir = find_base(bundle_dir, wanted, [base] if base else [])
+            # the base is the one given, else a folder beside the adapter (a device's versions/)
+            siblings = sorted(p for p in bundle_dir.resolve().parent.iterdir() if p.is_dir())
+            base_dir = find_base(wanted, [base] if base else siblings)
+            if base_dir is None:
+                raise BundleError(f"{bundle_dir}: this adapter fits base bundle {wanted[:16]}, which is not "
+                                  f"{'at ' + str(base) if base else 'beside it'}; pull or pass that base bundle first")
             self.base = verify_bundle_into(base_dir, trusted_key, self._private / "model")
             if self.base.manifest_sha256 != wanted:
                 raise BundleError(f"{bundle_dir}: this adapter fits base bundle {wanted[:16]}, not {base_dir} "
@@ -183,10 +189,6 @@ def check_adapter_file(path: Path, lora_inputs: dict[str, list[int]]) -> None:
         params = ort.AdapterFormat.read_adapter(str(path)).get_parameters()
     except Exception as err:  # onnxruntime raises its own types for a malformed file
         raise BundleError(f"{path.name}: not a readable ONNX Runtime adapter ({str(err).splitlines()[0]})") from None
-    if set(params) != set(lora_inputs):
-        raise BundleError(f"{path.name}: its {len(params)} weights do not match the base model's "
-                          f"{len(lora_inputs)} LoRA inputs")
-    for name, value in params.items():
-        shape, (rows, cols) = value.shape(), lora_inputs[name]
-        if len(shape) != 2 or (shape[0] != rows if ".lora_A." in name else shape[1] != cols):
-            raise BundleError(f"{path.name}: weight {name} has shape {shape}, which the base model cannot take")
+    problem = lora_fit_problem({name: value.shape() for name, value in params.items()}, lora_inputs)
+    if problem:
+        raise BundleError(f"{path.name}: does not fit the base model: {problem}")

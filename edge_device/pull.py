@@ -131,12 +131,10 @@ def _require_base(root: Path, manifest: dict, what: str) -> None:  # type: ignor
     """An adapter update is refused before any download unless its base bundle is here."""
     versions = root / "versions"
     held = sorted(p for p in versions.iterdir() if p.is_dir()) if versions.is_dir() else []
-    try:
-        find_base(versions, manifest["base_bundle"]["manifest_sha256"], held or [versions / "(none)"])
-    except BundleError:
+    if find_base(manifest["base_bundle"]["manifest_sha256"], held) is None:
         raise PullError(f"refused {what}: an adapter for base bundle "
                         f"{manifest['base_bundle']['manifest_sha256'][:16]}, which this device does not hold; "
-                        "pull that base first") from None
+                        "pull that base first")
 
 
 def _point(root: Path, link: str, version: str) -> None:

@@ -3,7 +3,7 @@ onnxruntime and `tokenizers` alone (no torch, no transformers).
 
 It returns the label and the class probabilities; a batch is split into length buckets
 (`fedtune.length_buckets`) so short queries are not padded to the longest one. Causal LMs
-run on onnxruntime-genai (`generative.py`); `open_model` picks the runtime a bundle needs.
+run on onnxruntime-genai (`generative.py`); `bundle_engine` tells which runtime a bundle needs.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from tokenizers import Encoding, Tokenizer
 
 from fedtune.length_buckets import length_buckets
 
-from .bundle import MANIFEST_FILE, BundleError, VerifiedBundle, verify_bundle
+from .bundle import BundleError, VerifiedBundle, bundle_kind, unverified_manifest, verify_bundle
 
 
 @dataclass(frozen=True)
@@ -117,14 +117,7 @@ class EdgeModel:
 def bundle_engine(bundle_dir: str | Path) -> str:
     """Which runtime a bundle needs, from its (not yet verified) manifest: `onnxruntime-genai`
     or `onnxruntime`. The runtime then verifies everything before it loads anything."""
-    import json
-
-    try:
-        manifest = json.loads((Path(bundle_dir) / MANIFEST_FILE).read_bytes())
-    except (FileNotFoundError, NotADirectoryError):
-        raise BundleError(f"{Path(bundle_dir) / MANIFEST_FILE}: missing; is {bundle_dir} a bundle?") from None
-    except ValueError:
-        raise BundleError(f"{Path(bundle_dir) / MANIFEST_FILE}: not JSON") from None
-    if manifest.get("kind") == "adapter" or manifest.get("runtime", {}).get("engine") == "onnxruntime-genai":
+    manifest = unverified_manifest(bundle_dir)
+    if bundle_kind(manifest) == "adapter" or manifest.get("runtime", {}).get("engine") == "onnxruntime-genai":
         return "onnxruntime-genai"
     return "onnxruntime"

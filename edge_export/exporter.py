@@ -96,6 +96,48 @@ def prompt_format(tokenizer: Any, system_prompt: str = "") -> dict[str, Any]:
     return {"prompt_prefix": prefix, "prompt_suffix": suffix, "add_special_tokens": False}
 
 
+def check_out_dir(out_dir: Path) -> None:
+    """A bundle is never written over an existing one."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FedtuneError(f"{out_dir}: already exists and is not empty; choose another --out")
+
+
+def held_out_file(settings: dict[str, Any], eval_path: str | Path | None, run_dir: Path) -> Path:
+    """The parity gate's held-out data: `--eval`, else the run's central-eval-path."""
+    from fedtune.config import resolve_path
+
+    if eval_path:
+        return Path(eval_path)
+    if settings.get("central-eval-path"):
+        return Path(resolve_path(settings["central-eval-path"]))
+    raise FedtuneError(f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data for the parity gate")
+
+
+def adapter_provenance(checkpoint: Path, info: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's `adapter`: which checkpoint, its hashes, round and LoRA settings."""
+    settings = info["run"]["settings"]
+    return {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint / "adapter_model.safetensors"),
+            "config_sha256": sha256_file(checkpoint / "adapter_config.json"), "round": meta.get("round"),
+            "lora": {"r": settings["lora-r"], "alpha": settings["lora-alpha"],
+                     "target_modules": info["run"].get("adapter", {}).get("target_modules")}}
+
+
+def seal(staging: Path, manifest: dict[str, Any], key: Any) -> None:
+    """List every file in `staging` (except manifest and signature), write the manifest, sign it."""
+    names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE))
+    manifest["files"] = file_entries(staging, names)
+    raw = manifest_bytes(manifest)
+    (staging / MANIFEST_FILE).write_bytes(raw)
+    (staging / SIGNATURE_FILE).write_bytes(sign(key, raw))
+
+
+def move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished bundle to `out_dir` (which is absent or empty: `check_out_dir`)."""
+    if out_dir.exists():
+        out_dir.rmdir()
+    os.replace(staging, out_dir)
+
+
 def export_bundle(
     run_dir: str | Path, out_dir: str | Path, signing_key: str | Path, *, eval_path: str | Path | None = None,
     quantization: str | None = None, max_accuracy_drop_pt: float = 1.0, force: bool = False,
@@ -105,15 +147,13 @@ def export_bundle(
     """Build, gate, sign and write the bundle; returns the manifest."""
     from fedtune.edge_device.runtime import EdgeModel
 
-    from fedtune.config import resolve_path
     from fedtune.data import load_classification
     from fedtune.model import resolve_model_path
 
     from . import graph_fusion, merge, onnx_export, parity, quantize
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FedtuneError(f"{out_dir}: already exists and is not empty; choose another --out")
+    check_out_dir(out_dir)
     key = load_private_key(signing_key)
     info = read_run(run_dir)
     settings, meta = info["run"]["settings"], info["adapter_meta"]
@@ -126,9 +166,7 @@ def export_bundle(
                                  force=force, limit=limit, threads=threads)
     if quantization == "weight-only-int8" or adapter_ready or checkpoint != "final":
         raise FedtuneError("--quantization weight-only-int8, --adapter-ready and --checkpoint are for causal-lm runs")
-    eval_file = Path(eval_path) if eval_path else (resolve_path(settings["central-eval-path"]) if settings.get("central-eval-path") else None)
-    if eval_file is None:
-        raise FedtuneError(f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data for the parity gate")
+    eval_file = held_out_file(settings, eval_path, run_dir)
     examples: list[Any] = load_classification(eval_file, settings["text-field"], settings["label-field"], labels)
     examples = examples[:limit] if limit else examples
     mode = quantization or quantize.DEFAULT_MODE_BY_TASK[task]
@@ -178,23 +216,14 @@ def export_bundle(
             "fedtune_version": __version__,
             **draft,
             "base_model": {"name": meta["base_model"], "path": base_path, "sha256": merge.base_model_hash(meta["base_model"])},
-            "adapter": {"sha256": sha256_file(run_dir / "final" / "adapter_model.safetensors"),
-                        "config_sha256": sha256_file(run_dir / "final" / "adapter_config.json"),
-                        "round": meta.get("round"),
-                        "lora": {"r": settings["lora-r"], "alpha": settings["lora-alpha"],
-                                 "target_modules": info["run"].get("adapter", {}).get("target_modules")}},
+            "adapter": adapter_provenance(run_dir / "final", info, meta),
             "federation": federation_facts(info),
             "quantization": quant,
             "parity": gate,
             "signing_key": fingerprint(key.public_key()),
-            "files": file_entries(staging, sorted(p.name for p in staging.iterdir() if p.is_file())),
         }
-        raw = manifest_bytes(manifest)
-        (staging / MANIFEST_FILE).write_bytes(raw)
-        (staging / SIGNATURE_FILE).write_bytes(sign(key, raw))
-        if out_dir.exists():
-            out_dir.rmdir()  # empty (checked above)
-        os.replace(staging, out_dir)
+        seal(staging, manifest, key)
+        move_into_place(staging, out_dir)
         log.info("bundle: %s (%.1f MB, signed by key %s)", out_dir,
                  sum(e["bytes"] for e in manifest["files"].values()) / 1e6, manifest["signing_key"][:16])
         return manifest

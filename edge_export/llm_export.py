@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
@@ -23,23 +22,22 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
-from fedtune.edge_device.bundle import (
-    BUNDLE_FORMAT,
-    MANIFEST_FILE,
-    SIGNATURE_FILE,
-    file_entries,
-    manifest_bytes,
-    sha256_file,
-    signed_manifest,
-)
+from fedtune.edge_device.bundle import BUNDLE_FORMAT, signed_manifest
 from fedtune.edge_device.generative import GenerativeModel
 from fedtune.edge_device.signature import fingerprint
 
 from fedtune import __version__
 from fedtune.errors import FedtuneError
 
-from .exporter import ExportGateError
-from .signing import load_private_key, sign
+from .exporter import (
+    ExportGateError,
+    adapter_provenance,
+    check_out_dir,
+    held_out_file,
+    move_into_place,
+    seal,
+)
+from .signing import load_private_key
 
 log = logging.getLogger("fedtune.export")
 
@@ -55,28 +53,14 @@ def checkpoint_dir(run_dir: Path, checkpoint: str) -> Path:
 
 def held_out_completions(settings: dict[str, Any], eval_path: str | Path | None, limit: int | None,
                          run_dir: Path) -> tuple[Path, list[Any]]:
-    from fedtune.config import resolve_path
+    """The gate's prompts: the first `limit` (default: the run's eval-max-examples) held-out pairs."""
     from fedtune.data import load_completions
 
-    if eval_path:
-        eval_file = Path(eval_path)
-    elif settings.get("central-eval-path"):
-        eval_file = Path(resolve_path(settings["central-eval-path"]))
-    else:
-        raise FedtuneError(f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data "
-                           "for the parity gate")
+    eval_file = held_out_file(settings, eval_path, run_dir)
     examples = load_completions(eval_file, settings["prompt-field"], settings["completion-field"])
     if limit is None and int(settings.get("eval-max-examples") or 0) > 0:
         limit = int(settings["eval-max-examples"])
     return eval_file, examples[:limit] if limit else examples
-
-
-def _provenance(run_dir: Path, checkpoint: Path, info: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
-    settings = info["run"]["settings"]
-    return {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint / "adapter_model.safetensors"),
-            "config_sha256": sha256_file(checkpoint / "adapter_config.json"), "round": meta.get("round"),
-            "lora": {"r": settings["lora-r"], "alpha": settings["lora-alpha"],
-                     "target_modules": info["run"].get("adapter", {}).get("target_modules")}}
 
 
 def _gate(gate: dict[str, Any], max_drop_pt: float, force: bool, what: str, eval_file: Path) -> dict[str, Any]:
@@ -92,31 +76,11 @@ def _gate(gate: dict[str, Any], max_drop_pt: float, force: bool, what: str, eval
     return gate
 
 
-def _seal(staging: Path, manifest: dict[str, Any], key: Any) -> None:
-    """List every file in `staging` (except manifest and signature), write the manifest, sign it."""
-    names = sorted(p.name for p in staging.iterdir() if p.is_file() and p.name not in (MANIFEST_FILE, SIGNATURE_FILE))
-    manifest["files"] = file_entries(staging, names)
-    raw = manifest_bytes(manifest)
-    (staging / MANIFEST_FILE).write_bytes(raw)
-    (staging / SIGNATURE_FILE).write_bytes(sign(key, raw))
-
-
 def _public_pem(key: Any, folder: Path) -> Path:
     path = folder / "signer.pub"
     path.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
                                                    serialization.PublicFormat.SubjectPublicKeyInfo))
     return path
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    if out_dir.exists():
-        out_dir.rmdir()  # empty (checked before any work)
-    os.replace(staging, out_dir)
-
-
-def _check_out(out_dir: Path) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FedtuneError(f"{out_dir}: already exists and is not empty; choose another --out")
 
 
 @dataclass(frozen=True)
@@ -144,12 +108,12 @@ class RunCheckpoint:
         return cls(run_dir, read_run(run_dir), ckpt, json.loads((ckpt / "fedtune.json").read_text()))
 
 
-def _device_parity(run: RunCheckpoint, staging: Path, key: Any, work: Path, model: Any, tokenizer: Any,
+def _device_parity(run: RunCheckpoint, staging: Path, public_key: Path, model: Any, tokenizer: Any,
                    examples: list[Any], threads: int | None, base: Path | None = None) -> dict[str, Any]:
     """Load the staged (provisionally signed) bundle the way a device does and gate it."""
     from . import parity
 
-    with GenerativeModel(staging, _public_pem(key, work), base=base, threads=threads) as device_model:
+    with GenerativeModel(staging, public_key, base=base, threads=threads) as device_model:
         return parity.generation_parity(model, tokenizer, device_model, examples, int(run.settings["max-length"]),
                                         run.system_prompt, int(run.settings.get("eval-max-new-tokens") or 16))
 
@@ -169,7 +133,7 @@ def export_llm_bundle(
 
     options = options or Int4Options()
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    _check_out(out_dir)
+    check_out_dir(out_dir)
     key = load_private_key(signing_key)
     run = RunCheckpoint.open(run_dir, checkpoint)
     info, ckpt, meta, settings = run.info, run.ckpt, run.meta, run.settings
@@ -201,21 +165,21 @@ def export_llm_bundle(
                         **prompt_format(tokenizer, run.system_prompt)},
             "model_file": "model.onnx", "tokenizer_file": "tokenizer.json",
             "base_model": {"name": meta["base_model"], "path": base_path, "sha256": merge.base_model_hash(meta["base_model"])},
-            "adapter": _provenance(run_dir, ckpt, info, meta),
+            "adapter": adapter_provenance(ckpt, info, meta),
             "federation": federation_facts(info),
             "quantization": {k: v for k, v in quant.items() if k != "lora_inputs"},
             "signing_key": fingerprint(key.public_key()),
         }
         if adapter_ready:
             manifest.update(lora_inputs=quant["lora_inputs"], adapter_file=ADAPTER_FILE)
-        _seal(staging, manifest, key)  # provisional: the gate loads the bundle the way a device does
+        seal(staging, manifest, key)  # provisional: the gate loads the bundle the way a device does
         log.info("[3/4] parity gate: PyTorch fp32 vs INT4 on the device runtime, greedy exact match on %d "
                  "held-out prompts from %s", len(examples), eval_file)
-        gate = _device_parity(run, staging, key, work, model, tokenizer, examples, threads)
+        gate = _device_parity(run, staging, _public_pem(key, work), model, tokenizer, examples, threads)
         manifest["parity"] = _gate(gate, max_drop_pt, force, str(run_dir), eval_file)
         log.info("[4/4] writing the manifest and signing it")
-        _seal(staging, manifest, key)
-        _move_into_place(staging, out_dir)
+        seal(staging, manifest, key)
+        move_into_place(staging, out_dir)
         log.info("bundle: %s (%.1f MB, signed by key %s)", out_dir,
                  sum(e["bytes"] for e in manifest["files"].values()) / 1e6, manifest["signing_key"][:16])
         return manifest
@@ -236,7 +200,7 @@ def export_adapter_update(
     from .onnx_adapter import ADAPTER_FILE, adapter_arrays, check_fits, write_adapter
 
     run_dir, out_dir, base_bundle = Path(run_dir), Path(out_dir), Path(base_bundle)
-    _check_out(out_dir)
+    check_out_dir(out_dir)
     key = load_private_key(signing_key)
     run = RunCheckpoint.open(run_dir, checkpoint)
     info, ckpt, meta, settings = run.info, run.ckpt, run.meta, run.settings
@@ -245,7 +209,8 @@ def export_adapter_update(
     staging = work / "adapter"
     staging.mkdir()
     try:
-        base_manifest, base_sha = signed_manifest(base_bundle, _public_pem(key, work))
+        public_key = _public_pem(key, work)
+        base_manifest, base_sha = signed_manifest(base_bundle, public_key)
         if not base_manifest.get("lora_inputs"):
             raise FedtuneError(f"--base: {base_bundle} is not an adapter-ready bundle (export it with --adapter-ready)")
         if base_manifest["base_model"]["sha256"] != merge.base_model_hash(meta["base_model"]):
@@ -266,18 +231,18 @@ def export_adapter_update(
                             "built_from": str(base_bundle)},
             "base_model": {"name": meta["base_model"], "path": resolve_model_path(meta["base_model"]),
                            "sha256": base_manifest["base_model"]["sha256"]},
-            "adapter": _provenance(run_dir, ckpt, info, meta),
+            "adapter": adapter_provenance(ckpt, info, meta),
             "federation": federation_facts(info),
             "signing_key": fingerprint(key.public_key()),
         }
-        _seal(staging, manifest, key)
+        seal(staging, manifest, key)
         log.info("[2/3] parity gate on %s + this adapter, %d held-out prompts from %s", base_bundle,
                  len(examples), eval_file)
-        gate = _device_parity(run, staging, key, work, model, tokenizer, examples, threads, base=base_bundle)
+        gate = _device_parity(run, staging, public_key, model, tokenizer, examples, threads, base=base_bundle)
         manifest["parity"] = _gate(gate, max_drop_pt, force, str(run_dir), eval_file)
         log.info("[3/3] writing the manifest and signing it")
-        _seal(staging, manifest, key)
-        _move_into_place(staging, out_dir)
+        seal(staging, manifest, key)
+        move_into_place(staging, out_dir)
         size = sum(e["bytes"] for e in manifest["files"].values())
         log.info("adapter update: %s (%.2f MB, for base %s)", out_dir, size / 1e6, base_sha[:16])
         return manifest

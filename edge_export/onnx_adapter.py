@@ -74,18 +74,13 @@ def adapter_arrays(adapter_dir: Path) -> dict[str, np.ndarray]:
 
 
 def check_fits(arrays: dict[str, np.ndarray], lora_inputs: dict[str, list[int]], where: str) -> None:
-    """The adapter must feed exactly the base's LoRA inputs with matching outer dims and one rank per pair."""
-    missing, extra = sorted(set(lora_inputs) - set(arrays)), sorted(set(arrays) - set(lora_inputs))
-    if missing or extra:
-        raise FedtuneError(f"{where}: the adapter's LoRA weights do not match the base model's inputs "
-                           f"({len(missing)} missing, e.g. {missing[:1]}; {len(extra)} unexpected, e.g. {extra[:1]}); "
+    """The adapter must feed exactly the base's LoRA inputs (the device checks the same)."""
+    from fedtune.edge_device.bundle import lora_fit_problem
+
+    problem = lora_fit_problem({name: array.shape for name, array in arrays.items()}, lora_inputs)
+    if problem:
+        raise FedtuneError(f"{where}: the adapter's LoRA weights do not fit the base model's inputs: {problem}; "
                            "export the base with the same lora-target-modules and lora-top-layers")
-    for name, array in arrays.items():
-        rows, cols = lora_inputs[name]
-        fixed = (array.shape[0] == rows) if ".lora_A." in name else (array.shape[1] == cols)
-        if array.ndim != 2 or not fixed:
-            raise FedtuneError(f"{where}: adapter weight {name} has shape {list(array.shape)}; the base expects "
-                               f"{[rows, 'r'] if '.lora_A.' in name else ['r', cols]}")
 
 
 def write_adapter(arrays: dict[str, np.ndarray], path: Path) -> None:
