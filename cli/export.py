@@ -41,12 +41,10 @@ def _megabytes(manifest: dict) -> str:  # type: ignore[type-arg]
 def int4_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fedtune.edge_export.int4_build import Int4Options
 
-    defaults = Int4Options()
-    return Int4Options(algo=args.int4_algo or defaults.algo, block_size=args.int4_block_size or defaults.block_size,
-                       accuracy_level=defaults.accuracy_level if args.int4_accuracy_level is None else args.int4_accuracy_level,
-                       symmetric=defaults.symmetric if args.int4_symmetric is None else args.int4_symmetric == "yes",
-                       shared_embeddings=(defaults.shared_embeddings if args.int4_shared_embeddings is None
-                                          else args.int4_shared_embeddings == "yes"))
+    given = {"algo": args.int4_algo, "block_size": args.int4_block_size, "accuracy_level": args.int4_accuracy_level,
+             "symmetric": None if args.int4_symmetric is None else args.int4_symmetric == "yes",
+             "shared_embeddings": None if args.int4_shared_embeddings is None else args.int4_shared_embeddings == "yes"}
+    return Int4Options(**{name: value for name, value in given.items() if value is not None})  # the rest: defaults
 
 
 def cmd_export_adapter(args: argparse.Namespace) -> int:

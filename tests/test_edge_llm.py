@@ -299,3 +299,14 @@ def test_export_refuses_an_adapter_that_fails_the_gate_or_does_not_fit(
     _resign(merged, keys["private"], lambda m: m.pop("lora_inputs"))
     with pytest.raises(FedtuneError, match="is not an adapter-ready bundle"):
         export_adapter_update(llm_run, merged, tmp_path / "y", keys["private"], limit=2)
+
+
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--int4-block-size", "24", "--int4-block-size: 24 is not one of 16, 32, 64, 128, 256"),
+    ("--int4-accuracy-level", "7", "--int4-accuracy-level: 7 is not 0-4"),
+])
+def test_bad_int4_flags_are_one_line_before_any_work(tmp_path: Path, flag: str, value: str, expected: str) -> None:
+    result = _cli("export", str(tmp_path / "no-run"), "--out", str(tmp_path / "out"), "--key", str(tmp_path / "k"),
+                  flag, value)
+    _one_line_error(result, expected)
+    assert not (tmp_path / "out").exists()
