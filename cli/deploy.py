@@ -1,5 +1,6 @@
 """`fedtune deploy`: Flower's Deployment Engine with TLS and SuperNode authentication.
-Coordinator: init, site-key, register, superlink, run. Site: site (one command)."""
+Coordinator: init, site-key, register, superlink, run. Site: site (one command: the
+site worker and the SuperNode), or worker alone (e.g. under systemd)."""
 
 from __future__ import annotations
 
@@ -50,13 +51,28 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_worker(args: argparse.Namespace) -> int:
+    from fedtune.client.site_worker import SiteWorker
+
+    from fedtune.logs import setup_logging
+
+    setup_logging()
+    if args.max_message_mb <= 0:
+        raise FedtuneError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
+    SiteWorker(Path(args.socket), idle_timeout=args.idle_timeout, max_message_bytes=int(args.max_message_mb * 2**20),
+               threads=args.threads).serve()
+    return 0
+
+
 def cmd_deploy_site(args: argparse.Namespace) -> int:
     from fedtune.client.deployment import (
         check_site_data,
         check_tls,
-        run_supernode,
+        run_site,
         supernode_command,
+        worker_command,
     )
+    from fedtune.client.site_worker import prepare_socket_dir
 
     data, ca, key = Path(args.data), Path(args.ca), Path(args.key)
     for path, what in ((ca, "CA certificate"), (key, "site private key")):
@@ -65,8 +81,14 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     count = check_site_data(data, args.task, args.text_field, args.label_field, args.prompt_field, args.completion_field)
     check_tls(args.superlink, ca)
     print(f"site: {data} OK ({count} examples); SuperLink {args.superlink} TLS OK; joining", flush=True)
-    cmd = supernode_command(args.superlink, ca, key, data, args.port, Path(args.state_dir), args.max_retries, args.name or "")
-    run_supernode(cmd, key, args.superlink)
+    socket_path = None
+    if not args.no_worker:
+        socket_path = Path(args.worker_socket or Path(args.state_dir) / "worker" / "worker.sock").resolve()
+        prepare_socket_dir(socket_path)
+    cmd = supernode_command(args.superlink, ca, key, data, args.port, Path(args.state_dir), args.max_retries,
+                            args.name or "", socket_path)
+    worker = worker_command(socket_path, args.worker_threads) if socket_path is not None else None
+    run_site(cmd, key, args.superlink, worker, socket_path)
     return 0
 
 
@@ -126,7 +148,24 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_site.add_argument("--prompt-field", default="prompt")
     d_site.add_argument("--completion-field", default="completion")
     d_site.add_argument("--max-retries", type=int, help="give up after N failed connection attempts")
+    d_site.add_argument("--worker-socket", help="the site worker's Unix socket (default: STATE_DIR/worker/worker.sock)")
+    d_site.add_argument("--worker-threads", type=int, default=0, help="CPU threads the worker trains with (0: torch's default)")
+    d_site.add_argument("--no-worker", action="store_true",
+                        help="no site worker: each message's ClientApp process loads the model itself (slow)")
     d_site.set_defaults(func=cmd_deploy_site)
+    d_work = dep.add_parser(
+        "worker", help="site: the site worker alone (what `deploy site` starts): keeps the model loaded across rounds",
+        description="A long-lived process that loads the base model once and trains and evaluates for this site's "
+        "ClientApp over a private Unix socket (0700 directory, 0600 socket, same-uid peers only). Give the "
+        "SuperNode its path as worker-socket in --node-config.",
+    )
+    d_work.add_argument("--socket", required=True, help="the Unix socket to listen on (its directory is made 0700)")
+    d_work.add_argument("--idle-timeout", type=float, default=1800.0,
+                        help="drop a run's state after this many seconds without a request (default: 1800)")
+    d_work.add_argument("--max-message-mb", type=float, default=1024.0,
+                        help="largest request accepted, in MiB of tensors (default: 1024)")
+    d_work.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    d_work.set_defaults(func=cmd_deploy_worker)
     d_run = dep.add_parser("run", help="coordinator: launch the run (flwr run APP fedtune --stream)")
     d_run.add_argument("--dir", default="deploy")
     d_run.add_argument("--app", default=".", help="the Flower app folder (default: .)")

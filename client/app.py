@@ -1,10 +1,16 @@
 """The site's Flower ClientApp: `flower-supernode` (deployment) or the Simulation
-Engine runs it; it builds a SiteClient from the run and node config."""
+Engine runs it. With `worker-socket` in the node config it is a thin dispatcher to the
+site's long-lived worker (`site_worker.py`) and imports no torch, transformers or peft;
+without one it trains in its own process (`site_client.py`, imported on first use).
+SecAgg+ runs here, as a Flower mod, around whichever does the training."""
 
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
+from flwr.app import MetricRecord
 from flwr.client import Client
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
@@ -18,16 +24,24 @@ from fedtune.config import RunSettings
 from fedtune.logs import setup_logging
 from fedtune.secagg.masks import SecAggSetupError, install_csprng_masks
 from fedtune.secagg.wire_codec import narrow_masked_reply
-
-from .site_client import SiteClient
+from fedtune.stage_timing import TIMING_RECORD, process_start_time
 
 log = logging.getLogger("fedtune.site")
 setup_logging()
+WORKER_SOCKET = "worker-socket"  # node config key: the site worker's Unix socket
 
 
 def client_fn(context: Context) -> Client:
     """Flower calls this for every message the site receives."""
     settings = RunSettings.from_run_config(context.run_config)
+    socket_path = str(context.node_config.get(WORKER_SOCKET, "") or "")
+    if socket_path:
+        from .worker_client import WorkerClient
+
+        timeout = settings.secagg_timeout if settings.secagg else 3600.0
+        return WorkerClient(Path(socket_path), context, timeout).to_client()
+    from .site_client import SiteClient  # torch, transformers and peft: in-process training only
+
     return SiteClient(settings, context).to_client()
 
 
@@ -49,6 +63,19 @@ def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppC
     return call_next(msg, ctxt)
 
 
+def stamp_timing(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Deployed sites only: when this ClientApp process started and how long its
+    handler ran, so the coordinator can tell Flower's polling from the site's work."""
+    if "data-path" not in ctxt.node_config:
+        return call_next(msg, ctxt)  # simulation: no processes to time, no extra bytes
+    started = time.time()
+    reply = call_next(msg, ctxt)
+    if reply.has_content():
+        reply.content.metric_records[TIMING_RECORD] = MetricRecord(
+            {"process_start": process_start_time(), "handler_start": started, "handler_end": time.time()})
+    return reply
+
+
 # The mods every site runs, outermost first; tests build their own ClientApp with extra mods around these.
-MODS = [secaggplus_when_requested]
+MODS = [stamp_timing, secaggplus_when_requested]
 app = ClientApp(client_fn=client_fn, mods=list(MODS))

@@ -1,7 +1,8 @@
 """The site's side of a deployment: pre-flight checks that turn a bad data file, a
 wrong CA or an unregistered key into one line, the exact `flower-supernode` command
-line, and running that SuperNode under the site's one command, relaying its output
-and stopping it (and the helpers Flower detaches from it) on exit or on a signal."""
+line, and running the site under its one command: the site worker (restarted if it
+dies) and the SuperNode, relaying their output and stopping both (and the helpers
+Flower detaches from the SuperNode) on exit or on a signal."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 from fedtune.data import load_classification, load_completions
@@ -48,8 +51,11 @@ def check_site_data(data: Path, task: str, text_field: str, label_field: str, pr
 
 
 def supernode_command(superlink: str, ca: Path, key: Path, data: Path, port: int, state_dir: Path,
-                      max_retries: int | None = None, site_name: str = "") -> list[str]:
+                      max_retries: int | None = None, site_name: str = "", worker_socket: Path | None = None,
+                      ) -> list[str]:
     node_config = f'data-path="{data.resolve()}" state-dir="{state_dir.resolve()}" site-name="{site_name or data.stem}"'
+    if worker_socket is not None:
+        node_config += f' worker-socket="{worker_socket.resolve()}"'
     cmd = [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(ca),
            "--auth-supernode-private-key", str(key), "--node-config", node_config, "--port", str(port)]
     if max_retries is not None:
@@ -70,26 +76,111 @@ def explain_supernode_exit(code: int, output: str, key: Path, superlink: str) ->
     return f"the SuperNode stopped with exit code {code}: {' / '.join(x.strip() for x in last)}"
 
 
-def run_supernode(cmd: list[str], key: Path, superlink: str) -> None:
-    """Run the SuperNode in the foreground, relaying its output, until it exits or this
-    process gets SIGTERM/SIGINT; an exit other than a requested stop is one line."""
-    child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
+def worker_command(socket_path: Path, threads: int = 0, idle_timeout: float = 1800.0) -> list[str]:
+    """The site worker, run by this interpreter (`fedtune deploy worker`)."""
+    cmd = [sys.executable, "-m", "fedtune.cli", "deploy", "worker", "--socket", str(socket_path),
+           "--idle-timeout", str(idle_timeout)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    return cmd
+
+
+class _Relay:
+    """Runs a child with its output relayed to this terminal (prefixed) and kept."""
+
+    def __init__(self, cmd: list[str], prefix: str = "") -> None:
+        self.output: list[str] = []
+        self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      env=child_env())
+        # Read in a thread: Flower's detached SuperExec helper inherits the pipe and may
+        # hold it open after the SuperNode itself has exited.
+        self.reader = threading.Thread(target=self._relay, args=(prefix,), daemon=True)
+        self.reader.start()
+
+    def _relay(self, prefix: str) -> None:
+        assert self.child.stdout is not None
+        for line in self.child.stdout:
+            self.output.append(line)
+            print(f"{prefix}{line}", end="", flush=True)
+
+    def stop(self, grace: float = 15.0) -> int:
+        if self.child.poll() is None:
+            self.child.terminate()
+            try:
+                self.child.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.child.kill()
+        self.reader.join(timeout=2)
+        return int(self.child.wait())
+
+
+def wait_for_worker(worker: _Relay, socket_path: Path, timeout: float = 60.0) -> None:
+    """Until the worker answers a status request on its socket, or fails."""
+    from .worker_client import call_worker
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if worker.child.poll() is not None:
+            worker.reader.join(timeout=2)
+            last = [x.strip() for x in worker.output if x.strip()][-2:]
+            raise FedtuneError(f"the site worker stopped with exit code {worker.child.returncode}: {' / '.join(last)}")
+        if socket_path.exists():
+            try:
+                call_worker(socket_path, "status", {}, timeout=10.0, connect_timeout=1.0)
+                return
+            except FedtuneError:
+                pass
+        time.sleep(0.2)
+    raise FedtuneError(f"the site worker did not open {socket_path} within {timeout:.0f} s")
+
+
+def run_site(supernode_cmd: list[str], key: Path, superlink: str, worker_cmd: list[str] | None = None,
+             socket_path: Path | None = None, max_restarts: int = 5) -> None:
+    """The site's one command: the worker (if any), then the SuperNode, in the foreground
+    until the SuperNode exits or this process gets SIGTERM/SIGINT. A worker that dies is
+    restarted (the next request waits for it); more than `max_restarts` deaths within a
+    minute stop the site. An exit other than a requested stop is one line."""
+    stopping = threading.Event()
+    worker: _Relay | None = None
+    supernode: _Relay | None = None
+
+    def request_stop(*_: object) -> None:
+        stopping.set()
+        if supernode is not None and supernode.child.poll() is None:
+            supernode.child.terminate()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: child.terminate())
-    output: list[str] = []
-
-    def relay() -> None:
-        assert child.stdout is not None
-        for line in child.stdout:
-            output.append(line)
-            print(line, end="", flush=True)
-
-    # Read in a thread: Flower's detached SuperExec helper inherits the pipe and may
-    # hold it open after the SuperNode itself has exited.
-    reader = threading.Thread(target=relay, daemon=True)
-    reader.start()
-    code = child.wait()
-    reader.join(timeout=2)
-    stop_helpers(child.pid)
-    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-        raise FedtuneError(explain_supernode_exit(code, "".join(output), key, superlink))
+        signal.signal(sig, request_stop)
+    failure: str | None = None
+    try:
+        if worker_cmd is not None:
+            assert socket_path is not None
+            worker = _Relay(worker_cmd, "[worker] ")
+            wait_for_worker(worker, socket_path)
+            print(f"site: worker ready on {socket_path} (pid {worker.child.pid})", flush=True)
+        supernode = _Relay(supernode_cmd)
+        deaths: list[float] = []
+        while supernode.child.poll() is None:
+            time.sleep(0.5)
+            if worker is not None and worker.child.poll() is not None and not stopping.is_set():
+                deaths = [t for t in deaths if time.monotonic() - t < 60] + [time.monotonic()]
+                if len(deaths) > max_restarts:
+                    failure = f"the site worker died {len(deaths)} times within a minute; stopping the site"
+                    request_stop()
+                    break
+                print(f"site: the worker (pid {worker.child.pid}) exited with code {worker.child.returncode}; "
+                      f"restarting it", flush=True)
+                worker = _Relay(worker_cmd or [], "[worker] ")
+        code = supernode.child.wait()
+        supernode.reader.join(timeout=2)
+        stop_helpers(supernode.child.pid)
+        if failure is None and code not in (0, -signal.SIGTERM, -signal.SIGINT) and not stopping.is_set():
+            failure = explain_supernode_exit(code, "".join(supernode.output), key, superlink)
+    finally:
+        if supernode is not None:
+            supernode.stop()
+            stop_helpers(supernode.child.pid)
+        if worker is not None:
+            worker.stop()
+    if failure:
+        raise FedtuneError(failure)

@@ -1,26 +1,20 @@
 """Sample-level differential privacy at a site: DP-SGD with Opacus (per-example
 clipping, Gaussian noise, Poisson sampling) and its RDP accountant.
 
-The accountant's history (noise multiplier, sample rate, steps) lives in the site's
-Flower context state, so ε accumulates over rounds even when each round runs in a
-new process, as it does under a SuperNode. It is also written to the site's own disk
-(`site-state-dir`, or the node config's `state-dir`), keyed by run id, so a run that
-the coordinator resumes after a crash keeps counting from what the site already spent.
+The accountant's history (noise multiplier, sample rate, steps) is kept by
+`dp_history.py`, in the site's Flower context or its worker's memory and on its disk,
+so ε accumulates over rounds and across restarts.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import logging
-import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import ConfigRecord, Context
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
@@ -33,6 +27,7 @@ from fedtune.errors import ConfigError
 from fedtune.length_buckets import length_buckets
 from fedtune.schedule import round_progress
 
+from .dp_history import History
 from .trainer import (
     TrainResult,
     absent_label_mask,
@@ -43,8 +38,6 @@ from .trainer import (
 )
 
 log = logging.getLogger("fedtune.site")
-STATE_KEY = "fedtune.dp"
-History = list[tuple[float, float, int]]
 PHYSICAL_BATCH_TOKENS = 512  # padded tokens per forward pass inside one DP-SGD step
 
 
@@ -56,30 +49,6 @@ class DPReport:
     epsilon_next_round: float
     noise_multiplier: float
     sample_rate: float
-
-
-def history_file(context: Context, settings: RunSettings, run_id: str, site: str) -> Path:
-    """The site's accountant file: STATE_DIR/<run-id>/<site>-dp.json."""
-    state_dir = str(context.node_config.get("state-dir", "") or settings.site_state_dir)
-    return Path(state_dir).expanduser() / run_id / f"{site}-dp.json"
-
-
-def load_history(context: Context, path: Path) -> History:
-    """The accountant history: from this run's context, else from the site's disk."""
-    record = context.state.config_records.get(STATE_KEY)
-    if record is not None:
-        return [tuple(x) for x in json.loads(str(record["history"]))]  # type: ignore[misc]
-    if path.exists():
-        return [tuple(x) for x in json.loads(path.read_text())]  # type: ignore[misc]
-    return []
-
-
-def save_history(context: Context, path: Path, history: History) -> None:
-    context.state.config_records[STATE_KEY] = ConfigRecord({"history": json.dumps(history)})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(history))
-    os.replace(tmp, path)
 
 
 def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps: int) -> float:

@@ -31,6 +31,7 @@ from fedtune.secagg.masks import install_csprng_masks
 
 from .central_eval import make_central_evaluator
 from .plots import save_plots
+from .polling_grid import PromptGrid
 from .privacy_budget import EpsilonBudgetStrategy
 from .recorder import RecordingStrategy
 from .report import write_report
@@ -136,7 +137,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     if settings.dp:
         inner = EpsilonBudgetStrategy(inner, settings.dp_epsilon_budget, settings.dp_delta)
         inner.worst_epsilon = max((r.get("dp_epsilon_max", 0.0) for r in run_dir.read_metrics()), default=0.0)
-    metered = MeteredGrid(grid)
+    metered = MeteredGrid(PromptGrid(grid))  # replies pulled every 0.1 s, stages timed
     strategy = RecordingStrategy(inner, metered, run_dir.append_metrics, save_round, num_rounds - done,
                                  round_offset=done)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds - done), strategy=strategy)

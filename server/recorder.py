@@ -163,6 +163,9 @@ class RecordingStrategy(DelegatingStrategy):
         record["bytes_down"] = sum(s["bytes_down"] for s in record["sites"].values())
         record["bytes_up"] = sum(s["bytes_up"] for s in record["sites"].values())
         record["round_seconds"] = round(time.monotonic() - self._round_start, 3)
+        dispatch = self.grid.dispatch_seconds(round_key)
+        if dispatch["stages"]:
+            record["dispatch"] = dispatch  # the round's stages: polling, ClientApp start-up, site work
         self.append_record(record)
         self.completed_rounds.append(record["round"])
         agg = record["aggregate"]

@@ -1,0 +1,123 @@
+"""One run's work at one site, without Flower: the census answer, a round of local
+training and a local evaluation, each from the global adapter's arrays. The in-process
+ClientApp (simulation) and the long-lived site worker (deployment) both call it; it
+caches the site's data and tokenised examples for the run, and the base model per process
+(`model_cache.py`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import zlib
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from peft import PeftModel
+
+from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
+from fedtune.config import RunSettings
+from fedtune.encoding import Encoder, make_encoder
+from fedtune.evaluation import evaluate
+
+from .dp_history import HistoryStore, history_file
+from .model_cache import cached_lora_model, cached_tokenizer
+from .site_data import SiteData, load_site_data
+from .trainer import train_local
+
+log = logging.getLogger("fedtune.site")
+
+Scalar = bool | bytes | float | int | str
+Config = Mapping[str, Scalar]
+
+
+class SiteWork:
+    """A site's part in one run: its settings, its data and its DP accountant store."""
+
+    def __init__(self, settings: RunSettings, node_config: Mapping[str, Any], history: HistoryStore) -> None:
+        self.settings = settings
+        self.node_config = dict(node_config)
+        self.history = history
+        self._site: tuple[tuple[str, ...], SiteData] | None = None
+        self._encoders: dict[tuple[str, int], Encoder] = {}
+
+    def labels(self, config: Config) -> tuple[str, ...]:
+        if "labels" in config:
+            return tuple(json.loads(str(config["labels"])))
+        return tuple(self.settings.label_list())
+
+    def model(self, labels: Sequence[str]) -> PeftModel:
+        s = self.settings
+        return cached_lora_model(s.base_model, s.task, s.lora_settings(), tuple(labels), s.seed)
+
+    def site(self, labels: Sequence[str]) -> SiteData:
+        """The site's examples, read and split once per run (and label set)."""
+        key = tuple(labels)
+        if self._site is None or self._site[0] != key:
+            self._site = (key, load_site_data(self.settings, self.node_config, labels))
+            self._encoders.clear()
+        return self._site[1]
+
+    def encoder(self, split: str, examples: Sequence[Any]) -> Encoder:
+        """The examples tokenised for this run, once per split (a pair over max-length is a DataError)."""
+        key = (split, len(examples))
+        if key not in self._encoders:
+            s = self.settings
+            self._encoders[key] = make_encoder(cached_tokenizer(s.base_model), examples, s.max_length, s.system_prompt)
+        return self._encoders[key]
+
+    def properties(self, config: Config) -> dict[str, Scalar]:
+        """Answers the SecAgg+ census: the site's training-example count only."""
+        site = self.site(self.labels(config))
+        return {"site": site.name, "num_examples": len(site.train)}
+
+    def fit(self, parameters: list[np.ndarray], config: Config) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        labels = self.labels(config)
+        site = self.site(labels)
+        model = self.model(labels)
+        s = self.settings
+        set_adapter_arrays(model, parameters, s.ffa_lora)
+        server_round = int(config.get("server-round", 1))
+        num_rounds = int(config.get("num-rounds", s.num_rounds))
+        encoder = self.encoder("train", site.train)
+        seed = s.seed + 7919 * server_round + zlib.crc32(site.name.encode())
+        dp_metrics: dict[str, Scalar] = {}
+        if s.dp:
+            from .dp_trainer import train_local_dp  # Opacus only when used
+
+            state = history_file(self.node_config, s.site_state_dir, str(config.get("run-id", "run")), site.name)
+            result, history, report = train_local_dp(model, encoder, s, server_round, num_rounds,
+                                                     self.history.load(state), site=site.name, seed=seed)
+            self.history.save(state, history)
+            dp_metrics = {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
+                          "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate}
+        else:
+            result = train_local(model, encoder, s, server_round=server_round, num_rounds=num_rounds, site=site.name,
+                                 proximal_mu=float(config.get("proximal_mu", 0.0)), seed=seed)
+        arrays = get_adapter_arrays(model, s.ffa_lora)
+        metrics: dict[str, Scalar] = {
+            "site": site.name,
+            "train_loss": result.loss,
+            "train_loss_first": result.first_loss,
+            "train_loss_last": result.last_loss,
+            "num_examples": result.num_examples,
+            "steps": result.steps,
+            **dp_metrics,
+        }
+        if s.secagg:
+            # SecAgg+ clips values beyond +-C; say how many, since the sum cannot show it.
+            limit = s.secagg_clipping_range
+            metrics["secagg_clipped_values"] = int(sum(int((np.abs(a) > limit).sum()) for a in arrays))
+        return arrays, result.num_examples, metrics
+
+    def evaluate(self, parameters: list[np.ndarray], config: Config) -> tuple[float, int, dict[str, Scalar]]:
+        labels = self.labels(config)
+        site = self.site(labels)
+        model = self.model(labels)
+        s = self.settings
+        set_adapter_arrays(model, parameters, s.ffa_lora)
+        examples = site.val or site.train
+        encoder = self.encoder("val" if site.val else "train", examples)
+        metrics = evaluate(model, encoder, max_new_tokens=s.eval_max_new_tokens, max_generated=s.eval_max_examples)
+        out: dict[str, Scalar] = {"site": site.name, "num_examples": len(examples)}
+        out.update({f"val_{k}": float(v) for k, v in metrics.items()})
+        return float(metrics["loss"]), len(examples), out
