@@ -1,15 +1,19 @@
-"""Deployment Engine vs Simulation Engine on the same tiny workload, and what loading
-the base model costs a SuperNode's per-message ClientApp process.
+"""Deployment Engine vs Simulation Engine, round for round, on the same federation.
 
-Workload: a 2-layer BERT built from a config (MiniLM tokenizer), a synthetic 2-label
-text task split over 2 sites, SecAgg+ on, ROUNDS rounds. Deployment: a TLS SuperLink
-with SuperNode authentication and 2 SuperNodes on 127.0.0.1, launched with `flwr run`.
-Round time is the coordinator's median wall time per round (from metrics.jsonl).
-Base-model load: in a fresh process (as a SuperNode's ClientApp is), the seconds to
-import torch/transformers/peft and to build the LoRA model from the local safetensors
-(`low_cpu_mem_usage`), median of several processes.
+Demo workload: the MiniLM demo (embedded pre-trained MiniLM, LoRA r=8, Banking77 split
+non-IID over 3 bank sites exactly as the simulation partitions it, SecAgg+, the demo's
+local recipe), ROUNDS rounds. Deployment: a TLS SuperLink with SuperNode authentication
+and 3 SuperNodes on 127.0.0.1, each with its site worker (`fedtune deploy site`),
+launched with `flwr run`. Round time is the coordinator's median wall time per round
+(metrics.jsonl); polling, ClientApp start-up and site work per round come from the
+coordinator's stage timing (`server/polling_grid.py`).
 
-    python bench/deploy.py [--rounds R] [--loads N]
+Tiny workload: a 2-layer BERT from a config, 2 sites x 120 synthetic examples, where
+Flower's fixed costs dominate; deployed once as Flower ships it (no worker: a ClientApp
+process loads the model for every message; SuperNode idle poll 3 s, SuperExec 1 s) and
+once as fedtune runs it (worker, 0.5 s idle poll, SuperExec 0.1 s).
+
+    python bench/deploy.py [--rounds R] [--tiny-rounds R] [--skip-demo]
 """
 
 from __future__ import annotations
@@ -23,33 +27,26 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support/: process management
 
 from fedtune.cli.simulation import run_simulation  # noqa: E402
+from fedtune.client.worker_client import call_worker  # noqa: E402
 from fedtune.server.deployment import init_pki, register_site, run_command, site_keypair  # noqa: E402
 from results import update_results  # noqa: E402
 from support.processes import ManagedProcesses, free_port, wait_for_port  # noqa: E402
 
-from fedtune.config import project_run_config  # noqa: E402
+from fedtune.config import RunSettings, project_run_config  # noqa: E402
+from fedtune.flower_env import child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDTUNE = str(Path(sys.executable).parent / "fedtune")
-LOAD_SNIPPET = """
-import json, sys, time
-t0 = time.perf_counter()
-import torch, transformers, peft  # noqa
-t1 = time.perf_counter()
-from fedtune.model import LoraSettings, build_lora_model
-build_lora_model(sys.argv[1], "seq-cls", LoraSettings(), ["neg", "pos"], 0)
-t2 = time.perf_counter()
-print(json.dumps({"import": t1 - t0, "load": t2 - t1}))
-"""
 
 
-def tiny_workload(root: Path) -> dict[str, Path]:
-    """A tiny BERT from a config plus a 2-label task: train (2 site files) and test."""
+def tiny_workload(root: Path) -> dict[str, Any]:
+    """A tiny BERT from a config plus a 2-label task: 2 site files, their union, a test file."""
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -71,99 +68,183 @@ def tiny_workload(root: Path) -> dict[str, Path]:
             out.append(json.dumps({"text": " ".join(rng.choice(words[label]) for _ in range(2)), "label": label}))
         return "\n".join(out) + "\n"
 
-    paths = {"model": model_dir, "labels": root / "labels.json", "test": root / "test.jsonl",
-             "site-a": root / "site-a.jsonl", "site-b": root / "site-b.jsonl", "all": root / "train.jsonl"}
-    paths["labels"].write_text(json.dumps(["neg", "pos"]))
-    paths["test"].write_text(rows(60))
-    a, b = rows(120), rows(120)
-    paths["site-a"].write_text(a)
-    paths["site-b"].write_text(b)
-    paths["all"].write_text(a + b)
-    return paths
+    (root / "labels.json").write_text(json.dumps(["neg", "pos"]))
+    (root / "test.jsonl").write_text(rows(60))
+    sites = {"site-a": root / "site-a.jsonl", "site-b": root / "site-b.jsonl"}
+    for path in sites.values():
+        path.write_text(rows(120))
+    (root / "train.jsonl").write_text("".join(p.read_text() for p in sites.values()))
+    config = {"model": str(model_dir), "labels-file": str(root / "labels.json"), "central-eval-path": str(root / "test.jsonl"),
+              "local-steps": 8, "batch-size": 16, "learning-rate": 0.05, "val-fraction": 0.2, "partitioning": "iid",
+              "data-path": str(root / "train.jsonl")}
+    return {"config": config, "sites": sites}
 
 
-def median_round(run_dir: Path) -> float:
-    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["round_seconds"] for r in records)
+def demo_workload(root: Path) -> dict[str, Any]:
+    """The demo's data set partitioned over 3 sites the way the simulation does it, one file per site."""
+    from fedtune.client.site_data import site_partition
+
+    from fedtune.data import load_examples
+
+    settings = RunSettings.from_run_config(project_run_config())
+    examples = load_examples(settings.data_path, settings, settings.label_list())
+    sites = {}
+    for part in range(3):
+        path = root / f"bank-{part}.jsonl"
+        path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n"  # type: ignore[union-attr]
+                                for e in site_partition(examples, settings, part, 3)))
+        sites[f"bank-{part}"] = path
+    return {"config": {}, "sites": sites}
+
+
+def rounds_of(run_dir: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def median_of(records: list[dict[str, Any]], key: str) -> float:
+    values = [r[key] if key == "round_seconds" else r["dispatch"][key] for r in records
+              if key == "round_seconds" or key in r.get("dispatch", {})]
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def deploy(root: Path, name: str, config: dict[str, Any], sites: dict[str, Path], flower_defaults: bool,
+           worker_threads: int = 0) -> dict[str, Any]:
+    """One deployed run on loopback; returns its records and each worker's status."""
+    work = root / name
+    work.mkdir()
+    pki = work / "deploy"
+    env = child_env()
+    if flower_defaults:
+        env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = "1.0"
+    procs = ManagedProcesses(work, cwd=ROOT)
+    statuses = {}
+    try:
+        init_pki(pki, ["127.0.0.1"])
+        port = free_port()
+        link = procs.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(pki), "--host", "127.0.0.1",
+                                         "--port", str(port)], env)
+        wait_for_port(port, link, work / "superlink.log")
+        for site, data in sites.items():
+            private, public = site_keypair(pki, site)
+            register_site(pki, public, f"127.0.0.1:{port}")
+            extra = ["--no-worker", "--idle-poll", "3"] if flower_defaults else ["--worker-threads", str(worker_threads)]
+            procs.start(site, [FEDTUNE, "deploy", "site", "--superlink", f"127.0.0.1:{port}", "--ca",
+                               str(pki / "pki" / "ca.pem"), "--key", str(private), "--data", str(data),
+                               "--port", str(free_port()), "--state-dir", str(work / "state" / site), *extra], env)
+        deadline = time.time() + 120
+        while not all("SuperNode ID" in (work / f"{s}.log").read_text(errors="replace") for s in sites):
+            if time.time() > deadline:
+                raise SystemExit(f"sites did not join: see {work}")
+            time.sleep(0.5)
+        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**config, "run-name": name}.items())
+        cmd, run_env = run_command(pki, ROOT, [overrides])
+        subprocess.run(cmd, cwd=ROOT, env={**run_env, **{k: env[k] for k in ("FLWR_SUPEREXEC_TASK_POLL_INTERVAL",)}},
+                       check=True, stdout=subprocess.DEVNULL, timeout=3600)
+        if not flower_defaults:
+            statuses = {s: call_worker(work / "state" / s / "worker" / "worker.sock", "status", {})[0] for s in sites}
+    finally:
+        procs.stop_all()
+    return {"records": rounds_of(Path(config["output-dir"]) / name), "workers": statuses}
+
+
+def simulate(name: str, config: dict[str, Any], num_sites: int) -> list[dict[str, Any]]:
+    run_simulation({**project_run_config(), **config, "run-name": name}, num_sites=num_sites)
+    return rounds_of(Path(config["output-dir"]) / name)
+
+
+def summary(records: list[dict[str, Any]]) -> dict[str, float]:
+    later = records[1:] or records  # round 1 pays start-up (Ray, model loads) in both engines
+    return {k: median_of(later, k) for k in ("round_seconds", "polling_seconds", "clientapp_start_seconds",
+                                             "site_work_seconds", "stage_seconds")}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--loads", type=int, default=5, help="fresh processes timed for the model load")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds of the MiniLM demo workload")
+    parser.add_argument("--tiny-rounds", type=int, default=4)
+    parser.add_argument("--worker-threads", type=int, default=1,
+                        help="torch threads per site worker: 3 workers share this machine's cores")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
-    w = tiny_workload(root)
-    common = {"model": str(w["model"]), "labels-file": str(w["labels"]), "central-eval-path": str(w["test"]),
-              "num-rounds": args.rounds, "local-steps": 8, "batch-size": 16, "learning-rate": 0.05,
-              "val-fraction": 0.2, "secagg": True, "min-sites": 2, "secagg-timeout": 300.0,
-              "output-dir": str(root / "runs"), "partitioning": "iid"}
+    common = {"secagg": True, "secagg-timeout": 600.0, "output-dir": str(root / "runs")}
+    out: dict[str, Any] = {}
 
-    print("simulation", flush=True)
-    run_simulation({**project_run_config(), **common, "data-path": str(w["all"]), "run-name": "simulation"}, num_sites=2)
-    sim_round = median_round(root / "runs" / "simulation")
+    tiny = tiny_workload(root)
+    tiny_config = {**tiny["config"], **common, "num-rounds": args.tiny_rounds, "min-sites": 2}
+    print("tiny: simulation", flush=True)
+    out["tiny_sim"] = summary(simulate("tiny-sim", tiny_config, 2))
+    print("tiny: deployment as Flower ships it", flush=True)
+    out["tiny_flower"] = summary(deploy(root, "tiny-flower", tiny_config, tiny["sites"], flower_defaults=True)["records"])
+    print("tiny: deployment with site workers", flush=True)
+    tiny_run = deploy(root, "tiny-worker", tiny_config, tiny["sites"], flower_defaults=False)
+    out["tiny_worker"] = summary(tiny_run["records"])
 
-    print("deployment", flush=True)
-    deploy = root / "deploy"
-    procs = ManagedProcesses(root, cwd=ROOT)
-    try:
-        init_pki(deploy, ["127.0.0.1"])
-        port = free_port()
-        link = procs.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(deploy), "--host", "127.0.0.1",
-                                         "--port", str(port)])
-        wait_for_port(port, link, root / "superlink.log")
-        for site in ("site-a", "site-b"):
-            private, public = site_keypair(deploy, site)
-            register_site(deploy, public, f"127.0.0.1:{port}")
-            procs.start(site, [FEDTUNE, "deploy", "site", "--superlink", f"127.0.0.1:{port}", "--ca",
-                               str(deploy / "pki" / "ca.pem"), "--key", str(private), "--data", str(w[site]),
-                               "--port", str(free_port()), "--state-dir", str(root / "state" / site)])
-        time.sleep(5)
-        overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in {**common, "run-name": "deployment"}.items())
-        cmd, env = run_command(deploy, ROOT, [overrides])
-        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, timeout=1800)
-    finally:
-        procs.stop_all()
-    dep_round = median_round(root / "runs" / "deployment")
+    demo = demo_workload(root)
+    demo_config = {**common, "num-rounds": args.rounds, "min-sites": 3}
+    print("demo: simulation", flush=True)
+    out["demo_sim"] = summary(simulate("demo-sim", {**demo_config, "partitioning": "dirichlet"}, 3))
+    print("demo: deployment with site workers", flush=True)
+    demo_run = deploy(root, "demo-worker", demo_config, demo["sites"], flower_defaults=False,
+                      worker_threads=args.worker_threads)
+    out["demo_worker"] = summary(demo_run["records"])
+    loads = [w["model_loads"] for w in demo_run["workers"].values()]
 
-    loads = {}
-    for name, model in (("tiny", str(w["model"])), ("minilm", "default")):
-        samples = [json.loads(subprocess.run([sys.executable, "-c", LOAD_SNIPPET, model], capture_output=True,
-                                             text=True, check=True, cwd=ROOT).stdout) for _ in range(args.loads)]
-        loads[name] = {k: statistics.median(s[k] for s in samples) for k in ("import", "load")}
+    sim, dep = out["demo_sim"], out["demo_worker"]
     keys = {
-        "deploy_over_simulation_round_time": round(dep_round / sim_round, 3),
-        "base_model_load_seconds": round(loads["tiny"]["load"], 3),
+        "deploy_over_simulation_round_time": round(dep["round_seconds"] / sim["round_seconds"], 3),
+        "deploy_tiny_over_simulation_round_time": round(out["tiny_worker"]["round_seconds"] / out["tiny_sim"]["round_seconds"], 2),
+        "deploy_tiny_flower_defaults_over_simulation_round_time": round(
+            out["tiny_flower"]["round_seconds"] / out["tiny_sim"]["round_seconds"], 2),
+        "deploy_model_loads_per_site": max(loads),
+        "deploy_polling_seconds_per_round": round(dep["polling_seconds"], 2),
     }
-    md = f"""## Deployment vs simulation, and the per-round model load (`bench/deploy.py`)
+    print(json.dumps({**keys, **out, "loads": loads}, indent=2))
 
-Same tiny workload both ways: a 2-layer BERT from a config, 2 sites x 120 synthetic examples, SecAgg+ on,
-{args.rounds} rounds of 8 local steps. Deployment: TLS SuperLink with SuperNode authentication and 2 SuperNodes on
-127.0.0.1, `flwr run`. Median coordinator seconds per round:
+    def row(label: str, s: dict[str, float]) -> str:
+        fmt = lambda v: "" if v != v else f"{v:.2f}"  # noqa: E731  (NaN: not timed, e.g. simulation)
+        return (f"| {label} | {fmt(s['round_seconds'])} | {fmt(s['polling_seconds'])} | "
+                f"{fmt(s['clientapp_start_seconds'])} | {fmt(s['site_work_seconds'])} |")
 
-| engine | median round (s) |
-|---|---|
-| Simulation Engine (Ray) | {sim_round:.2f} |
-| Deployment Engine (SuperLink + 2 SuperNodes, TLS) | {dep_round:.2f} |
+    md = f"""## Deployment vs simulation (`bench/deploy.py`)
 
-`deploy_over_simulation_round_time` = {keys['deploy_over_simulation_round_time']}. A SuperNode starts a new ClientApp
-process for every message (SecAgg+ sends several per round), and each phase waits on the SuperLink's polling, so a
-deployed round costs more than a simulated one; the gap is fixed overhead, not training.
+Same federation both ways, SecAgg+ on. Deployment: TLS SuperLink with SuperNode authentication and one SuperNode
+per site on 127.0.0.1 (`fedtune deploy site`), launched with `flwr run`. Median coordinator seconds per round,
+round 1 excluded (it pays start-up in both engines); per-round polling, ClientApp process start-up and site work
+are summed over the round's 5 stages (SecAgg+ setup, share keys, collect, unmask; evaluate), each stage taken
+from the reply it waited for (`server/polling_grid.py`).
 
-Base model load in a fresh process (what each ClientApp process pays), median of {args.loads}:
+**MiniLM demo workload**: embedded MiniLM + LoRA r=8, Banking77 over 3 non-IID bank sites (the simulation's own
+Dirichlet partition, one file per site), demo recipe, {args.rounds} rounds. The 3 site workers share this
+machine's cores, {args.worker_threads} torch thread(s) each; the simulation runs its sites one after another
+with all cores.
 
-| model | import torch + transformers + peft (s) | build the LoRA model from local safetensors (s) |
-|---|---|---|
-| tiny BERT (this workload) | {loads['tiny']['import']:.2f} | {loads['tiny']['load']:.3f} |
-| MiniLM (the demo model) | {loads['minilm']['import']:.2f} | {loads['minilm']['load']:.3f} |
+| engine | round (s) | polling (s) | ClientApp start (s) | site work (s) |
+|---|---|---|---|---|
+{row("Simulation Engine (Ray)", sim)}
+{row("Deployment, site workers, 0.5 s idle poll", dep)}
 
-`base_model_load_seconds` = {keys['base_model_load_seconds']} (tiny BERT). Models load from the local folder with
-`low_cpu_mem_usage=True` (no hub access); within one process the model is cached (`client/model_cache.py`), which
-is what the Simulation Engine's long-lived actors reuse.
+`deploy_over_simulation_round_time` = **{keys['deploy_over_simulation_round_time']}** (target <= 1.5).
+`deploy_model_loads_per_site` = {keys['deploy_model_loads_per_site']} (each worker's own count over the whole run:
+{loads}). `deploy_polling_seconds_per_round` = {keys['deploy_polling_seconds_per_round']}.
+
+**Tiny workload** (2-layer BERT from a config, 2 sites x 120 examples, {args.tiny_rounds} rounds of 8 steps), where
+Flower's fixed costs are everything:
+
+| engine | round (s) | polling (s) | ClientApp start (s) | site work (s) |
+|---|---|---|---|---|
+{row("Simulation Engine (Ray)", out['tiny_sim'])}
+{row("Deployment as Flower ships it (no worker, 3 s idle poll, SuperExec 1 s)", out['tiny_flower'])}
+{row("Deployment, site workers, 0.5 s idle poll, SuperExec 0.1 s", out['tiny_worker'])}
+
+`deploy_tiny_over_simulation_round_time` = {keys['deploy_tiny_over_simulation_round_time']} (as Flower ships it:
+{keys['deploy_tiny_flower_defaults_over_simulation_round_time']}). What remains is Flower's: each stage starts a
+new `flwr-clientapp` process (Python, Flower's imports, fetching the message and app; about 1-2.5 s here with 2-3
+processes starting at once on 2 cores), and polling: the SuperNode's idle sleep (now 0.5 s, Flower's fixed 3 s
+shortened by `client/supernode_launcher.py`), SuperExec's task poll (0.1 s, `FLWR_SUPEREXEC_TASK_POLL_INTERVAL`),
+the SuperNode's 0.5 s wait for the ClientApp's reply (fixed) and the coordinator's 0.1 s pull.
 """
-    print(json.dumps({**keys, "loads": loads, "sim_round": sim_round, "deploy_round": dep_round}, indent=2))
     if not args.no_write:
         update_results("deploy", keys, md)
 

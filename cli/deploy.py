@@ -81,12 +81,14 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     count = check_site_data(data, args.task, args.text_field, args.label_field, args.prompt_field, args.completion_field)
     check_tls(args.superlink, ca)
     print(f"site: {data} OK ({count} examples); SuperLink {args.superlink} TLS OK; joining", flush=True)
+    if not 0.05 <= args.idle_poll <= 3.0:
+        raise FedtuneError(f"--idle-poll must be between 0.05 and 3 seconds, got {args.idle_poll}")
     socket_path = None
     if not args.no_worker:
         socket_path = Path(args.worker_socket or Path(args.state_dir) / "worker" / "worker.sock").resolve()
         prepare_socket_dir(socket_path)
     cmd = supernode_command(args.superlink, ca, key, data, args.port, Path(args.state_dir), args.max_retries,
-                            args.name or "", socket_path)
+                            args.name or "", socket_path, args.idle_poll)
     worker = worker_command(socket_path, args.worker_threads) if socket_path is not None else None
     run_site(cmd, key, args.superlink, worker, socket_path)
     return 0
@@ -150,6 +152,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_site.add_argument("--max-retries", type=int, help="give up after N failed connection attempts")
     d_site.add_argument("--worker-socket", help="the site worker's Unix socket (default: STATE_DIR/worker/worker.sock)")
     d_site.add_argument("--worker-threads", type=int, default=0, help="CPU threads the worker trains with (0: torch's default)")
+    d_site.add_argument("--idle-poll", type=float, default=0.5,
+                        help="seconds an idle SuperNode waits before asking for work again (Flower's own: 3; default: 0.5)")
     d_site.add_argument("--no-worker", action="store_true",
                         help="no site worker: each message's ClientApp process loads the model itself (slow)")
     d_site.set_defaults(func=cmd_deploy_site)

@@ -52,11 +52,16 @@ def check_site_data(data: Path, task: str, text_field: str, label_field: str, pr
 
 def supernode_command(superlink: str, ca: Path, key: Path, data: Path, port: int, state_dir: Path,
                       max_retries: int | None = None, site_name: str = "", worker_socket: Path | None = None,
-                      ) -> list[str]:
+                      idle_poll: float = 3.0) -> list[str]:
+    """`flower-supernode` with TLS, the site's key and node config; an `idle_poll` below
+    Flower's fixed 3 s runs it through `supernode_launcher.py`."""
     node_config = f'data-path="{data.resolve()}" state-dir="{state_dir.resolve()}" site-name="{site_name or data.stem}"'
     if worker_socket is not None:
         node_config += f' worker-socket="{worker_socket.resolve()}"'
-    cmd = [tool("flower-supernode"), "--superlink", superlink, "--root-certificates", str(ca),
+    launcher = [tool("flower-supernode")]
+    if idle_poll < 3.0:
+        launcher = [sys.executable, "-m", f"{__package__}.supernode_launcher", "--idle-poll", str(idle_poll), "--"]
+    cmd = [*launcher, "--superlink", superlink, "--root-certificates", str(ca),
            "--auth-supernode-private-key", str(key), "--node-config", node_config, "--port", str(port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]

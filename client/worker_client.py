@@ -65,7 +65,7 @@ def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.
             raise FedtuneError(f"site worker at {path}: {greeting.get('error', 'refused the handshake')}")
         send_frame(sock, {"op": op, **header}, arrays)
         reply, tensors = recv_frame(sock)
-    except PeerClosed:
+    except (PeerClosed, ConnectionResetError, BrokenPipeError):
         raise FedtuneError(f"site worker at {path}: the worker stopped during '{op}' (it is restarted for the "
                            f"next round)") from None
     except socket.timeout:

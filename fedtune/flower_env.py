@@ -1,6 +1,7 @@
 """Where Flower's command-line tools are and the environment its processes run in:
 this interpreter's console scripts first on PATH, no telemetry, no update check, no
-runtime dependency installation (nothing is downloaded), Hugging Face offline."""
+runtime dependency installation (nothing is downloaded), Hugging Face offline, and
+SuperExec polling for tasks every 0.1 s (Flower's default: 1 s)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ def child_env(flwr_home: Path | None = None) -> dict[str, str]:
     env.update({"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "HF_HUB_OFFLINE": "1",
                 "RAY_USAGE_STATS_ENABLED": "0"})
+    # SuperExec asks its SuperNode/SuperLink for a task to launch every second by default.
+    env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", "0.1")
     if flwr_home is not None:
         env["FLWR_HOME"] = str(flwr_home)
     return env

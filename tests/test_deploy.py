@@ -1,12 +1,16 @@
-"""Real deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication, two
-site SuperNodes (each with its own data file and port), a 2-round SecAgg+ run of a
-tiny model launched with `flwr run`, and the refusals a site operator must see: an
-unregistered key, a plaintext connection, a wrong CA and a bad data file. Every
-process the test starts is stopped by PID, also when it fails."""
+"""Real deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication, site
+SuperNodes each with its own site worker, data file and port, SecAgg+ runs of a tiny
+model launched with `flwr run`, and what a site operator must see: each site's model
+loaded once for the whole run; a worker killed mid-round (the round completes with the
+survivors, the next one runs on the restarted worker); the refusals of an unregistered
+key, a plaintext connection, a wrong CA and a bad data file. Every process the test
+starts is stopped by PID, also when it fails."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -17,6 +21,7 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from fedtune.client.worker_client import call_worker
 from fedtune.server.deployment import init_pki, register_site, run_command, site_keypair
 from safetensors.numpy import load_file
 from support.processes import ManagedProcesses, free_port, wait_for_port
@@ -97,11 +102,11 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     assert plain.wait(timeout=120) != 0  # gave up: the TLS SuperLink never answered in plaintext
     assert "SuperNode ID" not in (tmp_path / "plaintext.log").read_text(errors="replace")
 
-    # Two registered sites joined; run 2 rounds with SecAgg+ through `flwr run`.
+    # Two registered sites joined; run 3 rounds with SecAgg+ through `flwr run`.
     for site in ("bank-a", "bank-b"):
         wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")
     run_config = (f'model="{tiny_bert_dir}" labels-file="{sentiment_data["labels"]}" '
-                  f'central-eval-path="{sentiment_data["test"]}" num-rounds=2 local-steps=4 batch-size=16 '
+                  f'central-eval-path="{sentiment_data["test"]}" num-rounds=3 local-steps=4 batch-size=16 '
                   f'learning-rate=0.05 val-fraction=0.2 secagg=true min-sites=2 secagg-timeout=300.0 '
                   f'output-dir="{tmp_path / "runs"}" run-name="deployed"')
     cmd, env = run_command(deploy, REPO, [run_config])
@@ -110,8 +115,18 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     assert run.returncode == 0 and (run_dir / "summary.json").exists(), run.stdout[-3000:] + run.stderr[-2000:]
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2]
+    assert [r["round"] for r in records] == [1, 2, 3]
     assert all(sorted(r["sites"]) == ["bank-a", "bank-b"] and r["failures"] == 0 for r in records)
+    # Each site's worker loaded the model once for the whole run (census, 3 trainings, 3 evaluations).
+    for site in ("bank-a", "bank-b"):
+        status, _ = call_worker(worker_socket(tmp_path, site), "status", {})
+        assert status["model_loads"] == 1, status
+        assert [run["rounds"] for run in status["runs"].values()] == [[1, 2, 3]], status
+    # The coordinator split every round's stages into polling, ClientApp start-up and site work.
+    for r in records:
+        d = r["dispatch"]
+        assert d["stages"] == 5, d  # SecAgg+ setup, share keys, collect, unmask; evaluate
+        assert 0 < d["polling_seconds"] < d["stage_seconds"] and d["site_work_seconds"] > 0, d
     secagg = json.loads((run_dir / "secagg.json").read_text())
     assert secagg["sites_at_start"] == 2
     start = load_file(str(run_dir / "round-000" / "adapter_model.safetensors"))
@@ -120,3 +135,76 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     assert all(np.isfinite(v).all() for v in final.values())
     assert any(not np.array_equal(start[k], final[k]) for k in final)
     assert json.loads((run_dir / "summary.json").read_text())["central"]["accuracy"] >= 0
+
+
+def worker_socket(root: Path, site: str) -> Path:
+    return root / "state" / site / "worker" / "worker.sock"
+
+
+def listening_backlog(path: Path) -> int:
+    """Connections waiting in the listening Unix socket's queue (`ss`: Recv-Q)."""
+    out = subprocess.run(["ss", "-xl", "src", str(path)], capture_output=True, text=True).stdout.splitlines()
+    rows = [line.split() for line in out[1:] if str(path) in line]
+    return int(rows[0][2]) if rows else 0
+
+
+@pytest.mark.timeout(1200)
+def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_worker(
+    tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    deploy = tmp_path / "deploy"
+    ca, _, _ = init_pki(deploy, ["127.0.0.1"])
+    sites = ("bank-a", "bank-b", "bank-c")
+    rows = sentiment_data["train"].read_text().splitlines()
+    port = free_port()
+    superlink = processes.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(deploy),
+                                              "--host", "127.0.0.1", "--port", str(port)])
+    wait_for_port(port, superlink, tmp_path / "superlink.log")
+    for i, site in enumerate(sites):
+        private, public = site_keypair(deploy, site)
+        register_site(deploy, public, f"127.0.0.1:{port}")
+        data = tmp_path / f"{site}.jsonl"
+        data.write_text("\n".join(rows[i::3]) + "\n")
+        processes.start(site, [FEDTUNE, "deploy", "site", "--superlink", f"127.0.0.1:{port}", "--ca", str(ca),
+                               "--key", str(private), "--data", str(data), "--port", str(free_port()),
+                               "--state-dir", str(tmp_path / "state" / site)])
+    for site in sites:
+        wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")
+    run_dir = tmp_path / "runs" / "killed"
+    run_config = (f'model="{tiny_bert_dir}" labels-file="{sentiment_data["labels"]}" '
+                  f'central-eval-path="{sentiment_data["test"]}" num-rounds=3 local-steps=4 batch-size=16 '
+                  f'val-fraction=0.2 secagg=true min-sites=3 secagg-timeout=300.0 '
+                  f'output-dir="{tmp_path / "runs"}" run-name="killed"')
+    cmd, env = run_command(deploy, REPO, [run_config])
+    run = processes.start("run", cmd, env)
+
+    victim = worker_socket(tmp_path, "bank-c")
+    deadline = time.time() + 600
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
+        assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.2)
+    # Round 1 is recorded. Freeze bank-c's worker; once round 2's training request waits in
+    # its socket's queue (SecAgg+'s collect stage), kill it: the ClientApp sees the worker die.
+    old_pid = call_worker(victim, "status", {})[0]["pid"]
+    os.kill(old_pid, signal.SIGSTOP)
+    while listening_backlog(victim) < 1:
+        assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.1)
+    os.kill(old_pid, signal.SIGKILL)
+    assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2, 3]
+    def trained(record: dict) -> list[str]:
+        return sorted(name for name, site in record["sites"].items() if "train_loss" in site)
+
+    assert trained(records[0]) == list(sites)
+    # Round 2 aggregated the two survivors under SecAgg+ (bank-c's failure is counted, not skipped) ...
+    assert not records[1].get("skipped") and trained(records[1]) == ["bank-a", "bank-b"]
+    assert records[1]["failures"] == 1
+    # ... and round 3 trained all three, bank-c on its restarted worker.
+    assert trained(records[2]) == list(sites) and records[2]["failures"] == 0
+    assert "stopped during 'fit'" in (tmp_path / "bank-c.log").read_text(errors="replace")
+    status = call_worker(victim, "status", {})[0]
+    assert status["pid"] != old_pid and status["model_loads"] == 1  # the restart cost one model load
+    assert [run["rounds"] for run in status["runs"].values()] == [[3]]
