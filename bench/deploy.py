@@ -87,11 +87,12 @@ def demo_workload(root: Path) -> dict[str, Any]:
     from fedtune.data import load_examples
 
     settings = RunSettings.from_run_config(project_run_config())
-    examples = load_examples(settings.data_path, settings, settings.label_list())
+    labels = settings.label_list()
+    examples = load_examples(settings.data_path, settings, labels)
     sites = {}
     for part in range(3):
         path = root / f"bank-{part}.jsonl"
-        path.write_text("".join(json.dumps({"text": e.text, "label": e.label}) + "\n"  # type: ignore[union-attr]
+        path.write_text("".join(json.dumps({"text": e.text, "label": labels[e.label]}) + "\n"  # type: ignore[union-attr]
                                 for e in site_partition(examples, settings, part, 3)))
         sites[f"bank-{part}"] = path
     return {"config": {}, "sites": sites}

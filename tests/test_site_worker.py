@@ -1,0 +1,152 @@
+"""The site worker's private channel, on a real worker process: the socket's directory
+and file modes, a connection from another uid, an oversize message and a wrong protocol
+version are each refused (and the worker stays up); the thin ClientApp imports no torch.
+The whole deployed flow (model loaded once, worker killed mid-round) is in test_deploy.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from fedtune.client import worker_protocol as wire
+from fedtune.client.worker_client import call_worker
+
+from fedtune.errors import FedtuneError
+from fedtune.flower_env import child_env
+
+FEDTUNE = str(Path(sys.executable).parent / "fedtune")
+NOBODY = 65534
+
+
+@pytest.fixture()
+def worker(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    # The socket under a folder another user may traverse (pytest's own is 0700), so that
+    # only the worker's own protections stand between it and another uid.
+    base = Path(tempfile.mkdtemp(prefix="ftw-", dir="/tmp"))
+    base.chmod(0o711)
+    path = base / "w" / "worker.sock"
+    log = open(tmp_path / "worker.log", "wb")
+    proc = subprocess.Popen([FEDTUNE, "deploy", "worker", "--socket", str(path), "--max-message-mb", "1"],
+                            stdout=log, stderr=subprocess.STDOUT, env=child_env())
+    try:
+        deadline = time.time() + 60
+        while not path.exists():
+            assert proc.poll() is None and time.time() < deadline, (tmp_path / "worker.log").read_text()
+            time.sleep(0.1)
+        yield path, proc
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+        assert not path.exists()  # the worker removes its socket on a clean stop
+        shutil.rmtree(base)
+
+
+def raw_request(path: Path, *frames: tuple[dict, bytes | None]) -> list[dict]:
+    """Send `frames` (a header, or raw bytes standing for one) and read a reply after each."""
+    replies = []
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(str(path))
+        for header, raw in frames:
+            if raw is None:
+                wire.send_frame(sock, header)
+            else:
+                sock.sendall(raw)
+            reply, _ = wire.recv_frame(sock)
+            replies.append(reply)
+            if not reply.get("ok"):
+                break
+    return replies
+
+
+def test_socket_is_private_and_the_worker_answers(worker: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    path, proc = worker
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and stat.S_ISSOCK(path.stat().st_mode)
+    status, _ = call_worker(path, "status", {})
+    assert status["pid"] == proc.pid and status["model_loads"] == 0 and status["version"] == wire.VERSION
+
+
+def test_wrong_protocol_version_and_oversize_message_are_refused(worker: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    path, _ = worker
+    [reply] = raw_request(path, ({"op": "hello", "protocol": wire.PROTOCOL, "version": 99}, None))
+    assert reply == {"ok": False, "error": "protocol version 99 is not supported (this worker speaks 1)"}
+    # After a good hello, a request announcing 2 MiB of tensors to a worker that takes 1 MiB:
+    # refused from the length prefix, before a byte of it is read.
+    oversize = struct.pack(">4sIQ", wire.MAGIC, 2, 2 << 20) + b"{}"
+    hello, reply = raw_request(path, (wire.hello(), None), ({}, oversize))
+    assert hello["ok"] and not reply["ok"] and "exceeds the limit of 1048576 bytes" in reply["error"]
+    [reply] = raw_request(path, ({}, b"GET / HTTP/1.1\r\n\r\n" + bytes(16)))
+    assert not reply["ok"] and "not a fedtune-site-worker message" in reply["error"]
+    status, _ = call_worker(path, "status", {})
+    assert status["refused"] == 3  # and the worker is still up
+
+
+def _connect_as(uid: int, path: Path) -> str:
+    """Connect from a child process running as `uid`; what it saw, as one word or the reply."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to `uid`, try the worker, report through the pipe
+        os.close(read)
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            try:
+                [reply] = raw_request(path, (wire.hello(), None))
+                result = str(reply.get("error") or "accepted")
+            except PermissionError:
+                result = "permission-denied"
+            except (wire.ProtocolError, OSError) as err:
+                result = f"error: {err}"
+            os.write(write, result.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read) as pipe:
+        return pipe.read()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
+def test_another_uid_is_refused_by_the_directory_and_by_peer_credentials(
+        worker: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    path, _ = worker
+    # As the worker leaves it, another user cannot even reach the socket (0700 directory, 0600 socket).
+    assert _connect_as(NOBODY, path) == "permission-denied"
+    # With both opened up by mistake, the worker still refuses the peer by its uid (SO_PEERCRED).
+    path.parent.chmod(0o755)
+    path.chmod(0o666)
+    assert _connect_as(NOBODY, path) == f"uid {NOBODY} may not use this site worker"
+    assert call_worker(path, "status", {})[0]["refused"] == 1
+
+
+def test_worker_that_is_down_is_one_line_in_time(tmp_path: Path) -> None:
+    started = time.monotonic()
+    with pytest.raises(FedtuneError, match="worker.sock: not running"):
+        call_worker(tmp_path / "worker.sock", "fit", {}, connect_timeout=1.0)
+    assert time.monotonic() - started < 30
+
+
+def test_a_socket_path_too_long_for_unix_sockets_is_one_line(tmp_path: Path) -> None:
+    long = tmp_path / ("x" * 120) / "worker.sock"
+    run = subprocess.run([FEDTUNE, "deploy", "worker", "--socket", str(long)], capture_output=True, text=True,
+                         env=child_env(), timeout=60)
+    assert run.returncode == 1 and "at most 107 bytes" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_the_thin_clientapp_imports_no_torch() -> None:
+    probe = ("import sys; import client.app; "
+             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent, env=child_env())
+    assert out.stdout.strip() == "[]"
