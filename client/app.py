@@ -1,5 +1,6 @@
 """The site's Flower ClientApp: `flower-supernode` (deployment) or the Simulation
-Engine runs it. With `worker-socket` in the node config it is a thin dispatcher to the
+Engine runs it. With `worker-socket` in the node config (deployment), or
+`site-worker-socket` in the run config (simulation), it is a thin dispatcher to the
 site's long-lived worker (`site_worker.py`) and imports no torch, transformers or peft;
 without one it trains in its own process (`site_client.py`, imported on first use).
 SecAgg+ runs here, as a Flower mod, around whichever does the training."""
@@ -34,7 +35,7 @@ WORKER_SOCKET = "worker-socket"  # node config key: the site worker's Unix socke
 def client_fn(context: Context) -> Client:
     """Flower calls this for every message the site receives."""
     settings = RunSettings.from_run_config(context.run_config)
-    socket_path = str(context.node_config.get(WORKER_SOCKET, "") or "")
+    socket_path = str(context.node_config.get(WORKER_SOCKET, "") or settings.site_worker_socket)
     if socket_path:
         from .worker_client import WorkerClient
 

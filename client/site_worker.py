@@ -4,13 +4,15 @@ processes, over a private Unix socket (`worker_protocol.py`).
 
 Private: the socket lives in a 0700 directory owned by the worker's user, is itself
 0600, and every connection's peer uid (`SO_PEERCRED`) must be the worker's own. Per run
-(Flower's run id) it keeps the run's settings, the site's data and tokenised examples,
+(Flower's run id, and the node config: in a simulation one worker may serve every
+virtual site, sharing its one model) it keeps the run's settings, the site's data and tokenised examples,
 the last adapter it trained and the site's DP accountant (also on disk); a run's state
 goes after its last round, or after `idle_timeout` without a request. The model stays.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -86,7 +88,7 @@ class SiteWorker:
         self.idle_timeout = idle_timeout
         self.max_message_bytes = max_message_bytes
         self.threads = threads
-        self.runs: dict[int, RunState] = {}
+        self.runs: dict[tuple[int, str], RunState] = {}
         self.work_lock = threading.Lock()  # one model: requests train and evaluate one at a time
         self.stop = threading.Event()
         self.refused = 0
@@ -197,7 +199,8 @@ class SiteWorker:
             return {"ok": False, "error": f"site worker: {op} failed: {type(err).__name__}: {err}"}, []
 
     def run_state(self, request: dict[str, Any]) -> RunState:
-        run_id = int(request["run"])
+        node_config = decode_scalars(request.get("node_config", {}))
+        run_id = (int(request["run"]), json.dumps(encode_scalars(node_config), sort_keys=True))
         state = self.runs.get(run_id)
         if state is None:
             from fedtune.config import RunSettings
@@ -210,9 +213,9 @@ class SiteWorker:
 
                 torch.set_num_threads(self.threads)
             settings = RunSettings.from_run_config(decode_scalars(request.get("run_config", {})))
-            state = RunState(SiteWork(settings, decode_scalars(request.get("node_config", {})), MemoryHistory()))
+            state = RunState(SiteWork(settings, node_config, MemoryHistory()))
             self.runs[run_id] = state
-            log.info("site worker: run %d: state created (%s, %s)", run_id, settings.base_model, settings.task)
+            log.info("site worker: run %d: state created (%s, %s)", run_id[0], settings.base_model, settings.task)
         return state
 
     def _properties(self, run: RunState, config: dict[str, Any], _: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
@@ -239,11 +242,12 @@ class SiteWorker:
                     self.runs.pop(run_id, None)
                 finally:
                     self.work_lock.release()
-                log.info("site worker: run %d: state dropped (%s)", run_id, "finished" if state.finished else "idle")
+                log.info("site worker: run %d: state dropped (%s)", run_id[0], "finished" if state.finished else "idle")
 
     def status(self) -> dict[str, Any]:
         cache = sys.modules.get(f"{__package__}.model_cache")  # imported with the first run, never here
         loads = cache.model_loads() if cache is not None else 0
         return {"ok": True, "pid": os.getpid(), "protocol": PROTOCOL, "version": VERSION, "model_loads": loads,
-                "runs": {str(k): {"rounds": sorted(v.rounds), "finished": v.finished} for k, v in self.runs.items()},
+                "runs": [{"run": k[0], "node_config": json.loads(k[1]), "rounds": sorted(v.rounds), "finished": v.finished}
+                         for k, v in self.runs.items()],
                 "requests": self.requests, "refused": self.refused, "uptime": time.time() - self.started}

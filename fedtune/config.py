@@ -94,6 +94,7 @@ class RunSettings:
     run_name: str = ""
     resume: bool = False
     site_state_dir: str = ".fedtune-site-state"
+    site_worker_socket: str = ""  # simulation: every virtual site's work goes to this site worker
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":

@@ -121,7 +121,7 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     for site in ("bank-a", "bank-b"):
         status, _ = call_worker(worker_socket(tmp_path, site), "status", {})
         assert status["model_loads"] == 1, status
-        assert [run["rounds"] for run in status["runs"].values()] == [[1, 2, 3]], status
+        assert [run["rounds"] for run in status["runs"]] == [[1, 2, 3]], status
     # The coordinator split every round's stages into polling, ClientApp start-up and site work.
     for r in records:
         d = r["dispatch"]
@@ -207,4 +207,4 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     assert "stopped during 'fit'" in (tmp_path / "bank-c.log").read_text(errors="replace")
     status = call_worker(victim, "status", {})[0]
     assert status["pid"] != old_pid and status["model_loads"] == 1  # the restart cost one model load
-    assert [run["rounds"] for run in status["runs"].values()] == [[3]]
+    assert [run["rounds"] for run in status["runs"]] == [[3]]

@@ -5,6 +5,7 @@ The whole deployed flow (model loaded once, worker killed mid-round) is in test_
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -150,3 +151,19 @@ def test_the_thin_clientapp_imports_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent, env=child_env())
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.timeout(900)
+def test_simulation_with_one_worker_serving_every_virtual_site(
+        worker: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path, federate, tiny_bert_dir: Path,
+        sentiment_data: dict[str, Path]) -> None:
+    path, _ = worker
+    run_dir = federate(tmp_path, "via-worker", {
+        "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]), "labels-file": str(sentiment_data["labels"]),
+        "central-eval-path": str(sentiment_data["test"]), "secagg": True, "num-rounds": 2,
+        "site-worker-socket": str(path)})
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2] and all(len(r["sites"]) == 2 for r in records)
+    status, _ = call_worker(path, "status", {})
+    assert status["model_loads"] == 1  # both virtual sites trained on the worker's one model
+    assert sorted((r["node_config"]["partition-id"], r["rounds"]) for r in status["runs"]) == [(0, [1, 2]), (1, [1, 2])]
