@@ -59,7 +59,10 @@ def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.
     sock = connect(path, connect_timeout)
     try:
         sock.settimeout(timeout)
-        send_frame(sock, hello())
+        try:
+            send_frame(sock, hello())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # a worker that refuses this peer answers and closes at once: read why
         greeting, _ = recv_frame(sock)
         if not greeting.get("ok"):
             raise FedtuneError(f"site worker at {path}: {greeting.get('error', 'refused the handshake')}")

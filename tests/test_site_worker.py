@@ -59,10 +59,13 @@ def raw_request(path: Path, *frames: tuple[dict, bytes | None]) -> list[dict]:
         sock.settimeout(30)
         sock.connect(str(path))
         for header, raw in frames:
-            if raw is None:
-                wire.send_frame(sock, header)
-            else:
-                sock.sendall(raw)
+            try:
+                if raw is None:
+                    wire.send_frame(sock, header)
+                else:
+                    sock.sendall(raw)
+            except BrokenPipeError:
+                pass  # the worker refused this peer and closed at once; its reply is still there to read
             reply, _ = wire.recv_frame(sock)
             replies.append(reply)
             if not reply.get("ok"):
