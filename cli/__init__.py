@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point; user errors print one line and exit 1 (no traceback)."""
+    """Entry point; user errors, missing files and failed gRPC calls print one line and
+    exit 1 (no traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -52,3 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedtune: interrupted", file=sys.stderr)
         return 130
+    except OSError as err:  # a file or socket the command needed: one line, the path first
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"fedtune: error: {where}{err.strerror or err}", file=sys.stderr)
+        return 1
+    except Exception as err:
+        if type(err).__module__.split(".")[0] != "grpc":
+            raise
+        code, details = getattr(err, "code", lambda: None)(), getattr(err, "details", lambda: "")()
+        name = getattr(code, "name", "error")
+        print(f"fedtune: error: '{args.command}': gRPC {name}: {details or err}", file=sys.stderr)
+        return 1

@@ -3,8 +3,9 @@ and pinning path settings to absolute paths before worker processes see them."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import tomllib
 
@@ -20,13 +21,26 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def unknown_key(where: str, key: str, known: Iterable[str]) -> FedtuneError:
+    """'unknown key' naming the closest valid key, if one is close."""
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    hint = f"; did you mean {close[0]!r}?" if close else " (see [tool.flwr.app.config] in pyproject.toml)"
+    return FedtuneError(f"{where}: unknown key {key!r}{hint}")
+
+
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """`key=value` pairs (TOML values, bare strings allowed) into a dict."""
+    """`key=value` pairs (TOML values, bare strings allowed) into a dict; every key
+    must be one fedtune knows."""
+    from fedtune.config import RunSettings
+
+    known = set(RunSettings().to_run_config())
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise FedtuneError(f"--set expects key=value, got {pair!r}")
+        if key.strip() not in known:
+            raise unknown_key(f"--set {pair}", key.strip(), known)
         out[key.strip()] = _parse_value(value.strip())
     return out
 
@@ -46,7 +60,7 @@ def read_run_config_file(path: str) -> dict[str, Any]:
     known = set(RunSettings().to_run_config())
     for key, value in data.items():
         if key not in known:
-            raise FedtuneError(f"--run-config {path}: unknown key {key!r}")
+            raise unknown_key(f"--run-config {path}", key, known)
         if isinstance(value, dict):
             raise FedtuneError(f"--run-config {path}: key {key!r} is a table; the file is one flat table of run-config keys")
     return data

@@ -95,9 +95,21 @@ def issue(folder: str | Path, name: str, hosts: Sequence[str] = (), client: bool
 
 
 def read_pem(path: str | Path | None, what: str) -> bytes | None:
+    """A PEM certificate (`what` names one) or private key, checked before gRPC sees it:
+    a missing, unreadable or malformed file is one line naming it."""
     if path is None:
         return None
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         raise FedtuneError(f"{path}: {what} file not found") from None
+    except OSError as err:
+        raise FedtuneError(f"{path}: cannot read {what}: {err.strerror}") from None
+    try:
+        if "certificate" in what:
+            x509.load_pem_x509_certificates(data)
+        else:
+            serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as err:
+        raise FedtuneError(f"{path}: not a usable PEM {what} ({str(err).splitlines()[0]})") from None
+    return data

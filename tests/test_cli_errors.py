@@ -1,0 +1,49 @@
+"""Errors a user meets at the command line are one line, a non-zero exit and no
+traceback: a misspelt `--set` key (naming the closest valid key), a certificate file
+that is not a certificate, an unreachable registry, a missing file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from support.processes import free_port
+
+from fedtune.flower_env import child_env
+
+FEDTUNE = str(Path(sys.executable).parent / "fedtune")
+
+
+def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FEDTUNE, *args], capture_output=True, text=True, env=child_env(), timeout=120)
+
+
+def one_line_error(run: subprocess.CompletedProcess[str]) -> str:
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "Traceback" not in run.stderr
+    lines = [x for x in run.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fedtune: error: "), run.stderr
+    return lines[0]
+
+
+def test_misspelt_set_key_names_the_closest_valid_key() -> None:
+    line = one_line_error(fedtune("simulate", "--set", "lora-rank=4"))
+    assert line == "fedtune: error: --set lora-rank=4: unknown key 'lora-rank'; did you mean 'lora-r'?"
+    line = one_line_error(fedtune("check-data", "data/banking77/test.jsonl", "--set", "num-round=2"))
+    assert "did you mean 'num-rounds'?" in line
+
+
+def test_bad_certificate_and_unreachable_registry_are_one_line(tmp_path: Path, keys: dict[str, Path]) -> None:
+    from fedtune.tls import create_ca
+
+    ca = create_ca(tmp_path / "pki")
+    bad = tmp_path / "not-a-cert.pem"
+    bad.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    common = ["edge", "pull", "--model", "m", "--trust-key", str(keys["public"]), "--into", str(tmp_path / "device")]
+    line = one_line_error(fedtune(*common, "--registry", f"127.0.0.1:{free_port()}", "--ca", str(bad)))
+    assert f"{bad}: not a usable PEM CA certificate" in line
+    line = one_line_error(fedtune(*common, "--registry", f"127.0.0.1:{free_port()}", "--ca", str(ca)))
+    assert "UNAVAILABLE" in line
+    line = one_line_error(fedtune(*common, "--registry", "127.0.0.1:1", "--ca", str(tmp_path / "missing.pem")))
+    assert "missing.pem: CA certificate file not found" in line
