@@ -64,6 +64,19 @@ def cmd_deploy_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def privacy_floor(args: argparse.Namespace) -> dict[str, object]:
+    """The site's own privacy floor, for its node config."""
+    floor: dict[str, object] = {}
+    if args.require_secagg:
+        floor["require-secagg"] = True
+    for flag, key, value in (("--max-epsilon", "max-epsilon", args.max_epsilon), ("--max-delta", "max-delta", args.max_delta)):
+        if value is not None:
+            if not value > 0:
+                raise FedtuneError(f"{flag} must be > 0, got {value}")
+            floor[key] = float(value)
+    return floor
+
+
 def cmd_deploy_site(args: argparse.Namespace) -> int:
     from fedtune.client.deployment import (
         check_site_data,
@@ -88,7 +101,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         socket_path = Path(args.worker_socket or Path(args.state_dir) / "worker" / "worker.sock").resolve()
         prepare_socket_dir(socket_path)
     cmd = supernode_command(args.superlink, ca, key, data, args.port, Path(args.state_dir), args.max_retries,
-                            args.name or "", socket_path, args.idle_poll)
+                            args.name or "", socket_path, args.idle_poll, privacy_floor(args))
     worker = worker_command(socket_path, args.worker_threads) if socket_path is not None else None
     run_site(cmd, key, args.superlink, worker, socket_path)
     return 0
@@ -152,6 +165,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_site.add_argument("--max-retries", type=int, help="give up after N failed connection attempts")
     d_site.add_argument("--worker-socket", help="the site worker's Unix socket (default: STATE_DIR/worker/worker.sock)")
     d_site.add_argument("--worker-threads", type=int, default=0, help="CPU threads the worker trains with (0: torch's default)")
+    d_site.add_argument("--require-secagg", action="store_true",
+                        help="this site's floor: refuse any run without SecAgg+")
+    d_site.add_argument("--max-epsilon", type=float,
+                        help="this site's floor: refuse runs without DP-SGD, and train no round after which this "
+                        "site's own epsilon would exceed this")
+    d_site.add_argument("--max-delta", type=float, help="this site's floor: the largest DP delta it accepts (default with --max-epsilon: 1e-5)")
     d_site.add_argument("--idle-poll", type=float, default=0.5,
                         help="seconds an idle SuperNode waits before asking for work again (Flower's own: 3; default: 0.5)")
     d_site.add_argument("--no-worker", action="store_true",

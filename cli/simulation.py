@@ -4,6 +4,7 @@ Engine (Ray) on one machine, N virtual sites, each one partition of the data set
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -123,6 +124,13 @@ def _check_inputs(settings: RunSettings) -> None:
     if settings.resume:
         if not (run_path / "run.json").exists():
             raise FedtuneError(f"cannot resume: {run_path} holds no run (run.json missing)")
+        from fedtune.server.privacy_budget import resume_refusal
+
+        metrics = run_path / "metrics.jsonl"
+        records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
+        refusal = resume_refusal(run_path, records, settings.dp, settings.dp_epsilon_budget)
+        if refusal:
+            raise FedtuneError(refusal)
     elif settings.run_name and (run_path / "metrics.jsonl").exists():
         raise FedtuneError(f"run folder {run_path} already holds a run; choose another --run-name, or --resume it")
     labels = settings.label_list()

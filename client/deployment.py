@@ -52,12 +52,14 @@ def check_site_data(data: Path, task: str, text_field: str, label_field: str, pr
 
 def supernode_command(superlink: str, ca: Path, key: Path, data: Path, port: int, state_dir: Path,
                       max_retries: int | None = None, site_name: str = "", worker_socket: Path | None = None,
-                      idle_poll: float = 3.0) -> list[str]:
+                      idle_poll: float = 3.0, privacy_floor: dict[str, object] | None = None) -> list[str]:
     """`flower-supernode` with TLS, the site's key and node config; an `idle_poll` below
     Flower's fixed 3 s runs it through `supernode_launcher.py`."""
     node_config = f'data-path="{data.resolve()}" state-dir="{state_dir.resolve()}" site-name="{site_name or data.stem}"'
     if worker_socket is not None:
         node_config += f' worker-socket="{worker_socket.resolve()}"'
+    for key, value in (privacy_floor or {}).items():  # the site's own floor: require-secagg, max-epsilon, max-delta
+        node_config += f" {key}={str(value).lower() if isinstance(value, bool) else value}"
     launcher = [tool("flower-supernode")]
     if idle_poll < 3.0:
         launcher = [sys.executable, "-m", f"{__package__}.supernode_launcher", "--idle-poll", str(idle_poll), "--"]

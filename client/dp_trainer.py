@@ -96,6 +96,21 @@ def dp_step(gsm: GradSampleModule, optimizer: DPOptimizer, encoder: Encoder, idx
     return total / len(idx)
 
 
+def epsilon_after_round(settings: RunSettings, num_examples: int, num_rounds: int, history: History) -> tuple[float, float]:
+    """(ε spent so far, ε after one more round of this run's DP-SGD) by the site's own
+    accountant, before training: what a site's privacy ceiling is checked against."""
+    settings = dp_recipe(settings)
+    steps = steps_for_round(settings, num_examples)
+    sample_rate = min(1.0, settings.batch_size / num_examples)
+    noise = noise_multiplier_for(settings, sample_rate, steps * num_rounds)
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    now = accountant.get_epsilon(settings.dp_delta) if history else 0.0
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+    return now, accountant.get_epsilon(settings.dp_delta)
+
+
 def train_local_dp(
     model: PeftModel,
     encoder: Encoder,

@@ -21,6 +21,7 @@ from fedtune.evaluation import evaluate
 
 from .dp_history import HistoryStore, history_file
 from .model_cache import cached_lora_model, cached_tokenizer
+from .privacy_floor import PrivacyFloor
 from .site_data import SiteData, load_site_data
 from .trainer import train_local
 
@@ -37,6 +38,7 @@ class SiteWork:
         self.settings = settings
         self.node_config = dict(node_config)
         self.history = history
+        self.floor = PrivacyFloor.from_node_config(self.node_config)
         self._site: tuple[tuple[str, ...], SiteData] | None = None
         self._encoders: dict[tuple[str, int], Encoder] = {}
 
@@ -68,13 +70,15 @@ class SiteWork:
     def properties(self, config: Config) -> dict[str, Scalar]:
         """Answers the SecAgg+ census: the site's training-example count only."""
         site = self.site(self.labels(config))
+        self.floor.check_run(self.settings, site.name)
         return {"site": site.name, "num_examples": len(site.train)}
 
     def fit(self, parameters: list[np.ndarray], config: Config) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         labels = self.labels(config)
         site = self.site(labels)
-        model = self.model(labels)
         s = self.settings
+        self.floor.check_run(s, site.name)  # before the model is touched
+        model = self.model(labels)
         set_adapter_arrays(model, parameters, s.ffa_lora)
         server_round = int(config.get("server-round", 1))
         num_rounds = int(config.get("num-rounds", s.num_rounds))
@@ -82,11 +86,15 @@ class SiteWork:
         seed = s.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
         if s.dp:
-            from .dp_trainer import train_local_dp  # Opacus only when used
+            from .dp_trainer import epsilon_after_round, train_local_dp  # Opacus only when used
 
             state = history_file(self.node_config, s.site_state_dir, str(config.get("run-id", "run")), site.name)
+            spent = self.history.load(state)
+            if self.floor.max_epsilon > 0:
+                now, after = epsilon_after_round(s, len(encoder), num_rounds, spent)
+                self.floor.check_round(after, now, server_round, site.name)
             result, history, report = train_local_dp(model, encoder, s, server_round, num_rounds,
-                                                     self.history.load(state), site=site.name, seed=seed)
+                                                     spent, site=site.name, seed=seed)
             self.history.save(state, history)
             dp_metrics = {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
                           "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate}

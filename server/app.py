@@ -32,7 +32,7 @@ from fedtune.secagg.masks import install_csprng_masks
 from .central_eval import make_central_evaluator
 from .plots import save_plots
 from .polling_grid import PromptGrid
-from .privacy_budget import EpsilonBudgetStrategy
+from .privacy_budget import EpsilonBudgetStrategy, resume_refusal
 from .recorder import RecordingStrategy
 from .report import write_report
 from .run_dir import RunDir
@@ -185,6 +185,9 @@ def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: 
     done = records[-1]["round"] if records else 0
     if done >= settings.num_rounds:
         raise FedtuneError(f"cannot resume {run_dir.path}: all {settings.num_rounds} rounds are already done")
+    refusal = resume_refusal(run_dir.path, records, settings.dp, settings.dp_epsilon_budget)
+    if refusal:
+        raise FedtuneError(refusal)
     folder = run_dir.round_dir(done)
     arrays = load_adapter_arrays(model, folder, settings.ffa_lora)
     log.info("resume: run %s continues after round %d (rounds %d-%d to go), from %s",

@@ -1,10 +1,13 @@
 """A strategy wrapper that stops the federation before the worst site's ε would
 exceed the configured budget: each DP site reports the ε it has spent and the ε one
-more round would bring; once that exceeds the budget no further round is started."""
+more round would bring; once that exceeds the budget no further round is started, and
+a resume of the stopped run is refused (`resume_refusal`)."""
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
+from typing import Any, Sequence
 
 from flwr.common import EvaluateIns, FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
@@ -14,6 +17,16 @@ from flwr.server.strategy import Strategy
 from .delegating_strategy import DelegatingStrategy
 
 log = logging.getLogger("fedtune.server")
+
+
+def resume_refusal(run_path: Path, records: Sequence[dict[str, Any]], dp: bool, budget: float) -> str | None:
+    """Why a run may not be resumed under this budget: its last round already saw that
+    one more round would pass it (the round record's `dp_epsilon_next_max`)."""
+    ahead = float(records[-1].get("dp_epsilon_next_max", 0.0)) if records else 0.0
+    if dp and budget > 0 and ahead > budget:
+        return (f"cannot resume {run_path}: the DP budget stopped it after round {records[-1]['round']} (one more "
+                f"round would reach epsilon {ahead:.3f} > dp-epsilon-budget {budget:g})")
+    return None
 
 
 class EpsilonBudgetStrategy(DelegatingStrategy):

@@ -113,6 +113,9 @@ class RecordingStrategy(DelegatingStrategy):
         epsilons = [float(m["dp_epsilon"]) for m in sites.values() if "dp_epsilon" in m]
         if epsilons:
             self._pending["dp_epsilon_max"] = max(epsilons)
+        ahead = [float(m["dp_epsilon_next"]) for m in sites.values() if "dp_epsilon_next" in m]
+        if ahead:
+            self._pending["dp_epsilon_next_max"] = max(ahead)  # a resume checks the budget against it
         if params is not None:
             self.latest_parameters = params
             self.save_round(rnd, parameters_to_ndarrays(params))

@@ -12,6 +12,7 @@ from fedtune.cli.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 
 from fedtune.config import project_run_config
+from fedtune.errors import FedtuneError
 from fedtune.length_buckets import length_buckets
 
 NOISE, BATCH, STEPS, DELTA = 1.0, 16, 4, 1e-5
@@ -49,6 +50,12 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir:
     assert summary["central"] is not None  # the final adapter was still evaluated
     report = (run_dir / "report.md").read_text()
     assert "worst site epsilon" in report and f"of budget {budget}" in report
+    # Resuming the budget-stopped run trains no further round: refused before anything is written.
+    assert records[-1]["dp_epsilon_next_max"] > budget
+    before = (run_dir / "metrics.jsonl").read_text(), (run_dir / "run.json").read_text()
+    with pytest.raises(FedtuneError, match=r"cannot resume .*: the DP budget stopped it after round 2"):
+        run_simulation({**config, "resume": True}, num_sites=2)
+    assert ((run_dir / "metrics.jsonl").read_text(), (run_dir / "run.json").read_text()) == before
 
 
 def test_dp_step_in_length_buckets_equals_one_padded_batch(tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,71 @@
+"""A site's own privacy floor (its node config), enforced by the site's code whatever
+the run config says: a run without SecAgg+, without DP, or with a larger δ or target ε
+than the site allows is refused with one line; with DP on, the site trains no round
+after which its own accountant's ε would pass its ceiling, and spends nothing on it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fedtune.client.dp_history import MemoryHistory, history_file
+from fedtune.client.privacy_floor import PrivacyFloorError
+from fedtune.client.site_work import SiteWork
+
+from fedtune.adapter_io import get_adapter_arrays
+from fedtune.config import RunSettings, project_run_config
+
+
+def work(tiny_bert_dir: Path, data: dict[str, Path], tmp_path: Path, node: dict, **run: object) -> SiteWork:
+    config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(data["train"]),
+              "labels-file": str(data["labels"]), "partitioning": "iid", "local-steps": 3, "batch-size": 16,
+              "val-fraction": 0.2, **run}
+    node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "state"), **node}
+    return SiteWork(RunSettings.from_run_config(config), node, MemoryHistory())
+
+
+def test_runs_asking_less_than_the_floor_are_refused(tiny_bert_dir: Path, sentiment_data: dict[str, Path],
+                                                     tmp_path: Path) -> None:
+    cases = [
+        ({"require-secagg": True}, {"secagg": False}, "site site-0 requires SecAgg+ (node config require-secagg=true); "
+                                                      "the run has secagg=false"),
+        ({"max-epsilon": 8.0}, {"dp": False}, "site site-0 allows at most epsilon=8 (node config max-epsilon); "
+                                              "the run has dp=false"),
+        ({"max-epsilon": 8.0, "max-delta": 1e-6}, {"dp": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-5},
+         "site site-0 allows at most delta=1e-06 (node config max-delta); the run has dp-delta=1e-05"),
+        ({"max-epsilon": 2.0}, {"dp": True, "dp-target-epsilon": 6.0},
+         "site site-0 allows at most epsilon=2 (node config max-epsilon); the run targets dp-target-epsilon=6"),
+    ]
+    for node, run, message in cases:
+        site = work(tiny_bert_dir, sentiment_data, tmp_path, node, **run)
+        with pytest.raises(PrivacyFloorError) as err:
+            site.properties({})
+        assert str(err.value) == message
+        with pytest.raises(PrivacyFloorError):
+            site.fit([], {"server-round": 1, "num-rounds": 3})
+    # What the floor allows trains.
+    ok = work(tiny_bert_dir, sentiment_data, tmp_path, {"require-secagg": True}, secagg=True)
+    labels = ok.labels({})
+    _, n, _ = ok.fit(get_adapter_arrays(ok.model(labels)), {"server-round": 1, "num-rounds": 1})
+    assert n > 0
+
+
+def test_site_stops_at_its_own_epsilon_ceiling(tiny_bert_dir: Path, sentiment_data: dict[str, Path],
+                                               tmp_path: Path) -> None:
+    from fedtune.client.dp_trainer import epsilon_after_round
+
+    run = {"dp": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-5, "secagg": False}
+    probe = work(tiny_bert_dir, sentiment_data, tmp_path, {}, **run)
+    n = len(probe.site(probe.labels({})).train)
+    _, one = epsilon_after_round(probe.settings, n, 5, [])
+    # A ceiling the first round stays under and the second would pass.
+    site = work(tiny_bert_dir, sentiment_data, tmp_path, {"max-epsilon": one * 1.2}, **run)
+    arrays = get_adapter_arrays(site.model(site.labels({})))
+    config = {"server-round": 1, "num-rounds": 5, "run-id": "r1"}
+    _, _, metrics = site.fit(arrays, config)
+    assert metrics["dp_epsilon"] == pytest.approx(one, rel=1e-6) and metrics["dp_epsilon"] <= one * 1.2
+    with pytest.raises(PrivacyFloorError, match=r"site site-0 stops before round 2: its epsilon would reach"):
+        site.fit(arrays, {**config, "server-round": 2})
+    spent = json.loads(history_file(site.node_config, "", "r1", "site-0").read_text())
+    assert sum(step[2] for step in spent) == 3  # round 1's 3 steps only: nothing spent on the refused round
