@@ -34,7 +34,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # sup
 
 from fedtune.cli.simulation import run_simulation  # noqa: E402
 from fedtune.client.worker_client import call_worker  # noqa: E402
-from fedtune.server.deployment import init_pki, register_site, run_command, site_keypair  # noqa: E402
+from fedtune.client.deployment import site_keypair  # noqa: E402
+from fedtune.server.deployment import init_pki, register_site, run_command  # noqa: E402
 from results import update_results  # noqa: E402
 from support.processes import ManagedProcesses, free_port, wait_for_port  # noqa: E402
 
@@ -126,7 +127,7 @@ def deploy(root: Path, name: str, config: dict[str, Any], sites: dict[str, Path]
                                          "--port", str(port)], env)
         wait_for_port(port, link, work / "superlink.log")
         for site, data in sites.items():
-            private, public = site_keypair(pki, site)
+            private, public = site_keypair(work / "sites" / site, site)
             register_site(pki, public, f"127.0.0.1:{port}")
             extra = ["--no-worker", "--idle-poll", "3"] if flower_defaults else ["--worker-threads", str(worker_threads)]
             procs.start(site, [FEDTUNE, "deploy", "site", "--superlink", f"127.0.0.1:{port}", "--ca",

@@ -1,6 +1,6 @@
 """`fedtune deploy`: Flower's Deployment Engine with TLS and SuperNode authentication.
-Coordinator: init, site-key, register, superlink, run. Site: site (one command: the
-site worker and the SuperNode), or worker alone (e.g. under systemd)."""
+Coordinator: init, register, superlink, run. Site: site-key (its own key pair), site
+(one command: the site worker and the SuperNode), or worker alone (e.g. under systemd)."""
 
 from __future__ import annotations
 
@@ -20,19 +20,20 @@ def cmd_deploy_init(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_site_key(args: argparse.Namespace) -> int:
-    from fedtune.server.deployment import site_keypair
+    from fedtune.client.deployment import site_keypair
 
-    private, public = site_keypair(Path(args.dir), args.site)
-    print(f"{private} (give to site {args.site} only)\n{public} (register it: fedtune deploy register)")
+    private, public = site_keypair(Path(args.out), args.site)
+    print(f"{private} (this site's private key: it stays here, 0600)\n"
+          f"{public} (send this public key to the coordinator: fedtune deploy register --key {public.name})")
     return 0
 
 
 def cmd_deploy_register(args: argparse.Namespace) -> int:
     from fedtune.server.deployment import register_site
 
-    key = Path(args.key) if args.key else Path(args.dir) / "sites" / args.site / f"{args.site}.pub"
+    key = Path(args.key)
     if not key.exists():
-        raise FedtuneError(f"{key}: public key not found (fedtune deploy site-key --site NAME makes one)")
+        raise FedtuneError(f"{key}: public key not found (the site makes it: fedtune deploy site-key --site NAME)")
     print(register_site(Path(args.dir), key, args.superlink))
     return 0
 
@@ -123,20 +124,20 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     dep = sub.add_parser(
         "deploy", help="multi-machine deployment: PKI, site keys, SuperLink, a site's SuperNode, the run",
         description="Flower's Deployment Engine with TLS and SuperNode authentication. Coordinator: init, "
-        "site-key, register, superlink, run. Site: site (one command).",
+        "register (a site's public key), superlink, run. Site: site-key (its own key pair), site (one command).",
     ).add_subparsers(dest="deploy_command", required=True)
     d_init = dep.add_parser("init", help="coordinator: create the CA and the SuperLink's TLS certificate")
     d_init.add_argument("--dir", default="deploy", help="deployment folder (default: deploy)")
     d_init.add_argument("--host", action="append", required=True, help="SuperLink host name or IP (repeatable)")
     d_init.set_defaults(func=cmd_deploy_init)
-    d_key = dep.add_parser("site-key", help="coordinator: create a site's key pair (EC P-384, OpenSSH)")
-    d_key.add_argument("--dir", default="deploy")
+    d_key = dep.add_parser("site-key", help="site: make this site's SuperNode key pair (EC P-384, OpenSSH); "
+                           "only the .pub goes to the coordinator")
+    d_key.add_argument("--out", default="site-keys", help="folder for the key pair (default: site-keys)")
     d_key.add_argument("--site", required=True, help="site name")
     d_key.set_defaults(func=cmd_deploy_site_key)
     d_reg = dep.add_parser("register", help="coordinator: register a site's public key with the SuperLink")
     d_reg.add_argument("--dir", default="deploy")
-    d_reg.add_argument("--site", help="site name (uses DIR/sites/NAME/NAME.pub)")
-    d_reg.add_argument("--key", help="or: the site's public key file")
+    d_reg.add_argument("--key", required=True, help="the public key file the site sent (NAME.pub)")
     d_reg.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
     d_reg.set_defaults(func=cmd_deploy_register)
     d_link = dep.add_parser("superlink", help="coordinator: run the SuperLink (TLS, SuperNode auth, no runtime installs)")

@@ -89,7 +89,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     srv.add_argument("--key", required=True, help="server key (PEM)")
     srv.add_argument("--client-ca", help="require client certificates signed by this CA (mTLS)")
     srv.add_argument("--token-file", required=True, help="the publish token (see `fedtune registry token`)")
-    srv.add_argument("--trust-key", help="refuse bundles not signed by this Ed25519 public key")
+    srv.add_argument("--trust-key", required=True,
+                     help="the coordinator's Ed25519 public key: bundles not signed by it are refused at publish")
     srv.add_argument("--max-workers", type=int, default=16, help="handler threads (default: 16)")
     srv.add_argument("--max-concurrent-rpcs", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED (default: 64)")
     srv.set_defaults(func=cmd_registry_serve)

@@ -6,6 +6,7 @@ Flower detaches from the SuperNode) on exit or on a signal."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import ssl
@@ -14,6 +15,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.data import load_classification, load_completions
 from fedtune.errors import FedtuneError
@@ -48,6 +52,23 @@ def check_site_data(data: Path, task: str, text_field: str, label_field: str, pr
     if task == "seq-cls":
         return len(load_classification(data, text_field, label_field, None))
     return len(load_completions(data, prompt_field, completion_field))
+
+
+def site_keypair(folder: Path, site: str) -> tuple[Path, Path]:
+    """The site's SuperNode key pair, made at the site: EC P-384 in OpenSSH format, the
+    private key 0600 and never overwritten; only the public key goes to the coordinator."""
+    private_path, public_path = folder / f"{site}.key", folder / f"{site}.pub"
+    if private_path.exists():
+        raise FedtuneError(f"{private_path}: already exists; refusing to overwrite a site key")
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    public_path.write_bytes(public + f" {site}\n".encode())
+    return private_path, public_path
 
 
 def supernode_command(superlink: str, ca: Path, key: Path, data: Path, port: int, state_dir: Path,

@@ -109,6 +109,12 @@ def pull(
                     for chunk in stream:
                         if chunk.offset != handle.tell():
                             raise PullError(f"{registry}: {name}: chunk at {chunk.offset}, expected {handle.tell()}")
+                        if handle.tell() + len(chunk.data) > entry["bytes"]:
+                            stream.cancel()
+                            handle.close()
+                            part.unlink()
+                            raise PullError(f"refused {model} {reply.version} from {registry}: {name}: the registry "
+                                            f"sent more than the signed manifest's {entry['bytes']} bytes")
                         handle.write(chunk.data)
                         received += len(chunk.data)
             except grpc.RpcError as err:

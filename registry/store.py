@@ -12,13 +12,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 from fedtune.edge_device.bundle import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     BundleError,
-    read_listed_files,
     sha256_bytes,
     verify_bundle,
 )
@@ -51,7 +50,7 @@ class VersionEntry:
 class ModelStore:
     """Read and publish bundles; publishing is atomic (temp folder, verify, rename)."""
 
-    def __init__(self, root: str | Path, trusted_key: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path, trusted_key: str | Path) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.trusted_key = trusted_key
@@ -110,13 +109,10 @@ class ModelStore:
         return Path(tempfile.mkdtemp(prefix=f".incoming-{version}-", dir=self.root / model))
 
     def commit(self, model: str, version: str, staging: Path) -> VersionEntry:
-        """Verify the staged bundle (signature when a trusted key is set, every sha256)
-        and move it into place; the staging folder is removed on failure."""
+        """Verify the staged bundle (the trusted key's signature, every sha256) and move it
+        into place; the staging folder is removed on failure."""
         try:
-            if self.trusted_key is not None:
-                verify_bundle(staging, self.trusted_key)
-            else:
-                _check_hashes(staging)
+            verify_bundle(staging, self.trusted_key)
             raw = (staging / MANIFEST_FILE).read_bytes()
             entry = VersionEntry(version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                  sum(p.stat().st_size for p in staging.iterdir()), sha256_bytes(raw))
@@ -137,15 +133,3 @@ class ModelStore:
         finally:
             shutil.rmtree(staging, ignore_errors=True)
 
-
-def _check_hashes(folder: Path) -> None:
-    """Without a trusted key: the manifest must at least match the files it lists."""
-    try:
-        manifest: dict[str, Any] = json.loads((folder / MANIFEST_FILE).read_bytes())
-    except (FileNotFoundError, json.JSONDecodeError) as err:
-        raise BundleError(f"{MANIFEST_FILE}: missing or not JSON ({err})") from None
-    if not (folder / SIGNATURE_FILE).exists():
-        raise BundleError(f"{SIGNATURE_FILE}: missing")
-    for name in manifest.get("files", {}):
-        check_name("file", name)
-    read_listed_files(folder, {"files": manifest.get("files", {})})

@@ -1,24 +1,20 @@
 """The coordinator's side of a deployment with Flower's Deployment Engine: the CA and
-the SuperLink's TLS certificate, site key pairs in the format SuperNode authentication
-expects (EC P-384, OpenSSH), registration, and the exact `flower-superlink` and
-`flwr run` command lines.
+the SuperLink's TLS certificate, registration of the public keys sites send (each site
+makes its own key pair: `client/deployment.py`), and the exact `flower-superlink` and
+`flwr run` command lines. The coordinator never holds a site's private key.
 
 Folder layout (`--dir`, the coordinator's deployment folder):
     pki/ca.pem, pki/ca.key            the CA (give ca.pem to every site)
     pki/superlink.pem, .key           the SuperLink's TLS certificate
-    sites/<name>/<name>.key, .pub     a site's key pair (the .key goes to that site only)
     flwr-home/config.toml             the `flwr` CLI's connection to this SuperLink
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 from pathlib import Path
 from typing import Sequence
 
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.errors import FedtuneError
 from fedtune.flower_env import child_env, tool
@@ -35,23 +31,6 @@ def init_pki(deploy_dir: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
     return ca, cert, key
 
 
-def site_keypair(deploy_dir: Path, site: str) -> tuple[Path, Path]:
-    """An EC P-384 key pair in OpenSSH format for one site (never overwritten)."""
-    folder = deploy_dir / "sites" / site
-    private_path, public_path = folder / f"{site}.key", folder / f"{site}.pub"
-    if private_path.exists():
-        raise FedtuneError(f"{private_path}: already exists; refusing to overwrite a site key")
-    folder.mkdir(parents=True, exist_ok=True)
-    key = ec.generate_private_key(ec.SECP384R1())
-    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    public_path.write_bytes(public + f" {site}\n".encode())
-    return private_path, public_path
-
-
 def write_connection(deploy_dir: Path, address: str) -> Path:
     """`flwr-home/config.toml`: the `fedtune` connection (TLS, our CA) for `flwr` commands."""
     home = deploy_dir / "flwr-home"
@@ -64,7 +43,17 @@ def write_connection(deploy_dir: Path, address: str) -> Path:
 
 
 def register_site(deploy_dir: Path, public_key: Path, address: str) -> str:
-    """`flwr supernode register KEY.pub fedtune`; returns Flower's node id line."""
+    """`flwr supernode register KEY.pub fedtune`; returns Flower's node id line. Refuses
+    anything but an OpenSSH EC P-384 public key (a private key sent by mistake included)."""
+    try:
+        text = public_key.read_text(errors="replace")
+    except OSError as err:
+        raise FedtuneError(f"{public_key}: cannot read the site's public key ({err.strerror})") from None
+    if "PRIVATE KEY" in text:
+        raise FedtuneError(f"{public_key}: this is a private key; a site sends only its .pub file, and keeps the "
+                           f".key to itself")
+    if not text.startswith("ecdsa-sha2-nistp384 "):
+        raise FedtuneError(f"{public_key}: not an OpenSSH EC P-384 public key (fedtune deploy site-key makes one)")
     home = write_connection(deploy_dir, address)
     out = subprocess.run([tool("flwr"), "supernode", "register", str(public_key), CONNECTION],
                          capture_output=True, text=True, env=child_env(home), timeout=120)

@@ -21,11 +21,13 @@ from typing import Iterator
 
 import numpy as np
 import pytest
+from fedtune.client.deployment import site_keypair
 from fedtune.client.worker_client import call_worker
-from fedtune.server.deployment import init_pki, register_site, run_command, site_keypair
+from fedtune.server.deployment import init_pki, register_site, run_command
 from safetensors.numpy import load_file
 from support.processes import ManagedProcesses, free_port, wait_for_port
 
+from fedtune.errors import FedtuneError
 from fedtune.flower_env import child_env
 from fedtune.tls import create_ca
 
@@ -58,7 +60,8 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
 ) -> None:
     deploy = tmp_path / "deploy"
     ca, _, _ = init_pki(deploy, ["127.0.0.1", "localhost"])
-    keys = {site: site_keypair(deploy, site) for site in ("bank-a", "bank-b", "stranger")}
+    # Each site makes its own key pair at the site; only the .pub reaches the coordinator.
+    keys = {site: site_keypair(tmp_path / "sites" / site, site) for site in ("bank-a", "bank-b", "stranger")}
     rows = sentiment_data["train"].read_text().splitlines()
     data = {"bank-a": tmp_path / "bank-a.jsonl", "bank-b": tmp_path / "bank-b.jsonl"}
     data["bank-a"].write_text("\n".join(rows[: len(rows) // 2]) + "\n")
@@ -71,6 +74,8 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     address = f"127.0.0.1:{port}"
     for site in ("bank-a", "bank-b"):
         assert "registered" in register_site(deploy, keys[site][1], address)
+    with pytest.raises(FedtuneError, match="this is a private key; a site sends only its .pub"):
+        register_site(deploy, keys["stranger"][0], address)
 
     def site_cmd(site: str, key: Path, data_file: Path, ca_file: Path = ca, *extra: str) -> list[str]:
         return [FEDTUNE, "deploy", "site", "--superlink", address, "--ca", str(ca_file), "--key", str(key),
@@ -135,6 +140,10 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     assert all(np.isfinite(v).all() for v in final.values())
     assert any(not np.array_equal(start[k], final[k]) for k in final)
     assert json.loads((run_dir / "summary.json").read_text())["central"]["accuracy"] >= 0
+    # The coordinator's deployment folder holds its own private keys only, never a site's.
+    private = sorted(str(p.relative_to(deploy)) for p in deploy.rglob("*")
+                     if p.is_file() and b"PRIVATE KEY" in p.read_bytes())
+    assert private == ["pki/ca.key", "pki/superlink.key"], private
 
 
 def worker_socket(root: Path, site: str) -> Path:
@@ -161,7 +170,7 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
                                               "--host", "127.0.0.1", "--port", str(port)])
     wait_for_port(port, superlink, tmp_path / "superlink.log")
     for i, site in enumerate(sites):
-        private, public = site_keypair(deploy, site)
+        private, public = site_keypair(tmp_path / "sites" / site, site)
         register_site(deploy, public, f"127.0.0.1:{port}")
         data = tmp_path / f"{site}.jsonl"
         data.write_text("\n".join(rows[i::3]) + "\n")

@@ -140,6 +140,25 @@ def test_tampered_store_is_refused_and_current_version_stays(registry: Registry,
 
 
 @pytest.mark.timeout(900)
+def test_a_file_stream_longer_than_the_manifest_says_is_cut_and_refused(
+        registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path) -> None:
+    _, bundle, manifest = bert_bundle
+    _publish(registry, bundle, "v1")
+    device = tmp_path / "device"
+    pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
+    _publish(registry, bundle, "v2")
+    stored = registry.store_dir / "banking" / "v2" / "model.onnx"
+    with open(stored, "ab") as handle:  # the registry's disk now holds 5 MiB more than was signed
+        handle.write(bytes(5 << 20))
+    with pytest.raises(PullError, match=rf"refused banking v2 .*model.onnx: the registry sent more than the signed "
+                                        rf"manifest's {manifest['files']['model.onnx']['bytes']} bytes"):
+        pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
+    assert active_version(device) == "v1" and not (device / "versions" / "v2").exists()
+    partial = device / ".incoming" / "v2" / "model.onnx"
+    assert not partial.exists()  # nothing past the signed size was kept
+
+
+@pytest.mark.timeout(900)
 def test_bad_names_unknown_models_and_credentials(registry: Registry, bert_bundle: tuple[Path, Path, dict],
                                                   keys: dict[str, Path]) -> None:
     _, bundle, _ = bert_bundle
