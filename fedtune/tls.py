@@ -95,8 +95,9 @@ def issue(folder: str | Path, name: str, hosts: Sequence[str] = (), client: bool
 
 
 def read_pem(path: str | Path | None, what: str) -> bytes | None:
-    """A PEM certificate (`what` names one) or private key, checked before gRPC sees it:
-    a missing, unreadable or malformed file is one line naming it."""
+    """A file's bytes; a PEM certificate (`what` names one, or a CA) or private key (`what`
+    ends in "key") is parsed before gRPC sees it: a missing, unreadable or malformed file is
+    one line naming it."""
     if path is None:
         return None
     try:
@@ -106,9 +107,9 @@ def read_pem(path: str | Path | None, what: str) -> bytes | None:
     except OSError as err:
         raise FedtuneError(f"{path}: cannot read {what}: {err.strerror}") from None
     try:
-        if "certificate" in what:
+        if "certificate" in what or "CA" in what:
             x509.load_pem_x509_certificates(data)
-        else:
+        elif what.endswith("key"):
             serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as err:
         raise FedtuneError(f"{path}: not a usable PEM {what} ({str(err).splitlines()[0]})") from None

@@ -120,15 +120,20 @@ def test_cut_download_resumes_and_verifies(registry: Registry, bert_bundle: tupl
     EdgeModel.load(device / "current", keys["public"])  # verified again on load
 
 
-@pytest.mark.timeout(900)
-def test_tampered_store_is_refused_and_current_version_stays(registry: Registry, bert_bundle: tuple[Path, Path, dict],
-                                                             keys: dict[str, Path], tmp_path: Path) -> None:
-    _, bundle, _ = bert_bundle
+def _device_on_v1_with_v2_published(registry: Registry, bundle: Path, keys: dict[str, Path],
+                                    tmp_path: Path) -> tuple[Path, Path]:
+    """A device holding v1 as current, and v2 published: (device folder, v2's stored model.onnx)."""
     _publish(registry, bundle, "v1")
     device = tmp_path / "device"
     pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
     _publish(registry, bundle, "v2")
-    stored = registry.store_dir / "banking" / "v2" / "model.onnx"
+    return device, registry.store_dir / "banking" / "v2" / "model.onnx"
+
+
+@pytest.mark.timeout(900)
+def test_tampered_store_is_refused_and_current_version_stays(registry: Registry, bert_bundle: tuple[Path, Path, dict],
+                                                             keys: dict[str, Path], tmp_path: Path) -> None:
+    device, stored = _device_on_v1_with_v2_published(registry, bert_bundle[1], keys, tmp_path)
     data = bytearray(stored.read_bytes())
     data[len(data) // 3] ^= 0xFF
     stored.write_bytes(bytes(data))
@@ -142,12 +147,8 @@ def test_tampered_store_is_refused_and_current_version_stays(registry: Registry,
 @pytest.mark.timeout(900)
 def test_a_file_stream_longer_than_the_manifest_says_is_cut_and_refused(
         registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path) -> None:
-    _, bundle, manifest = bert_bundle
-    _publish(registry, bundle, "v1")
-    device = tmp_path / "device"
-    pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
-    _publish(registry, bundle, "v2")
-    stored = registry.store_dir / "banking" / "v2" / "model.onnx"
+    manifest = bert_bundle[2]
+    device, stored = _device_on_v1_with_v2_published(registry, bert_bundle[1], keys, tmp_path)
     with open(stored, "ab") as handle:  # the registry's disk now holds 5 MiB more than was signed
         handle.write(bytes(5 << 20))
     with pytest.raises(PullError, match=rf"refused banking v2 .*model.onnx: the registry sent more than the signed "
