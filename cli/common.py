@@ -21,6 +21,13 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+def run_config_keys() -> set[str]:
+    """Every run-config key fedtune knows."""
+    from fedtune.config import RunSettings
+
+    return set(RunSettings().to_run_config())
+
+
 def unknown_key(where: str, key: str, known: Iterable[str]) -> FedtuneError:
     """'unknown key' naming the closest valid key, if one is close."""
     close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
@@ -31,9 +38,7 @@ def unknown_key(where: str, key: str, known: Iterable[str]) -> FedtuneError:
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """`key=value` pairs (TOML values, bare strings allowed) into a dict; every key
     must be one fedtune knows."""
-    from fedtune.config import RunSettings
-
-    known = set(RunSettings().to_run_config())
+    known = run_config_keys()
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
@@ -48,8 +53,6 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
 def read_run_config_file(path: str) -> dict[str, Any]:
     """A flat TOML table of run-config keys (as `flwr run --run-config FILE` takes);
     every key must be one fedtune knows."""
-    from fedtune.config import RunSettings
-
     file = Path(path)
     if not file.is_file():
         raise FedtuneError(f"--run-config {path}: file not found")
@@ -57,7 +60,7 @@ def read_run_config_file(path: str) -> dict[str, Any]:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise FedtuneError(f"--run-config {path}: bad TOML ({err})") from None
-    known = set(RunSettings().to_run_config())
+    known = run_config_keys()
     for key, value in data.items():
         if key not in known:
             raise unknown_key(f"--run-config {path}", key, known)
