@@ -1,6 +1,7 @@
 """`fedtune deploy`: Flower's Deployment Engine with TLS and SuperNode authentication.
-Coordinator: init, register, superlink, run. Site: site-key (its own key pair), site
-(one command: the site worker and the SuperNode), or worker alone (e.g. under systemd)."""
+Coordinator: init, register, sign, superlink (behind its reverse proxy), run. Site:
+site-key (its own keys), site (one command: the site worker and the SuperNode), or
+worker alone (e.g. under systemd)."""
 
 from __future__ import annotations
 
@@ -21,10 +22,27 @@ def cmd_deploy_init(args: argparse.Namespace) -> int:
 
 def cmd_deploy_site_key(args: argparse.Namespace) -> int:
     from fedtune.client.deployment import site_keypair
+    from fedtune.tls import make_csr
 
     private, public = site_keypair(Path(args.out), args.site)
-    print(f"{private} (this site's private key: it stays here, 0600)\n"
-          f"{public} (send this public key to the coordinator: fedtune deploy register --key {public.name})")
+    tls_key, csr = make_csr(Path(args.out), args.site)
+    print(f"{private} (this site's SuperNode key: it stays here, 0600)\n"
+          f"{public} (send to the coordinator: fedtune deploy register --key {public.name})\n"
+          f"{tls_key} (this site's TLS client key: it stays here, 0600)\n"
+          f"{csr} (if the coordinator's proxy requires client certificates, send it: fedtune deploy sign --csr "
+          f"{csr.name}; pass the certificate you get back as --client-cert)")
+    return 0
+
+
+def cmd_deploy_sign(args: argparse.Namespace) -> int:
+    from fedtune.tls import sign_csr
+
+    csr = Path(args.csr)
+    if not csr.exists():
+        raise FedtuneError(f"{csr}: signing request not found (the site makes it: fedtune deploy site-key)")
+    out = Path(args.out) if args.out else Path(args.dir) / "site-certs" / f"{csr.stem}.pem"
+    cert, name = sign_csr(Path(args.dir) / "pki", csr, out)
+    print(f"{cert} (client certificate for {name!r}: send it back to the site, with pki/ca.pem)")
     return 0
 
 
@@ -39,16 +57,27 @@ def cmd_deploy_register(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_superlink(args: argparse.Namespace) -> int:
-    from fedtune.server.deployment import superlink_command
+    from fedtune.server.deployment import run_superlink, superlink_command
+    from fedtune.server.reverse_proxy import ProxySettings, proxy_command, write_proxy
 
-    from fedtune.flower_env import child_env
-
+    deploy = Path(args.dir)
+    pki = deploy / "pki"
     for name in ("ca.pem", "superlink.pem", "superlink.key"):
-        if not (Path(args.dir) / "pki" / name).exists():
-            raise FedtuneError(f"{Path(args.dir) / 'pki' / name}: missing; run `fedtune deploy init` first")
-    cmd = superlink_command(Path(args.dir), args.host, args.port, Path(args.database) if args.database else None)
+        if not (pki / name).exists():
+            raise FedtuneError(f"{pki / name}: missing; run `fedtune deploy init` first")
+    if args.port == args.public_port and not args.no_proxy:
+        raise FedtuneError(f"--port and --public-port must differ (both {args.port})")
+    proxy_cmd = None
+    if not args.no_proxy:
+        settings = ProxySettings(args.public_host, args.public_port, args.port, (pki / "superlink.pem").resolve(),
+                                 (pki / "superlink.key").resolve(), (pki / "ca.pem").resolve(),
+                                 args.require_client_cert, args.max_body_mb)
+        conf = write_proxy(settings, deploy / "proxy")
+        print(f"proxy: {conf}", flush=True)
+        proxy_cmd = proxy_command(deploy / "proxy")
+    cmd = superlink_command(deploy, args.port, Path(args.database) if args.database else None)
     print(" ".join(cmd), flush=True)
-    os.execve(cmd[0], cmd, child_env())  # the SuperLink takes over this process (and its PID)
+    run_superlink(cmd, args.port, proxy_cmd, None if args.no_proxy else args.public_port)
     return 0
 
 
@@ -89,11 +118,16 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     from fedtune.client.site_worker import prepare_socket_dir
 
     data, ca, key = Path(args.data), Path(args.ca), Path(args.key)
-    for path, what in ((ca, "CA certificate"), (key, "site private key")):
+    if bool(args.client_cert) != bool(args.client_key):
+        raise FedtuneError("--client-cert and --client-key go together (the certificate the coordinator signed "
+                           "and this site's NAME.tls.key)")
+    client_tls = (Path(args.client_cert), Path(args.client_key)) if args.client_cert else None
+    for path, what in ((ca, "CA certificate"), (key, "site private key"), *(
+            zip(client_tls, ("client certificate", "client key")) if client_tls else ())):
         if not path.exists():
             raise FedtuneError(f"{path}: {what} not found")
     count = check_site_data(data, args.task, args.text_field, args.label_field, args.prompt_field, args.completion_field)
-    check_tls(args.superlink, ca)
+    check_tls(args.superlink, ca, client_tls=client_tls)
     print(f"site: {data} OK ({count} examples); SuperLink {args.superlink} TLS OK; joining", flush=True)
     if not 0.05 <= args.idle_poll <= 3.0:
         raise FedtuneError(f"--idle-poll must be between 0.05 and 3 seconds, got {args.idle_poll}")
@@ -102,7 +136,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         socket_path = Path(args.worker_socket or Path(args.state_dir) / "worker" / "worker.sock").resolve()
         prepare_socket_dir(socket_path)
     cmd = supernode_command(args.superlink, ca, key, data, args.port, Path(args.state_dir), args.max_retries,
-                            args.name or "", socket_path, args.idle_poll, privacy_floor(args))
+                            args.name or "", socket_path, args.idle_poll, privacy_floor(args), client_tls)
     worker = worker_command(socket_path, args.worker_threads) if socket_path is not None else None
     run_site(cmd, key, args.superlink, worker, socket_path)
     return 0
@@ -124,26 +158,47 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     dep = sub.add_parser(
         "deploy", help="multi-machine deployment: PKI, site keys, SuperLink, a site's SuperNode, the run",
         description="Flower's Deployment Engine with TLS and SuperNode authentication. Coordinator: init, "
-        "register (a site's public key), superlink, run. Site: site-key (its own key pair), site (one command).",
+        "register (a site's public key), sign (a site's .csr, for client certificates), superlink (on loopback, "
+        "behind nginx, which forwards the Fleet API only), run. Site: site-key (its own keys), site (one command).",
     ).add_subparsers(dest="deploy_command", required=True)
     d_init = dep.add_parser("init", help="coordinator: create the CA and the SuperLink's TLS certificate")
     d_init.add_argument("--dir", default="deploy", help="deployment folder (default: deploy)")
     d_init.add_argument("--host", action="append", required=True, help="SuperLink host name or IP (repeatable)")
     d_init.set_defaults(func=cmd_deploy_init)
-    d_key = dep.add_parser("site-key", help="site: make this site's SuperNode key pair (EC P-384, OpenSSH); "
-                           "only the .pub goes to the coordinator")
+    d_key = dep.add_parser("site-key", help="site: make this site's SuperNode key pair (EC P-384, OpenSSH) and a TLS "
+                           "client key with its signing request; only the .pub (and the .csr) go to the coordinator")
     d_key.add_argument("--out", default="site-keys", help="folder for the key pair (default: site-keys)")
     d_key.add_argument("--site", required=True, help="site name")
     d_key.set_defaults(func=cmd_deploy_site_key)
+    d_sign = dep.add_parser("sign", help="coordinator: sign a site's TLS signing request (.csr) for a proxy that "
+                            "requires client certificates")
+    d_sign.add_argument("--dir", default="deploy")
+    d_sign.add_argument("--csr", required=True, help="the signing request the site sent (NAME.csr)")
+    d_sign.add_argument("--out", help="where to write the certificate (default: DIR/site-certs/NAME.pem)")
+    d_sign.set_defaults(func=cmd_deploy_sign)
     d_reg = dep.add_parser("register", help="coordinator: register a site's public key with the SuperLink")
     d_reg.add_argument("--dir", default="deploy")
     d_reg.add_argument("--key", required=True, help="the public key file the site sent (NAME.pub)")
-    d_reg.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    d_reg.add_argument("--superlink", default="127.0.0.1:9093",
+                       help="the SuperLink's loopback address (default: 127.0.0.1:9093; not the public port)")
     d_reg.set_defaults(func=cmd_deploy_register)
-    d_link = dep.add_parser("superlink", help="coordinator: run the SuperLink (TLS, SuperNode auth, no runtime installs)")
+    d_link = dep.add_parser(
+        "superlink", help="coordinator: run the SuperLink on loopback behind its reverse proxy (nginx)",
+        description="Runs Flower's SuperLink (TLS, SuperNode authentication, no runtime installs) on 127.0.0.1 "
+        "only, where the coordinator's `flwr` and ServerApp reach it, and nginx on --public-host:--public-port, "
+        "which terminates the sites' TLS and forwards Flower's Fleet API and nothing else. Stops both on "
+        "SIGTERM/SIGINT.")
     d_link.add_argument("--dir", default="deploy")
-    d_link.add_argument("--host", default="0.0.0.0", help="listen host (default: 0.0.0.0)")
-    d_link.add_argument("--port", type=int, default=9093, help="listen port for sites, `flwr` and apps (default: 9093)")
+    d_link.add_argument("--port", type=int, default=9093,
+                        help="the SuperLink's port on 127.0.0.1, for `flwr`, registration and the ServerApp (default: 9093)")
+    d_link.add_argument("--public-host", default="0.0.0.0", help="where the proxy listens for sites (default: 0.0.0.0)")
+    d_link.add_argument("--public-port", type=int, default=9092, help="the port sites connect to (default: 9092)")
+    d_link.add_argument("--require-client-cert", action="store_true",
+                        help="the proxy admits only sites presenting a certificate signed by this deployment's CA "
+                        "(fedtune deploy site-key --csr; fedtune deploy sign)")
+    d_link.add_argument("--max-body-mb", type=int, default=1024, help="largest request the proxy forwards, MiB (default: 1024)")
+    d_link.add_argument("--no-proxy", action="store_true",
+                        help="no reverse proxy: only sites on this machine can reach the SuperLink")
     d_link.add_argument("--database", help="SQLite file for the SuperLink's state (default: in memory)")
     d_link.set_defaults(func=cmd_deploy_superlink)
     d_site = dep.add_parser(
@@ -151,9 +206,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         description="Validates the data file (one line per problem), checks the SuperLink's TLS certificate "
         "against --ca, then runs this site's SuperNode with data-path in its node config.",
     )
-    d_site.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    d_site.add_argument("--superlink", required=True, help="HOST:PORT where the coordinator's proxy listens (its public port)")
     d_site.add_argument("--ca", required=True, help="the coordinator's ca.pem")
-    d_site.add_argument("--key", required=True, help="this site's private key (OpenSSH, from the coordinator)")
+    d_site.add_argument("--key", required=True, help="this site's SuperNode private key (fedtune deploy site-key)")
+    d_site.add_argument("--client-cert", help="this site's TLS client certificate, signed by the coordinator "
+                        "(when its proxy requires one)")
+    d_site.add_argument("--client-key", help="the key of --client-cert (NAME.tls.key from fedtune deploy site-key)")
     d_site.add_argument("--data", required=True, help="this site's JSONL/CSV file (never leaves the site)")
     d_site.add_argument("--name", help="this site's name in the coordinator's metrics (default: the data file's stem)")
     d_site.add_argument("--port", type=int, default=9094, help="local port for this SuperNode's app API (default: 9094)")

@@ -53,7 +53,7 @@ def cmd_edge_pull(args: argparse.Namespace) -> int:
 
     result = pull(args.registry, args.model, args.trust_key, args.into, version=args.version or "",
                   ca=read_pem(args.ca, "CA certificate"), cert=read_pem(args.cert, "certificate"),
-                  key=read_pem(args.key, "key"))
+                  key=read_pem(args.key, "key"), allow_rollback=args.allow_rollback)
     print(f"{args.into}/current -> {result.model} {result.version} (verified; {result.downloaded_bytes:,} bytes "
           f"downloaded, {result.resumed_bytes:,} resumed)")
     return 0
@@ -90,8 +90,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     pull = edge_sub.add_parser(
         "pull", help="download a bundle from a registry, verify it, and make it current",
-        description="Downloads into DIR/.incoming (resuming an interrupted download), checks the signature and "
-        "every sha256, then switches DIR/current atomically and keeps DIR/previous.",
+        description="Checks the version's signed release record first (this model, the version served, a sequence "
+        "above the active one's), downloads into DIR/.incoming (resuming an interrupted download), checks the "
+        "signature and every sha256, then switches DIR/current atomically and keeps DIR/previous.",
     )
     pull.add_argument("--registry", required=True, help="HOST:PORT of the registry")
     pull.add_argument("--model", required=True, help="model name in the registry")
@@ -101,6 +102,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     pull.add_argument("--ca", required=True, help="CA certificate that signed the registry's TLS certificate")
     pull.add_argument("--cert", help="this device's client certificate (mTLS)")
     pull.add_argument("--key", help="this device's client key (mTLS)")
+    pull.add_argument("--allow-rollback", action="store_true",
+                      help="accept a release older than the active one (an explicit rollback)")
     pull.set_defaults(func=cmd_edge_pull)
     rb = edge_sub.add_parser("rollback", help="make the previous version current again")
     rb.add_argument("--into", required=True, help="the device's model folder")

@@ -1,6 +1,7 @@
 """`fedtune export` (a run's adapter to a signed bundle: INT8 for classifiers, INT4 for
-causal LMs), `fedtune export-adapter` (an adapter-only update for an adapter-ready INT4 base)
-and `fedtune keys` (the coordinator's Ed25519 signing key pair)."""
+causal LMs), `fedtune export-adapter` (an adapter-only update for an adapter-ready INT4 base),
+`fedtune release` (a signed release record: model, version, sequence) and `fedtune keys`
+(the coordinator's Ed25519 signing key pair)."""
 
 from __future__ import annotations
 
@@ -58,6 +59,18 @@ def cmd_export_adapter(args: argparse.Namespace) -> int:
                                      limit=args.limit, threads=args.threads)
     print(f"{args.out}: signed adapter update ({_megabytes(manifest)}) for base "
           f"{manifest['base_bundle']['manifest_sha256'][:16]}; parity: {_gate(manifest)}")
+    return 0
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedtune.edge_export.release import release_bundle
+
+    out = Path(args.out) if args.out else Path("releases") / args.model / args.version
+    record = release_bundle(args.bundle, args.model, args.version, args.key, out, args.sequence)
+    print(f"{out}: {record.model} {record.version}, sequence {record.sequence}, manifest "
+          f"{record.manifest_sha256[:16]} (publish it: fedtune registry publish {out} ...)")
     return 0
 
 
@@ -125,6 +138,22 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     upd.add_argument("--limit", type=int, help="use only the first N held-out examples (default: eval-max-examples)")
     upd.add_argument("--threads", type=int, help="threads for the device runtime in the parity gate")
     upd.set_defaults(func=cmd_export_adapter)
+
+    rel = sub.add_parser(
+        "release", help="release a signed bundle as MODEL VERSION with a sequence number (for the registry)",
+        description="Copies the bundle (hard links where possible) and adds release.json + release.sig: the "
+        "model name, the version, a sequence number that only grows, and the manifest's sha256, signed with the "
+        "bundle's own key. The registry refuses a bundle without one or a sequence not above the last; devices "
+        "refuse one for another model or version, or older than the active one (except with --allow-rollback).")
+    rel.add_argument("bundle", help="a signed bundle folder (fedtune export or export-adapter)")
+    rel.add_argument("--model", required=True, help="the model name devices pull it by")
+    rel.add_argument("--version", required=True, help="the version name")
+    rel.add_argument("--sequence", type=int,
+                     help="the release's sequence number, above every earlier release of this model "
+                     "(default: the current UTC time in milliseconds)")
+    rel.add_argument("--key", required=True, help="the private key that signed the bundle")
+    rel.add_argument("--out", help="where to write the release (default: releases/MODEL/VERSION)")
+    rel.set_defaults(func=cmd_release)
 
     keys = sub.add_parser("keys", help="signing keys for bundles").add_subparsers(dest="keys_command", required=True)
     gen = keys.add_parser("generate", help="make an Ed25519 key pair (NAME.key private, NAME.pub public)")

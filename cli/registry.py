@@ -62,8 +62,7 @@ def cmd_registry_publish(args: argparse.Namespace) -> int:
 
     from fedtune.tls import read_pem
 
-    version = args.version or Path(args.bundle).resolve().name
-    reply = publish(args.registry, args.bundle, args.model, version, read_token(args.token_file),
+    reply = publish(args.registry, args.bundle, args.model or "", args.version or "", read_token(args.token_file),
                     read_pem(args.ca, "CA certificate"), read_pem(args.cert, "certificate"), read_pem(args.key, "key"))
     print(f"published {reply.model} {reply.version} ({reply.total_bytes:,} bytes) to {args.registry}")
     return 0
@@ -94,11 +93,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     srv.add_argument("--max-workers", type=int, default=16, help="handler threads (default: 16)")
     srv.add_argument("--max-concurrent-rpcs", type=int, default=64, help="calls in flight before RESOURCE_EXHAUSTED (default: 64)")
     srv.set_defaults(func=cmd_registry_serve)
-    pub = reg.add_parser("publish", help="publish a signed bundle (coordinator only)")
-    pub.add_argument("bundle", help="bundle folder from `fedtune export`")
+    pub = reg.add_parser("publish", help="publish a released bundle (coordinator only)")
+    pub.add_argument("bundle", help="bundle folder from `fedtune release`")
     pub.add_argument("--registry", required=True, help="HOST:PORT")
-    pub.add_argument("--model", required=True, help="model name")
-    pub.add_argument("--version", help="version name (default: the bundle folder's name)")
+    pub.add_argument("--model", help="model name (default: the one the release record names; must match it)")
+    pub.add_argument("--version", help="version name (default: the one the release record names; must match it)")
     pub.add_argument("--token-file", required=True, help="the publish token")
     pub.add_argument("--ca", required=True, help="CA certificate of the registry")
     pub.add_argument("--cert", help="client certificate (when the registry requires mTLS)")

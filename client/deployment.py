@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import ssl
-import subprocess
 import sys
 import threading
 import time
@@ -20,30 +19,54 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedtune.data import load_classification, load_completions
+from fedtune.child_process import Relay, stop_helpers
 from fedtune.errors import FedtuneError
 from fedtune.flower_env import child_env, tool
 
 UNREGISTERED_KEY = "[code: 2004]"  # flower-supernode: "[code: 2004] Failed to activate SuperNode."
 
 
-def check_tls(superlink: str, ca: Path, timeout: float = 10.0) -> None:
-    """Connect to the SuperLink and verify its certificate against `ca`."""
+def check_tls(superlink: str, ca: Path, timeout: float = 10.0, client_tls: tuple[Path, Path] | None = None) -> None:
+    """Connect to the SuperLink (its proxy) and verify its certificate against `ca`,
+    presenting the site's client certificate if it has one."""
     host, _, port = superlink.rpartition(":")
     try:
         context = ssl.create_default_context(cafile=str(ca))
     except (ssl.SSLError, OSError) as err:
         raise FedtuneError(f"{ca}: not a usable CA certificate ({err})") from None
+    if client_tls is not None:
+        try:
+            context.load_cert_chain(str(client_tls[0]), str(client_tls[1]))
+        except (ssl.SSLError, OSError) as err:
+            raise FedtuneError(f"{client_tls[0]}: this client certificate and {client_tls[1].name} are not a usable "
+                               f"pair ({getattr(err, 'reason', None) or err})") from None
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
-            with context.wrap_socket(sock, server_hostname=host):
-                return
+            with context.wrap_socket(sock, server_hostname=host) as tls:
+                # nginx answers a request without the client certificate it requires with 400.
+                tls.sendall(f"GET /v1/fleet/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                answer = tls.recv(4096).decode("latin-1")
+                while "</html>" not in answer and len(answer) < 8192:
+                    more = tls.recv(4096).decode("latin-1")
+                    if not more:
+                        break
+                    answer += more
     except ssl.SSLCertVerificationError as err:
         raise FedtuneError(f"{ca}: the SuperLink at {superlink} presents a certificate this CA did not sign "
                            f"({err.verify_message}); ask the coordinator for the right ca.pem") from None
     except ssl.SSLError as err:
+        if "CERTIFICATE" in str(err.reason or "").upper() and client_tls is not None:
+            raise FedtuneError(f"{client_tls[0]}: the proxy at {superlink} refused this site's client certificate "
+                               f"({err.reason}); ask the coordinator to sign this site's .csr") from None
         raise FedtuneError(f"{superlink}: TLS handshake failed ({err.reason}); is it a TLS SuperLink?") from None
     except OSError as err:
         raise FedtuneError(f"{superlink}: cannot connect ({err.strerror or err})") from None
+    if "No required SSL certificate" in answer:
+        raise FedtuneError(f"{superlink}: the coordinator's proxy requires a client certificate; run "
+                           f"`fedtune deploy site-key`, send the .csr, and pass --client-cert and --client-key")
+    if "SSL certificate error" in answer:
+        raise FedtuneError(f"{superlink}: the coordinator's proxy refused this site's client certificate; ask "
+                           f"the coordinator to sign this site's .csr (fedtune deploy sign)")
 
 
 def check_site_data(data: Path, task: str, text_field: str, label_field: str, prompt_field: str,
@@ -73,27 +96,27 @@ def site_keypair(folder: Path, site: str) -> tuple[Path, Path]:
 
 def supernode_command(superlink: str, ca: Path, key: Path, data: Path, port: int, state_dir: Path,
                       max_retries: int | None = None, site_name: str = "", worker_socket: Path | None = None,
-                      idle_poll: float = 3.0, privacy_floor: dict[str, object] | None = None) -> list[str]:
+                      idle_poll: float = 3.0, privacy_floor: dict[str, object] | None = None,
+                      client_tls: tuple[Path, Path] | None = None) -> list[str]:
     """`flower-supernode` with TLS, the site's key and node config; an `idle_poll` below
-    Flower's fixed 3 s runs it through `supernode_launcher.py`."""
+    Flower's fixed 3 s, or a client certificate and key (`client_tls`, for a proxy that
+    requires one), run it through `supernode_launcher.py`."""
     node_config = f'data-path="{data.resolve()}" state-dir="{state_dir.resolve()}" site-name="{site_name or data.stem}"'
     if worker_socket is not None:
         node_config += f' worker-socket="{worker_socket.resolve()}"'
-    for key, value in (privacy_floor or {}).items():  # the site's own floor: require-secagg, max-epsilon, max-delta
-        node_config += f" {key}={str(value).lower() if isinstance(value, bool) else value}"
+    for name, value in (privacy_floor or {}).items():  # the site's own floor: require-secagg, max-epsilon, max-delta
+        node_config += f" {name}={str(value).lower() if isinstance(value, bool) else value}"
     launcher = [tool("flower-supernode")]
-    if idle_poll < 3.0:
-        launcher = [sys.executable, "-m", f"{__package__}.supernode_launcher", "--idle-poll", str(idle_poll), "--"]
+    if idle_poll < 3.0 or client_tls is not None:
+        launcher = [sys.executable, "-m", f"{__package__}.supernode_launcher", "--idle-poll", str(min(idle_poll, 3.0))]
+        if client_tls is not None:
+            launcher += ["--client-cert", str(client_tls[0].resolve()), "--client-key", str(client_tls[1].resolve())]
+        launcher.append("--")
     cmd = [*launcher, "--superlink", superlink, "--root-certificates", str(ca),
            "--auth-supernode-private-key", str(key), "--node-config", node_config, "--port", str(port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     return cmd
-
-
-def stop_helpers(pid: int) -> None:
-    """Stop the helpers Flower detaches from a process (they carry `--parent-pid PID`)."""
-    subprocess.run(["pkill", "-TERM", "-f", f"[-]-parent-pid {pid}( |$)"], capture_output=True)
 
 
 def explain_supernode_exit(code: int, output: str, key: Path, superlink: str) -> str:
@@ -113,45 +136,14 @@ def worker_command(socket_path: Path, threads: int = 0, idle_timeout: float = 18
     return cmd
 
 
-class _Relay:
-    """Runs a child with its output relayed to this terminal (prefixed) and kept."""
-
-    def __init__(self, cmd: list[str], prefix: str = "") -> None:
-        self.output: list[str] = []
-        self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=child_env())
-        # Read in a thread: Flower's detached SuperExec helper inherits the pipe and may
-        # hold it open after the SuperNode itself has exited.
-        self.reader = threading.Thread(target=self._relay, args=(prefix,), daemon=True)
-        self.reader.start()
-
-    def _relay(self, prefix: str) -> None:
-        assert self.child.stdout is not None
-        for line in self.child.stdout:
-            self.output.append(line)
-            print(f"{prefix}{line}", end="", flush=True)
-
-    def stop(self, grace: float = 15.0) -> int:
-        if self.child.poll() is None:
-            self.child.terminate()
-            try:
-                self.child.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.child.kill()
-        self.reader.join(timeout=2)
-        return int(self.child.wait())
-
-
-def wait_for_worker(worker: _Relay, socket_path: Path, timeout: float = 60.0) -> None:
+def wait_for_worker(worker: Relay, socket_path: Path, timeout: float = 60.0) -> None:
     """Until the worker answers a status request on its socket, or fails."""
     from .worker_client import call_worker
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if worker.child.poll() is not None:
-            worker.reader.join(timeout=2)
-            last = [x.strip() for x in worker.output if x.strip()][-2:]
-            raise FedtuneError(f"the site worker stopped with exit code {worker.child.returncode}: {' / '.join(last)}")
+            raise FedtuneError(f"the site worker stopped with exit code {worker.child.returncode}: {worker.last_lines()}")
         if socket_path.exists():
             try:
                 call_worker(socket_path, "status", {}, timeout=10.0, connect_timeout=1.0)
@@ -169,8 +161,8 @@ def run_site(supernode_cmd: list[str], key: Path, superlink: str, worker_cmd: li
     restarted (the next request waits for it); more than `max_restarts` deaths within a
     minute stop the site. An exit other than a requested stop is one line."""
     stopping = threading.Event()
-    worker: _Relay | None = None
-    supernode: _Relay | None = None
+    worker: Relay | None = None
+    supernode: Relay | None = None
 
     def request_stop(*_: object) -> None:
         stopping.set()
@@ -183,10 +175,10 @@ def run_site(supernode_cmd: list[str], key: Path, superlink: str, worker_cmd: li
     try:
         if worker_cmd is not None:
             assert socket_path is not None
-            worker = _Relay(worker_cmd, "[worker] ")
+            worker = Relay(worker_cmd, "[worker] ")
             wait_for_worker(worker, socket_path)
             print(f"site: worker ready on {socket_path} (pid {worker.child.pid})", flush=True)
-        supernode = _Relay(supernode_cmd)
+        supernode = Relay(supernode_cmd)
         deaths: list[float] = []
         while supernode.child.poll() is None:
             time.sleep(0.5)
@@ -198,10 +190,9 @@ def run_site(supernode_cmd: list[str], key: Path, superlink: str, worker_cmd: li
                     break
                 print(f"site: the worker (pid {worker.child.pid}) exited with code {worker.child.returncode}; "
                       f"restarting it", flush=True)
-                worker = _Relay(worker_cmd or [], "[worker] ")
+                worker = Relay(worker_cmd or [], "[worker] ")
         code = supernode.child.wait()
         supernode.reader.join(timeout=2)
-        stop_helpers(supernode.child.pid)
         if failure is None and code not in (0, -signal.SIGTERM, -signal.SIGINT) and not stopping.is_set():
             failure = explain_supernode_exit(code, "".join(supernode.output), key, superlink)
     finally:

@@ -1,4 +1,5 @@
-"""Runs Flower's `flower-supernode` with a shorter idle poll.
+"""Runs Flower's `flower-supernode` with a shorter idle poll and, where the coordinator's
+proxy requires one, a client certificate.
 
 Flower 1.41's SuperNode sleeps a fixed 3 s whenever it pulls no message from the
 SuperLink (`flwr/supernode/start_client_internal.py`: `time.sleep(3)`), and 0.5 s while
@@ -10,12 +11,19 @@ nothing if Flower's module no longer looks as described (checked below), and
 `--idle-poll 3` is Flower's own behaviour. The price: an idle SuperNode asks the
 SuperLink for work every `--idle-poll` seconds instead of every 3.
 
-    python -m fedtune.client.supernode_launcher --idle-poll 0.5 -- <flower-supernode arguments>
+Flower 1.41's SuperNode has no option for a TLS client certificate (`--root-certificates`
+is the CA only). With `--client-cert` and `--client-key`, the launcher loads that pair
+into the TLS context Flower's HTTP client (`flwr.supercore.protobuf.client.ProtobufClient`)
+verifies the server with, so the SuperNode presents it to the proxy (mTLS).
+
+    python -m fedtune.client.supernode_launcher --idle-poll 0.5 [--client-cert PEM --client-key KEY] -- <flower-supernode arguments>
 """
 
 from __future__ import annotations
 
+import argparse
 import inspect
+import ssl
 import sys
 import time
 from typing import Any, Sequence
@@ -47,18 +55,50 @@ def shorten_idle_poll(limit: float) -> bool:
     return True
 
 
+def present_client_certificate(cert: str, key: str) -> bool:
+    """Make every TLS connection of Flower's HTTP clients present `cert`/`key`; False if
+    Flower's client is not the shape this was written for (then nothing is patched)."""
+    from flwr.supercore.protobuf import client as module
+
+    original = module.ProtobufClient.__init__
+    if "verify" not in inspect.signature(original).parameters:
+        return False
+
+    def with_client_certificate(self: Any, base_url: str, *args: Any, verify: Any = True, **kwargs: Any) -> None:
+        if verify is not False and base_url.startswith("https://"):
+            context = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context(
+                cafile=verify if isinstance(verify, str) else None)
+            context.load_cert_chain(cert, key)
+            verify = context
+        original(self, base_url, *args, verify=verify, **kwargs)
+
+    module.ProtobufClient.__init__ = with_client_certificate  # type: ignore[method-assign]
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) < 3 or args[0] != "--idle-poll" or args[2] != "--":
-        print("usage: python -m fedtune.client.supernode_launcher --idle-poll SECONDS -- ARGS...", file=sys.stderr)
+    if "--" not in args:
+        print("usage: python -m fedtune.client.supernode_launcher --idle-poll SECONDS [--client-cert PEM "
+              "--client-key KEY] -- ARGS...", file=sys.stderr)
         return 2
-    limit = float(args[1])
+    split = args.index("--")
+    parser = argparse.ArgumentParser(prog="supernode_launcher")
+    parser.add_argument("--idle-poll", type=float, default=3.0)
+    parser.add_argument("--client-cert")
+    parser.add_argument("--client-key")
+    ours = parser.parse_args(args[:split])
+    limit = ours.idle_poll
     if limit < 3.0 and not shorten_idle_poll(limit):
         print("fedtune: this Flower's SuperNode has no 3 s idle sleep to shorten; running it as it is",
               file=sys.stderr, flush=True)
+    if ours.client_cert and not present_client_certificate(ours.client_cert, ours.client_key):
+        print("fedtune: this Flower's HTTP client cannot be given a client certificate; stopping",
+              file=sys.stderr, flush=True)
+        return 1
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv = ["flower-supernode", *args[3:]]
+    sys.argv = ["flower-supernode", *args[split + 1:]]
     return int(flower_supernode() or 0)
 
 

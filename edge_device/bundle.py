@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
 from fedtune.errors import FedtuneError
 
 from .signature import SignatureError, load_public_key, verify
@@ -95,12 +97,13 @@ def bundle_kind(manifest: dict[str, Any]) -> str:
     return str(manifest.get("kind", "model"))
 
 
-def signed_manifest(bundle_dir: str | Path, trusted_key: str | Path) -> tuple[dict[str, Any], str]:
-    """The manifest, once its signature checks out against `trusted_key`, and its sha256."""
+def signed_manifest(bundle_dir: str | Path, trusted_key: str | Path | Ed25519PublicKey) -> tuple[dict[str, Any], str]:
+    """The manifest, once its signature checks out against `trusted_key` (a key file or a
+    loaded key), and its sha256."""
     bundle = Path(bundle_dir)
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: not a bundle folder")
-    key = load_public_key(trusted_key)
+    key = trusted_key if isinstance(trusted_key, Ed25519PublicKey) else load_public_key(trusted_key)
     try:
         raw = (bundle / MANIFEST_FILE).read_bytes()
         signature = (bundle / SIGNATURE_FILE).read_bytes()

@@ -1,6 +1,10 @@
 """The device side of the registry: pull a bundle, resume interrupted downloads,
 verify it, switch `current` atomically, keep the previous version, roll back.
 
+Before downloading anything, the device checks the version's signed release record
+(`release.py`): it must name the model asked for and the version served, and a sequence
+above the active version's; an older release is taken only with `allow_rollback`.
+
 An adapter update (`kind: adapter`) is a version like any other; it is refused before any
 download unless the base bundle it names is already under versions/, where the runtime
 then finds it.
@@ -27,7 +31,24 @@ from fedtune.registry.v1 import registry_pb2_grpc as rpc
 
 from fedtune.errors import FedtuneError
 
-from .bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, bundle_kind, find_base, verify_bundle
+from .bundle import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    BundleError,
+    bundle_kind,
+    find_base,
+    sha256_bytes,
+    verify_bundle,
+)
+from .release import (
+    RELEASE_FILE,
+    RELEASE_SIGNATURE_FILE,
+    Release,
+    ReleaseError,
+    check_release_fits,
+    parse_release,
+    read_release,
+)
 from .signature import load_public_key, verify
 
 CURRENT, PREVIOUS = "current", "previous"
@@ -58,11 +79,12 @@ def _rpc_error(registry: str, what: str, err: grpc.RpcError) -> PullError:
 def pull(
     registry: str, model: str, trusted_key: str | Path, into: str | Path, *, version: str = "",
     ca: bytes | None = None, cert: bytes | None = None, key: bytes | None = None,
-    timeout: float = 600.0,
+    timeout: float = 600.0, allow_rollback: bool = False,
 ) -> PullResult:
     """Download `model` (`version`, or the latest), verify it, and make it current.
     A download that breaks off part-way keeps what it received and raises
-    PullInterrupted; the next pull resumes from there."""
+    PullInterrupted; the next pull resumes from there. A release older than the active
+    one is refused unless `allow_rollback`."""
     root = Path(into)
     public_key = load_public_key(trusted_key)
     with open_channel(registry, ca, cert, key) as channel:
@@ -75,7 +97,15 @@ def pull(
             check_name("version", reply.version)
         except StoreError as err:
             raise PullError(f"{registry}: {err}") from None
-        verify(public_key, reply.manifest, reply.signature, f"{registry} {model} {reply.version} manifest")
+        what = f"{registry} {model} {reply.version}"
+        verify(public_key, reply.manifest, reply.signature, f"{what} manifest")
+        try:
+            release = parse_release(reply.release, reply.release_signature, public_key, sha256_bytes(reply.manifest),
+                                    what)
+            check_release_fits(release, model, reply.version, what)
+        except ReleaseError as err:
+            raise PullError(f"refused: {err}") from None
+        _require_newer(root, release, public_key, allow_rollback, what)
         final = root / "versions" / reply.version
         manifest = json.loads(reply.manifest)
         if bundle_kind(manifest) == "adapter":
@@ -88,6 +118,8 @@ def pull(
         incoming.mkdir(parents=True, exist_ok=True)
         (incoming / MANIFEST_FILE).write_bytes(reply.manifest)
         (incoming / SIGNATURE_FILE).write_bytes(reply.signature)
+        (incoming / RELEASE_FILE).write_bytes(reply.release)
+        (incoming / RELEASE_SIGNATURE_FILE).write_bytes(reply.release_signature)
         received = resumed = 0
         for name, entry in sorted(manifest["files"].items()):
             try:
@@ -131,6 +163,29 @@ def pull(
     os.replace(incoming, final)
     _activate(root, reply.version)
     return PullResult(model, reply.version, final, received, resumed, True)
+
+
+def active_release(root: Path, public_key: object) -> Release | None:
+    """The signed release record of the active version, if any (a version pulled before
+    releases existed has none)."""
+    current = root / CURRENT
+    if not current.is_symlink():
+        return None
+    try:
+        manifest_raw = (current / MANIFEST_FILE).read_bytes()
+        return read_release(current, public_key, sha256_bytes(manifest_raw))  # type: ignore[arg-type]
+    except (OSError, ReleaseError):
+        return None
+
+
+def _require_newer(root: Path, release: Release, public_key: object, allow_rollback: bool, what: str) -> None:
+    """Refuse a release whose sequence is not above the active one's (the same release
+    again is fine), unless the user asked for a rollback."""
+    active = active_release(root, public_key)
+    if active is None or allow_rollback or release == active or release.sequence > active.sequence:
+        return
+    raise PullError(f"refused {what}: release sequence {release.sequence} is not newer than the active "
+                    f"{active.version}'s {active.sequence} (a downgrade); pass --allow-rollback to go back on purpose")
 
 
 def _require_base(root: Path, manifest: dict, what: str) -> None:  # type: ignore[type-arg]

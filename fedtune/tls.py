@@ -1,5 +1,7 @@
 """A small private PKI with `cryptography`: a CA, server certificates for the hosts a
-service listens on, and client certificates (device identity for mTLS). PEM files."""
+service listens on, client certificates (device identity for mTLS), and certificate
+signing requests, so that a party that needs a client certificate keeps its private
+key and sends only the request. PEM files."""
 
 from __future__ import annotations
 
@@ -92,6 +94,58 @@ def issue(folder: str | Path, name: str, hosts: Sequence[str] = (), client: bool
     _write_key(out / f"{name}.key", key)
     (out / f"{name}.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return out / f"{name}.pem", out / f"{name}.key"
+
+
+def make_csr(folder: str | Path, name: str) -> tuple[Path, Path]:
+    """`NAME.tls.key` (0600, never overwritten) and `NAME.csr`: a signing request for a
+    client certificate with common name `name`; only the .csr leaves the folder."""
+    out = Path(folder)
+    key_path, csr_path = out / f"{name}.tls.key", out / f"{name}.csr"
+    if key_path.exists():
+        raise FedtuneError(f"{key_path}: already exists; refusing to overwrite a private key")
+    out.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    csr = x509.CertificateSigningRequestBuilder().subject_name(_name(name)).sign(key, hashes.SHA256())
+    _write_key(key_path, key)
+    csr_path.write_bytes(csr.public_bytes(serialization.Encoding.PEM))
+    return key_path, csr_path
+
+
+def sign_csr(folder: str | Path, csr_path: str | Path, out: str | Path) -> tuple[Path, str]:
+    """A client certificate for the request in `csr_path`, signed by the CA in `folder`,
+    written to `out`; returns it and its common name. Refuses a private key sent by
+    mistake, a malformed request and one whose signature does not verify."""
+    csr_path = Path(csr_path)
+    try:
+        data = csr_path.read_bytes()
+    except OSError as err:
+        raise FedtuneError(f"{csr_path}: cannot read the signing request ({err.strerror})") from None
+    if b"PRIVATE KEY" in data:
+        raise FedtuneError(f"{csr_path}: this is a private key; the site sends only its .csr and keeps the key")
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError:
+        raise FedtuneError(f"{csr_path}: not a PEM certificate signing request (fedtune deploy site-key makes one)") from None
+    if not csr.is_signature_valid:
+        raise FedtuneError(f"{csr_path}: the request's signature does not verify")
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    if not names:
+        raise FedtuneError(f"{csr_path}: the request names no common name")
+    common_name = str(names[0].value)
+    ca_cert, ca_key = _load(Path(folder))
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
+        .public_key(csr.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=VALID_DAYS))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return out, common_name
 
 
 def read_pem(path: str | Path | None, what: str) -> bytes | None:

@@ -1,4 +1,5 @@
-"""The coordinator's side of the registry: publish a signed bundle folder."""
+"""The coordinator's side of the registry: publish a released bundle folder (signed
+manifest and files, and the signed release record that names its model and version)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Iterator
 
 import grpc
 from fedtune.edge_device.bundle import MANIFEST_FILE, SIGNATURE_FILE
+from fedtune.edge_device.release import RELEASE_FILE, RELEASE_SIGNATURE_FILE
 
 from fedtune.errors import FedtuneError
 
@@ -21,7 +23,20 @@ def bundle_files(bundle: Path) -> list[str]:
         manifest = json.loads((bundle / MANIFEST_FILE).read_bytes())
     except FileNotFoundError:
         raise FedtuneError(f"{bundle / MANIFEST_FILE}: missing; is {bundle} a bundle from `fedtune export`?") from None
-    return [MANIFEST_FILE, SIGNATURE_FILE, *sorted(manifest["files"])]
+    return [MANIFEST_FILE, SIGNATURE_FILE, RELEASE_FILE, RELEASE_SIGNATURE_FILE, *sorted(manifest["files"])]
+
+
+def release_names(bundle: Path) -> tuple[str, str]:
+    """The (model, version) the bundle's release record names (read, not verified here:
+    the registry and the devices verify it); one line if it has none."""
+    try:
+        record = json.loads((bundle / RELEASE_FILE).read_bytes())
+        return str(record["model"]), str(record["version"])
+    except FileNotFoundError:
+        raise FedtuneError(f"{bundle / RELEASE_FILE}: missing; release the bundle first (fedtune release {bundle} "
+                           f"--model NAME --version V --key KEY)") from None
+    except (ValueError, KeyError, TypeError):
+        raise FedtuneError(f"{bundle / RELEASE_FILE}: not a release record") from None
 
 
 def _requests(bundle: Path, model: str, version: str, names: list[str]) -> Iterator[pb.PublishRequest]:
@@ -37,6 +52,11 @@ def _requests(bundle: Path, model: str, version: str, names: list[str]) -> Itera
 def publish(registry: str, bundle_dir: str | Path, model: str, version: str, token: str, ca: bytes | None,
             cert: bytes | None = None, key: bytes | None = None, timeout: float = 600.0) -> pb.PublishResponse:
     bundle = Path(bundle_dir)
+    released_model, released_version = release_names(bundle)
+    model, version = model or released_model, version or released_version
+    if (model, version) != (released_model, released_version):
+        raise FedtuneError(f"{bundle / RELEASE_FILE}: released as {released_model} {released_version}, not "
+                           f"{model} {version}; the registry and devices would refuse it")
     names = bundle_files(bundle)
     with open_channel(registry, ca, cert, key) as channel:
         stub = rpc.ModelRegistryStub(channel)

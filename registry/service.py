@@ -61,14 +61,16 @@ class RegistryService(rpc.ModelRegistryServicer):
             _abort(context, err)
         return pb.ListVersionsResponse(model=request.model, versions=[
             pb.VersionInfo(version=e.version, published=e.published, total_bytes=e.total_bytes,
-                           manifest_sha256=e.manifest_sha256) for e in entries])
+                           manifest_sha256=e.manifest_sha256, sequence=e.sequence) for e in entries])
 
     def GetManifest(self, request: pb.GetManifestRequest, context: grpc.ServicerContext) -> pb.GetManifestResponse:
         try:
-            version, manifest, signature = self.store.manifest(request.model, request.version)
+            version, manifest, signature, release, release_signature = self.store.manifest(request.model,
+                                                                                           request.version)
         except StoreError as err:
             _abort(context, err)
-        return pb.GetManifestResponse(model=request.model, version=version, manifest=manifest, signature=signature)
+        return pb.GetManifestResponse(model=request.model, version=version, manifest=manifest, signature=signature,
+                                      release=release, release_signature=release_signature)
 
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
         try:

@@ -1,6 +1,9 @@
 """The registry's store on disk: `STORE/<model>/<version>/` holds one published bundle
-(its files, `manifest.json`, `manifest.sig`) and `STORE/<model>/versions.json` the
-publication order. Names are checked before any path is built from them."""
+(its files, `manifest.json`, `manifest.sig`, and its signed release record
+`release.json`, `release.sig`) and `STORE/<model>/versions.json` the publication order.
+A bundle is accepted only if the trusted key signed it and its release record names
+this model and version and a sequence above every earlier version's. Names are checked
+before any path is built from them."""
 
 from __future__ import annotations
 
@@ -21,6 +24,14 @@ from fedtune.edge_device.bundle import (
     sha256_bytes,
     verify_bundle,
 )
+from fedtune.edge_device.release import (
+    RELEASE_FILE,
+    RELEASE_SIGNATURE_FILE,
+    ReleaseError,
+    check_release_fits,
+    read_release,
+)
+from fedtune.edge_device.signature import load_public_key
 
 from .protocol import InvalidName, StoreError, check_name
 
@@ -45,6 +56,7 @@ class VersionEntry:
     published: str
     total_bytes: int
     manifest_sha256: str
+    sequence: int = 0
 
 
 class ModelStore:
@@ -76,9 +88,14 @@ class ModelStore:
             raise NotFound(f"model {model!r} has no version {version!r}")
         return self.root / model / version
 
-    def manifest(self, model: str, version: str) -> tuple[str, bytes, bytes]:
+    def manifest(self, model: str, version: str) -> tuple[str, bytes, bytes, bytes, bytes]:
+        """(version, manifest, its signature, release record, its signature); the record
+        is empty for a version stored before releases existed."""
         folder = self.resolve(model, version)
-        return folder.name, (folder / MANIFEST_FILE).read_bytes(), (folder / SIGNATURE_FILE).read_bytes()
+        release = folder / RELEASE_FILE
+        return (folder.name, (folder / MANIFEST_FILE).read_bytes(), (folder / SIGNATURE_FILE).read_bytes(),
+                release.read_bytes() if release.exists() else b"",
+                (folder / RELEASE_SIGNATURE_FILE).read_bytes() if release.exists() else b"")
 
     def open_file(self, model: str, version: str, name: str) -> Path:
         folder = self.resolve(model, version)
@@ -109,17 +126,27 @@ class ModelStore:
         return Path(tempfile.mkdtemp(prefix=f".incoming-{version}-", dir=self.root / model))
 
     def commit(self, model: str, version: str, staging: Path) -> VersionEntry:
-        """Verify the staged bundle (the trusted key's signature, every sha256) and move it
-        into place; the staging folder is removed on failure."""
+        """Verify the staged bundle (the trusted key's signature, every sha256, a release
+        record for this model and version) and move it into place; the staging folder is
+        removed on failure."""
         try:
             verify_bundle(staging, self.trusted_key)
             raw = (staging / MANIFEST_FILE).read_bytes()
+            release = read_release(staging, load_public_key(self.trusted_key), sha256_bytes(raw))
+            check_release_fits(release, model, version, "bundle")
             entry = VersionEntry(version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 sum(p.stat().st_size for p in staging.iterdir()), sha256_bytes(raw))
+                                 sum(p.stat().st_size for p in staging.iterdir()), sha256_bytes(raw),
+                                 release.sequence)
             with self._lock:
                 target = self.root / model / version
                 if target.exists():
                     raise Conflict(f"model {model!r} already has version {version!r}; versions are immutable")
+                index = self.root / model / INDEX_FILE
+                earlier = [VersionEntry(**e) for e in json.loads(index.read_text())] if index.exists() else []
+                if earlier and release.sequence <= max(e.sequence for e in earlier):
+                    newest = max(earlier, key=lambda e: e.sequence)
+                    raise Rejected(f"bundle refused: release sequence {release.sequence} is not above "
+                                   f"{newest.sequence} ({model} {newest.version}); sequences only grow")
                 os.replace(staging, target)
                 index = self.root / model / INDEX_FILE
                 entries = json.loads(index.read_text()) if index.exists() else []
@@ -128,7 +155,7 @@ class ModelStore:
                 tmp.write_text(json.dumps(entries, indent=2))
                 os.replace(tmp, index)
             return entry
-        except BundleError as err:
+        except (BundleError, ReleaseError) as err:
             raise Rejected(f"bundle refused: {err}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)

@@ -1,16 +1,21 @@
-"""Real deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication, site
-SuperNodes each with its own site worker, data file and port, SecAgg+ runs of a tiny
-model launched with `flwr run`, and what a site operator must see: each site's model
-loaded once for the whole run; a worker killed mid-round (the round completes with the
-survivors, the next one runs on the restarted worker); the refusals of an unregistered
-key, a plaintext connection, a wrong CA and a bad data file. Every process the test
-starts is stopped by PID, also when it fails."""
+"""Real deployment on 127.0.0.1: a TLS SuperLink with SuperNode authentication on
+loopback behind its nginx reverse proxy, site SuperNodes (through the proxy) each with
+its own site worker, data file and port, SecAgg+ runs of a tiny model launched with
+`flwr run`, and what a site operator or a security officer must see: through the public
+port, no listing or starting of runs and no SuperNode registration; client certificates
+when the proxy requires them; each site's model loaded once for the whole run; a worker
+killed mid-round (the round completes with the survivors, the next one runs on the
+restarted worker); the refusals of an unregistered key, a plaintext connection, a wrong
+CA and a bad data file. Every process the test starts is stopped by PID, also when it
+fails."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -29,7 +34,7 @@ from support.processes import ManagedProcesses, free_port, wait_for_port
 
 from fedtune.errors import FedtuneError
 from fedtune.flower_env import child_env
-from fedtune.tls import create_ca
+from fedtune.tls import create_ca, issue, make_csr, sign_csr
 
 REPO = Path(__file__).resolve().parent.parent
 FEDTUNE = str(Path(sys.executable).parent / "fedtune")
@@ -42,6 +47,41 @@ def wait_for_log(path: Path, needle: str, timeout: float = 60) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"{needle!r} not in {path}: {path.read_text(errors='replace')[-3000:]}")
+
+
+def start_superlink(processes: ManagedProcesses, deploy: Path, logs: Path, *extra: str) -> tuple[str, str]:
+    """`fedtune deploy superlink`: the SuperLink on loopback and nginx in front of it;
+    returns (the sites' public address, the coordinator's loopback address)."""
+    port, public = free_port(), free_port()
+    superlink = processes.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(deploy), "--port",
+                                              str(port), "--public-host", "127.0.0.1", "--public-port", str(public),
+                                              *extra])
+    wait_for_port(port, superlink, logs / "superlink.log")
+    wait_for_port(public, superlink, logs / "superlink.log")
+    return f"127.0.0.1:{public}", f"127.0.0.1:{port}"
+
+
+def post(address: str, path: str, ca: Path) -> int:
+    """The HTTP status of a POST to `path`, sent over TLS exactly as written."""
+    host, port = address.split(":")
+    conn = http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(cafile=str(ca)), timeout=30)
+    try:
+        conn.putrequest("POST", path, skip_accept_encoding=True)
+        conn.putheader("content-type", "application/protobuf")
+        conn.putheader("content-length", "0")
+        conn.endheaders()
+        return conn.getresponse().status
+    finally:
+        conn.close()
+
+
+def flwr_as(home: Path, address: str, ca: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """A `flwr` command through a connection to `address` (a site's view: the CA only)."""
+    home.mkdir(parents=True, exist_ok=True)
+    (home / "config.toml").write_text(f'[superlink]\ndefault = "site"\n\n[superlink.site]\naddress = "{address}"\n'
+                                      f'root-certificates = "{ca}"\n')
+    return subprocess.run([str(Path(sys.executable).parent / "flwr"), *args], capture_output=True, text=True,
+                          cwd=REPO, env=child_env(home), timeout=180)
 
 
 @pytest.fixture()
@@ -67,15 +107,24 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     data["bank-a"].write_text("\n".join(rows[: len(rows) // 2]) + "\n")
     data["bank-b"].write_text("\n".join(rows[len(rows) // 2 :]) + "\n")
 
-    port = free_port()
-    superlink = processes.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(deploy),
-                                              "--host", "127.0.0.1", "--port", str(port)])
-    wait_for_port(port, superlink, tmp_path / "superlink.log")
-    address = f"127.0.0.1:{port}"
+    address, loopback = start_superlink(processes, deploy, tmp_path)
     for site in ("bank-a", "bank-b"):
-        assert "registered" in register_site(deploy, keys[site][1], address)
+        assert "registered" in register_site(deploy, keys[site][1], loopback)
     with pytest.raises(FedtuneError, match="this is a private key; a site sends only its .pub"):
-        register_site(deploy, keys["stranger"][0], address)
+        register_site(deploy, keys["stranger"][0], loopback)
+
+    # Through the public port, what every site holds (the CA; a registered key) neither lists
+    # nor starts runs nor registers a SuperNode: the proxy forwards the Fleet API only.
+    site_view = tmp_path / "site-flwr-home"
+    for args in (["ls", "site"], ["supernode", "register", str(keys["stranger"][1]), "site"], ["run", str(REPO), "site"]):
+        refused = flwr_as(site_view, address, ca, *args)
+        assert refused.returncode != 0 and "404 Not Found" in refused.stdout + refused.stderr, refused.stdout[-2000:]
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/runtime/get-nodes", "/",
+                 "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/pull-messages?a=b"):
+        assert post(address, path, ca) == 404, path
+    assert post(address, "/v1/fleet/pull-messages", ca) == 401  # Flower's own answer: no node signature
+    assert post(loopback, "/v1/control/list-runs", ca) == 200  # the coordinator's side still has it
+    assert "/v1/control/list-runs" in (deploy / "proxy" / "access.log").read_text()
 
     def site_cmd(site: str, key: Path, data_file: Path, ca_file: Path = ca, *extra: str) -> list[str]:
         return [FEDTUNE, "deploy", "site", "--superlink", address, "--ca", str(ca_file), "--key", str(key),
@@ -107,11 +156,11 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     assert plain.wait(timeout=120) != 0  # gave up: the TLS SuperLink never answered in plaintext
     assert "SuperNode ID" not in (tmp_path / "plaintext.log").read_text(errors="replace")
 
-    # Two registered sites joined; run 3 rounds with SecAgg+ through `flwr run`.
+    # Two registered sites joined through the proxy; the coordinator runs 2 SecAgg+ rounds with `flwr run`.
     for site in ("bank-a", "bank-b"):
         wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")
     run_config = (f'model="{tiny_bert_dir}" labels-file="{sentiment_data["labels"]}" '
-                  f'central-eval-path="{sentiment_data["test"]}" num-rounds=3 local-steps=4 batch-size=16 '
+                  f'central-eval-path="{sentiment_data["test"]}" num-rounds=2 local-steps=4 batch-size=16 '
                   f'learning-rate=0.05 val-fraction=0.2 secagg=true min-sites=2 secagg-timeout=300.0 '
                   f'output-dir="{tmp_path / "runs"}" run-name="deployed"')
     cmd, env = run_command(deploy, REPO, [run_config])
@@ -120,13 +169,15 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     assert run.returncode == 0 and (run_dir / "summary.json").exists(), run.stdout[-3000:] + run.stderr[-2000:]
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["round"] for r in records] == [1, 2]
     assert all(sorted(r["sites"]) == ["bank-a", "bank-b"] and r["failures"] == 0 for r in records)
-    # Each site's worker loaded the model once for the whole run (census, 3 trainings, 3 evaluations).
+    # Each site's worker loaded the model once for the whole run (census, 2 trainings, 2 evaluations).
     for site in ("bank-a", "bank-b"):
         status, _ = call_worker(worker_socket(tmp_path, site), "status", {})
         assert status["model_loads"] == 1, status
-        assert [run["rounds"] for run in status["runs"]] == [[1, 2, 3]], status
+        assert [run["rounds"] for run in status["runs"]] == [[1, 2]], status
+    fleet_calls = (deploy / "proxy" / "access.log").read_text()
+    assert '"POST /v1/fleet/push-messages HTTP/1.1" 200' in fleet_calls  # the rounds went through the proxy
     # The coordinator split every round's stages into polling, ClientApp start-up and site work.
     for r in records:
         d = r["dispatch"]
@@ -144,6 +195,45 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     private = sorted(str(p.relative_to(deploy)) for p in deploy.rglob("*")
                      if p.is_file() and b"PRIVATE KEY" in p.read_bytes())
     assert private == ["pki/ca.key", "pki/superlink.key"], private
+
+
+@pytest.mark.timeout(600)
+def test_proxy_requiring_client_certificates_admits_only_sites_the_ca_signed(
+    tmp_path: Path, processes: ManagedProcesses, sentiment_data: dict[str, Path]
+) -> None:
+    deploy = tmp_path / "deploy"
+    ca, _, _ = init_pki(deploy, ["127.0.0.1"])
+    site_dir = tmp_path / "sites" / "bank-a"
+    private, public = site_keypair(site_dir, "bank-a")
+    tls_key, csr = make_csr(site_dir, "bank-a")  # at the site; only the .csr travels
+    with pytest.raises(FedtuneError, match="this is a private key; the site sends only its .csr"):
+        sign_csr(deploy / "pki", tls_key, tmp_path / "never.pem")
+    cert, name = sign_csr(deploy / "pki", csr, deploy / "site-certs" / "bank-a.pem")
+    assert name == "bank-a" and not (tmp_path / "never.pem").exists()
+    other = tmp_path / "other-pki"
+    create_ca(other)
+    foreign_cert, foreign_key = issue(other, "bank-a", client=True)
+
+    address, loopback = start_superlink(processes, deploy, tmp_path, "--require-client-cert")
+    register_site(deploy, public, loopback)
+    data = tmp_path / "bank-a.jsonl"
+    data.write_text(sentiment_data["train"].read_text())
+
+    def site(*extra: str) -> list[str]:
+        return [FEDTUNE, "deploy", "site", "--superlink", address, "--ca", str(ca), "--key", str(private), "--data",
+                str(data), "--port", str(free_port()), "--state-dir", str(tmp_path / "state"), "--no-worker", *extra]
+
+    without = subprocess.run(site(), capture_output=True, text=True, env=child_env(), timeout=120)
+    assert without.returncode == 1 and "requires a client certificate" in without.stderr, without.stderr
+    foreign = subprocess.run(site("--client-cert", str(foreign_cert), "--client-key", str(foreign_key)),
+                             capture_output=True, text=True, env=child_env(), timeout=120)
+    assert foreign.returncode == 1 and "refused this site's client certificate" in foreign.stderr, foreign.stderr
+    assert all("Traceback" not in out.stderr for out in (without, foreign))
+    assert post(address, "/v1/fleet/pull-messages", ca) == 400  # nginx: no client certificate, no Fleet API
+    # With the certificate the coordinator signed, the site's SuperNode joins through the proxy.
+    processes.start("bank-a", site("--client-cert", str(cert), "--client-key", str(tls_key)))
+    wait_for_log(tmp_path / "bank-a.log", "SuperNode ID")
+    assert '"POST /v1/fleet/activate-node HTTP/1.1" 200' in (deploy / "proxy" / "access.log").read_text()
 
 
 def worker_socket(root: Path, site: str) -> Path:
@@ -165,16 +255,13 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     ca, _, _ = init_pki(deploy, ["127.0.0.1"])
     sites = ("bank-a", "bank-b", "bank-c")
     rows = sentiment_data["train"].read_text().splitlines()
-    port = free_port()
-    superlink = processes.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(deploy),
-                                              "--host", "127.0.0.1", "--port", str(port)])
-    wait_for_port(port, superlink, tmp_path / "superlink.log")
+    address, loopback = start_superlink(processes, deploy, tmp_path)
     for i, site in enumerate(sites):
         private, public = site_keypair(tmp_path / "sites" / site, site)
-        register_site(deploy, public, f"127.0.0.1:{port}")
+        register_site(deploy, public, loopback)
         data = tmp_path / f"{site}.jsonl"
         data.write_text("\n".join(rows[i::3]) + "\n")
-        processes.start(site, [FEDTUNE, "deploy", "site", "--superlink", f"127.0.0.1:{port}", "--ca", str(ca),
+        processes.start(site, [FEDTUNE, "deploy", "site", "--superlink", address, "--ca", str(ca),
                                "--key", str(private), "--data", str(data), "--port", str(free_port()),
                                "--state-dir", str(tmp_path / "state" / site)])
     for site in sites:

@@ -1,11 +1,14 @@
-"""The model registry over real gRPC with TLS on 127.0.0.1: publish -> pull -> predict,
-resumed downloads, a tampered store, bad names, credentials, mTLS, 20 concurrent pulls,
+"""The model registry over real gRPC with TLS on 127.0.0.1: release -> publish -> pull ->
+predict, resumed downloads, a tampered store, downgrades and renamed bundles (refused on
+the device, the active version stays), bad names, credentials, mTLS, 20 concurrent pulls,
 and the generated stubs against the .proto."""
 
 from __future__ import annotations
 
 import contextlib
 import filecmp
+import itertools
+import json
 import shutil
 import subprocess
 import sys
@@ -24,6 +27,7 @@ from fedtune.edge_device.pull import (
     rollback,
 )
 from fedtune.edge_device.runtime import EdgeModel
+from fedtune.edge_export.release import release_bundle
 from fedtune.registry.publisher import publish
 from fedtune.registry.v1 import registry_pb2 as pb
 from fedtune.registry.v1 import registry_pb2_grpc as rpc
@@ -44,8 +48,22 @@ def registry(tmp_path: Path, pki: dict[str, bytes], keys: dict[str, Path]) -> It
     reg.server.stop(grace=None).wait()
 
 
-def _publish(reg: Registry, bundle: Path, version: str, model: str = "banking") -> None:
-    publish(reg.address, bundle, model, version, TOKEN, reg.pki["ca"])
+SEQUENCE = itertools.count(1)
+
+
+def _release(reg: Registry, bundle: Path, version: str, model: str, key: Path, sequence: int | None = None) -> Path:
+    number = next(SEQUENCE) if sequence is None else sequence
+    out = reg.store_dir.parent / "releases" / model / f"{version}-{number}"
+    release_bundle(bundle, model, version, key, out, number)
+    return out
+
+
+def _publish(reg: Registry, bundle: Path, version: str, model: str = "banking", key: Path | None = None,
+             sequence: int | None = None) -> Path:
+    """Release `bundle` as `model` `version` (next sequence number) and publish it."""
+    released = _release(reg, bundle, version, model, key or reg.keys["private"], sequence)
+    publish(reg.address, released, model, version, TOKEN, reg.pki["ca"])
+    return released
 
 
 @pytest.mark.timeout(900)
@@ -159,6 +177,68 @@ def test_a_file_stream_longer_than_the_manifest_says_is_cut_and_refused(
     assert not partial.exists()  # nothing past the signed size was kept
 
 
+def _serve_as(reg: Registry, source: tuple[str, str], target: tuple[str, str], latest: bool = True) -> None:
+    """What a compromised registry host can do: serve a stored, validly signed version under
+    another model or version name (a copy in the store, appended to the model's index)."""
+    shutil.copytree(reg.store_dir / source[0] / source[1], reg.store_dir / target[0] / target[1])
+    index = reg.store_dir / target[0] / "versions.json"
+    entries = json.loads(index.read_text())
+    entry = next(e for e in json.loads((reg.store_dir / source[0] / "versions.json").read_text())
+                 if e["version"] == source[1])
+    entries.append({**entry, "version": target[1]})
+    index.write_text(json.dumps(entries))
+
+
+@pytest.mark.timeout(900)
+def test_downgrades_and_bundles_of_other_models_are_refused_and_the_active_version_stays(
+        registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path) -> None:
+    bundle = bert_bundle[1]
+    _publish(registry, bundle, "v1", sequence=10)
+    v2 = _publish(registry, bundle, "v2", sequence=20)
+    other = _publish(registry, bundle, "v1", model="other", sequence=5)
+    device = tmp_path / "device"
+
+    def pull_latest(**kwargs: object) -> object:
+        return pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"], **kwargs)
+
+    assert pull_latest().version == "v2"
+    # The registry itself refuses a release for another name or version, and a sequence that does not grow.
+    with pytest.raises(Exception, match="FAILED_PRECONDITION.*signed for model 'other', not 'banking'"):
+        _raw_publish(registry, other, "banking", "v9")
+    with pytest.raises(Exception, match="FAILED_PRECONDITION.*sequence 15 is not above 20"):
+        _publish(registry, bundle, "v3", sequence=15)
+    with pytest.raises(Exception, match="released as banking v2, not banking v7"):
+        publish(registry.address, v2, "banking", "v7", TOKEN, registry.pki["ca"])
+
+    # A compromised registry host serves the old, validly signed v1 as the latest version ...
+    _serve_as(registry, ("banking", "v1"), ("banking", "v1-again"))
+    with pytest.raises(PullError, match="signed as version 'v1' \\(sequence 10\\), served as 'v1-again'"):
+        pull_latest()
+    shutil.rmtree(registry.store_dir / "banking" / "v1-again")
+    index = registry.store_dir / "banking" / "versions.json"
+    entries = [e for e in json.loads(index.read_text()) if e["version"] != "v1-again"]
+    index.write_text(json.dumps([entries[1], entries[0]]))  # ... or reorders the index so that v1 is "latest"
+    with pytest.raises(PullError, match="release sequence 10 is not newer than the active v2's 20 \\(a downgrade\\)"):
+        pull_latest()
+    # ... or serves another model's bundle under this model's name.
+    _serve_as(registry, ("other", "v1"), ("banking", "v5"))
+    with pytest.raises(PullError, match="signed for model 'other', not 'banking'"):
+        pull_latest()
+    assert active_version(device) == "v2" and sorted(p.name for p in (device / "versions").iterdir()) == ["v2"]
+    assert not (device / ".incoming").exists() or not any((device / ".incoming").iterdir())
+    # A rollback on purpose takes the older release.
+    assert pull_latest(version="v1", allow_rollback=True).version == "v1"
+    assert (active_version(device), active_version(device, "previous")) == ("v1", "v2")
+
+
+def _raw_publish(reg: Registry, folder: Path, model: str, version: str) -> None:
+    """Publish a folder's files as `model` `version` with the token, bypassing the publisher's own check."""
+    from fedtune.registry.publisher import _requests, bundle_files
+
+    reg.stub().Publish(_requests(folder, model, version, bundle_files(folder)), timeout=60,
+                       metadata=(("authorization", f"Bearer {TOKEN}"),))
+
+
 @pytest.mark.timeout(900)
 def test_bad_names_unknown_models_and_credentials(registry: Registry, bert_bundle: tuple[Path, Path, dict],
                                                   keys: dict[str, Path]) -> None:
@@ -202,7 +282,7 @@ def _publish_foreign(reg: Registry, bundle: Path, keys: dict[str, Path]) -> None
     shutil.rmtree(foreign, ignore_errors=True)
     shutil.copytree(bundle, foreign)
     (foreign / "manifest.sig").write_bytes(sign(load_private_key(keys["other_private"]), (foreign / "manifest.json").read_bytes()))
-    _publish(reg, foreign, "v-foreign")
+    _publish(reg, foreign, "v-foreign", key=keys["other_private"])
 
 
 @pytest.mark.timeout(900)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fedtune/registry/v1/registry.proto\x12\x13\x66\x65\x64tune.registry.v1\"\x13\n\x11ListModelsRequest\"J\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\t\x12\x14\n\x0cnum_versions\x18\x03 \x01(\r\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.fedtune.registry.v1.ModelSummary\"$\n\x13ListVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"_\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tpublished\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\"Y\n\x14ListVersionsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08versions\x18\x02 \x03(\x0b\x32 .fedtune.registry.v1.VersionInfo\"4\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"Z\n\x13GetManifestResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08manifest\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"O\n\x0f\x44ownloadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"B\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"/\n\rPublishHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"7\n\tFileChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x7f\n\x0ePublishRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".fedtune.registry.v1.PublishHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.fedtune.registry.v1.FileChunkH\x00\x42\x06\n\x04item\"F\n\x0fPublishResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x32\xe5\x03\n\rModelRegistry\x12]\n\nListModels\x12&.fedtune.registry.v1.ListModelsRequest\x1a\'.fedtune.registry.v1.ListModelsResponse\x12\x63\n\x0cListVersions\x12(.fedtune.registry.v1.ListVersionsRequest\x1a).fedtune.registry.v1.ListVersionsResponse\x12`\n\x0bGetManifest\x12\'.fedtune.registry.v1.GetManifestRequest\x1a(.fedtune.registry.v1.GetManifestResponse\x12V\n\x08\x44ownload\x12$.fedtune.registry.v1.DownloadRequest\x1a\".fedtune.registry.v1.DownloadChunk0\x01\x12V\n\x07Publish\x12#.fedtune.registry.v1.PublishRequest\x1a$.fedtune.registry.v1.PublishResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"fedtune/registry/v1/registry.proto\x12\x13\x66\x65\x64tune.registry.v1\"\x13\n\x11ListModelsRequest\"J\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0elatest_version\x18\x02 \x01(\t\x12\x14\n\x0cnum_versions\x18\x03 \x01(\r\"G\n\x12ListModelsResponse\x12\x31\n\x06models\x18\x01 \x03(\x0b\x32!.fedtune.registry.v1.ModelSummary\"$\n\x13ListVersionsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"q\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x11\n\tpublished\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x17\n\x0fmanifest_sha256\x18\x04 \x01(\t\x12\x10\n\x08sequence\x18\x05 \x01(\x04\"Y\n\x14ListVersionsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x32\n\x08versions\x18\x02 \x03(\x0b\x32 .fedtune.registry.v1.VersionInfo\"4\n\x12GetManifestRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"\x86\x01\n\x13GetManifestResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x10\n\x08manifest\x18\x03 \x01(\x0c\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x0f\n\x07release\x18\x05 \x01(\x0c\x12\x19\n\x11release_signature\x18\x06 \x01(\x0c\"O\n\x0f\x44ownloadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04\x66ile\x18\x03 \x01(\t\x12\x0e\n\x06offset\x18\x04 \x01(\x04\"B\n\rDownloadChunk\x12\x0e\n\x06offset\x18\x01 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\"/\n\rPublishHeader\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\"7\n\tFileChunk\x12\x0c\n\x04\x66ile\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x7f\n\x0ePublishRequest\x12\x34\n\x06header\x18\x01 \x01(\x0b\x32\".fedtune.registry.v1.PublishHeaderH\x00\x12/\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x1e.fedtune.registry.v1.FileChunkH\x00\x42\x06\n\x04item\"F\n\x0fPublishResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x32\xe5\x03\n\rModelRegistry\x12]\n\nListModels\x12&.fedtune.registry.v1.ListModelsRequest\x1a\'.fedtune.registry.v1.ListModelsResponse\x12\x63\n\x0cListVersions\x12(.fedtune.registry.v1.ListVersionsRequest\x1a).fedtune.registry.v1.ListVersionsResponse\x12`\n\x0bGetManifest\x12\'.fedtune.registry.v1.GetManifestRequest\x1a(.fedtune.registry.v1.GetManifestResponse\x12V\n\x08\x44ownload\x12$.fedtune.registry.v1.DownloadRequest\x1a\".fedtune.registry.v1.DownloadChunk0\x01\x12V\n\x07Publish\x12#.fedtune.registry.v1.PublishRequest\x1a$.fedtune.registry.v1.PublishResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,25 +40,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTVERSIONSREQUEST']._serialized_start=229
   _globals['_LISTVERSIONSREQUEST']._serialized_end=265
   _globals['_VERSIONINFO']._serialized_start=267
-  _globals['_VERSIONINFO']._serialized_end=362
-  _globals['_LISTVERSIONSRESPONSE']._serialized_start=364
-  _globals['_LISTVERSIONSRESPONSE']._serialized_end=453
-  _globals['_GETMANIFESTREQUEST']._serialized_start=455
-  _globals['_GETMANIFESTREQUEST']._serialized_end=507
-  _globals['_GETMANIFESTRESPONSE']._serialized_start=509
-  _globals['_GETMANIFESTRESPONSE']._serialized_end=599
-  _globals['_DOWNLOADREQUEST']._serialized_start=601
-  _globals['_DOWNLOADREQUEST']._serialized_end=680
-  _globals['_DOWNLOADCHUNK']._serialized_start=682
-  _globals['_DOWNLOADCHUNK']._serialized_end=748
-  _globals['_PUBLISHHEADER']._serialized_start=750
-  _globals['_PUBLISHHEADER']._serialized_end=797
-  _globals['_FILECHUNK']._serialized_start=799
-  _globals['_FILECHUNK']._serialized_end=854
-  _globals['_PUBLISHREQUEST']._serialized_start=856
-  _globals['_PUBLISHREQUEST']._serialized_end=983
-  _globals['_PUBLISHRESPONSE']._serialized_start=985
-  _globals['_PUBLISHRESPONSE']._serialized_end=1055
-  _globals['_MODELREGISTRY']._serialized_start=1058
-  _globals['_MODELREGISTRY']._serialized_end=1543
+  _globals['_VERSIONINFO']._serialized_end=380
+  _globals['_LISTVERSIONSRESPONSE']._serialized_start=382
+  _globals['_LISTVERSIONSRESPONSE']._serialized_end=471
+  _globals['_GETMANIFESTREQUEST']._serialized_start=473
+  _globals['_GETMANIFESTREQUEST']._serialized_end=525
+  _globals['_GETMANIFESTRESPONSE']._serialized_start=528
+  _globals['_GETMANIFESTRESPONSE']._serialized_end=662
+  _globals['_DOWNLOADREQUEST']._serialized_start=664
+  _globals['_DOWNLOADREQUEST']._serialized_end=743
+  _globals['_DOWNLOADCHUNK']._serialized_start=745
+  _globals['_DOWNLOADCHUNK']._serialized_end=811
+  _globals['_PUBLISHHEADER']._serialized_start=813
+  _globals['_PUBLISHHEADER']._serialized_end=860
+  _globals['_FILECHUNK']._serialized_start=862
+  _globals['_FILECHUNK']._serialized_end=917
+  _globals['_PUBLISHREQUEST']._serialized_start=919
+  _globals['_PUBLISHREQUEST']._serialized_end=1046
+  _globals['_PUBLISHRESPONSE']._serialized_start=1048
+  _globals['_PUBLISHRESPONSE']._serialized_end=1118
+  _globals['_MODELREGISTRY']._serialized_start=1121
+  _globals['_MODELREGISTRY']._serialized_end=1606
 # @@protoc_insertion_point(module_scope)

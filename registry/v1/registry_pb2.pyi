@@ -33,16 +33,18 @@ class ListVersionsRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "published", "total_bytes", "manifest_sha256")
+    __slots__ = ("version", "published", "total_bytes", "manifest_sha256", "sequence")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_SHA256_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     version: str
     published: str
     total_bytes: int
     manifest_sha256: str
-    def __init__(self, version: _Optional[str] = ..., published: _Optional[str] = ..., total_bytes: _Optional[int] = ..., manifest_sha256: _Optional[str] = ...) -> None: ...
+    sequence: int
+    def __init__(self, version: _Optional[str] = ..., published: _Optional[str] = ..., total_bytes: _Optional[int] = ..., manifest_sha256: _Optional[str] = ..., sequence: _Optional[int] = ...) -> None: ...
 
 class ListVersionsResponse(_message.Message):
     __slots__ = ("model", "versions")
@@ -61,16 +63,20 @@ class GetManifestRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ...) -> None: ...
 
 class GetManifestResponse(_message.Message):
-    __slots__ = ("model", "version", "manifest", "signature")
+    __slots__ = ("model", "version", "manifest", "signature", "release", "release_signature")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     model: str
     version: str
     manifest: bytes
     signature: bytes
-    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ...) -> None: ...
+    release: bytes
+    release_signature: bytes
+    def __init__(self, model: _Optional[str] = ..., version: _Optional[str] = ..., manifest: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., release: _Optional[bytes] = ..., release_signature: _Optional[bytes] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
     __slots__ = ("model", "version", "file", "offset")

@@ -20,6 +20,7 @@ class Registry:
     def __init__(self, root: Path, pki: dict[str, bytes], keys: dict[str, Path], mtls: bool = False) -> None:
         self.store_dir = root / "store"
         self.pki = pki
+        self.keys = keys
         self.server, port = make_server(
             ModelStore(self.store_dir, trusted_key=keys["public"]), "127.0.0.1:0", pki["server_cert"],
             pki["server_key"], TOKEN, client_ca=pki["ca"] if mtls else None, limits=ServerLimits(max_workers=24),
