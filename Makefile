@@ -57,6 +57,7 @@ demo-llm: $(STAMP)
 		bash scripts/registry_demo.sh bundles/$(LLM_RUN)-base keys/fedtune.pub "$(DEMO_TEXT)" bundles/$(LLM_RUN)-update
 
 test: $(STAMP)
+	bash scripts/ensure_nginx.sh
 	$(BIN)/python -m pytest -q
 
 bench-llm: $(STAMP)

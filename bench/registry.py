@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # sup
 
 from demo_run import WORK, find_demo_run  # noqa: E402
 from fedtune.edge_device.pull import pull  # noqa: E402
+from fedtune.edge_export.release import release_bundle  # noqa: E402
 from fedtune.edge_export.signing import generate_keypair  # noqa: E402
 from fedtune.registry.publisher import publish  # noqa: E402
 from results import update_results  # noqa: E402
@@ -70,7 +71,9 @@ def main() -> None:
             stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
         address = f"127.0.0.1:{port}"
         wait_for_port(port, server, work / "registry.log")
-        publish(address, bundle, "banking77", "v1", "bench-token", ca)
+        released = work / "release-v1"
+        release_bundle(bundle, "banking77", "v1", private, released, 1)
+        publish(address, released, "banking77", "v1", "bench-token", ca)
         files = sorted(p for p in bundle.iterdir() if p.is_file())
         total = sum(p.stat().st_size for p in files)
 

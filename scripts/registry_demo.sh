@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Registry demo on loopback: start a TLS registry, publish a signed bundle as the
-# coordinator, pull it as a device (verify + activate), predict, then stop the registry.
+# Registry demo on loopback: start a TLS registry, release and publish a signed bundle as
+# the coordinator, pull it as a device (verify + activate), predict, then stop the registry.
 # Further bundles (e.g. an adapter-only update for the first) are published, pulled and
 # run in turn, as later versions of the same model.
 #   scripts/registry_demo.sh BUNDLE TRUST_KEY.pub "text" [LATER_BUNDLE ...]
 # Env: FEDTUNE_BIN (default .venv/bin/fedtune), REGISTRY_WORK (default registry-demo), MODEL (default banking77),
+#      SIGNING_KEY (default: TRUST_KEY with .key for .pub; signs each bundle's release record),
 #      PREDICT_ARGS (extra `fedtune edge predict` flags, e.g. --max-new-tokens 8).
 set -euo pipefail
 BUNDLE=$1; TRUST_KEY=$2; TEXT=$3
@@ -14,6 +15,7 @@ FEDTUNE=${FEDTUNE_BIN:-.venv/bin/fedtune}
 PY="$(dirname "$FEDTUNE")/python"
 WORK=${REGISTRY_WORK:-registry-demo}
 MODEL=${MODEL:-banking77}
+SIGNING_KEY=${SIGNING_KEY:-${TRUST_KEY%.pub}.key}
 mkdir -p "$WORK"
 [ -f "$WORK/pki/ca.pem" ] || "$FEDTUNE" certs create --out "$WORK/pki" --host 127.0.0.1 --host localhost >/dev/null
 [ -f "$WORK/publish.token" ] || "$FEDTUNE" registry token --out "$WORK/publish.token" >/dev/null
@@ -32,7 +34,10 @@ for _ in $(seq 1 100); do
 done
 
 for B in "$BUNDLE" ${LATER[@]+"${LATER[@]}"}; do
-  "$FEDTUNE" registry publish "$B" --registry "127.0.0.1:$PORT" --model "$MODEL" \
+  V=$(basename "$B")
+  R="$WORK/releases/$MODEL/$V"
+  [ -d "$R" ] || "$FEDTUNE" release "$B" --model "$MODEL" --version "$V" --key "$SIGNING_KEY" --out "$R"
+  "$FEDTUNE" registry publish "$R" --registry "127.0.0.1:$PORT" \
     --token-file "$WORK/publish.token" --ca "$WORK/pki/ca.pem"
   "$FEDTUNE" edge pull --registry "127.0.0.1:$PORT" --model "$MODEL" --trust-key "$TRUST_KEY" \
     --into "$WORK/device" --ca "$WORK/pki/ca.pem"

@@ -29,6 +29,7 @@ import pytest
 from fedtune.client.deployment import site_keypair
 from fedtune.client.worker_client import call_worker
 from fedtune.server.deployment import init_pki, register_site, run_command
+from fedtune.server.reverse_proxy import find_nginx
 from safetensors.numpy import load_file
 from support.processes import ManagedProcesses, free_port, wait_for_port
 
@@ -50,13 +51,20 @@ def wait_for_log(path: Path, needle: str, timeout: float = 60) -> None:
 
 
 def start_superlink(processes: ManagedProcesses, deploy: Path, logs: Path, *extra: str) -> tuple[str, str]:
-    """`fedtune deploy superlink`: the SuperLink on loopback and nginx in front of it;
-    returns (the sites' public address, the coordinator's loopback address)."""
+    """`fedtune deploy superlink`: the SuperLink on loopback and nginx in front of it (or,
+    with --no-proxy, alone); returns (the sites' address, the coordinator's loopback address)."""
     port, public = free_port(), free_port()
+    if "--no-proxy" not in extra:
+        try:
+            find_nginx()
+        except FedtuneError as err:
+            pytest.skip(str(err))  # `make test` installs nginx where it can (scripts/ensure_nginx.sh)
     superlink = processes.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(deploy), "--port",
                                               str(port), "--public-host", "127.0.0.1", "--public-port", str(public),
                                               *extra])
     wait_for_port(port, superlink, logs / "superlink.log")
+    if "--no-proxy" in extra:
+        return f"127.0.0.1:{port}", f"127.0.0.1:{port}"
     wait_for_port(public, superlink, logs / "superlink.log")
     return f"127.0.0.1:{public}", f"127.0.0.1:{port}"
 
@@ -234,6 +242,9 @@ def test_proxy_requiring_client_certificates_admits_only_sites_the_ca_signed(
     processes.start("bank-a", site("--client-cert", str(cert), "--client-key", str(tls_key)))
     wait_for_log(tmp_path / "bank-a.log", "SuperNode ID")
     assert '"POST /v1/fleet/activate-node HTTP/1.1" 200' in (deploy / "proxy" / "access.log").read_text()
+    private_keys = sorted(str(p.relative_to(deploy)) for p in deploy.rglob("*")
+                          if p.is_file() and b"PRIVATE KEY" in p.read_bytes())
+    assert private_keys == ["pki/ca.key", "pki/superlink.key"], private_keys  # the site's TLS key stayed at the site
 
 
 def worker_socket(root: Path, site: str) -> Path:
@@ -255,7 +266,7 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     ca, _, _ = init_pki(deploy, ["127.0.0.1"])
     sites = ("bank-a", "bank-b", "bank-c")
     rows = sentiment_data["train"].read_text().splitlines()
-    address, loopback = start_superlink(processes, deploy, tmp_path)
+    address, loopback = start_superlink(processes, deploy, tmp_path, "--no-proxy")  # all sites on this machine
     for i, site in enumerate(sites):
         private, public = site_keypair(tmp_path / "sites" / site, site)
         register_site(deploy, public, loopback)

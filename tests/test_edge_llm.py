@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from support.registry_server import TOKEN, Registry, make_pki
+from support.registry_server import Registry, make_pki
 
 from fedtune.cli.simulation import run_simulation
 from fedtune.config import project_run_config
@@ -180,16 +180,15 @@ def test_adapter_update_over_the_registry_changes_answers_and_rollback_restores(
     keys: dict[str, Path], tmp_path: Path,
 ) -> None:
     from fedtune.edge_device.pull import active_version, pull, rollback
-    from fedtune.registry.publisher import publish
 
     reg = Registry(tmp_path, make_pki(tmp_path / "pki"), keys)
     try:
         device = tmp_path / "device"
-        publish(reg.address, base_bundle, "banking-llm", "v1", TOKEN, reg.pki["ca"])
+        reg.publish(base_bundle, "banking-llm", "v1", 1)
         first = pull(reg.address, "banking-llm", keys["public"], device, ca=reg.pki["ca"])
         before = _answers(device / "current", keys["public"], held_out)
 
-        publish(reg.address, update, "banking-llm", "v2", TOKEN, reg.pki["ca"])
+        reg.publish(update, "banking-llm", "v2", 2)
         second = pull(reg.address, "banking-llm", keys["public"], device, ca=reg.pki["ca"])
         assert second.version == "v2" and active_version(device) == "v2"
         assert second.downloaded_bytes < 0.05 * first.downloaded_bytes  # the update is the adapter alone
@@ -222,12 +221,11 @@ def _resign(folder: Path, key: Path, change: Any) -> None:
 @pytest.fixture()
 def device_with_update(base_bundle: Path, update: Path, keys: dict[str, Path], tmp_path: Path) -> Iterator[tuple[Registry, Path]]:
     from fedtune.edge_device.pull import pull
-    from fedtune.registry.publisher import publish
 
     reg = Registry(tmp_path, make_pki(tmp_path / "pki"), keys)
     device = tmp_path / "device"
-    publish(reg.address, base_bundle, "banking-llm", "v1", TOKEN, reg.pki["ca"])
-    publish(reg.address, update, "banking-llm", "v2", TOKEN, reg.pki["ca"])
+    reg.publish(base_bundle, "banking-llm", "v1", 1)
+    reg.publish(update, "banking-llm", "v2", 2)
     for version in ("v1", "v2"):
         pull(reg.address, "banking-llm", keys["public"], device, version=version, ca=reg.pki["ca"])
     yield reg, device
@@ -240,7 +238,6 @@ def test_bad_adapters_bundles_and_prompts_are_refused_in_one_line(
     device_with_update: tuple[Registry, Path],
 ) -> None:
     from fedtune.edge_device.pull import PullError, active_version, pull
-    from fedtune.registry.publisher import publish
 
     trust = ["--trust-key", str(keys["public"])]
     # a truncated and a tampered adapter file: the hash check stops both before any session
@@ -259,7 +256,7 @@ def test_bad_adapters_bundles_and_prompts_are_refused_in_one_line(
     _one_line_error(_cli("edge", "predict", str(foreign), "Where is my card?", "--base", str(base_bundle), *trust),
                     "this adapter fits base bundle abababababababab")
     reg, device = device_with_update
-    publish(reg.address, foreign, "banking-llm", "v3", TOKEN, reg.pki["ca"])
+    reg.publish(foreign, "banking-llm", "v3", 3)
     with pytest.raises(PullError, match="an adapter for base bundle abababababababab, which this device does not hold"):
         pull(reg.address, "banking-llm", keys["public"], device, ca=reg.pki["ca"])
     assert active_version(device) == "v2" and not (device / "versions" / "v3").exists()

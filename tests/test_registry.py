@@ -27,7 +27,6 @@ from fedtune.edge_device.pull import (
     rollback,
 )
 from fedtune.edge_device.runtime import EdgeModel
-from fedtune.edge_export.release import release_bundle
 from fedtune.registry.publisher import publish
 from fedtune.registry.v1 import registry_pb2 as pb
 from fedtune.registry.v1 import registry_pb2_grpc as rpc
@@ -51,19 +50,10 @@ def registry(tmp_path: Path, pki: dict[str, bytes], keys: dict[str, Path]) -> It
 SEQUENCE = itertools.count(1)
 
 
-def _release(reg: Registry, bundle: Path, version: str, model: str, key: Path, sequence: int | None = None) -> Path:
-    number = next(SEQUENCE) if sequence is None else sequence
-    out = reg.store_dir.parent / "releases" / model / f"{version}-{number}"
-    release_bundle(bundle, model, version, key, out, number)
-    return out
-
-
 def _publish(reg: Registry, bundle: Path, version: str, model: str = "banking", key: Path | None = None,
              sequence: int | None = None) -> Path:
-    """Release `bundle` as `model` `version` (next sequence number) and publish it."""
-    released = _release(reg, bundle, version, model, key or reg.keys["private"], sequence)
-    publish(reg.address, released, model, version, TOKEN, reg.pki["ca"])
-    return released
+    """Release `bundle` as `model` `version` (by default with the next sequence number) and publish it."""
+    return reg.publish(bundle, model, version, next(SEQUENCE) if sequence is None else sequence, key)
 
 
 @pytest.mark.timeout(900)

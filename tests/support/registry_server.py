@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fedtune.edge_export.release import release_bundle
 from fedtune.registry.protocol import open_channel
+from fedtune.registry.publisher import publish
 from fedtune.registry.service import ServerLimits, make_server
 from fedtune.registry.store import ModelStore
 from fedtune.registry.v1 import registry_pb2_grpc as rpc
@@ -26,6 +28,14 @@ class Registry:
             pki["server_key"], TOKEN, client_ca=pki["ca"] if mtls else None, limits=ServerLimits(max_workers=24),
         )
         self.address = f"127.0.0.1:{port}"
+
+    def publish(self, bundle: Path, model: str, version: str, sequence: int, key: Path | None = None) -> Path:
+        """Release `bundle` as `model` `version` with `sequence` (signed with `key`, default
+        the coordinator's) and publish it with the token; returns the released folder."""
+        released = self.store_dir.parent / "releases" / model / f"{version}-{sequence}"
+        release_bundle(bundle, model, version, key or self.keys["private"], released, sequence)
+        publish(self.address, released, model, version, TOKEN, self.pki["ca"])
+        return released
 
     def stub(self, **tls: bytes) -> rpc.ModelRegistryStub:
         return rpc.ModelRegistryStub(open_channel(self.address, self.pki["ca"], **tls))
