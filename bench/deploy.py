@@ -3,8 +3,9 @@
 Demo workload: the MiniLM demo (embedded pre-trained MiniLM, LoRA r=8, Banking77 split
 non-IID over 3 bank sites exactly as the simulation partitions it, SecAgg+, the demo's
 local recipe), ROUNDS rounds. Deployment: a TLS SuperLink with SuperNode authentication
-and 3 SuperNodes on 127.0.0.1, each with its site worker (`fedtune deploy site`),
-launched with `flwr run`. Round time is the coordinator's median wall time per round
+on loopback behind its nginx reverse proxy, and 3 SuperNodes on 127.0.0.1 that reach it
+through the proxy, each with its site worker (`fedtune deploy site`), launched with
+`flwr run`. Round time is the coordinator's median wall time per round
 (metrics.jsonl); polling, ClientApp start-up and site work per round come from the
 coordinator's stage timing (`server/polling_grid.py`).
 
@@ -122,15 +123,17 @@ def deploy(root: Path, name: str, config: dict[str, Any], sites: dict[str, Path]
     statuses = {}
     try:
         init_pki(pki, ["127.0.0.1"])
-        port = free_port()
-        link = procs.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(pki), "--host", "127.0.0.1",
-                                         "--port", str(port)], env)
+        port, public_port = free_port(), free_port()
+        link = procs.start("superlink", [FEDTUNE, "deploy", "superlink", "--dir", str(pki), "--port", str(port),
+                                         "--public-host", "127.0.0.1", "--public-port", str(public_port)], env)
         wait_for_port(port, link, work / "superlink.log")
+        wait_for_port(public_port, link, work / "superlink.log")
         for site, data in sites.items():
             private, public = site_keypair(work / "sites" / site, site)
             register_site(pki, public, f"127.0.0.1:{port}")
             extra = ["--no-worker", "--idle-poll", "3"] if flower_defaults else ["--worker-threads", str(worker_threads)]
-            procs.start(site, [FEDTUNE, "deploy", "site", "--superlink", f"127.0.0.1:{port}", "--ca",
+            # Sites go through the reverse proxy, as in a real deployment.
+            procs.start(site, [FEDTUNE, "deploy", "site", "--superlink", f"127.0.0.1:{public_port}", "--ca",
                                str(pki / "pki" / "ca.pem"), "--key", str(private), "--data", str(data),
                                "--port", str(free_port()), "--state-dir", str(work / "state" / site), *extra], env)
         deadline = time.time() + 120
