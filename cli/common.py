@@ -1,5 +1,6 @@
 """What every command group shares: `--run-config FILE` and `--set key=value` parsing,
-and pinning path settings to absolute paths before worker processes see them."""
+`flwr run`-style `--run-config 'key=value ...'` parsing, and pinning path settings to
+absolute paths before worker processes (or an installed app copy) see them."""
 
 from __future__ import annotations
 
@@ -80,3 +81,36 @@ def absolute_paths(config: dict[str, Any]) -> dict[str, Any]:
         if config.get(key):
             config[key] = str(Path(str(config[key])).expanduser().resolve())
     return config
+
+
+def parse_flwr_run_config(items: Sequence[str]) -> dict[str, Any]:
+    """`flwr run --run-config` values: one TOML file, or 'key=value key2="text"' strings
+    (Flower's own parser); every key must be one fedtune knows."""
+    from flwr.common.config import parse_config_args
+
+    try:
+        config = parse_config_args(list(items)) if items else {}
+    except FileNotFoundError as err:
+        raise FedtuneError(f"--run-config {err.filename}: file not found") from None
+    except Exception as err:  # click.ClickException, ValueError, a TOML error
+        message = getattr(err, "message", None) or str(err)
+        raise FedtuneError(f"--run-config {' '.join(items)!r}: {message.splitlines()[0]}") from None
+    known = run_config_keys()
+    for key in config:
+        if key not in known:
+            raise unknown_key(f"--run-config {' '.join(items)!r}", key, known)
+    return config
+
+
+def pin_launch_paths(config: dict[str, Any], given: Iterable[str], app_dir: Path, launch_dir: Path) -> dict[str, Any]:
+    """Absolute path settings for a run launched from `launch_dir`: paths the operator
+    gave (`given` keys) resolve against the launching directory, the app's own defaults
+    against the app folder, and the output folder against the launching directory."""
+    out = dict(config)
+    for key in PATH_KEYS_FROM_APP:
+        if out.get(key):
+            base = launch_dir if key in given else app_dir
+            out[key] = str((base / Path(str(out[key])).expanduser()).resolve())
+    if out.get("output-dir"):
+        out["output-dir"] = str((launch_dir / Path(str(out["output-dir"])).expanduser()).resolve())
+    return out

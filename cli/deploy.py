@@ -143,12 +143,38 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_run(args: argparse.Namespace) -> int:
-    from fedtune.server.deployment import run_command
+    import json
+    import time
 
-    config = list(args.run_config or [])
+    import tomllib
+
+    from fedtune.cli.common import parse_flwr_run_config, pin_launch_paths
+    from fedtune.config import RunSettings
+    from fedtune.server.deployment import run_command
+    from fedtune.server.preflight import check_run_inputs
+
+    app = Path(args.app).expanduser().resolve()
+    if not (app / "pyproject.toml").is_file():
+        raise FedtuneError(f"--app {args.app}: no pyproject.toml there; pass the fedtune project folder "
+                           f"(the one with [tool.flwr.app]), e.g. --app /opt/fedtune")
+    try:
+        app_config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    except (KeyError, tomllib.TOMLDecodeError) as err:
+        raise FedtuneError(f"{app / 'pyproject.toml'}: no [tool.flwr.app.config] table ({err})") from None
+    overrides = parse_flwr_run_config(args.run_config or [])
     if args.resume:
-        config.append(f'run-name="{args.resume}" resume=true')
-    cmd, env = run_command(Path(args.dir), Path(args.app), config)
+        overrides.update({"run-name": args.resume, "resume": True})
+    config = pin_launch_paths({**RunSettings().to_run_config(), **app_config, **overrides}, overrides, app, Path.cwd())
+    settings = RunSettings.from_run_config(config)
+    check_run_inputs(settings)  # everything the coordinator can check, before any site trains
+    pinned = {k for k in ("labels-file", "central-eval-path", "output-dir") if config.get(k)}
+    launched = {k: config[k] for k in set(overrides) | pinned}  # what Flower's copy of the app gets
+    record = Path(args.dir) / "launched" / f"{settings.run_name or time.strftime('%Y%m%d-%H%M%S')}.toml"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text("".join(f'"{k}" = {str(v).lower() if isinstance(v, bool) else json.dumps(v)}\n'
+                              for k, v in sorted(launched.items())))
+    cmd, env = run_command(Path(args.dir), app, [str(record.resolve())])
+    print(f"run config checked; launched with {record} (paths absolute: runs go to {settings.output_dir})", flush=True)
     print(" ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, env)
     return 0
@@ -248,9 +274,15 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         help="largest request accepted, in MiB of tensors (default: 1024)")
     d_work.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     d_work.set_defaults(func=cmd_deploy_worker)
-    d_run = dep.add_parser("run", help="coordinator: launch the run (flwr run APP fedtune --stream)")
+    d_run = dep.add_parser(
+        "run", help="coordinator: check the run's settings and files, then launch it (flwr run APP fedtune --stream)",
+        description="Checks before any site trains: every setting, the label set against the held-out file, every "
+        "path on this machine, the model, the run folder. Relative paths you give resolve against the directory "
+        "you run this in, the app's own defaults against --app; all are made absolute before Flower copies the "
+        "app (to FLWR_HOME/apps/ on each machine). The launched settings are kept in DIR/launched/RUN.toml.")
     d_run.add_argument("--dir", default="deploy")
-    d_run.add_argument("--app", default=".", help="the Flower app folder (default: .)")
-    d_run.add_argument("--run-config", action="append", help="'key=value ...' overrides (repeatable)")
+    d_run.add_argument("--app", default=".", help="the fedtune project folder: the Flower app (default: .)")
+    d_run.add_argument("--run-config", action="append",
+                       help="'key=value ...' overrides, or one TOML file (as flwr run takes; repeatable)")
     d_run.add_argument("--resume", metavar="RUN_NAME", help="continue this run after its last completed round")
     d_run.set_defaults(func=cmd_deploy_run)

@@ -48,7 +48,7 @@ def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool =
         os.environ.setdefault(key, value)
     config = {**project_run_config(), **overrides}
     settings = RunSettings.from_run_config(config)
-    _check_inputs(settings)
+    _check_inputs(settings, num_sites)
 
     import logging
 
@@ -114,26 +114,9 @@ def _gpu_count() -> int:
         return 0
 
 
-def _check_inputs(settings: RunSettings) -> None:
-    """Validate the run folder, label set, data set and held-out file before Ray starts,
-    so a bad input fails with its one-line error and no run folder is touched."""
-    from fedtune.data import load_examples
-    from fedtune.errors import FedtuneError
+def _check_inputs(settings: RunSettings, num_sites: int) -> None:
+    """Every input checked before Ray starts (`server/preflight.py`), so a bad one fails
+    with its one-line error and no run folder is touched."""
+    from fedtune.server.preflight import check_run_inputs
 
-    run_path = Path(settings.output_dir).expanduser().resolve() / (settings.run_name or "-")
-    if settings.resume:
-        if not (run_path / "run.json").exists():
-            raise FedtuneError(f"cannot resume: {run_path} holds no run (run.json missing)")
-        from fedtune.server.privacy_budget import resume_refusal
-
-        metrics = run_path / "metrics.jsonl"
-        records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-        refusal = resume_refusal(run_path, records, settings.dp, settings.dp_epsilon_budget)
-        if refusal:
-            raise FedtuneError(refusal)
-    elif settings.run_name and (run_path / "metrics.jsonl").exists():
-        raise FedtuneError(f"run folder {run_path} already holds a run; choose another --run-name, or --resume it")
-    labels = settings.label_list()
-    load_examples(settings.data_path, settings, labels)
-    if settings.central_eval_path:
-        load_examples(settings.central_eval_path, settings, labels)
+    check_run_inputs(settings, data_set=True, num_sites=num_sites)

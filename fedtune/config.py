@@ -161,6 +161,42 @@ class RunSettings:
             )
         if not 0.0 < self.fraction_train <= 1.0:
             raise ConfigError("fraction-train", f"must be in (0, 1], got {self.fraction_train}")
+        if not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError("fraction-evaluate", f"must be in [0, 1], got {self.fraction_evaluate}")
+        self._validate_strategy()
+        self._validate_privacy()
+        if self.central_eval_every < 0:
+            raise ConfigError("central-eval-every", f"must be 0 (last round only) or a count, got {self.central_eval_every}")
+        if self.secagg_timeout <= 0:
+            raise ConfigError("secagg-timeout", f"must be > 0 seconds, got {self.secagg_timeout}")
+
+    def _validate_strategy(self) -> None:
+        """The parameters of the chosen server strategy."""
+        if self.strategy == "fedavgm":
+            if self.server_learning_rate <= 0:
+                raise ConfigError("server-learning-rate", f"must be > 0, got {self.server_learning_rate}")
+            if not 0.0 <= self.server_momentum < 1.0:
+                raise ConfigError("server-momentum", f"must be in [0, 1), got {self.server_momentum}")
+        if self.strategy == "fedprox" and self.proximal_mu < 0:
+            raise ConfigError("proximal-mu", f"must be >= 0, got {self.proximal_mu}")
+        if self.strategy in ("fedadam", "fedyogi"):
+            if self.fedopt_eta <= 0:
+                raise ConfigError("fedopt-eta", f"must be > 0, got {self.fedopt_eta}")
+            if self.fedopt_tau <= 0:
+                raise ConfigError("fedopt-tau", f"must be > 0, got {self.fedopt_tau}")
+
+    def _validate_privacy(self) -> None:
+        """DP-SGD and its budget: a way to set the noise, and sane bounds."""
+        if not 0.0 < self.dp_delta < 1.0:
+            raise ConfigError("dp-delta", f"must be in (0, 1), got {self.dp_delta}")
+        for key, value in (("dp-noise-multiplier", self.dp_noise_multiplier), ("dp-target-epsilon", self.dp_target_epsilon),
+                           ("dp-epsilon-budget", self.dp_epsilon_budget)):
+            if value < 0:
+                raise ConfigError(key, f"must be >= 0, got {value}")
+        if self.dp_max_grad_norm <= 0:
+            raise ConfigError("dp-max-grad-norm", f"must be > 0, got {self.dp_max_grad_norm}")
+        if self.dp and self.dp_noise_multiplier == 0 and self.dp_target_epsilon == 0:
+            raise ConfigError("dp", "dp = true needs dp-noise-multiplier or dp-target-epsilon (> 0)")
 
     @property
     def base_model(self) -> str:

@@ -32,6 +32,7 @@ from fedtune.secagg.masks import install_csprng_masks
 from .central_eval import make_central_evaluator
 from .plots import save_plots
 from .polling_grid import PromptGrid
+from .preflight import check_run_inputs
 from .privacy_budget import EpsilonBudgetStrategy, resume_refusal
 from .recorder import RecordingStrategy
 from .report import write_report
@@ -75,11 +76,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     labels = settings.label_list()
     run_id = new_run_id(settings)
     run_dir = RunDir(Path(settings.output_dir).expanduser().resolve() / run_id)
-    if settings.resume:
-        if not (run_dir.path / "run.json").exists():
-            raise FedtuneError(f"cannot resume: {run_dir.path} holds no run (run.json missing)")
-    elif run_dir.metrics_file.exists():
-        raise FedtuneError(f"run folder {run_dir.path} already holds a run; choose another run-name")
+    check_run_inputs(settings)  # before round 1 and before anything is written: one line per problem
     if settings.secagg:
         install_csprng_masks("server")  # refuses SecAgg+ before anything is written if Flower would not call them
     run_dir.create()

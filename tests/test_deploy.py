@@ -14,6 +14,7 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -167,14 +168,20 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     # Two registered sites joined through the proxy; the coordinator runs 2 SecAgg+ rounds with `flwr run`.
     for site in ("bank-a", "bank-b"):
         wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")
-    run_config = (f'model="{tiny_bert_dir}" labels-file="{sentiment_data["labels"]}" '
-                  f'central-eval-path="{sentiment_data["test"]}" num-rounds=2 local-steps=4 batch-size=16 '
-                  f'learning-rate=0.05 val-fraction=0.2 secagg=true min-sites=2 secagg-timeout=300.0 '
-                  f'output-dir="{tmp_path / "runs"}" run-name="deployed"')
-    cmd, env = run_command(deploy, REPO, [run_config])
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=900)
-    run_dir = tmp_path / "runs" / "deployed"
+    # Launched as the docs say, from the operator's own folder: relative paths resolve there.
+    operator = tmp_path / "operator"
+    operator.mkdir()
+    shutil.copy(sentiment_data["labels"], operator / "labels.json")
+    shutil.copy(sentiment_data["test"], operator / "held-out.jsonl")
+    run_config = (f'model="{tiny_bert_dir}" labels-file="labels.json" central-eval-path="held-out.jsonl" '
+                  f'num-rounds=2 local-steps=4 batch-size=16 learning-rate=0.05 val-fraction=0.2 secagg=true '
+                  f'min-sites=2 secagg-timeout=300.0 run-name="deployed"')
+    run = subprocess.run([FEDTUNE, "deploy", "run", "--dir", str(deploy), "--app", str(REPO), "--run-config", run_config],
+                         capture_output=True, text=True, cwd=operator, env=child_env(), timeout=900)
+    run_dir = operator / "runs" / "deployed"  # output-dir's default, under the launching folder
     assert run.returncode == 0 and (run_dir / "summary.json").exists(), run.stdout[-3000:] + run.stderr[-2000:]
+    launched = (deploy / "launched" / "deployed.toml").read_text()
+    assert f'"central-eval-path" = "{operator / "held-out.jsonl"}"' in launched
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
