@@ -90,6 +90,11 @@ http {{
             proxy_ssl_session_reuse on;
             proxy_read_timeout 600s;
             proxy_send_timeout 600s;
+            # Stream bodies both ways: no temp files (nginx's workers may not be able to write
+            # under the deployment folder), and an adapter upload starts reaching Flower at once.
+            proxy_request_buffering off;
+            proxy_buffering off;
+            proxy_max_temp_file_size 0;
         }}
         location / {{ return 404; }}
     }}

@@ -70,15 +70,22 @@ def start_superlink(processes: ManagedProcesses, deploy: Path, logs: Path, *extr
     return f"127.0.0.1:{public}", f"127.0.0.1:{port}"
 
 
-def post(address: str, path: str, ca: Path) -> int:
+def cli(cmd: list[str], expect: int = 0) -> subprocess.CompletedProcess[str]:
+    """A fedtune command as an operator runs it; its exit code must be `expect`."""
+    out = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=180)
+    assert out.returncode == expect, out.stdout[-2000:] + out.stderr[-2000:]
+    return out
+
+
+def post(address: str, path: str, ca: Path, body: bytes = b"") -> int:
     """The HTTP status of a POST to `path`, sent over TLS exactly as written."""
     host, port = address.split(":")
     conn = http.client.HTTPSConnection(host, int(port), context=ssl.create_default_context(cafile=str(ca)), timeout=30)
     try:
         conn.putrequest("POST", path, skip_accept_encoding=True)
         conn.putheader("content-type", "application/protobuf")
-        conn.putheader("content-length", "0")
-        conn.endheaders()
+        conn.putheader("content-length", str(len(body)))
+        conn.endheaders(body or None)
         return conn.getresponse().status
     finally:
         conn.close()
@@ -107,20 +114,26 @@ def processes(tmp_path: Path) -> Iterator[ManagedProcesses]:
 def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
 ) -> None:
+    # The steps of docs/deployment.md, with its commands (ports: free ones on 127.0.0.1).
     deploy = tmp_path / "deploy"
-    ca, _, _ = init_pki(deploy, ["127.0.0.1", "localhost"])
-    # Each site makes its own key pair at the site; only the .pub reaches the coordinator.
-    keys = {site: site_keypair(tmp_path / "sites" / site, site) for site in ("bank-a", "bank-b", "stranger")}
+    cli([FEDTUNE, "deploy", "init", "--dir", str(deploy), "--host", "127.0.0.1"])  # 1. CA + certificate
+    ca = deploy / "pki" / "ca.pem"
+    keys = {}  # 2. each site makes its own keys at the site; only the .pub reaches the coordinator
+    for site in ("bank-a", "bank-b", "stranger"):
+        cli([FEDTUNE, "deploy", "site-key", "--site", site, "--out", str(tmp_path / "sites" / site)])
+        keys[site] = (tmp_path / "sites" / site / f"{site}.key", tmp_path / "sites" / site / f"{site}.pub")
     rows = sentiment_data["train"].read_text().splitlines()
     data = {"bank-a": tmp_path / "bank-a.jsonl", "bank-b": tmp_path / "bank-b.jsonl"}
     data["bank-a"].write_text("\n".join(rows[: len(rows) // 2]) + "\n")
     data["bank-b"].write_text("\n".join(rows[len(rows) // 2 :]) + "\n")
 
-    address, loopback = start_superlink(processes, deploy, tmp_path)
-    for site in ("bank-a", "bank-b"):
-        assert "registered" in register_site(deploy, keys[site][1], loopback)
-    with pytest.raises(FedtuneError, match="this is a private key; a site sends only its .pub"):
-        register_site(deploy, keys["stranger"][0], loopback)
+    address, loopback = start_superlink(processes, deploy, tmp_path)  # 3. SuperLink behind nginx
+    for site in ("bank-a", "bank-b"):  # 4. register the public keys
+        assert "registered" in cli([FEDTUNE, "deploy", "register", "--dir", str(deploy), "--key", str(keys[site][1]),
+                                    "--superlink", loopback]).stdout
+    refused = cli([FEDTUNE, "deploy", "register", "--dir", str(deploy), "--key", str(keys["stranger"][0]),
+                   "--superlink", loopback], expect=1)
+    assert "this is a private key; a site sends only its .pub" in refused.stderr and "Traceback" not in refused.stderr
 
     # Through the public port, what every site holds (the CA; a registered key) neither lists
     # nor starts runs nor registers a SuperNode: the proxy forwards the Fleet API only.
@@ -132,6 +145,10 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
                  "/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs", "/v1/fleet/pull-messages?a=b"):
         assert post(address, path, ca) == 404, path
     assert post(address, "/v1/fleet/pull-messages", ca) == 401  # Flower's own answer: no node signature
+    # A body the size of a real adapter upload reaches Flower as it does directly (nginx streams
+    # it; buffering it to a temp file its worker cannot write was a 500): Flower's 400, bad protobuf.
+    assert post(address, "/v1/fleet/push-object", ca, bytes(3 << 20)) == post(loopback, "/v1/fleet/push-object", ca,
+                                                                               bytes(3 << 20)) == 400
     assert post(loopback, "/v1/control/list-runs", ca) == 200  # the coordinator's side still has it
     assert "/v1/control/list-runs" in (deploy / "proxy" / "access.log").read_text()
 
