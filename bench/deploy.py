@@ -214,8 +214,9 @@ def main() -> None:
 
     md = f"""## Deployment vs simulation (`bench/deploy.py`)
 
-Same federation both ways, SecAgg+ on. Deployment: TLS SuperLink with SuperNode authentication and one SuperNode
-per site on 127.0.0.1 (`fedtune deploy site`), launched with `flwr run`. Median coordinator seconds per round,
+Same federation both ways, SecAgg+ on. Deployment: TLS SuperLink with SuperNode authentication on loopback behind
+its nginx reverse proxy, and one SuperNode per site on 127.0.0.1 (`fedtune deploy site`) reaching it through the
+proxy, launched with `flwr run`. Median coordinator seconds per round,
 round 1 excluded (it pays start-up in both engines); per-round polling, ClientApp process start-up and site work
 are summed over the round's 5 stages (SecAgg+ setup, share keys, collect, unmask; evaluate), each stage taken
 from the reply it waited for (`server/polling_grid.py`).
