@@ -48,7 +48,8 @@ def check_run_folder(settings: RunSettings) -> Path:
         if refusal:
             raise FedtuneError(refusal)
     elif settings.run_name and (run_path / "metrics.jsonl").exists():
-        raise FedtuneError(f"run folder {run_path} already holds a run; choose another run-name, or resume it")
+        raise FedtuneError(f"run folder {run_path} already holds a run; choose another run-name (--run-name), or "
+                           f"continue it (--resume)")
     return run_path
 
 
