@@ -65,9 +65,12 @@ def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps:
 def dp_recipe(settings: RunSettings) -> RunSettings:
     """The settings DP-SGD trains with: `dp-batch-size` and `dp-learning-rate` in place
     of `batch-size` and `learning-rate` where set. DP-SGD wants larger logical batches
-    than plain training: the noise on the mean gradient falls as 1/batch."""
+    than plain training: the noise on the mean gradient falls as 1/batch. `min-local-steps`
+    does not apply: every DP step spends privacy, so DP local work is `local-epochs` over
+    the DP batch (or `local-steps`)."""
     return dataclasses.replace(
         settings,
+        min_local_steps=0,
         batch_size=settings.dp_batch_size or settings.batch_size,
         learning_rate=settings.dp_learning_rate or settings.learning_rate,
     )

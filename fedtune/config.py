@@ -19,6 +19,7 @@ TASKS = ("seq-cls", "causal-lm")
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 PARTITIONINGS = ("iid", "dirichlet")
 LR_SCHEDULES = ("linear", "cosine", "constant")
+HEAD_INITS = ("auto", "random", "label-names")
 
 # Project root: relative data paths in the run config resolve against it when they
 # do not exist relative to the working directory (Flower installs apps elsewhere).
@@ -53,8 +54,10 @@ class RunSettings:
     lora_top_layers: int = 0
     ffa_lora: bool = False
     ffa_head_rank: int = 0
+    head_init: str = "auto"
     local_epochs: float = 1.0
     local_steps: int = 0
+    min_local_steps: int = 0
     batch_size: int = 32
     learning_rate: float = 2e-3
     weight_decay: float = 0.0
@@ -120,6 +123,7 @@ class RunSettings:
         _choice("strategy", self.strategy, STRATEGIES)
         _choice("partitioning", self.partitioning, PARTITIONINGS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _choice("head-init", self.head_init, HEAD_INITS)
         for key, value in (
             ("lora-r", self.lora_r),
             ("batch-size", self.batch_size),
@@ -134,6 +138,8 @@ class RunSettings:
             raise ConfigError("lora-top-layers", f"must be 0 (every layer) or a count, got {self.lora_top_layers}")
         if self.ffa_head_rank < 0:
             raise ConfigError("ffa-head-rank", f"must be 0 (full head) or a rank >= 1, got {self.ffa_head_rank}")
+        if self.ffa_head_rank and self.head_init == "label-names":
+            raise ConfigError("head-init", "'label-names' needs the full head: set ffa-head-rank = 0 or head-init = \"random\"")
         if self.ffa_head_rank and not (self.ffa_lora and self.task == "seq-cls"):
             raise ConfigError("ffa-head-rank", "applies to seq-cls runs with ffa-lora = true")
         if self.eval_max_examples < 0:
@@ -144,6 +150,8 @@ class RunSettings:
             raise ConfigError("dirichlet-alpha", f"must be > 0, got {self.dirichlet_alpha}")
         if self.resume and not self.run_name:
             raise ConfigError("resume", "needs run-name: the run folder to continue")
+        if self.min_local_steps < 0:
+            raise ConfigError("min-local-steps", f"must be 0 (no floor) or a count, got {self.min_local_steps}")
         if self.local_steps <= 0 and self.local_epochs <= 0:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
         if self.dp_batch_size < 0:
@@ -211,7 +219,14 @@ class RunSettings:
         from fedtune.model import LoraSettings
 
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules()), self.ffa_lora,
-                            self.ffa_head_rank, self.lora_top_layers)
+                            self.ffa_head_rank, self.lora_top_layers, self.resolved_head_init())
+
+    def resolved_head_init(self) -> str:
+        """`head-init` with "auto" decided: the label-name head under DP-SGD with a full
+        head (noise costs a random head most), a random head otherwise."""
+        if self.head_init != "auto":
+            return self.head_init
+        return "label-names" if self.dp and self.task == "seq-cls" and not self.ffa_head_rank else "random"
 
     def target_modules(self) -> list[str]:
         """The configured LoRA target modules, or [] for the architecture default."""

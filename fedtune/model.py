@@ -21,6 +21,7 @@ from transformers.utils import logging as transformers_logging
 
 from fedtune.embedded_models import DEFAULT_MODEL, embedded_path, is_embedded
 from fedtune.errors import ConfigError
+from fedtune.label_head import init_label_name_head
 
 transformers_logging.set_verbosity_error()  # keep "newly initialized head" notices out of site logs
 
@@ -49,6 +50,7 @@ class LoraSettings:
     freeze_a: bool = False  # FFA-LoRA: A stays at its seeded initialisation
     head_rank: int = 0  # > 0 (with freeze_a): the seq-cls head is B_h A_h, A_h frozen too (`head_module`)
     top_layers: int = 0  # > 0: adapt only the last N transformer blocks (shorter backward pass)
+    head_init: str = "random"  # seq-cls: "label-names" starts the head from the label names (fedtune.label_head)
 
 
 # Names of a sequence-classification head that is one Linear layer (BERT, Llama, GPT-2, ...).
@@ -111,6 +113,17 @@ def head_module(base: PreTrainedModel) -> str:
     )
 
 
+def label_name_head_module(base: PreTrainedModel) -> torch.nn.Linear:
+    """The seq-cls head a label-name initialisation writes: one Linear layer."""
+    for name in _LINEAR_HEAD_NAMES:
+        module = getattr(base, name, None)
+        if isinstance(module, torch.nn.Linear):
+            return module
+    kind = type(getattr(base, "classifier", None) or getattr(base, "score", None)).__name__
+    raise ConfigError("head-init", f"'label-names' needs a head that is one Linear layer; "
+                                   f"{base.config.model_type} has {kind}: set head-init = \"random\"")
+
+
 def low_rank_head_alpha(in_features: int) -> float:
     """LoRA alpha for a low-rank head: scale sqrt(3) d / r, so that an Adam step on B_h
     moves the logits about as far as a step on a full d-wide head (peft's A is
@@ -163,6 +176,8 @@ def build_lora_model(
         head = head_module(base)
         zero_head(base)
         head_alpha = low_rank_head_alpha(getattr(base, head).in_features)
+    elif task == "seq-cls" and lora.head_init == "label-names":
+        init_label_name_head(base, label_name_head_module(base), load_tokenizer(model), labels)
     try:
         peft_model = get_peft_model(base, lora_config(model_type, task, lora, head, head_alpha,
                                                       int(getattr(config, "num_hidden_layers", 0) or 0)))
