@@ -71,6 +71,7 @@ bench-edge-llm: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/accuracy.py
 	$(BIN)/python bench/privacy.py
+	$(BIN)/python bench/small_data.py
 	$(BIN)/python bench/edge.py
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/deploy.py

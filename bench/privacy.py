@@ -9,7 +9,7 @@ one after another:
     ffa-secagg       FFA-LoRA under SecAgg+ with a low-rank head (ffa-head-rank): only B, B_h travel
 and then, in their own section (alone with --dp-only), the recommended DP recipe:
     zero-shot        the label-name head (head-init = label-names) before any training
-    dp-eps8          SecAgg+, FFA-LoRA, the label-name head and DP-SGD at each site, target (8, 1e-5)
+    dp-eps8          SecAgg+ and head-only DP-SGD at each site from the label-name head, target (8, 1e-5)
     dp-eps1          the same at target (1, 1e-5)
 
 The central reference is the plain peft + transformers baseline of `bench/accuracy.py`,
@@ -53,10 +53,10 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ffa-full-head": {"secagg": True, "ffa-lora": True},
     "ffa-secagg": FFA,
 }
-# The recommended DP recipe (README, Privacy): pyproject's DP defaults (dp-batch-size,
-# dp-learning-rate, head-init = auto, i.e. the label-name head under DP) with FFA-LoRA and
-# SecAgg+ on; only the target epsilon changes.
-DP_RECIPE = {"secagg": True, "ffa-lora": True, "dp": True, "dp-delta": DELTA}
+# The recommended DP recipe (README, Privacy) is pyproject's DP defaults: head-only DP-SGD
+# (dp-head-only) from the label-name head (head-init = auto), dp-batch-size, dp-learning-rate,
+# dp-local-epochs, with SecAgg+ on; only the target epsilon changes.
+DP_RECIPE = {"secagg": True, "dp": True, "dp-delta": DELTA}
 DP_VARIANTS: dict[str, dict[str, Any]] = {
     "dp-eps8": {**DP_RECIPE, "dp-target-epsilon": 8.0},
     "dp-eps1": {**DP_RECIPE, "dp-target-epsilon": 1.0},
@@ -319,15 +319,16 @@ def dp_section(config: dict[str, Any], central: dict[str, Any], sites: int, stam
     rows = "\n".join(
         f"| {name} | {v['accuracy']:.4f} | {v['accuracy'] / central['accuracy']:.4f} | {v['macro_f1']:.4f} | "
         f"{v['epsilon']:.2f} | {v['round_seconds_median']:.1f} | {v['rounds']} |" for name, v in runs.items())
-    recipe = {k: config[k] for k in ("dp-batch-size", "dp-learning-rate", "dp-max-grad-norm", "local-epochs",
-                                     "num-rounds")}
+    recipe = {k: config[k] for k in ("dp-head-only", "dp-batch-size", "dp-learning-rate", "dp-local-epochs",
+                                     "dp-max-grad-norm", "num-rounds")}
     md = f"""## Differential privacy: the recommended recipe on the demo workload (`bench/privacy.py`)
 
-Banking77, {sites} sites, Dirichlet alpha={config['dirichlet-alpha']}, MiniLM + LoRA r={config['lora-r']}. Recipe
-(pyproject defaults plus `ffa-lora = true`): DP-SGD at each site (Opacus, RDP accountant, Poisson sampling),
-{', '.join(f'`{k}` = {v}' for k, v in recipe.items())}, SecAgg+ on, FFA-LoRA (A frozen), the full head started
-from the label names (`head-init = auto`); noise set so that each site spends its target epsilon over the whole
-run at delta = {DELTA:g}; the epsilon column is the worst site's, by its own accountant. A site's records are
+Banking77, {sites} sites, Dirichlet alpha={config['dirichlet-alpha']}, MiniLM. Recipe (the pyproject defaults):
+DP-SGD at each site (Opacus, RDP accountant, Poisson sampling, AdamW) on the classification head only, a
+linear probe on the frozen base started from the label-name head (`head-init = auto`), SecAgg+ on,
+{', '.join(f'`{k}` = {v}' for k, v in recipe.items())}; noise set so that each site spends its target
+epsilon over the whole run at delta = {DELTA:g}; the epsilon column is the worst site's, by its own
+accountant. Only the head (29,645 values) travels. A site's records are
 only in its own data, so its own epsilon is the guarantee for them. Central reference: plain peft +
 transformers on all training data, accuracy {central['accuracy']:.4f} ({central['source']}).
 

@@ -63,16 +63,17 @@ def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps:
 
 
 def dp_recipe(settings: RunSettings) -> RunSettings:
-    """The settings DP-SGD trains with: `dp-batch-size` and `dp-learning-rate` in place
-    of `batch-size` and `learning-rate` where set. DP-SGD wants larger logical batches
-    than plain training: the noise on the mean gradient falls as 1/batch. `min-local-steps`
-    does not apply: every DP step spends privacy, so DP local work is `local-epochs` over
-    the DP batch (or `local-steps`)."""
+    """The settings DP-SGD trains with: `dp-batch-size`, `dp-learning-rate` and
+    `dp-local-epochs` in place of `batch-size`, `learning-rate` and `local-epochs` where
+    set. DP-SGD wants larger logical batches than plain training: the noise on the mean
+    gradient falls as 1/batch. `min-local-steps` does not apply: every DP step spends
+    privacy, so DP local work is its local epochs over the DP batch (or `local-steps`)."""
     return dataclasses.replace(
         settings,
         min_local_steps=0,
         batch_size=settings.dp_batch_size or settings.batch_size,
         learning_rate=settings.dp_learning_rate or settings.learning_rate,
+        local_epochs=settings.dp_local_epochs or settings.local_epochs,
     )
 
 

@@ -79,7 +79,7 @@ class SiteWork:
         s = self.settings
         self.floor.check_run(s, site.name)  # before the model is touched
         model = self.model(labels)
-        set_adapter_arrays(model, parameters, s.ffa_lora)
+        set_adapter_arrays(model, parameters, s.ffa_lora, s.head_only)
         server_round = int(config.get("server-round", 1))
         num_rounds = int(config.get("num-rounds", s.num_rounds))
         encoder = self.encoder("train", site.train)
@@ -101,7 +101,7 @@ class SiteWork:
         else:
             result = train_local(model, encoder, s, server_round=server_round, num_rounds=num_rounds, site=site.name,
                                  proximal_mu=float(config.get("proximal_mu", 0.0)), seed=seed)
-        arrays = get_adapter_arrays(model, s.ffa_lora)
+        arrays = get_adapter_arrays(model, s.ffa_lora, s.head_only)
         metrics: dict[str, Scalar] = {
             "site": site.name,
             "train_loss": result.loss,
@@ -122,7 +122,7 @@ class SiteWork:
         site = self.site(labels)
         model = self.model(labels)
         s = self.settings
-        set_adapter_arrays(model, parameters, s.ffa_lora)
+        set_adapter_arrays(model, parameters, s.ffa_lora, s.head_only)
         examples = site.val or site.train
         encoder = self.encoder("val" if site.val else "train", examples)
         metrics = evaluate(model, encoder, max_new_tokens=s.eval_max_new_tokens, max_generated=s.eval_max_examples)

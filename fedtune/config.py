@@ -21,6 +21,7 @@ PARTITIONINGS = ("iid", "dirichlet")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 HEAD_INITS = ("auto", "random", "label-names")
 
+
 # Project root: relative data paths in the run config resolve against it when they
 # do not exist relative to the working directory (Flower installs apps elsewhere).
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -82,6 +83,8 @@ class RunSettings:
     dp_max_grad_norm: float = 1.0
     dp_batch_size: int = 0
     dp_learning_rate: float = 0.0
+    dp_local_epochs: float = 0.0
+    dp_head_only: bool = False
     dp_epsilon_budget: float = 0.0
     secagg: bool = True
     secagg_clipping_range: float = 4.0
@@ -138,6 +141,8 @@ class RunSettings:
             raise ConfigError("lora-top-layers", f"must be 0 (every layer) or a count, got {self.lora_top_layers}")
         if self.ffa_head_rank < 0:
             raise ConfigError("ffa-head-rank", f"must be 0 (full head) or a rank >= 1, got {self.ffa_head_rank}")
+        if self.head_only and self.ffa_head_rank:
+            raise ConfigError("dp-head-only", "trains the full head: set ffa-head-rank = 0 or dp-head-only = false")
         if self.ffa_head_rank and self.head_init == "label-names":
             raise ConfigError("head-init", "'label-names' needs the full head: set ffa-head-rank = 0 or head-init = \"random\"")
         if self.ffa_head_rank and not (self.ffa_lora and self.task == "seq-cls"):
@@ -156,6 +161,8 @@ class RunSettings:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
         if self.dp_batch_size < 0:
             raise ConfigError("dp-batch-size", f"must be 0 (use batch-size) or at least 1, got {self.dp_batch_size}")
+        if self.dp_local_epochs < 0:
+            raise ConfigError("dp-local-epochs", f"must be 0 (use local-epochs) or > 0, got {self.dp_local_epochs}")
         if self.dp_learning_rate < 0:
             raise ConfigError("dp-learning-rate", f"must be 0 (use learning-rate) or > 0, got {self.dp_learning_rate}")
         if self.learning_rate <= 0:
@@ -219,11 +226,19 @@ class RunSettings:
         from fedtune.model import LoraSettings
 
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules()), self.ffa_lora,
-                            self.ffa_head_rank, self.lora_top_layers, self.resolved_head_init())
+                            self.ffa_head_rank, self.lora_top_layers, self.resolved_head_init(),
+                            self.head_only)
+
+    @property
+    def head_only(self) -> bool:
+        """Whether sites train (and send) only the seq-cls head: DP-SGD runs with
+        `dp-head-only`, a linear probe on the frozen base, where noise on fewer values
+        and the label-name start keep most of the accuracy (bench/privacy.py)."""
+        return self.dp and self.dp_head_only and self.task == "seq-cls"
 
     def resolved_head_init(self) -> str:
         """`head-init` with "auto" decided: the label-name head under DP-SGD with a full
-        head (noise costs a random head most), a random head otherwise."""
+        head (where a random head costs most), a random head otherwise."""
         if self.head_init != "auto":
             return self.head_init
         return "label-names" if self.dp and self.task == "seq-cls" and not self.ffa_head_rank else "random"

@@ -51,6 +51,7 @@ class LoraSettings:
     head_rank: int = 0  # > 0 (with freeze_a): the seq-cls head is B_h A_h, A_h frozen too (`head_module`)
     top_layers: int = 0  # > 0: adapt only the last N transformer blocks (shorter backward pass)
     head_init: str = "random"  # seq-cls: "label-names" starts the head from the label names (fedtune.label_head)
+    head_only: bool = False  # seq-cls: train only the head; every LoRA factor stays at its init (B = 0: no change)
 
 
 # Names of a sequence-classification head that is one Linear layer (BERT, Llama, GPT-2, ...).
@@ -183,8 +184,9 @@ def build_lora_model(
                                                       int(getattr(config, "num_hidden_layers", 0) or 0)))
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError("lora-target-modules", str(err).splitlines()[0]) from None
-    if lora.freeze_a:
+    if lora.freeze_a or lora.head_only:
+        frozen = (".lora_A.", ".lora_B.") if lora.head_only else (".lora_A.",)
         for name, param in peft_model.named_parameters():
-            if ".lora_A." in name:
+            if any(part in name for part in frozen):
                 param.requires_grad_(False)
     return peft_model

@@ -84,8 +84,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
     ffa = settings.ffa_lora
     model = build_lora_model(settings.base_model, settings.task, settings.lora_settings(), labels, settings.seed).to(pick_device())
-    initial = get_adapter_arrays(model, ffa)
-    adapter_info = _adapter_info(model, initial, ffa)
+    initial = get_adapter_arrays(model, ffa, settings.head_only)
+    adapter_info = _adapter_info(model, initial, ffa, settings.head_only)
     metadata = {
         "fedtune_version": __version__,
         "base_model": settings.base_model,
@@ -103,7 +103,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         done, initial = _resume_point(run_dir, settings, model, metadata)
     else:
         run_dir.write_json("run.json", {**metadata, "settings": settings.to_run_config(), "adapter": adapter_info})
-        run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0}, ffa)
+        run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0}, ffa,
+                             settings.head_only)
     evaluate_fn = make_central_evaluator(
         settings,
         model,
@@ -123,7 +124,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
     def save_round(global_round: int, arrays: list[np.ndarray]) -> None:
         folder = run_dir.round_dir(global_round)
-        run_dir.save_adapter(model, arrays, folder, {**metadata, "round": global_round}, ffa)
+        run_dir.save_adapter(model, arrays, folder, {**metadata, "round": global_round}, ffa,
+                             settings.head_only)
         save_strategy_state(flower_strategy, folder)
 
     inner: Any = flower_strategy
@@ -144,7 +146,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
     records = run_dir.read_metrics()
     final_arrays = [np.asarray(a) for a in _final_arrays(strategy, initial)]
-    run_dir.save_adapter(model, final_arrays, run_dir.final_dir, {**metadata, "round": records[-1]["round"] if records else 0}, ffa)
+    run_dir.save_adapter(model, final_arrays, run_dir.final_dir, {**metadata, "round": records[-1]["round"] if records else 0}, ffa,
+                         settings.head_only)
     central = next((r["central"] for r in reversed(records) if r.get("central")), None)
     if central is None and evaluate_fn is not None and records and records[-1]["round"] < num_rounds:
         # The run stopped early (DP budget): evaluate the final adapter now.
@@ -186,7 +189,7 @@ def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: 
     if refusal:
         raise FedtuneError(refusal)
     folder = run_dir.round_dir(done)
-    arrays = load_adapter_arrays(model, folder, settings.ffa_lora)
+    arrays = load_adapter_arrays(model, folder, settings.ffa_lora, settings.head_only)
     log.info("resume: run %s continues after round %d (rounds %d-%d to go), from %s",
              run_dir.path.name, done, done + 1, settings.num_rounds, folder)
     resumed = saved.setdefault("resumed", [])
@@ -217,14 +220,15 @@ def _final_arrays(strategy: RecordingStrategy, initial: list[np.ndarray]) -> lis
     return parameters_to_ndarrays(strategy.latest_parameters)
 
 
-def _adapter_info(model: Any, arrays: list[np.ndarray], frozen_a: bool) -> dict[str, Any]:
+def _adapter_info(model: Any, arrays: list[np.ndarray], frozen_a: bool, frozen_lora: bool) -> dict[str, Any]:
     num_params = int(sum(a.size for a in arrays))
     total = int(sum(p.numel() for p in model.parameters()))
     # The plain model's size: no LoRA factors, and peft's trainable head copy counted once.
     extra = int(sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n))
     return {
-        "keys": adapter_keys(model, frozen_a),
+        "keys": adapter_keys(model, frozen_a, frozen_lora),
         "ffa_lora": frozen_a,
+        "head_only": frozen_lora,
         "num_tensors": len(arrays),
         "num_params": num_params,
         "bytes_fp32": num_params * 4,

@@ -92,6 +92,8 @@ def write_report(
     if settings.ffa_lora:
         sent = f"B and the low-rank head's B_h (rank {settings.ffa_head_rank})" if settings.ffa_head_rank else "B and the head"
         lines.append(f"- FFA-LoRA: no A matrix travelled (every party builds them from the shared seed); only {sent} did.")
+    if settings.head_only:
+        lines.append("- DP head-only (`dp-head-only`): no LoRA factor travelled; only the classification head did.")
     if settings.dp:
         lines.append("- DP-SGD bounds what the adapter reveals about any one record inside a site "
                      "(sample-level epsilon above); it does not hide a whole site's participation.")

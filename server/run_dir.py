@@ -58,9 +58,9 @@ class RunDir:
 
     def save_adapter(
         self, model: PeftModel, arrays: Sequence[np.ndarray], out_dir: Path, metadata: dict[str, Any],
-        frozen_a: bool = False,
+        frozen_a: bool = False, frozen_lora: bool = False,
     ) -> Path:
         """Load the global arrays into the template model and save it in PEFT format
         (the whole adapter: with FFA-LoRA the frozen A comes from the shared seed)."""
-        set_adapter_arrays(model, arrays, frozen_a)
+        set_adapter_arrays(model, arrays, frozen_a, frozen_lora)
         return save_adapter(model, out_dir, metadata)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from fedtune.cli.simulation import run_simulation
 from opacus.accountants import RDPAccountant
+from safetensors.torch import load_file
 
 from fedtune.config import project_run_config
 from fedtune.errors import FedtuneError
@@ -48,6 +49,12 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir:
             assert site["dp_epsilon"] == pytest.approx(_epsilon_after(rnd), rel=1e-6)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["central"] is not None  # the final adapter was still evaluated
+    # dp-head-only (the default DP recipe): only the head travelled; LoRA stayed a no-op (B = 0).
+    assert all("lora_" not in key for key in json.loads((run_dir / "run.json").read_text())["adapter"]["keys"])
+    start, final = (load_file(str(d / "adapter_model.safetensors")) for d in (run_dir / "round-000", run_dir / "final"))
+    assert all(not final[k].any() for k in final if ".lora_B." in k)
+    head = [k for k in final if "lora_" not in k]
+    assert head and any(not torch.equal(start[k], final[k]) for k in head)
     report = (run_dir / "report.md").read_text()
     assert "worst site epsilon" in report and f"of budget {budget}" in report
     # Resuming the budget-stopped run trains no further round: refused before anything is written.
