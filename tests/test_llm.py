@@ -156,7 +156,8 @@ def test_short_federation_on_smollm2_with_secagg_reports_exact_match(tmp_path: P
 @pytest.mark.timeout(900)
 def test_ffa_lora_and_dp_sgd_federation_on_smollm2(tmp_path: Path, smollm2_dir: Path) -> None:
     run_dir, summary = _llm_federation(tmp_path, "llm-ffa-dp", {
-        "ffa-lora": True, "dp": True, "dp-noise-multiplier": 1.0, "dp-batch-size": 8, "dp-max-grad-norm": 1.0})
+        "ffa-lora": True, "dp": True, "dp-noise-multiplier": 1.0, "dp-batch-size": 8, "dp-max-grad-norm": 1.0,
+        "dp-learning-rate": 2e-3})
     sites = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["sites"]
     assert all(s["dp_epsilon"] > 0 for s in sites.values())
     assert summary["central"]["generated"] == 6.0

@@ -61,7 +61,7 @@ def test_site_stops_at_its_own_epsilon_ceiling(tiny_bert_dir: Path, sentiment_da
     _, one = epsilon_after_round(probe.settings, n, 5, [])
     # A ceiling the first round stays under and the second would pass.
     site = work(tiny_bert_dir, sentiment_data, tmp_path, {"max-epsilon": one * 1.2}, **run)
-    arrays = get_adapter_arrays(site.model(site.labels({})))
+    arrays = get_adapter_arrays(site.model(site.labels({})), site.settings.ffa_lora, site.settings.head_only)
     config = {"server-round": 1, "num-rounds": 5, "run-id": "r1"}
     _, _, metrics = site.fit(arrays, config)
     assert metrics["dp_epsilon"] == pytest.approx(one, rel=1e-6) and metrics["dp_epsilon"] <= one * 1.2

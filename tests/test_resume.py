@@ -96,7 +96,8 @@ def test_resume_after_coordinator_crash_equals_uninterrupted_run(
 @pytest.mark.timeout(1200)
 def test_resume_keeps_the_sites_dp_accountant(tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]) -> None:
     noise, batch, steps, site_train = 1.0, 16, 4, 96  # 240 rows, IID over 2 sites, 20 % held out
-    sets = {**_base(tiny_bert_dir, sentiment_data, tmp_path), "dp": True, "dp-noise-multiplier": noise}
+    sets = {**_base(tiny_bert_dir, sentiment_data, tmp_path), "dp": True, "dp-noise-multiplier": noise,
+            "dp-batch-size": batch}
     out = tmp_path / "runs"
     assert _simulate(out, "dp", sets, crash_after=2).returncode == 137
     resumed = _simulate(out, "dp", sets, resume=True)
