@@ -98,31 +98,37 @@ def load_base_model(model: str, task: str, labels: Sequence[str] = ()) -> PreTra
     return base
 
 
+def linear_head_name(base: PreTrainedModel) -> str | None:
+    """The name of a seq-cls model's head when it is one Linear layer ('classifier' or
+    'score'), else None (heads with hidden layers: RoBERTa, DistilBERT)."""
+    return next((name for name in _LINEAR_HEAD_NAMES if isinstance(getattr(base, name, None), torch.nn.Linear)), None)
+
+
+def _head_kind(base: PreTrainedModel) -> str:
+    return type(getattr(base, "classifier", None) or getattr(base, "score", None)).__name__
+
+
 def head_module(base: PreTrainedModel) -> str:
     """The name of a seq-cls model's head when it is one Linear layer; a ConfigError for
     heads with hidden layers (RoBERTa, DistilBERT), whose fresh layers a low-rank head
     would leave at random."""
-    for name in _LINEAR_HEAD_NAMES:
-        module = getattr(base, name, None)
-        if isinstance(module, torch.nn.Linear):
-            return name
-    kind = type(getattr(base, "classifier", None) or getattr(base, "score", None)).__name__
-    raise ConfigError(
-        "ffa-head-rank",
-        f"needs a classification head that is one Linear layer ('classifier' or 'score'); "
-        f"{base.config.model_type} has {kind}: set ffa-head-rank = 0",
-    )
+    name = linear_head_name(base)
+    if name is None:
+        raise ConfigError(
+            "ffa-head-rank",
+            f"needs a classification head that is one Linear layer ('classifier' or 'score'); "
+            f"{base.config.model_type} has {_head_kind(base)}: set ffa-head-rank = 0",
+        )
+    return name
 
 
 def label_name_head_module(base: PreTrainedModel) -> torch.nn.Linear:
     """The seq-cls head a label-name initialisation writes: one Linear layer."""
-    for name in _LINEAR_HEAD_NAMES:
-        module = getattr(base, name, None)
-        if isinstance(module, torch.nn.Linear):
-            return module
-    kind = type(getattr(base, "classifier", None) or getattr(base, "score", None)).__name__
-    raise ConfigError("head-init", f"'label-names' needs a head that is one Linear layer; "
-                                   f"{base.config.model_type} has {kind}: set head-init = \"random\"")
+    name = linear_head_name(base)
+    if name is None:
+        raise ConfigError("head-init", f"'label-names' needs a head that is one Linear layer; "
+                                       f"{base.config.model_type} has {_head_kind(base)}: set head-init = \"random\"")
+    return getattr(base, name)
 
 
 def low_rank_head_alpha(in_features: int) -> float:
