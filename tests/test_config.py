@@ -33,6 +33,7 @@ def test_pyproject_defaults_parse() -> None:
         ("ffa-head-rank", 16, "applies to seq-cls runs with ffa-lora = true"),
         ("dp-batch-size", -1, "must be 0 (use batch-size) or at least 1"),
         ("min-local-steps", -1, "must be 0 (no floor) or a count"),
+        ("dp-local-epochs", -1.0, "must be 0 (use local-epochs) or > 0"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value: object, words: str) -> None:
