@@ -27,6 +27,8 @@ from fedtune.secagg.masks import SecAggSetupError, install_csprng_masks
 from fedtune.secagg.wire_codec import narrow_masked_reply
 from fedtune.stage_timing import TIMING_RECORD, process_start_time
 
+from .secagg_setup import forget_secagg_state
+
 log = logging.getLogger("fedtune.site")
 setup_logging()
 WORKER_SOCKET = "worker-socket"  # node config key: the site worker's Unix socket
@@ -61,6 +63,8 @@ def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppC
         reply = secaggplus_mod(msg, ctxt, call_next)
         narrow_masked_reply(reply)  # uint32 on the wire: half of Flower's int64
         return reply
+    if msg.metadata.message_type == MessageType.TRAIN:
+        forget_secagg_state(ctxt)
     return call_next(msg, ctxt)
 
 

@@ -1,5 +1,9 @@
 """Sample-level differential privacy at a site: DP-SGD with Opacus (per-example
-clipping, Gaussian noise, Poisson sampling) and its RDP accountant.
+clipping, Gaussian noise, Poisson sampling) and its RDP or PRV accountant (`dp-accountant`).
+
+Poisson sampling and noise draw from the operating system's entropy, not from the run's
+`seed`: the coordinator sets the seed, and noise it could replay protects nothing. A DP
+round is therefore not reproducible, by design.
 
 The accountant's history (noise multiplier, sample rate, steps) is kept by
 `dp_history.py`, in the site's Flower context or its worker's memory and on its disk,
@@ -11,12 +15,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import secrets
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus import GradSampleModule
-from opacus.accountants import RDPAccountant
+from opacus.accountants import IAccountant, create_accountant
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.optimizers import DPOptimizer
 from peft import PeftModel
@@ -59,7 +64,26 @@ def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps:
     if settings.dp_target_epsilon <= 0:
         raise ConfigError("dp-target-epsilon", "set dp-noise-multiplier or dp-target-epsilon when dp is on")
     return float(get_noise_multiplier(target_epsilon=settings.dp_target_epsilon, target_delta=settings.dp_delta,
-                                      sample_rate=sample_rate, steps=total_steps, accountant="rdp"))
+                                      sample_rate=sample_rate, steps=total_steps, accountant=settings.dp_accountant))
+
+
+def accountant_for(settings: RunSettings, history: History) -> IAccountant:
+    """The run's accountant (`dp-accountant`: Opacus' RDP or PRV) with the site's history."""
+    accountant = create_accountant(settings.dp_accountant)
+    accountant.history = list(history)
+    return accountant
+
+
+def epsilon_of(accountant: IAccountant, delta: float) -> float:
+    """ε for `delta` after the accountant's history; 0 before any step."""
+    return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+
+
+def private_generators() -> tuple[np.random.Generator, torch.Generator]:
+    """Random sources for Poisson sampling and noise, seeded from the OS's entropy."""
+    noise = torch.Generator()
+    noise.manual_seed(secrets.randbits(63))
+    return np.random.default_rng(secrets.randbits(128)), noise
 
 
 def dp_recipe(settings: RunSettings) -> RunSettings:
@@ -107,12 +131,11 @@ def epsilon_after_round(settings: RunSettings, num_examples: int, num_rounds: in
     steps = steps_for_round(settings, num_examples)
     sample_rate = min(1.0, settings.batch_size / num_examples)
     noise = noise_multiplier_for(settings, sample_rate, steps * num_rounds)
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    now = accountant.get_epsilon(settings.dp_delta) if history else 0.0
+    accountant = accountant_for(settings, history)
+    now = epsilon_of(accountant, settings.dp_delta)
     for _ in range(steps):
         accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
-    return now, accountant.get_epsilon(settings.dp_delta)
+    return now, epsilon_of(accountant, settings.dp_delta)
 
 
 def train_local_dp(
@@ -123,7 +146,6 @@ def train_local_dp(
     num_rounds: int,
     history: History,
     site: str = "site",
-    seed: int = 0,
 ) -> tuple[TrainResult, History, DPReport]:
     """One round of DP-SGD on a private copy of the model; returns the trained copy's
     result, the updated accountant history and the ε report. The caller reads the
@@ -138,13 +160,12 @@ def train_local_dp(
     device = next(work.parameters()).device
     params = [p for p in work.parameters() if p.requires_grad]
     gsm = GradSampleModule(work)
+    rng, noise_source = private_generators()
     optimizer = DPOptimizer(torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay),
                             noise_multiplier=noise, max_grad_norm=settings.dp_max_grad_norm,
-                            expected_batch_size=settings.batch_size)
-    accountant = RDPAccountant()
-    accountant.history = list(history)
+                            expected_batch_size=settings.batch_size, generator=noise_source)
+    accountant = accountant_for(settings, history)
     logit_mask = absent_label_mask(work, encoder, device) if settings.restricted_softmax else None
-    rng = np.random.default_rng(seed)
     lengths = example_lengths(encoder)
     losses: list[float] = []
     try:
@@ -161,12 +182,11 @@ def train_local_dp(
         for (_, target), (_, source) in zip(model.named_parameters(), work.named_parameters()):
             if target.requires_grad:
                 target.copy_(source)
-    epsilon = accountant.get_epsilon(settings.dp_delta) if accountant.history else 0.0
-    ahead = RDPAccountant()
-    ahead.history = list(accountant.history)
+    epsilon = epsilon_of(accountant, settings.dp_delta)
+    ahead = accountant_for(settings, accountant.history)
     for _ in range(steps):
         ahead.step(noise_multiplier=noise, sample_rate=sample_rate)
-    report = DPReport(epsilon, ahead.get_epsilon(settings.dp_delta), noise, sample_rate)
+    report = DPReport(epsilon, epsilon_of(ahead, settings.dp_delta), noise, sample_rate)
     log.info("%s round %d: DP-SGD %d steps, noise %.3f, q %.4f, epsilon %.3f (delta %g)",
              site, server_round, steps, noise, sample_rate, epsilon, settings.dp_delta)
     return summarize_losses(losses, n, steps), list(accountant.history), report

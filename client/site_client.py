@@ -17,6 +17,7 @@ from fedtune.config import RunSettings
 from fedtune.errors import FedtuneError
 
 from .dp_history import ContextHistory
+from .secagg_setup import with_secagg_setup
 from .site_work import Scalar, SiteWork
 
 log = logging.getLogger("fedtune.site")
@@ -36,6 +37,7 @@ class SiteClient(NumPyClient):
     """Trains the run's LoRA adapter on one site's private examples, in this process."""
 
     def __init__(self, settings: RunSettings, context: Context) -> None:
+        self.context = context
         self.work = SiteWork(settings, context.node_config, ContextHistory(context))
 
     def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
@@ -50,7 +52,7 @@ class SiteClient(NumPyClient):
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         with errors_logged():
-            return self.work.fit(parameters, config)
+            return self.work.fit(parameters, with_secagg_setup(config, self.context))
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
         with errors_logged():

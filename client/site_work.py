@@ -23,7 +23,8 @@ from .dp_history import HistoryStore, history_file
 from .model_cache import cached_lora_model, cached_tokenizer
 from .privacy_floor import PrivacyFloor
 from .site_data import SiteData, load_site_data
-from .trainer import train_local
+from .secagg_setup import setup_from_config
+from .trainer import TrainResult, train_local
 
 log = logging.getLogger("fedtune.site")
 
@@ -85,7 +86,9 @@ class SiteWork:
         encoder = self.encoder("train", site.train)
         seed = s.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
-        if s.dp:
+        if s.dp and s.dp_mode == "distributed":
+            result, dp_metrics = self._fit_distributed_dp(model, encoder, config, site.name, server_round, num_rounds)
+        elif s.dp:
             from .dp_trainer import epsilon_after_round, train_local_dp  # Opacus only when used
 
             state = history_file(self.node_config, s.site_state_dir, str(config.get("run-id", "run")), site.name)
@@ -94,7 +97,7 @@ class SiteWork:
                 now, after = epsilon_after_round(s, len(encoder), num_rounds, spent)
                 self.floor.check_round(after, now, server_round, site.name)
             result, history, report = train_local_dp(model, encoder, s, server_round, num_rounds,
-                                                     spent, site=site.name, seed=seed)
+                                                     spent, site=site.name)
             self.history.save(state, history)
             dp_metrics = {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
                           "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate}
@@ -116,6 +119,30 @@ class SiteWork:
             limit = s.secagg_clipping_range
             metrics["secagg_clipped_values"] = int(sum(int((np.abs(a) > limit).sum()) for a in arrays))
         return arrays, result.num_examples, metrics
+
+    def _fit_distributed_dp(self, model: PeftModel, encoder: Encoder, config: Config, site: str, server_round: int,
+                            num_rounds: int) -> tuple[TrainResult, dict[str, Scalar]]:
+        """One round of distributed DP (`distributed_dp.py`) on the head's cached features."""
+        from .distributed_dp import checked_threshold, epsilon_after_round, own_noise_epsilon, train_head_distributed_dp
+        from .head_features import cached_head_features
+        from .trainer import absent_label_mask
+
+        s = self.settings
+        threshold = checked_threshold(setup_from_config(config), site)
+        state = history_file(self.node_config, s.site_state_dir, str(config.get("run-id", "run")), site)
+        spent = self.history.load(state)
+        if self.floor.max_epsilon > 0:
+            now, after = epsilon_after_round(s, num_rounds, spent)
+            self.floor.check_round(after, now, server_round, site)
+        features, labels = cached_head_features(model, encoder, site)
+        device = next(model.parameters()).device
+        mask = absent_label_mask(model, encoder, device) if s.restricted_softmax else None
+        result, history, report, _ = train_head_distributed_dp(model, features, labels, s, server_round, num_rounds,
+                                                               threshold, spent, mask, site)
+        self.history.save(state, history)
+        return result, {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
+                        "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate,
+                        "dp_noise_shares": threshold, "dp_epsilon_own_noise": own_noise_epsilon(s, history, threshold)}
 
     def evaluate(self, parameters: list[np.ndarray], config: Config) -> tuple[float, int, dict[str, Scalar]]:
         labels = self.labels(config)

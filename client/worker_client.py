@@ -18,6 +18,7 @@ from flwr.common import Context
 
 from fedtune.errors import FedtuneError
 
+from .secagg_setup import with_secagg_setup
 from .worker_protocol import (
     PeerClosed,
     ProtocolError,
@@ -90,6 +91,7 @@ class WorkerClient(NumPyClient):
     def __init__(self, socket_path: Path, context: Context, timeout: float) -> None:
         self.path = socket_path
         self.timeout = timeout
+        self.context = context
         self.request = {"run": int(context.run_id), "run_config": encode_scalars(context.run_config),
                         "node_config": encode_scalars(context.node_config)}
 
@@ -106,7 +108,7 @@ class WorkerClient(NumPyClient):
         return decode_scalars(reply["properties"])
 
     def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        reply, arrays = self._call("fit", config, parameters)
+        reply, arrays = self._call("fit", with_secagg_setup(config, self.context), parameters)
         return arrays, int(reply["num_examples"]), decode_scalars(reply["metrics"])
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:

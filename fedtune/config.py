@@ -20,6 +20,8 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 PARTITIONINGS = ("iid", "dirichlet")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 HEAD_INITS = ("auto", "random", "label-names")
+DP_MODES = ("local", "distributed")
+DP_ACCOUNTANTS = ("rdp", "prv")
 
 
 # Project root: relative data paths in the run config resolve against it when they
@@ -85,6 +87,9 @@ class RunSettings:
     dp_learning_rate: float = 0.0
     dp_local_epochs: float = 0.0
     dp_head_only: bool = False
+    dp_mode: str = "local"
+    dp_sample_rate: float = 0.2
+    dp_accountant: str = "rdp"
     dp_epsilon_budget: float = 0.0
     secagg: bool = True
     secagg_clipping_range: float = 4.0
@@ -127,6 +132,8 @@ class RunSettings:
         _choice("partitioning", self.partitioning, PARTITIONINGS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("head-init", self.head_init, HEAD_INITS)
+        _choice("dp-mode", self.dp_mode, DP_MODES)
+        _choice("dp-accountant", self.dp_accountant, DP_ACCOUNTANTS)
         for key, value in (
             ("lora-r", self.lora_r),
             ("batch-size", self.batch_size),
@@ -212,6 +219,14 @@ class RunSettings:
             raise ConfigError("dp-max-grad-norm", f"must be > 0, got {self.dp_max_grad_norm}")
         if self.dp and self.dp_noise_multiplier == 0 and self.dp_target_epsilon == 0:
             raise ConfigError("dp", "dp = true needs dp-noise-multiplier or dp-target-epsilon (> 0)")
+        if not 0.0 < self.dp_sample_rate <= 1.0:
+            raise ConfigError("dp-sample-rate", f"is a Poisson sampling rate in (0, 1], got {self.dp_sample_rate}")
+        if self.dp and self.dp_mode == "distributed":
+            if not self.secagg:
+                raise ConfigError("dp-mode", "'distributed' adds noise shares that only SecAgg+ hides: set secagg = true")
+            if not self.head_only:
+                raise ConfigError("dp-mode", "'distributed' trains the seq-cls head only: set task = \"seq-cls\" and "
+                                             "dp-head-only = true, or dp-mode = \"local\"")
 
     @property
     def base_model(self) -> str:

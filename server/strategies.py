@@ -10,6 +10,8 @@ from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi, Str
 
 from fedtune.config import RunSettings
 
+from .distributed_dp import distributed_dp_strategy
+
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 ConfigFn = Callable[[int], dict[str, Scalar]]
 
@@ -36,7 +38,8 @@ def build_strategy(
     fit_config_fn: ConfigFn,
     evaluate_config_fn: ConfigFn,
 ) -> Strategy:
-    """FedAvg, FedAvgM, FedProx, FedAdam or FedYogi over the adapter tensors.
+    """FedAvg, FedAvgM, FedProx, FedAdam or FedYogi over the adapter tensors; with
+    `dp-mode = "distributed"`, server Adam on the sites' noisy gradients instead.
 
     Every one starts from the example-weighted mean of the sites' tensors. FedAvgM then
     steps `server-learning-rate` times that mean update (plus `server-momentum`); with K
@@ -57,6 +60,8 @@ def build_strategy(
         fit_metrics_aggregation_fn=weighted_metrics,
         evaluate_metrics_aggregation_fn=weighted_metrics,
     )
+    if settings.dp and settings.dp_mode == "distributed":
+        return distributed_dp_strategy(settings, **common)
     name = settings.strategy
     if name == "fedavg":
         return FedAvg(**common)

@@ -34,6 +34,9 @@ def test_pyproject_defaults_parse() -> None:
         ("dp-batch-size", -1, "must be 0 (use batch-size) or at least 1"),
         ("min-local-steps", -1, "must be 0 (no floor) or a count"),
         ("dp-local-epochs", -1.0, "must be 0 (use local-epochs) or > 0"),
+        ("dp-mode", "central", "must be one of local, distributed"),
+        ("dp-accountant", "gdp", "must be one of rdp, prv"),
+        ("dp-sample-rate", 0.0, "is a Poisson sampling rate in (0, 1]"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value: object, words: str) -> None:
@@ -89,3 +92,12 @@ def test_low_rank_head_refuses_a_head_with_hidden_layers(tmp_path: Path) -> None
     with pytest.raises(ConfigError) as info:
         build_lora_model(str(tmp_path), "seq-cls", LoraSettings(freeze_a=True, head_rank=4), ["a", "b"])
     assert str(info.value).startswith("config 'ffa-head-rank':") and "RobertaClassificationHead" in str(info.value)
+
+
+def test_distributed_dp_needs_secagg_and_the_head_only_recipe() -> None:
+    dp = {"dp": True, "dp-target-epsilon": 8.0, "dp-mode": "distributed", "dp-head-only": True}
+    with pytest.raises(ConfigError, match=r"^config 'dp-mode': 'distributed' adds noise shares that only SecAgg\+"):
+        RunSettings.from_run_config({**dp, "secagg": False})
+    with pytest.raises(ConfigError, match=r"^config 'dp-mode': 'distributed' trains the seq-cls head only"):
+        RunSettings.from_run_config({**dp, "secagg": True, "dp-head-only": False})
+    assert RunSettings.from_run_config({**dp, "secagg": True}).head_only

@@ -1,0 +1,63 @@
+"""What this round's SecAgg+ protocol promised the site, read from Flower's own mod state
+in the site's context (not from the coordinator's train config): how many sites were
+sampled, how many hold shares of each site's secrets, and the reconstruction threshold,
+the fewest sites whose sum the coordinator can unmask. Distributed DP sizes each site's
+noise share from it. Imports no torch, so the thin ClientApp can call it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Mapping
+
+from flwr.common import Context
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Stage
+
+Scalar = bool | bytes | float | int | str
+# The train-config key the site's own ClientApp fills in; whatever the coordinator put under it is dropped.
+SETUP_KEY = "fedtune-secagg-setup"
+
+
+@dataclass(frozen=True)
+class SecAggSetup:
+    sample_num: int  # sites sampled this round
+    share_num: int  # sites each secret is shared with
+    threshold: int  # shares needed to unmask: the sum the coordinator sees covers at least this many sites
+
+    def to_json(self) -> str:
+        return json.dumps({"sample_num": self.sample_num, "share_num": self.share_num, "threshold": self.threshold})
+
+    @classmethod
+    def from_json(cls, text: str) -> "SecAggSetup":
+        return cls(**{k: int(v) for k, v in json.loads(text).items()})
+
+
+def secagg_setup(context: Context) -> SecAggSetup | None:
+    """The setup of the SecAgg+ round now running at this site, or None outside SecAgg+.
+
+    Training runs inside the mod's collect-masked-vectors stage, while the saved state still
+    names the stage before it (share-keys); a state left by an earlier round names another."""
+    record = context.state.config_records.get(RECORD_KEY_STATE)
+    if record is None or record.get("current_stage") != Stage.SHARE_KEYS or int(record.get("threshold", 0) or 0) <= 0:
+        return None
+    return SecAggSetup(int(record["sample_num"]), int(record["share_num"]), int(record["threshold"]))
+
+
+def with_secagg_setup(config: Mapping[str, Scalar], context: Context) -> dict[str, Scalar]:
+    """The train config with SETUP_KEY set from the protocol state (absent outside SecAgg+)."""
+    out = {k: v for k, v in config.items() if k != SETUP_KEY}
+    setup = secagg_setup(context)
+    if setup is not None:
+        out[SETUP_KEY] = setup.to_json()
+    return out
+
+
+def setup_from_config(config: Mapping[str, Scalar]) -> SecAggSetup | None:
+    """The setup `with_secagg_setup` put in the config, if any."""
+    return SecAggSetup.from_json(str(config[SETUP_KEY])) if SETUP_KEY in config else None
+
+
+def forget_secagg_state(context: Context) -> None:
+    """Drop the protocol state an earlier (finished or aborted) SecAgg+ round left, before a
+    plain train message: so a stale setup is never read for it."""
+    context.state.config_records.pop(RECORD_KEY_STATE, None)
