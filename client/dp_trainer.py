@@ -33,6 +33,7 @@ from fedtune.length_buckets import length_buckets
 from fedtune.schedule import round_progress
 
 from .dp_history import History
+from .head_features import Features, trainable_head
 from .trainer import (
     TrainResult,
     absent_label_mask,
@@ -124,6 +125,21 @@ def dp_step(gsm: GradSampleModule, optimizer: DPOptimizer, encoder: Encoder, idx
     return total / len(idx)
 
 
+def dp_head_step(gsm: GradSampleModule, optimizer: DPOptimizer, features: Features, idx: list[int],
+                 logit_mask: torch.Tensor | None) -> float:
+    """One DP-SGD step of the head alone over the cached features of the Poisson batch `idx`."""
+    inputs, labels = features
+    device = next(gsm.parameters()).device
+    logits = gsm(inputs[idx].to(device))
+    if logit_mask is not None:
+        logits = logits + logit_mask
+    loss = torch.nn.functional.cross_entropy(logits, labels[idx].to(device))
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach())
+
+
 def epsilon_after_round(settings: RunSettings, num_examples: int, num_rounds: int, history: History) -> tuple[float, float]:
     """(ε spent so far, ε after one more round of this run's DP-SGD) by the site's own
     accountant, before training: what a site's privacy ceiling is checked against."""
@@ -146,16 +162,21 @@ def train_local_dp(
     num_rounds: int,
     history: History,
     site: str = "site",
+    features: Features | None = None,
 ) -> tuple[TrainResult, History, DPReport]:
     """One round of DP-SGD on a private copy of the model; returns the trained copy's
     result, the updated accountant history and the ε report. The caller reads the
-    adapter from `model`, which is updated in place from the copy."""
+    adapter from `model`, which is updated in place from the copy.
+
+    With `features` (`dp-head-only`: the head's inputs, `head_features.py`) the copy is the
+    head alone and each step a forward pass of the head over the sampled rows."""
     settings = dp_recipe(settings)
     n = len(encoder)
     steps = steps_for_round(settings, n)
     sample_rate = min(1.0, settings.batch_size / n)
     noise = noise_multiplier_for(settings, sample_rate, steps * num_rounds)
-    work = copy.deepcopy(model)  # Opacus hooks go on a copy; the cached model stays clean
+    target: torch.nn.Module = model if features is None else trainable_head(model)
+    work = copy.deepcopy(target).float() if features is not None else copy.deepcopy(model)  # Opacus hooks go on a copy
     work.train()
     device = next(work.parameters()).device
     params = [p for p in work.parameters() if p.requires_grad]
@@ -165,7 +186,7 @@ def train_local_dp(
                             noise_multiplier=noise, max_grad_norm=settings.dp_max_grad_norm,
                             expected_batch_size=settings.batch_size, generator=noise_source)
     accountant = accountant_for(settings, history)
-    logit_mask = absent_label_mask(work, encoder, device) if settings.restricted_softmax else None
+    logit_mask = absent_label_mask(model, encoder, device) if settings.restricted_softmax else None
     lengths = example_lengths(encoder)
     losses: list[float] = []
     try:
@@ -175,13 +196,16 @@ def train_local_dp(
             accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
             if not idx:
                 continue  # an empty draw: skipping it spends less privacy than accounted
-            losses.append(dp_step(gsm, optimizer, encoder, idx, lengths, logit_mask, device))
+            if features is None:
+                losses.append(dp_step(gsm, optimizer, encoder, idx, lengths, logit_mask, device))
+            else:
+                losses.append(dp_head_step(gsm, optimizer, features, idx, logit_mask))
     finally:
         gsm.remove_hooks()
     with torch.no_grad():
-        for (_, target), (_, source) in zip(model.named_parameters(), work.named_parameters()):
-            if target.requires_grad:
-                target.copy_(source)
+        for (_, into), (_, source) in zip(target.named_parameters(), work.named_parameters()):
+            if into.requires_grad:
+                into.copy_(source.to(into.dtype))
     epsilon = epsilon_of(accountant, settings.dp_delta)
     ahead = accountant_for(settings, accountant.history)
     for _ in range(steps):

@@ -96,8 +96,11 @@ class SiteWork:
             if self.floor.max_epsilon > 0:
                 now, after = epsilon_after_round(s, len(encoder), num_rounds, spent)
                 self.floor.check_round(after, now, server_round, site.name)
+            from .head_features import cached_head_features
+
+            features = cached_head_features(model, encoder, site.name) if s.head_only else None
             result, history, report = train_local_dp(model, encoder, s, server_round, num_rounds,
-                                                     spent, site=site.name)
+                                                     spent, site=site.name, features=features)
             self.history.save(state, history)
             dp_metrics = {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
                           "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate}

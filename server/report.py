@@ -33,7 +33,8 @@ def write_report(
         f"- LoRA: r={settings.lora_r}, alpha={settings.lora_alpha}, dropout={settings.lora_dropout}, "
         f"targets={adapter_info.get('target_modules')}",
         f"- Privacy: secure aggregation {'on (SecAgg+, CSPRNG masks)' if settings.secagg else 'off'}; "
-        + (f"sample-level DP-SGD at each site (noise multiplier {settings.dp_noise_multiplier or 'from target'}, "
+        + (f"sample-level DP-SGD {_dp_mode_words(settings, records)} (noise multiplier "
+           f"{settings.dp_noise_multiplier or 'from target'}, "
            f"clip {settings.dp_max_grad_norm}, delta {settings.dp_delta}), worst site epsilon "
            f"{max((r.get('dp_epsilon_max', 0.0) for r in records), default=0.0):.3f}"
            + (f" of budget {settings.dp_epsilon_budget}" if settings.dp_epsilon_budget > 0 else "")
@@ -109,3 +110,13 @@ def write_report(
     lines.append("")
     path.write_text("\n".join(lines), encoding="utf-8")
     return path
+
+
+def _dp_mode_words(settings: RunSettings, records: list[dict[str, Any]]) -> str:
+    """How the DP noise was added, in the report's words."""
+    if settings.dp_mode != "distributed":
+        return f"at each site ({settings.dp_accountant.upper()} accountant)"
+    own = max((s.get("dp_epsilon_own_noise", 0.0) for r in records for s in r.get("sites", {}).values()), default=0.0)
+    return (f"distributed through SecAgg+ (one step per round, each site adding a share of the noise; "
+            f"{settings.dp_accountant.upper()} accountant; worst site epsilon on its own shares alone {own:.3f})")
+

@@ -115,3 +115,27 @@ def test_distributed_dp_federation_accounts_epsilon_and_stops_at_budget(
 
     start, final = (load_file(str(d / "adapter_model.safetensors")) for d in (run_dir / "round-000", run_dir / "final"))
     assert any(not torch.equal(start[k], final[k]) for k in final if "lora_" not in k)  # server Adam moved the head
+
+
+@pytest.mark.parametrize("name", ["rdp", "prv"])
+def test_the_site_accountant_is_opacus_own(name: str) -> None:
+    """`dp-accountant` picks Opacus' RDP or PRV accountant; the site's ε after its history is
+    theirs, and PRV needs the smaller noise multiplier for the same target."""
+    from opacus.accountants import create_accountant
+    from opacus.accountants.utils import get_noise_multiplier
+
+    from fedtune.client.dp_trainer import accountant_for, epsilon_of, noise_multiplier_for
+
+    settings = RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 4.0, "dp-accountant": name})
+    history = [(1.2, 0.2, 30), (0.9, 0.1, 12)]
+    reference = create_accountant(name)
+    for noise, rate, steps in history:
+        for _ in range(steps):
+            reference.step(noise_multiplier=noise, sample_rate=rate)
+    assert epsilon_of(accountant_for(settings, history), 1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-3)
+    sigma = noise_multiplier_for(settings, 0.2, 100)
+    assert sigma == get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.2, steps=100,
+                                         accountant=name)
+    if name == "prv":
+        rdp = RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 4.0, "dp-accountant": "rdp"})
+        assert sigma < noise_multiplier_for(rdp, 0.2, 100)

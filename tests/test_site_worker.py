@@ -170,3 +170,22 @@ def test_simulation_with_one_worker_serving_every_virtual_site(
     status, _ = call_worker(path, "status", {})
     assert status["model_loads"] == 1  # both virtual sites trained on the worker's one model
     assert sorted((r["node_config"]["partition-id"], r["rounds"]) for r in status["runs"]) == [(0, [1, 2]), (1, [1, 2])]
+
+
+@pytest.mark.timeout(900)
+def test_distributed_dp_through_the_worker_sizes_its_share_from_the_protocol(
+        worker: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path, federate, tiny_bert_dir: Path,
+        sentiment_data: dict[str, Path]) -> None:
+    """The thin ClientApp reads SecAgg+'s threshold from its own protocol state and hands it
+    to the worker with the train config: the worker's noise share follows it."""
+    path, _ = worker
+    run_dir = federate(tmp_path, "ddp-via-worker", {
+        "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]), "labels-file": str(sentiment_data["labels"]),
+        "central-eval-path": str(sentiment_data["test"]), "secagg": True, "num-rounds": 2, "dp": True,
+        "dp-mode": "distributed", "dp-noise-multiplier": 1.0, "site-worker-socket": str(path),
+        "site-state-dir": str(tmp_path / "state")})
+    records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in records] == [1, 2]
+    sites = [s for r in records for s in r["sites"].values()]
+    assert len(sites) == 4 and all(s["dp_noise_shares"] == 2 and s["steps"] == 1 for s in sites)
+    assert all(s["dp_epsilon_own_noise"] > s["dp_epsilon"] > 0 for s in sites)
