@@ -99,6 +99,10 @@ def privacy_floor(args: argparse.Namespace) -> dict[str, object]:
     floor: dict[str, object] = {}
     if args.require_secagg:
         floor["require-secagg"] = True
+    if args.own_noise_only:
+        if args.max_epsilon is None:
+            raise FedtuneError("--own-noise-only applies to --max-epsilon: set both")
+        floor["own-noise-only"] = True
     for flag, key, value in (("--max-epsilon", "max-epsilon", args.max_epsilon), ("--max-delta", "max-delta", args.max_delta)):
         if value is not None:
             if not value > 0:
@@ -256,6 +260,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         help="this site's floor: refuse runs without DP-SGD, and train no round after which this "
                         "site's own epsilon would exceed this")
     d_site.add_argument("--max-delta", type=float, help="this site's floor: the largest DP delta it accepts (default with --max-epsilon: 1e-5)")
+    d_site.add_argument("--own-noise-only", action="store_true",
+                        help="this site's floor under dp-mode = distributed: --max-epsilon counts only this site's own "
+                        "noise shares, not trusting the other sites to add theirs")
     d_site.add_argument("--idle-poll", type=float, default=0.5,
                         help="seconds an idle SuperNode waits before asking for work again (Flower's own: 3; default: 0.5)")
     d_site.add_argument("--no-worker", action="store_true",

@@ -104,7 +104,7 @@ def supernode_command(superlink: str, ca: Path, key: Path, data: Path, port: int
     node_config = f'data-path="{data.resolve()}" state-dir="{state_dir.resolve()}" site-name="{site_name or data.stem}"'
     if worker_socket is not None:
         node_config += f' worker-socket="{worker_socket.resolve()}"'
-    for name, value in (privacy_floor or {}).items():  # the site's own floor: require-secagg, max-epsilon, max-delta
+    for name, value in (privacy_floor or {}).items():  # the site's own floor: require-secagg, max-epsilon, max-delta, own-noise-only
         node_config += f" {name}={str(value).lower() if isinstance(value, bool) else value}"
     launcher = [tool("flower-supernode")]
     if idle_poll < 3.0 or client_tls is not None:

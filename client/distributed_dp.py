@@ -84,10 +84,13 @@ def own_noise_epsilon(settings: RunSettings, history: History, threshold: int) -
     return epsilon_of(accountant_for(settings, own), settings.dp_delta)
 
 
-def epsilon_after_round(settings: RunSettings, num_rounds: int, history: History) -> tuple[float, float]:
-    """(ε spent so far, ε after one more round): what a site's ceiling is checked against."""
-    noise = noise_multiplier_for(settings, settings.dp_sample_rate, num_rounds)
-    accountant = accountant_for(settings, history)
+def epsilon_after_round(settings: RunSettings, num_rounds: int, history: History,
+                        own_shares_of: int = 0) -> tuple[float, float]:
+    """(ε spent so far, ε after one more round): what a site's ceiling is checked against.
+    With `own_shares_of` = t, counting only the site's own shares (sigma / sqrt(t))."""
+    scale = 1 / math.sqrt(own_shares_of) if own_shares_of else 1.0
+    noise = noise_multiplier_for(settings, settings.dp_sample_rate, num_rounds) * scale
+    accountant = accountant_for(settings, [(sigma * scale, rate, steps) for sigma, rate, steps in history])
     now = epsilon_of(accountant, settings.dp_delta)
     accountant.step(noise_multiplier=noise, sample_rate=settings.dp_sample_rate)
     return now, epsilon_of(accountant, settings.dp_delta)

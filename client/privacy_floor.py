@@ -1,8 +1,10 @@
 """A site's own privacy floor, from its node config, whatever the run config says:
 `require-secagg` (the run must use SecAgg+), `max-epsilon` and `max-delta` (the run must
 use DP-SGD at the site with a δ no larger, and the site trains no round after which its
-own accountant's ε would pass the ceiling). A run that asks for less is refused with one
-line naming the site and the key."""
+own accountant's ε would pass the ceiling). Under distributed DP the ceiling applies to the
+ε of the summed noise shares, which trusts the other sites to add theirs; with
+`own-noise-only = true` it applies to the ε of this site's own shares alone. A run that asks
+for less is refused with one line naming the site and the key."""
 
 from __future__ import annotations
 
@@ -26,13 +28,15 @@ class PrivacyFloor:
     require_secagg: bool = False
     max_epsilon: float = 0.0  # 0: no ceiling
     max_delta: float = 0.0  # 0: no ceiling
+    own_noise_only: bool = False  # distributed DP: the ceiling counts only this site's own noise shares
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "PrivacyFloor":
         try:
             return cls(require_secagg=_flag(node_config.get("require-secagg", False)),
                        max_epsilon=float(node_config.get("max-epsilon", 0.0) or 0.0),
-                       max_delta=float(node_config.get("max-delta", 0.0) or 0.0))
+                       max_delta=float(node_config.get("max-delta", 0.0) or 0.0),
+                       own_noise_only=_flag(node_config.get("own-noise-only", False)))
         except ValueError as err:
             raise FedtuneError(f"node config: max-epsilon/max-delta must be numbers ({err})") from None
 

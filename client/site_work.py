@@ -135,7 +135,7 @@ class SiteWork:
         state = history_file(self.node_config, s.site_state_dir, str(config.get("run-id", "run")), site)
         spent = self.history.load(state)
         if self.floor.max_epsilon > 0:
-            now, after = epsilon_after_round(s, num_rounds, spent)
+            now, after = epsilon_after_round(s, num_rounds, spent, threshold if self.floor.own_noise_only else 0)
             self.floor.check_round(after, now, server_round, site)
         features, labels = cached_head_features(model, encoder, site)
         device = next(model.parameters()).device

@@ -69,3 +69,31 @@ def test_site_stops_at_its_own_epsilon_ceiling(tiny_bert_dir: Path, sentiment_da
         site.fit(arrays, {**config, "server-round": 2})
     spent = json.loads(history_file(site.node_config, "", "r1", "site-0").read_text())
     assert sum(step[2] for step in spent) == 3  # round 1's 3 steps only: nothing spent on the refused round
+
+
+def test_distributed_dp_ceiling_counts_all_shares_or_only_the_sites_own(
+        tiny_bert_dir: Path, sentiment_data: dict[str, Path], tmp_path: Path) -> None:
+    """Under distributed DP the ceiling applies to the summed shares' epsilon; with
+    own-noise-only it applies to the site's own shares (sigma / sqrt(t)), a stricter stop."""
+    from fedtune.client.distributed_dp import epsilon_after_round
+    from fedtune.client.secagg_setup import SETUP_KEY, SecAggSetup
+
+    run = {"dp": True, "dp-noise-multiplier": 2.0, "dp-delta": 1e-5, "secagg": True, "dp-mode": "distributed",
+           "dp-sample-rate": 0.5}
+    probe = work(tiny_bert_dir, sentiment_data, tmp_path, {}, **run)
+    _, all_shares = epsilon_after_round(probe.settings, 5, [])
+    _, own_shares = epsilon_after_round(probe.settings, 5, [], own_shares_of=2)
+    assert own_shares > 1.5 * all_shares
+    ceiling = (all_shares + own_shares) / 2  # round 1 fits on all shares, not on the site's own
+    config = {"server-round": 1, "num-rounds": 5, "run-id": "d1", SETUP_KEY: SecAggSetup(2, 2, 2).to_json()}
+    for own_only in (False, True):
+        node = {"max-epsilon": ceiling, "own-noise-only": own_only, "state-dir": str(tmp_path / f"state-{own_only}")}
+        site = work(tiny_bert_dir, sentiment_data, tmp_path, node, **run)
+        arrays = get_adapter_arrays(site.model(site.labels({})), site.settings.ffa_lora, site.settings.head_only)
+        if own_only:
+            with pytest.raises(PrivacyFloorError, match=r"site site-0 stops before round 1: its epsilon would reach"):
+                site.fit(arrays, config)
+        else:
+            _, weight, metrics = site.fit(arrays, config)
+            assert metrics["dp_epsilon"] == pytest.approx(all_shares, rel=1e-6) and weight == round(0.5 * 96)
+            assert metrics["dp_epsilon_own_noise"] == pytest.approx(own_shares, rel=1e-6) and own_shares > ceiling
