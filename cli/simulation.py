@@ -27,8 +27,6 @@ FLOWER_QUIET_ENV = {
 
 
 def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
-    import json
-
     lines = ['[project]', 'name = "fedtune-sim"', 'version = "0.0.0"', "", "[tool.flwr.app]", 'publisher = "fedtune"', "",
              "[tool.flwr.app.components]", 'serverapp = "server.app:app"', 'clientapp = "client.app:app"', "",
              "[tool.flwr.app.config]"]

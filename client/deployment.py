@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedtune.data import load_classification, load_completions
 from fedtune.child_process import Relay, stop_helpers
 from fedtune.errors import FedtuneError
-from fedtune.flower_env import child_env, tool
+from fedtune.flower_env import tool
 
 UNREGISTERED_KEY = "[code: 2004]"  # flower-supernode: "[code: 2004] Failed to activate SuperNode."
 

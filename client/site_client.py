@@ -43,8 +43,7 @@ class SiteClient(NumPyClient):
     def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
         from fedtune.adapter_io import get_adapter_arrays
 
-        return get_adapter_arrays(self.work.model(self.work.labels(config)), self.work.settings.ffa_lora,
-                                  self.work.settings.head_only)
+        return get_adapter_arrays(self.work.model(self.work.labels(config)), self.work.lora)
 
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         with errors_logged():

@@ -37,6 +37,7 @@ class SiteWork:
 
     def __init__(self, settings: RunSettings, node_config: Mapping[str, Any], history: HistoryStore) -> None:
         self.settings = settings
+        self.lora = settings.lora_settings()  # what the model trains and what travels
         self.node_config = dict(node_config)
         self.history = history
         self.floor = PrivacyFloor.from_node_config(self.node_config)
@@ -50,7 +51,7 @@ class SiteWork:
 
     def model(self, labels: Sequence[str]) -> PeftModel:
         s = self.settings
-        return cached_lora_model(s.base_model, s.task, s.lora_settings(), tuple(labels), s.seed)
+        return cached_lora_model(s.base_model, s.task, self.lora, tuple(labels), s.seed)
 
     def site(self, labels: Sequence[str]) -> SiteData:
         """The site's examples, read and split once per run (and label set)."""
@@ -80,7 +81,7 @@ class SiteWork:
         s = self.settings
         self.floor.check_run(s, site.name)  # before the model is touched
         model = self.model(labels)
-        set_adapter_arrays(model, parameters, s.ffa_lora, s.head_only)
+        set_adapter_arrays(model, parameters, self.lora)
         server_round = int(config.get("server-round", 1))
         num_rounds = int(config.get("num-rounds", s.num_rounds))
         encoder = self.encoder("train", site.train)
@@ -107,7 +108,7 @@ class SiteWork:
         else:
             result = train_local(model, encoder, s, server_round=server_round, num_rounds=num_rounds, site=site.name,
                                  proximal_mu=float(config.get("proximal_mu", 0.0)), seed=seed)
-        arrays = get_adapter_arrays(model, s.ffa_lora, s.head_only)
+        arrays = get_adapter_arrays(model, self.lora)
         metrics: dict[str, Scalar] = {
             "site": site.name,
             "train_loss": result.loss,
@@ -152,7 +153,7 @@ class SiteWork:
         site = self.site(labels)
         model = self.model(labels)
         s = self.settings
-        set_adapter_arrays(model, parameters, s.ffa_lora, s.head_only)
+        set_adapter_arrays(model, parameters, self.lora)
         examples = site.val or site.train
         encoder = self.encoder("val" if site.val else "train", examples)
         metrics = evaluate(model, encoder, max_new_tokens=s.eval_max_new_tokens, max_generated=s.eval_max_examples)

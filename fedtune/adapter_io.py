@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedtune.model import load_base_model, zero_head
+from fedtune.model import LoraSettings, load_base_model, zero_head
 
 METADATA_FILE = "fedtune.json"
 
@@ -34,27 +34,29 @@ def is_lora(key: str) -> bool:
     return ".lora_A." in key or ".lora_B." in key
 
 
-def wire_state(model: PeftModel, frozen_a: bool = False, frozen_lora: bool = False) -> dict[str, torch.Tensor]:
-    """The tensors that travel: the whole adapter (and head), without A (FFA-LoRA), or
-    the head alone (head-only: every LoRA factor stays at its seeded init, B = 0)."""
+def wire_state(model: PeftModel, lora: LoraSettings | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that travel: the whole adapter (and head), without A (FFA-LoRA:
+    `lora.freeze_a`), or the head alone (`lora.head_only`: every LoRA factor stays at its
+    seeded init, B = 0). The same LoraSettings told the builder what to freeze, so what
+    travels is what trains; None: everything travels."""
+    frozen_a, frozen_lora = (lora.freeze_a, lora.head_only) if lora is not None else (False, False)
     return {k: v for k, v in adapter_state(model).items()
             if not (frozen_a and is_lora_a(k)) and not (frozen_lora and is_lora(k))}
 
 
-def adapter_keys(model: PeftModel, frozen_a: bool = False, frozen_lora: bool = False) -> list[str]:
+def adapter_keys(model: PeftModel, lora: LoraSettings | None = None) -> list[str]:
     """The names of the tensors that travel, in wire order."""
-    return list(wire_state(model, frozen_a, frozen_lora))
+    return list(wire_state(model, lora))
 
 
-def get_adapter_arrays(model: PeftModel, frozen_a: bool = False, frozen_lora: bool = False) -> list[np.ndarray]:
+def get_adapter_arrays(model: PeftModel, lora: LoraSettings | None = None) -> list[np.ndarray]:
     """The travelling tensors as fp32 numpy arrays, in wire order."""
-    return [t.detach().to(torch.float32).cpu().numpy().copy() for t in wire_state(model, frozen_a, frozen_lora).values()]
+    return [t.detach().to(torch.float32).cpu().numpy().copy() for t in wire_state(model, lora).values()]
 
 
-def set_adapter_arrays(model: PeftModel, arrays: Sequence[np.ndarray], frozen_a: bool = False,
-                       frozen_lora: bool = False) -> None:
+def set_adapter_arrays(model: PeftModel, arrays: Sequence[np.ndarray], lora: LoraSettings | None = None) -> None:
     """Load wire-order arrays into the model's adapter; shapes must match exactly."""
-    state = wire_state(model, frozen_a, frozen_lora)
+    state = wire_state(model, lora)
     if len(arrays) != len(state):
         raise ValueError(f"expected {len(state)} adapter tensors, got {len(arrays)}")
     new_state: dict[str, torch.Tensor] = {}
@@ -65,15 +67,14 @@ def set_adapter_arrays(model: PeftModel, arrays: Sequence[np.ndarray], frozen_a:
     set_peft_model_state_dict(model, new_state)
 
 
-def load_adapter_arrays(model: PeftModel, adapter_dir: str | Path, frozen_a: bool = False,
-                        frozen_lora: bool = False) -> list[np.ndarray]:
+def load_adapter_arrays(model: PeftModel, adapter_dir: str | Path, lora: LoraSettings | None = None) -> list[np.ndarray]:
     """Load a saved PEFT checkpoint into `model` (peft's own loader) and return the
     arrays that travel, in wire order."""
     from safetensors.torch import load_file
 
     state = load_file(str(Path(adapter_dir) / "adapter_model.safetensors"))
     set_peft_model_state_dict(model, state)
-    return get_adapter_arrays(model, frozen_a, frozen_lora)
+    return get_adapter_arrays(model, lora)
 
 
 def save_adapter(model: PeftModel, out_dir: str | Path, metadata: dict[str, Any]) -> Path:

@@ -26,7 +26,7 @@ from fedtune.adapter_io import adapter_keys, get_adapter_arrays, load_adapter_ar
 from fedtune.config import RunSettings
 from fedtune.errors import FedtuneError
 from fedtune.logs import setup_logging
-from fedtune.model import build_lora_model, resolve_model_path
+from fedtune.model import LoraSettings, build_lora_model, resolve_model_path
 from fedtune.secagg.masks import install_csprng_masks
 
 from .central_eval import make_central_evaluator
@@ -82,10 +82,10 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     run_dir.create()
     log.info("fedtune %s: run %s -> %s", __version__, run_id, run_dir.path)
 
-    ffa = settings.ffa_lora
-    model = build_lora_model(settings.base_model, settings.task, settings.lora_settings(), labels, settings.seed).to(pick_device())
-    initial = get_adapter_arrays(model, ffa, settings.head_only)
-    adapter_info = _adapter_info(model, initial, ffa, settings.head_only)
+    lora = settings.lora_settings()  # what the model trains and what travels
+    model = build_lora_model(settings.base_model, settings.task, lora, labels, settings.seed).to(pick_device())
+    initial = get_adapter_arrays(model, lora)
+    adapter_info = _adapter_info(model, initial, lora)
     metadata = {
         "fedtune_version": __version__,
         "base_model": settings.base_model,
@@ -103,8 +103,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         done, initial = _resume_point(run_dir, settings, model, metadata)
     else:
         run_dir.write_json("run.json", {**metadata, "settings": settings.to_run_config(), "adapter": adapter_info})
-        run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0}, ffa,
-                             settings.head_only)
+        run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0}, lora)
     evaluate_fn = make_central_evaluator(
         settings,
         model,
@@ -124,8 +123,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
     def save_round(global_round: int, arrays: list[np.ndarray]) -> None:
         folder = run_dir.round_dir(global_round)
-        run_dir.save_adapter(model, arrays, folder, {**metadata, "round": global_round}, ffa,
-                             settings.head_only)
+        run_dir.save_adapter(model, arrays, folder, {**metadata, "round": global_round}, lora)
         save_strategy_state(flower_strategy, folder)
 
     inner: Any = flower_strategy
@@ -146,8 +144,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
 
     records = run_dir.read_metrics()
     final_arrays = [np.asarray(a) for a in _final_arrays(strategy, initial)]
-    run_dir.save_adapter(model, final_arrays, run_dir.final_dir, {**metadata, "round": records[-1]["round"] if records else 0}, ffa,
-                         settings.head_only)
+    run_dir.save_adapter(model, final_arrays, run_dir.final_dir, {**metadata, "round": records[-1]["round"] if records else 0}, lora)
     central = next((r["central"] for r in reversed(records) if r.get("central")), None)
     if central is None and evaluate_fn is not None and records and records[-1]["round"] < num_rounds:
         # The run stopped early (DP budget): evaluate the final adapter now.
@@ -189,7 +186,7 @@ def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: 
     if refusal:
         raise FedtuneError(refusal)
     folder = run_dir.round_dir(done)
-    arrays = load_adapter_arrays(model, folder, settings.ffa_lora, settings.head_only)
+    arrays = load_adapter_arrays(model, folder, settings.lora_settings())
     log.info("resume: run %s continues after round %d (rounds %d-%d to go), from %s",
              run_dir.path.name, done, done + 1, settings.num_rounds, folder)
     resumed = saved.setdefault("resumed", [])
@@ -220,15 +217,15 @@ def _final_arrays(strategy: RecordingStrategy, initial: list[np.ndarray]) -> lis
     return parameters_to_ndarrays(strategy.latest_parameters)
 
 
-def _adapter_info(model: Any, arrays: list[np.ndarray], frozen_a: bool, frozen_lora: bool) -> dict[str, Any]:
+def _adapter_info(model: Any, arrays: list[np.ndarray], lora: LoraSettings) -> dict[str, Any]:
     num_params = int(sum(a.size for a in arrays))
     total = int(sum(p.numel() for p in model.parameters()))
     # The plain model's size: no LoRA factors, and peft's trainable head copy counted once.
     extra = int(sum(p.numel() for n, p in model.named_parameters() if "lora_" in n or "modules_to_save" in n))
     return {
-        "keys": adapter_keys(model, frozen_a, frozen_lora),
-        "ffa_lora": frozen_a,
-        "head_only": frozen_lora,
+        "keys": adapter_keys(model, lora),
+        "ffa_lora": lora.freeze_a,
+        "head_only": lora.head_only,
         "num_tensors": len(arrays),
         "num_params": num_params,
         "bytes_fp32": num_params * 4,

@@ -35,7 +35,7 @@ def make_central_evaluator(
     def evaluate_fn(server_round: int, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]] | None:
         if not should_run(server_round):
             return None
-        set_adapter_arrays(model, [np.asarray(p) for p in parameters], settings.ffa_lora, settings.head_only)
+        set_adapter_arrays(model, [np.asarray(p) for p in parameters], settings.lora_settings())
         metrics = evaluate(model, encoder(), max_new_tokens=settings.eval_max_new_tokens,
                            max_generated=settings.eval_max_examples)
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}

@@ -13,6 +13,7 @@ import numpy as np
 from peft import PeftModel
 
 from fedtune.adapter_io import save_adapter, set_adapter_arrays
+from fedtune.model import LoraSettings
 
 
 @dataclass
@@ -58,9 +59,9 @@ class RunDir:
 
     def save_adapter(
         self, model: PeftModel, arrays: Sequence[np.ndarray], out_dir: Path, metadata: dict[str, Any],
-        frozen_a: bool = False, frozen_lora: bool = False,
+        lora: LoraSettings | None = None,
     ) -> Path:
         """Load the global arrays into the template model and save it in PEFT format
         (the whole adapter: with FFA-LoRA the frozen A comes from the shared seed)."""
-        set_adapter_arrays(model, arrays, frozen_a, frozen_lora)
+        set_adapter_arrays(model, arrays, lora)
         return save_adapter(model, out_dir, metadata)

@@ -61,7 +61,7 @@ def test_site_stops_at_its_own_epsilon_ceiling(tiny_bert_dir: Path, sentiment_da
     _, one = epsilon_after_round(probe.settings, n, 5, [])
     # A ceiling the first round stays under and the second would pass.
     site = work(tiny_bert_dir, sentiment_data, tmp_path, {"max-epsilon": one * 1.2}, **run)
-    arrays = get_adapter_arrays(site.model(site.labels({})), site.settings.ffa_lora, site.settings.head_only)
+    arrays = get_adapter_arrays(site.model(site.labels({})), site.lora)
     config = {"server-round": 1, "num-rounds": 5, "run-id": "r1"}
     _, _, metrics = site.fit(arrays, config)
     assert metrics["dp_epsilon"] == pytest.approx(one, rel=1e-6) and metrics["dp_epsilon"] <= one * 1.2
@@ -89,7 +89,7 @@ def test_distributed_dp_ceiling_counts_all_shares_or_only_the_sites_own(
     for own_only in (False, True):
         node = {"max-epsilon": ceiling, "own-noise-only": own_only, "state-dir": str(tmp_path / f"state-{own_only}")}
         site = work(tiny_bert_dir, sentiment_data, tmp_path, node, **run)
-        arrays = get_adapter_arrays(site.model(site.labels({})), site.settings.ffa_lora, site.settings.head_only)
+        arrays = get_adapter_arrays(site.model(site.labels({})), site.lora)
         if own_only:
             with pytest.raises(PrivacyFloorError, match=r"site site-0 stops before round 1: its epsilon would reach"):
                 site.fit(arrays, config)
