@@ -94,10 +94,15 @@ def test_resume_after_coordinator_crash_equals_uninterrupted_run(
 
 
 @pytest.mark.timeout(1200)
-def test_resume_keeps_the_sites_dp_accountant(tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]) -> None:
+@pytest.mark.parametrize("mode", ["local", "distributed"])
+def test_resume_keeps_the_sites_dp_accountant(tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path],
+                                              mode: str) -> None:
     noise, batch, steps, site_train = 1.0, 16, 4, 96  # 240 rows, IID over 2 sites, 20 % held out
     sets = {**_base(tiny_bert_dir, sentiment_data, tmp_path), "dp": True, "dp-noise-multiplier": noise,
             "dp-batch-size": batch}
+    if mode == "distributed":  # one step a round at q = 16/96, the server's Adam state restored from round 2
+        sets.update({"dp-mode": "distributed", "secagg": True, "dp-sample-rate": batch / site_train})
+        steps = 1
     out = tmp_path / "runs"
     assert _simulate(out, "dp", sets, crash_after=2).returncode == 137
     resumed = _simulate(out, "dp", sets, resume=True)
@@ -113,3 +118,6 @@ def test_resume_keeps_the_sites_dp_accountant(tmp_path: Path, tiny_bert_dir: Pat
     assert [r["round"] for r in records] == [1, 2, 3, 4]
     got = [r["dp_epsilon_max"] for r in records]
     assert got == pytest.approx([epsilon_after(r) for r in (1, 2, 3, 4)], rel=1e-6)  # no restart at round 3
+    if mode == "distributed":  # the server's Adam moments were saved with round 2 and read back by the resume
+        assert (out / "dp" / "round-002" / "strategy_state.npz").exists()
+        assert "restored strategy state" in resumed.stdout
