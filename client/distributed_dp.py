@@ -45,7 +45,14 @@ from fedtune.config import RunSettings
 from fedtune.errors import FedtuneError
 
 from .dp_history import History
-from .dp_trainer import DPReport, accountant_for, epsilon_of, noise_multiplier_for, private_generators
+from .dp_trainer import (
+    DPReport,
+    accountant_for,
+    epsilon_now_and_after,
+    epsilon_of,
+    noise_multiplier_for,
+    private_generators,
+)
 from .head_features import trainable_head
 from .secagg_setup import SecAggSetup
 from .trainer import TrainResult
@@ -78,22 +85,24 @@ def checked_threshold(setup: SecAggSetup | None, site: str) -> int:
     return setup.threshold
 
 
+def own_share_history(history: History, threshold: int) -> History:
+    """The accountant history as the site's own shares alone saw it: sigma / sqrt(t) each round."""
+    return [(noise_share_multiplier(noise, threshold), rate, steps) for noise, rate, steps in history]
+
+
 def own_noise_epsilon(settings: RunSettings, history: History, threshold: int) -> float:
-    """ε of the site's records counting only its own noise shares (sigma / sqrt(t) each round)."""
-    own = [(noise / math.sqrt(threshold), rate, steps) for noise, rate, steps in history]
-    return epsilon_of(accountant_for(settings, own), settings.dp_delta)
+    """ε of the site's records counting only its own noise shares."""
+    return epsilon_of(accountant_for(settings, own_share_history(history, threshold)), settings.dp_delta)
 
 
 def epsilon_after_round(settings: RunSettings, num_rounds: int, history: History,
                         own_shares_of: int = 0) -> tuple[float, float]:
     """(ε spent so far, ε after one more round): what a site's ceiling is checked against.
     With `own_shares_of` = t, counting only the site's own shares (sigma / sqrt(t))."""
-    scale = 1 / math.sqrt(own_shares_of) if own_shares_of else 1.0
-    noise = noise_multiplier_for(settings, settings.dp_sample_rate, num_rounds) * scale
-    accountant = accountant_for(settings, [(sigma * scale, rate, steps) for sigma, rate, steps in history])
-    now = epsilon_of(accountant, settings.dp_delta)
-    accountant.step(noise_multiplier=noise, sample_rate=settings.dp_sample_rate)
-    return now, epsilon_of(accountant, settings.dp_delta)
+    noise = noise_multiplier_for(settings, settings.dp_sample_rate, num_rounds)
+    if own_shares_of:
+        history, noise = own_share_history(history, own_shares_of), noise_share_multiplier(noise, own_shares_of)
+    return epsilon_now_and_after(settings, history, noise, settings.dp_sample_rate, 1)
 
 
 def train_head_distributed_dp(
@@ -147,9 +156,7 @@ def train_head_distributed_dp(
             head.bias.copy_(work.bias.to(head.bias.dtype))
     accountant = accountant_for(settings, history)
     accountant.step(noise_multiplier=noise, sample_rate=q)
-    ahead = accountant_for(settings, accountant.history)
-    ahead.step(noise_multiplier=noise, sample_rate=q)
-    report = DPReport(epsilon_of(accountant, settings.dp_delta), epsilon_of(ahead, settings.dp_delta), noise, q)
+    report = DPReport(*epsilon_now_and_after(settings, accountant.history, noise, q, 1), noise, q)
     log.info("%s round %d: distributed DP step on %d examples, noise share %.3f (sigma %.3f / sqrt %d), q %.4f, "
              "epsilon %.3f (delta %g)", site, server_round, len(chosen), share, noise, threshold, q,
              report.epsilon, settings.dp_delta)

@@ -56,6 +56,11 @@ class DPReport:
     noise_multiplier: float
     sample_rate: float
 
+    def metrics(self) -> dict[str, float]:
+        """The figures a site reports with its update."""
+        return {"dp_epsilon": self.epsilon, "dp_epsilon_next": self.epsilon_next_round,
+                "dp_noise_multiplier": self.noise_multiplier, "dp_sample_rate": self.sample_rate}
+
 
 def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps: int) -> float:
     """The configured noise multiplier, or the one that spends `dp-target-epsilon`
@@ -78,6 +83,16 @@ def accountant_for(settings: RunSettings, history: History) -> IAccountant:
 def epsilon_of(accountant: IAccountant, delta: float) -> float:
     """ε for `delta` after the accountant's history; 0 before any step."""
     return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+
+
+def epsilon_now_and_after(settings: RunSettings, history: History, noise: float, sample_rate: float,
+                          steps: int) -> tuple[float, float]:
+    """(ε after `history`, ε after `steps` more steps at (noise, sample_rate))."""
+    accountant = accountant_for(settings, history)
+    now = epsilon_of(accountant, settings.dp_delta)
+    for _ in range(steps):
+        accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
+    return now, epsilon_of(accountant, settings.dp_delta)
 
 
 def private_generators() -> tuple[np.random.Generator, torch.Generator]:
@@ -147,11 +162,7 @@ def epsilon_after_round(settings: RunSettings, num_examples: int, num_rounds: in
     steps = steps_for_round(settings, num_examples)
     sample_rate = min(1.0, settings.batch_size / num_examples)
     noise = noise_multiplier_for(settings, sample_rate, steps * num_rounds)
-    accountant = accountant_for(settings, history)
-    now = epsilon_of(accountant, settings.dp_delta)
-    for _ in range(steps):
-        accountant.step(noise_multiplier=noise, sample_rate=sample_rate)
-    return now, epsilon_of(accountant, settings.dp_delta)
+    return epsilon_now_and_after(settings, history, noise, sample_rate, steps)
 
 
 def train_local_dp(
@@ -176,7 +187,9 @@ def train_local_dp(
     sample_rate = min(1.0, settings.batch_size / n)
     noise = noise_multiplier_for(settings, sample_rate, steps * num_rounds)
     target: torch.nn.Module = model if features is None else trainable_head(model)
-    work = copy.deepcopy(target).float() if features is not None else copy.deepcopy(model)  # Opacus hooks go on a copy
+    work = copy.deepcopy(target)  # Opacus hooks go on a copy; the cached model stays clean
+    if features is not None:
+        work.float()  # the cached features are fp32
     work.train()
     device = next(work.parameters()).device
     params = [p for p in work.parameters() if p.requires_grad]
@@ -206,11 +219,8 @@ def train_local_dp(
         for (_, into), (_, source) in zip(target.named_parameters(), work.named_parameters()):
             if into.requires_grad:
                 into.copy_(source.to(into.dtype))
-    epsilon = epsilon_of(accountant, settings.dp_delta)
-    ahead = accountant_for(settings, accountant.history)
-    for _ in range(steps):
-        ahead.step(noise_multiplier=noise, sample_rate=sample_rate)
-    report = DPReport(epsilon, epsilon_of(ahead, settings.dp_delta), noise, sample_rate)
+    epsilon, epsilon_next = epsilon_now_and_after(settings, accountant.history, noise, sample_rate, steps)
+    report = DPReport(epsilon, epsilon_next, noise, sample_rate)
     log.info("%s round %d: DP-SGD %d steps, noise %.3f, q %.4f, epsilon %.3f (delta %g)",
              site, server_round, steps, noise, sample_rate, epsilon, settings.dp_delta)
     return summarize_losses(losses, n, steps), list(accountant.history), report

@@ -18,7 +18,7 @@ from peft import PeftModel
 from fedtune.encoding import ClassificationEncoder, example_lengths
 from fedtune.errors import FedtuneError
 from fedtune.length_buckets import length_buckets
-from fedtune.model import linear_head_name
+from fedtune.model import head_attribute
 
 FEATURE_BATCH_TOKENS = 4096  # padded tokens per forward pass
 Features = tuple[torch.Tensor, torch.Tensor]
@@ -29,7 +29,7 @@ def trainable_head(model: PeftModel) -> torch.nn.Linear:
     """The Linear layer the site trains: peft's trainable copy of the seq-cls head
     (`modules_to_save`), or the head itself when peft does not wrap it."""
     base = model.get_base_model()
-    name = linear_head_name(base) or next((n for n in ("classifier", "score") if hasattr(base, n)), None)
+    name = head_attribute(base)
     wrapper = getattr(base, name) if name else None
     copies = getattr(wrapper, "modules_to_save", None)
     if copies is not None:

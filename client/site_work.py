@@ -87,24 +87,8 @@ class SiteWork:
         encoder = self.encoder("train", site.train)
         seed = s.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
-        if s.dp and s.dp_mode == "distributed":
-            result, dp_metrics = self._fit_distributed_dp(model, encoder, config, site.name, server_round, num_rounds)
-        elif s.dp:
-            from .dp_trainer import epsilon_after_round, train_local_dp  # Opacus only when used
-
-            state = history_file(self.node_config, s.site_state_dir, str(config.get("run-id", "run")), site.name)
-            spent = self.history.load(state)
-            if self.floor.max_epsilon > 0:
-                now, after = epsilon_after_round(s, len(encoder), num_rounds, spent)
-                self.floor.check_round(after, now, server_round, site.name)
-            from .head_features import cached_head_features
-
-            features = cached_head_features(model, encoder, site.name) if s.head_only else None
-            result, history, report = train_local_dp(model, encoder, s, server_round, num_rounds,
-                                                     spent, site=site.name, features=features)
-            self.history.save(state, history)
-            dp_metrics = {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
-                          "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate}
+        if s.dp:
+            result, dp_metrics = self._fit_dp(model, encoder, config, site.name, server_round, num_rounds)
         else:
             result = train_local(model, encoder, s, server_round=server_round, num_rounds=num_rounds, site=site.name,
                                  proximal_mu=float(config.get("proximal_mu", 0.0)), seed=seed)
@@ -124,29 +108,41 @@ class SiteWork:
             metrics["secagg_clipped_values"] = int(sum(int((np.abs(a) > limit).sum()) for a in arrays))
         return arrays, result.num_examples, metrics
 
-    def _fit_distributed_dp(self, model: PeftModel, encoder: Encoder, config: Config, site: str, server_round: int,
-                            num_rounds: int) -> tuple[TrainResult, dict[str, Scalar]]:
-        """One round of distributed DP (`distributed_dp.py`) on the head's cached features."""
-        from .distributed_dp import checked_threshold, epsilon_after_round, own_noise_epsilon, train_head_distributed_dp
+    def _fit_dp(self, model: PeftModel, encoder: Encoder, config: Config, site: str, server_round: int,
+                num_rounds: int) -> tuple[TrainResult, dict[str, Scalar]]:
+        """One DP round, per-site (`dp_trainer.py`) or distributed (`distributed_dp.py`): the
+        accountant's history from the site's store, the site's ceiling checked before any
+        privacy is spent, the history saved after."""
+        from . import distributed_dp, dp_trainer  # Opacus only when used
         from .head_features import cached_head_features
         from .trainer import absent_label_mask
 
         s = self.settings
-        threshold = checked_threshold(setup_from_config(config), site)
+        distributed = s.dp_mode == "distributed"
+        threshold = distributed_dp.checked_threshold(setup_from_config(config), site) if distributed else 0
         state = history_file(self.node_config, s.site_state_dir, str(config.get("run-id", "run")), site)
         spent = self.history.load(state)
         if self.floor.max_epsilon > 0:
-            now, after = epsilon_after_round(s, num_rounds, spent, threshold if self.floor.own_noise_only else 0)
+            if distributed:
+                own = threshold if self.floor.own_noise_only else 0
+                now, after = distributed_dp.epsilon_after_round(s, num_rounds, spent, own)
+            else:
+                now, after = dp_trainer.epsilon_after_round(s, len(encoder), num_rounds, spent)
             self.floor.check_round(after, now, server_round, site)
-        features, labels = cached_head_features(model, encoder, site)
-        device = next(model.parameters()).device
-        mask = absent_label_mask(model, encoder, device) if s.restricted_softmax else None
-        result, history, report, _ = train_head_distributed_dp(model, features, labels, s, server_round, num_rounds,
-                                                               threshold, spent, mask, site)
+        features = cached_head_features(model, encoder, site) if s.head_only else None
+        extra: dict[str, Scalar] = {}
+        if distributed:
+            assert features is not None  # config: distributed DP is head-only
+            mask = absent_label_mask(model, encoder, next(model.parameters()).device) if s.restricted_softmax else None
+            result, history, report, _ = distributed_dp.train_head_distributed_dp(
+                model, *features, s, server_round, num_rounds, threshold, spent, mask, site)
+            extra = {"dp_noise_shares": threshold,
+                     "dp_epsilon_own_noise": distributed_dp.own_noise_epsilon(s, history, threshold)}
+        else:
+            result, history, report = dp_trainer.train_local_dp(model, encoder, s, server_round, num_rounds, spent,
+                                                                site=site, features=features)
         self.history.save(state, history)
-        return result, {"dp_epsilon": report.epsilon, "dp_epsilon_next": report.epsilon_next_round,
-                        "dp_noise_multiplier": report.noise_multiplier, "dp_sample_rate": report.sample_rate,
-                        "dp_noise_shares": threshold, "dp_epsilon_own_noise": own_noise_epsilon(s, history, threshold)}
+        return result, {**report.metrics(), **extra}
 
     def evaluate(self, parameters: list[np.ndarray], config: Config) -> tuple[float, int, dict[str, Scalar]]:
         labels = self.labels(config)

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedtune.model import LoraSettings, load_base_model, zero_head
+from fedtune.model import LoraSettings, frozen_lora_parts, load_base_model, zero_head
 
 METADATA_FILE = "fedtune.json"
 
@@ -24,24 +24,13 @@ def adapter_state(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: state[k] for k in sorted(state)}
 
 
-def is_lora_a(key: str) -> bool:
-    """True for LoRA's down-projection A, which FFA-LoRA freezes and never sends."""
-    return ".lora_A." in key
-
-
-def is_lora(key: str) -> bool:
-    """True for any LoRA factor (A or B), which a head-only run freezes and never sends."""
-    return ".lora_A." in key or ".lora_B." in key
-
-
 def wire_state(model: PeftModel, lora: LoraSettings | None = None) -> dict[str, torch.Tensor]:
     """The tensors that travel: the whole adapter (and head), without A (FFA-LoRA:
     `lora.freeze_a`), or the head alone (`lora.head_only`: every LoRA factor stays at its
-    seeded init, B = 0). The same LoraSettings told the builder what to freeze, so what
-    travels is what trains; None: everything travels."""
-    frozen_a, frozen_lora = (lora.freeze_a, lora.head_only) if lora is not None else (False, False)
-    return {k: v for k, v in adapter_state(model).items()
-            if not (frozen_a and is_lora_a(k)) and not (frozen_lora and is_lora(k))}
+    seeded init, B = 0): all but what the builder froze (`frozen_lora_parts`). None:
+    everything travels."""
+    frozen = frozen_lora_parts(lora) if lora is not None else ()
+    return {k: v for k, v in adapter_state(model).items() if not any(part in k for part in frozen)}
 
 
 def adapter_keys(model: PeftModel, lora: LoraSettings | None = None) -> list[str]:

@@ -104,8 +104,23 @@ def linear_head_name(base: PreTrainedModel) -> str | None:
     return next((name for name in _LINEAR_HEAD_NAMES if isinstance(getattr(base, name, None), torch.nn.Linear)), None)
 
 
+def head_attribute(base: PreTrainedModel) -> str | None:
+    """The attribute holding a seq-cls model's head ('classifier' or 'score'), whatever its
+    kind: a Linear, a head with hidden layers, or peft's wrapper around either."""
+    return next((name for name in _LINEAR_HEAD_NAMES if getattr(base, name, None) is not None), None)
+
+
 def _head_kind(base: PreTrainedModel) -> str:
-    return type(getattr(base, "classifier", None) or getattr(base, "score", None)).__name__
+    name = head_attribute(base)
+    return type(getattr(base, name) if name else None).__name__
+
+
+def frozen_lora_parts(lora: LoraSettings) -> tuple[str, ...]:
+    """Name parts of the LoRA factors the builder freezes: A under FFA-LoRA, A and B with
+    `head_only`. `adapter_io` leaves the same tensors off the wire, so what travels is what trains."""
+    if lora.head_only:
+        return (".lora_A.", ".lora_B.")
+    return (".lora_A.",) if lora.freeze_a else ()
 
 
 def head_module(base: PreTrainedModel) -> str:
@@ -190,9 +205,8 @@ def build_lora_model(
                                                       int(getattr(config, "num_hidden_layers", 0) or 0)))
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError("lora-target-modules", str(err).splitlines()[0]) from None
-    if lora.freeze_a or lora.head_only:
-        frozen = (".lora_A.", ".lora_B.") if lora.head_only else (".lora_A.",)
-        for name, param in peft_model.named_parameters():
-            if any(part in name for part in frozen):
-                param.requires_grad_(False)
+    frozen = frozen_lora_parts(lora)
+    for name, param in peft_model.named_parameters():
+        if any(part in name for part in frozen):
+            param.requires_grad_(False)
     return peft_model
