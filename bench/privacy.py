@@ -336,10 +336,8 @@ def dp_section(config: dict[str, Any], central: dict[str, Any], sites: int, stam
     targets = {"dp_eps8_over_central_accuracy": ">= 0.90", "dp_eps1_over_central_accuracy": ">= 0.70"}
     rows = "\n".join(
         f"| {name} | {v['accuracy']:.4f} | {ratio[name]:.4f} | {v['macro_f1']:.4f} | {v['epsilon']:.2f} | "
-        f"{v['epsilon_own_noise']:.2f} | {v['round_seconds_median']:.1f} | {v['wall_seconds'] / 60:.1f} | {v['rounds']} |"
-        if v["epsilon_own_noise"] else
-        f"| {name} | {v['accuracy']:.4f} | {ratio[name]:.4f} | {v['macro_f1']:.4f} | {v['epsilon']:.2f} | - | "
-        f"{v['round_seconds_median']:.1f} | {v['wall_seconds'] / 60:.1f} | {v['rounds']} |" for name, v in runs.items())
+        f"{f'{own:.2f}' if (own := v['epsilon_own_noise']) else '-'} | {v['round_seconds_median']:.1f} | "
+        f"{v['wall_seconds'] / 60:.1f} | {v['rounds']} |" for name, v in runs.items())
     recipe = {k: config[k] for k in ("dp-head-only", "dp-batch-size", "dp-learning-rate", "dp-local-epochs",
                                      "dp-max-grad-norm", "num-rounds")}
     distributed = {k: v for k, v in DISTRIBUTED_RECIPE.items() if k not in DP_RECIPE}
