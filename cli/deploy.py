@@ -122,6 +122,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     from fedtune.client.site_worker import prepare_socket_dir
 
     data, ca, key = Path(args.data), Path(args.ca), Path(args.key)
+    floor = privacy_floor(args)  # bad floor flags are refused before anything is read or dialled
     if bool(args.client_cert) != bool(args.client_key):
         raise FedtuneError("--client-cert and --client-key go together (the certificate the coordinator signed "
                            "and this site's NAME.tls.key)")
@@ -140,7 +141,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         socket_path = Path(args.worker_socket or Path(args.state_dir) / "worker" / "worker.sock").resolve()
         prepare_socket_dir(socket_path)
     cmd = supernode_command(args.superlink, ca, key, data, args.port, Path(args.state_dir), args.max_retries,
-                            args.name or "", socket_path, args.idle_poll, privacy_floor(args), client_tls)
+                            args.name or "", socket_path, args.idle_poll, floor, client_tls)
     worker = worker_command(socket_path, args.worker_threads) if socket_path is not None else None
     run_site(cmd, key, args.superlink, worker, socket_path)
     return 0

@@ -47,3 +47,13 @@ def test_bad_certificate_and_unreachable_registry_are_one_line(tmp_path: Path, k
     assert "UNAVAILABLE" in line
     line = one_line_error(fedtune(*common, "--registry", "127.0.0.1:1", "--ca", str(tmp_path / "missing.pem")))
     assert "missing.pem: CA certificate file not found" in line
+
+
+def test_site_floor_flags_are_checked_before_anything_is_dialled(tmp_path: Path) -> None:
+    site = ["deploy", "site", "--superlink", f"127.0.0.1:{free_port()}", "--ca", str(tmp_path / "ca.pem"),
+            "--key", str(tmp_path / "site.key"), "--data", str(tmp_path / "site.jsonl")]
+    line = one_line_error(fedtune(*site, "--own-noise-only"))
+    assert line == "fedtune: error: --own-noise-only applies to --max-epsilon: set both"
+    line = one_line_error(fedtune(*site, "--max-epsilon", "0"))
+    assert line == "fedtune: error: --max-epsilon must be > 0, got 0.0"
+    assert not any(tmp_path.iterdir())  # nothing written
