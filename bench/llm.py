@@ -6,7 +6,10 @@ data, the same LoRA settings and the same sample budget.
 - central: plain peft + transformers `Trainer` on all training pairs in one place (what a
   user would run without fedtune), for the same number of samples;
 - federated: fedtune's simulation, 3 sites split non-IID (Dirichlet over intents),
-  SecAgg+ on, the same samples in total (rounds x sites x local steps x batch).
+  SecAgg+ on, the same samples in total (rounds x sites x local steps x site batch).
+  Each site's batch is the central batch over the number of sites (`--site-batch`), so
+  one averaged step of the federation covers about as many samples as one central step
+  and the global model takes about as many steps as the central one.
 
 All three are scored by the same code (fedtune.evaluation: greedy completion, normalised
 exact match) on the same held-out test examples.
@@ -88,6 +91,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="federated rounds")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--test-examples", type=int, default=1000, help="held-out pairs scored (0: all 3,080)")
+    parser.add_argument("--site-batch", type=int, default=0,
+                        help="each site's batch (default: the central batch over the number of sites)")
     args = parser.parse_args()
 
     from fedtune.adapter_io import load_adapter_model
@@ -96,21 +101,23 @@ def main() -> None:
     run_name = time.strftime("llm-%Y%m%d-%H%M%S")
     config = {**project_run_config(), **read_run_config_file(str(LLM_CONFIG))}
     batch = int(config["batch-size"])
-    local_steps = max(1, round(args.samples / (args.rounds * args.sites * batch)))
-    samples = args.rounds * args.sites * local_steps * batch
-    config.update({"num-rounds": args.rounds, "local-steps": local_steps, "output-dir": str(WORK / "runs"),
+    site_batch = args.site_batch or max(1, round(batch / args.sites))
+    local_steps = max(1, round(args.samples / (args.rounds * args.sites * site_batch)))
+    samples = args.rounds * args.sites * local_steps * site_batch
+    config.update({"num-rounds": args.rounds, "local-steps": local_steps, "batch-size": site_batch,
+                   "output-dir": str(WORK / "runs"),
                    "run-name": run_name, "secagg": True, "central-eval-path": "", "eval-max-examples": 32,
                    "data-path": str(resolve_path(config["data-path"]))})
-    settings = RunSettings.from_run_config({**config, "central-eval-path": str(resolve_path(
-        read_run_config_file(str(LLM_CONFIG))["central-eval-path"]))})
+    settings = RunSettings.from_run_config({**config, "batch-size": batch, "central-eval-path": str(resolve_path(
+        read_run_config_file(str(LLM_CONFIG))["central-eval-path"]))})  # the central run's settings
     examples = test_subset(settings, args.test_examples)
     print(f"budget: {samples} training samples; federated {args.rounds} rounds x {args.sites} sites x {local_steps} "
-          f"steps x batch {batch}; {len(examples)} test pairs", flush=True)
+          f"steps x site batch {site_batch} (central batch {batch}); {len(examples)} test pairs", flush=True)
 
     zero = score(load_base_model(settings.base_model, "causal-lm"), settings, examples)
     print(f"zero-shot: {zero}", flush=True)
 
-    central_model, central_run = central_trainer(settings, samples)
+    central_model, central_run = central_trainer(settings, samples)  # settings keep the central batch
     central = score(central_model, settings, examples)
     central_wall = central_run["train_seconds"] + central["eval_seconds"]
     print(f"central: {central} {central_run}", flush=True)
@@ -133,6 +140,7 @@ def main() -> None:
         "llm_federated_over_central_wall_time": round(fed_wall / central_wall, 3),
         "llm_upload_bytes_per_site_round": int(round(upload)),
         "llm_training_samples": samples,
+        "llm_site_batch": site_batch,
         "llm_test_examples": len(examples),
     }
     md = f"""## Causal LM: zero-shot vs central vs federated (`bench/llm.py`)
@@ -143,7 +151,8 @@ name the Banking77 intent of a customer message in words (`data/banking77-chat/`
 last {settings.lora_top_layers or 'all'} blocks, lr {settings.learning_rate}, batch {batch}, max-length {settings.max_length}.
 Same budget for both trainings: {samples:,} training samples ({samples / 10003:.2f} epochs of the 10,003 pairs).
 Federated: {args.sites} sites, Dirichlet alpha={config['dirichlet-alpha']} over intents, SecAgg+ on,
-{args.rounds} rounds x {local_steps} local steps. Central: peft + transformers `Trainer` on all pairs.
+{args.rounds} rounds x {local_steps} local steps x batch {site_batch} per site ({args.sites} x {site_batch} = {args.sites * site_batch}
+samples per averaged step, against {batch} per central step). Central: peft + transformers `Trainer` on all pairs.
 Scored on {len(examples):,} held-out test pairs (a seeded sample of the 3,080) by greedy completion
 (at most {settings.eval_max_new_tokens} new tokens), exact match after lower-casing and dropping punctuation.
 

@@ -56,8 +56,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "ffa-secagg": FFA,
 }
 # The recommended DP recipe (README, Privacy) is pyproject's DP defaults: head-only DP-SGD
-# (dp-head-only) from the label-name head (head-init = auto), dp-batch-size, dp-learning-rate,
-# dp-local-epochs, with SecAgg+ on; only the target epsilon changes.
+# (dp-head-only) on the [CLS] state (head-input = auto) from the label-name head (head-init = auto),
+# dp-batch-size, dp-learning-rate, dp-local-epochs, with SecAgg+ on; only the target epsilon changes.
 DP_RECIPE = {"secagg": True, "dp": True, "dp-delta": DELTA}
 DP_VARIANTS: dict[str, dict[str, Any]] = {
     "dp-eps8": {**DP_RECIPE, "dp-target-epsilon": 8.0},
@@ -65,10 +65,10 @@ DP_VARIANTS: dict[str, dict[str, Any]] = {
 }
 # Distributed DP through SecAgg+ (README, Privacy): one DP-SGD step per round, so many more
 # (cheap) rounds; each site's noise share sized by the SecAgg+ threshold; server Adam at
-# dp-learning-rate; the PRV accountant; no per-round site evaluation (a site's validation
+# dp-learning-rate 0.2; the PRV accountant; no per-round site evaluation (a site's validation
 # metrics would be released without noise).
 DISTRIBUTED_RECIPE = {**DP_RECIPE, "dp-mode": "distributed", "num-rounds": 100, "dp-sample-rate": 0.2,
-                      "dp-accountant": "prv", "fraction-evaluate": 0.0}
+                      "dp-learning-rate": 0.2, "dp-accountant": "prv", "fraction-evaluate": 0.0}
 DISTRIBUTED_VARIANTS: dict[str, dict[str, Any]] = {
     "ddp-eps8": {**DISTRIBUTED_RECIPE, "dp-target-epsilon": 8.0},
     "ddp-eps1": {**DISTRIBUTED_RECIPE, "dp-target-epsilon": 1.0},

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
-from fedtune.model import LoraSettings, frozen_lora_parts, load_base_model, zero_head
+from fedtune.model import LoraSettings, frozen_lora_parts, load_base_model, pass_cls_state, zero_head
 
 METADATA_FILE = "fedtune.json"
 
@@ -90,9 +90,12 @@ def read_metadata(adapter_dir: str | Path) -> dict[str, Any]:
 
 def load_adapter_model(adapter_dir: str | Path) -> PeftModel:
     """Rebuild base + adapter from a checkpoint with `PeftModel.from_pretrained`
-    (a low-rank head, `ffa_head_rank` in the metadata, sits on a zeroed base head)."""
+    (a low-rank head, `ffa_head_rank` in the metadata, sits on a zeroed base head; with
+    `head_input` "cls" the pooler passes the [CLS] state, as the sites trained it)."""
     meta = read_metadata(adapter_dir)
     base = load_base_model(meta["base_model"], meta["task"], meta.get("labels", []))
+    if meta.get("head_input") == "cls":
+        pass_cls_state(base)
     if meta.get("ffa_head_rank"):
         zero_head(base)
     return PeftModel.from_pretrained(base, str(adapter_dir))

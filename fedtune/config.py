@@ -20,6 +20,7 @@ STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 PARTITIONINGS = ("iid", "dirichlet")
 LR_SCHEDULES = ("linear", "cosine", "constant")
 HEAD_INITS = ("auto", "random", "label-names")
+HEAD_INPUTS = ("auto", "pooler", "cls")
 DP_MODES = ("local", "distributed")
 DP_ACCOUNTANTS = ("rdp", "prv")
 
@@ -58,6 +59,7 @@ class RunSettings:
     ffa_lora: bool = False
     ffa_head_rank: int = 0
     head_init: str = "auto"
+    head_input: str = "auto"
     local_epochs: float = 1.0
     local_steps: int = 0
     min_local_steps: int = 0
@@ -132,6 +134,7 @@ class RunSettings:
         _choice("partitioning", self.partitioning, PARTITIONINGS)
         _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
         _choice("head-init", self.head_init, HEAD_INITS)
+        _choice("head-input", self.head_input, HEAD_INPUTS)
         _choice("dp-mode", self.dp_mode, DP_MODES)
         _choice("dp-accountant", self.dp_accountant, DP_ACCOUNTANTS)
         for key, value in (
@@ -242,7 +245,7 @@ class RunSettings:
 
         return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules()), self.ffa_lora,
                             self.ffa_head_rank, self.lora_top_layers, self.resolved_head_init(),
-                            self.head_only)
+                            self.head_only, self.resolved_head_input())
 
     @property
     def head_only(self) -> bool:
@@ -257,6 +260,14 @@ class RunSettings:
         if self.head_init != "auto":
             return self.head_init
         return "label-names" if self.dp and self.task == "seq-cls" and not self.ffa_head_rank else "random"
+
+    def resolved_head_input(self) -> str:
+        """`head-input` with "auto" decided: the [CLS] state (`cls`) for the DP head-only
+        recipe, where a linear probe on a frozen base learns under noise from better
+        features, the model's own pooler otherwise (what the model was built with)."""
+        if self.head_input != "auto":
+            return self.head_input
+        return "cls" if self.head_only else "pooler"
 
     def target_modules(self) -> list[str]:
         """The configured LoRA target modules, or [] for the architecture default."""

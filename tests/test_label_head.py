@@ -64,3 +64,59 @@ def test_label_names_and_a_low_rank_head_exclude_each_other() -> None:
         RunSettings.from_run_config({"head-init": "label-names", "ffa-lora": True, "ffa-head-rank": 8})
     with pytest.raises(ConfigError, match="config 'head-init': must be one of"):
         RunSettings.from_run_config({"head-init": "names"})
+
+
+def head_input(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """What the (peft-wrapped) seq-cls head receives for `batch`."""
+    head = next(m for n, m in model.named_modules() if n.endswith("classifier.modules_to_save.default"))
+    seen: list[torch.Tensor] = []
+    hook = head.register_forward_hook(lambda module, args, output: seen.append(args[0].detach()))
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_cls_head_input_feeds_the_head_the_cls_state_and_survives_a_reload(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    from fedtune.adapter_io import load_adapter_model, save_adapter
+
+    labels = ["card_arrival", "refund not showing up"]
+    tokenizer = load_tokenizer(str(tiny_bert_dir))
+    batch = dict(tokenizer(["where is my card", "my refund is missing"], padding=True, return_tensors="pt"))
+    lora = LoraSettings(r=4, alpha=8, head_init="label-names", head_only=True, head_input="cls")
+    model = build_lora_model(str(tiny_bert_dir), "seq-cls", lora, labels, seed=1)
+    with torch.no_grad():
+        states = load_base_model(str(tiny_bert_dir), "seq-cls", labels).bert(**batch).last_hidden_state
+    assert torch.allclose(head_input(model, batch), torch.tanh(states[:, 0]), atol=1e-6)
+    pooled = build_lora_model(str(tiny_bert_dir), "seq-cls", LoraSettings(r=4, alpha=8, head_init="label-names"),
+                              labels, seed=1)
+    assert not torch.allclose(head_input(pooled, batch), torch.tanh(states[:, 0]), atol=1e-3)  # the pooler's dense layer
+
+    # The label-name head is computed on the same input: unit cosine with tanh(h_[CLS]) of the names.
+    names = dict(tokenizer([label_name_text(x) for x in labels], padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        name_states = load_base_model(str(tiny_bert_dir), "seq-cls", labels).bert(**names).last_hidden_state
+    cosine = torch.nn.functional.cosine_similarity(head_weight(model).detach(), torch.tanh(name_states[:, 0]), dim=-1)
+    assert torch.allclose(cosine, torch.ones(2), atol=1e-5)
+
+    # A checkpoint records the head input, and the export's loader rebuilds the same model.
+    with torch.no_grad():
+        head_weight(model).add_(0.1)
+        expected = model(**batch).logits
+    save_adapter(model, tmp_path / "final", {"base_model": str(tiny_bert_dir), "task": "seq-cls", "labels": labels,
+                                             "head_input": "cls"})
+    reloaded = load_adapter_model(tmp_path / "final").eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, expected, atol=1e-5)
+
+
+def test_head_input_auto_is_cls_for_the_dp_head_only_recipe_only() -> None:
+    assert RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 8.0, "dp-head-only": True}).lora_settings().head_input == "cls"
+    assert RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 8.0, "dp-head-only": False}).lora_settings().head_input == "pooler"
+    assert RunSettings.from_run_config({}).lora_settings().head_input == "pooler"
+    assert RunSettings.from_run_config({"head-input": "cls"}).lora_settings().head_input == "cls"
+    with pytest.raises(ConfigError, match="config 'head-input': must be one of"):
+        RunSettings.from_run_config({"head-input": "mean"})
