@@ -7,9 +7,10 @@ data, the same LoRA settings and the same sample budget.
   user would run without fedtune), for the same number of samples;
 - federated: fedtune's simulation, 3 sites split non-IID (Dirichlet over intents),
   SecAgg+ on, the same samples in total (rounds x sites x local steps x site batch).
-  Each site's batch is the central batch over the number of sites (`--site-batch`), so
-  one averaged step of the federation covers about as many samples as one central step
-  and the global model takes about as many steps as the central one.
+  Each site's batch is `--site-batch` (default: the central batch). With the central
+  batch over the number of sites, one averaged step of the federation covers about as
+  many samples as one central step, and the global model takes about as many steps as
+  the central one.
 
 All three are scored by the same code (fedtune.evaluation: greedy completion, normalised
 exact match) on the same held-out test examples.
@@ -92,7 +93,7 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--test-examples", type=int, default=1000, help="held-out pairs scored (0: all 3,080)")
     parser.add_argument("--site-batch", type=int, default=0,
-                        help="each site's batch (default: the central batch over the number of sites)")
+                        help="each site's batch (default: the central batch)")
     args = parser.parse_args()
 
     from fedtune.adapter_io import load_adapter_model
@@ -101,7 +102,7 @@ def main() -> None:
     run_name = time.strftime("llm-%Y%m%d-%H%M%S")
     config = {**project_run_config(), **read_run_config_file(str(LLM_CONFIG))}
     batch = int(config["batch-size"])
-    site_batch = args.site_batch or max(1, round(batch / args.sites))
+    site_batch = args.site_batch or batch
     local_steps = max(1, round(args.samples / (args.rounds * args.sites * site_batch)))
     samples = args.rounds * args.sites * local_steps * site_batch
     config.update({"num-rounds": args.rounds, "local-steps": local_steps, "batch-size": site_batch,

@@ -91,6 +91,15 @@ def run_variant(name: str, base: dict[str, Any], sites: int, stamp: str, audit: 
     return result
 
 
+def finished_variant(stamp: str, name: str) -> dict[str, Any] | None:
+    """A DP variant that an earlier, interrupted run of this stamp finished (`--resume`), or None."""
+    run_dir = WORK / "runs" / f"privacy-{stamp}-{name}"
+    if not (run_dir / "summary.json").is_file():
+        return None
+    print(f"== {name}: kept from {run_dir.name} (finished before --resume)", flush=True)
+    return read_variant(run_dir)
+
+
 def read_variant(run_dir: Path, wall: float | None = None) -> dict[str, Any]:
     """A finished variant's figures, from its run folder."""
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -308,15 +317,16 @@ error is zero up to SecAgg+'s quantisation (`tests/test_ffa_lora.py` checks it e
 
 
 def zero_shot_head_accuracy(config: dict[str, Any]) -> dict[str, float]:
-    """Test metrics of the label-name head on the untrained model: the floor DP starts from."""
+    """Test metrics of the label-name head on the untrained model, built as the DP recipe
+    builds it: the floor DP starts from."""
     from fedtune.config import RunSettings
     from fedtune.data import load_examples
     from fedtune.encoding import make_encoder
     from fedtune.evaluation import evaluate
     from fedtune.model import build_lora_model, load_tokenizer
 
-    settings = RunSettings.from_run_config({**config, "head-init": "label-names"})
-    labels = settings.label_list()
+    settings = RunSettings.from_run_config({**config, **DP_VARIANTS["dp-eps8"], "head-init": "label-names"})
+    labels = settings.label_list()  # the DP recipe's head: its input (head-input = auto) as well as its start
     model = build_lora_model(settings.base_model, settings.task, settings.lora_settings(), labels, settings.seed)
     examples = load_examples(settings.central_eval_path, settings, labels)
     return evaluate(model, make_encoder(load_tokenizer(settings.base_model), examples, settings.max_length))
@@ -327,7 +337,8 @@ def dp_section(config: dict[str, Any], central: dict[str, Any], sites: int, stam
     epsilon 8 and 1, and the label-name head's zero-shot floor."""
     zero_shot = zero_shot_head_accuracy(config)
     print(f"== zero-shot label-name head: {zero_shot}", flush=True)
-    runs = {name: run_variant(name, config, sites, stamp, None) for name in {**DP_VARIANTS, **DISTRIBUTED_VARIANTS}}
+    runs = {name: finished_variant(stamp, name) or run_variant(name, config, sites, stamp, None)
+            for name in {**DP_VARIANTS, **DISTRIBUTED_VARIANTS}}
     ratio = {name: round(v["accuracy"] / central["accuracy"], 4) for name, v in runs.items()}
     keys = {"dp_zero_shot_head_accuracy": round(zero_shot["accuracy"], 4),
             "dp_eps8_over_central_accuracy": ratio["dp-eps8"], "dp_eps1_over_central_accuracy": ratio["dp-eps1"],
