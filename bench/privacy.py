@@ -356,7 +356,8 @@ def dp_section(config: dict[str, Any], central: dict[str, Any], sites: int, stam
 
 Banking77, {sites} sites, Dirichlet alpha={config['dirichlet-alpha']}, MiniLM, SecAgg+ on. Both recipes train
 the classification head only, a linear probe on the frozen base (its features computed once per site and
-run), started from the label-name head (`head-init = auto`); Opacus does the per-example clipping
+run) that reads tanh of the [CLS] state (`head-input = auto`), started from the label-name head
+(`head-init = auto`); Opacus does the per-example clipping
 (`dp-max-grad-norm` = {config['dp-max-grad-norm']}) and Poisson sampling; noise is set so that each site spends
 its target epsilon over the whole run at delta = {DELTA:g}. Only the head (29,645 values) travels.
 

@@ -3,7 +3,8 @@ the label names (Banking77's `card_arrival` read as "card arrival"), so a federa
 and DP-SGD above all, starts from a zero-shot classifier instead of a random head.
 
 The features are what the head itself sees (a hook on its input), so any seq-cls model
-whose head is one Linear layer works: BERT's pooled [CLS], a decoder's last token. Each
+whose head is one Linear layer works: BERT's pooled [CLS] (tanh of the [CLS] state with
+`head-input = cls`), a decoder's last token. Each
 row of the head is the label's feature vector scaled to unit length times
 `LOGIT_SCALE / mean norm`, so logits are about `LOGIT_SCALE` x cosine(text, label name);
 the bias is zero. Only label names and the base weights go in: no site's data, so it

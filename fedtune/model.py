@@ -176,8 +176,8 @@ def pass_cls_state(base: PreTrainedModel) -> None:
     mean-pooled token states and carries the pooler of its pre-training untouched, so a
     linear probe on the frozen model learns better from the [CLS] state than from the pooler.
     Measured on Banking77 (cached features, 10,003 train / 3,080 test, bench/privacy.py's
-    per-site DP recipe simulated with 3 Dirichlet(0.5) sites): zero-shot label-name head 0.466
-    -> 0.509, DP-SGD at epsilon 8 0.739 -> 0.811, no noise 0.877 -> 0.905."""
+    per-site DP recipe at dp-learning-rate 0.2 simulated with 3 Dirichlet(0.5) sites): zero-shot
+    label-name head 0.466 -> 0.509, DP-SGD at epsilon 8 0.739 -> 0.811, no noise 0.877 -> 0.905."""
     pooler = getattr(getattr(base, getattr(base, "base_model_prefix", ""), None), "pooler", None)
     dense = getattr(pooler, "dense", None)
     if not isinstance(dense, torch.nn.Linear) or dense.in_features != dense.out_features:
