@@ -31,7 +31,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -91,13 +91,18 @@ def run_variant(name: str, base: dict[str, Any], sites: int, stamp: str, audit: 
     return result
 
 
-def finished_variant(stamp: str, name: str) -> dict[str, Any] | None:
-    """A DP variant that an earlier, interrupted run of this stamp finished (`--resume`), or None."""
-    run_dir = WORK / "runs" / f"privacy-{stamp}-{name}"
-    if not (run_dir / "summary.json").is_file():
-        return None
-    print(f"== {name}: kept from {run_dir.name} (finished before --resume)", flush=True)
-    return read_variant(run_dir)
+def from_disk_or_run(run_dir: Path, collect: bool, run: Callable[[], dict[str, Any]]
+                     ) -> tuple[dict[str, Any] | None, bool]:
+    """(figures, whether they were run now) for one variant: read back when its run folder
+    finished (`--resume`, `--collect`); else, unless collecting, run it, a half-written
+    folder from an interrupted run moved aside first. (None, False): collecting, not on disk."""
+    if (run_dir / "summary.json").exists():
+        return read_variant(run_dir), False
+    if collect:
+        return None, False
+    if run_dir.exists():
+        run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
+    return run(), True
 
 
 def read_variant(run_dir: Path, wall: float | None = None) -> dict[str, Any]:
@@ -131,13 +136,11 @@ def timing_pairs(config: dict[str, Any], sites: int, stamp: str, pairs: int, rou
         pair: dict[str, dict[str, Any]] = {}
         for name in ("secagg", "plain") if i % 2 == 0 else ("plain", "secagg"):
             label = f"timing{i + 1}-{name}"
-            run_dir = work / "runs" / f"privacy-{stamp}-{label}"
-            if (run_dir / "summary.json").exists():
-                pair[name] = read_variant(run_dir)
-            elif not collect:
-                if run_dir.exists():
-                    run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
-                pair[name] = run_variant(label, {**config, "num-rounds": rounds}, sites, stamp, None, VARIANTS[name])
+            result, _ = from_disk_or_run(
+                work / "runs" / f"privacy-{stamp}-{label}", collect,
+                lambda: run_variant(label, {**config, "num-rounds": rounds}, sites, stamp, None, VARIANTS[name]))
+            if result is not None:
+                pair[name] = result
         if len(pair) == 2:
             out.append(pair)
     return out
@@ -223,15 +226,13 @@ def main() -> None:
     runs: dict[str, dict[str, Any]] = {}
     resumed: list[str] = []
     for name in VARIANTS:
-        run_dir = work / "runs" / f"privacy-{stamp}-{name}"
-        if (args.collect or args.resume) and (run_dir / "summary.json").exists():
-            runs[name] = read_variant(run_dir)
-        elif not args.collect:
-            if run_dir.exists():
-                run_dir.rename(run_dir.with_name(f"{run_dir.name}.interrupted-{time.strftime('%H%M%S')}"))
-            if args.resume:
-                resumed.append(name)
-            runs[name] = run_variant(name, config, args.sites, stamp, audit if name == "plain" else None)
+        result, ran = from_disk_or_run(
+            work / "runs" / f"privacy-{stamp}-{name}", bool(args.collect),
+            lambda: run_variant(name, config, args.sites, stamp, audit if name == "plain" else None))
+        if result is not None:
+            runs[name] = result
+        if ran and args.resume:
+            resumed.append(name)
     missing = [name for name in VARIANTS if name not in runs]
     pairs = timing_pairs(config, args.sites, stamp, args.timing_pairs, args.timing_rounds, work, bool(args.collect))
     if "plain" in runs and "secagg" in runs:
@@ -337,8 +338,12 @@ def dp_section(config: dict[str, Any], central: dict[str, Any], sites: int, stam
     epsilon 8 and 1, and the label-name head's zero-shot floor."""
     zero_shot = zero_shot_head_accuracy(config)
     print(f"== zero-shot label-name head: {zero_shot}", flush=True)
-    runs = {name: finished_variant(stamp, name) or run_variant(name, config, sites, stamp, None)
-            for name in {**DP_VARIANTS, **DISTRIBUTED_VARIANTS}}
+    runs: dict[str, dict[str, Any]] = {}
+    for name in {**DP_VARIANTS, **DISTRIBUTED_VARIANTS}:
+        result, _ = from_disk_or_run(WORK / "runs" / f"privacy-{stamp}-{name}", False,
+                                     lambda: run_variant(name, config, sites, stamp, None))
+        assert result is not None  # never collecting here: run when not on disk
+        runs[name] = result
     ratio = {name: round(v["accuracy"] / central["accuracy"], 4) for name, v in runs.items()}
     keys = {"dp_zero_shot_head_accuracy": round(zero_shot["accuracy"], 4),
             "dp_eps8_over_central_accuracy": ratio["dp-eps8"], "dp_eps1_over_central_accuracy": ratio["dp-eps1"],
