@@ -95,6 +95,8 @@ def main() -> None:
     parser.add_argument("--site-batch", type=int, default=0,
                         help="each site's batch (default: the central batch)")
     args = parser.parse_args()
+    if args.site_batch < 0:
+        parser.error(f"--site-batch must be 0 (the central batch) or a batch size, got {args.site_batch}")
 
     from fedtune.adapter_io import load_adapter_model
     from fedtune.model import load_base_model
