@@ -47,6 +47,8 @@ OPTION_SWEEP: list[dict[str, Any]] = [
     {"algo": "rtn", "block_size": 16},
     {"accuracy_level": 0},
     {"adapter_ready": True},  # the base in INT4, the run's LoRA weights fp32 beside it
+    {"int8_last_layers": 10},  # the blocks a lora-top-layers = 10 run changed, at 8 bits
+    {"int8_last_layers": 30},  # every decoder weight of SmolLM2 at 8 bits (the INT4 gate's ceiling)
 ]
 
 

@@ -50,7 +50,10 @@ class Int4Options:
     - `symmetric`: no zero points (the builder 0.11.4 writes shared embeddings that refer to zero
       points it did not save when this is on with `rtn`, so the default is asymmetric);
     - `shared_embeddings`: the token embedding reads the quantised LM head (tied models), instead
-      of a separate fp32 table (113 MB of SmolLM2's 200 MB otherwise).
+      of a separate fp32 table (113 MB of SmolLM2's 200 MB otherwise);
+    - `int8_last_layers`: every weight of the last N decoder blocks at 8 bits (`rtn`/`k_quant*`),
+      besides what the algorithm already keeps at 8. The builder has no option naming layers, so
+      the build wraps its per-weight bit table (`make_int4_algo_config`).
     """
 
     algo: str = "k_quant_mixed"
@@ -58,6 +61,7 @@ class Int4Options:
     accuracy_level: int = 4
     symmetric: bool = False
     shared_embeddings: bool = True
+    int8_last_layers: int = 0
 
     def __post_init__(self) -> None:
         if self.algo not in ALGOS:
@@ -66,6 +70,11 @@ class Int4Options:
             raise FedtuneError(f"--int4-block-size: {self.block_size} is not one of 16, 32, 64, 128, 256")
         if self.accuracy_level not in (0, 1, 2, 3, 4):
             raise FedtuneError(f"--int4-accuracy-level: {self.accuracy_level} is not 0-4")
+        if self.int8_last_layers < 0:
+            raise FedtuneError(f"--int4-int8-last-layers: {self.int8_last_layers} is negative")
+        if self.int8_last_layers and self.algo == "default":
+            raise FedtuneError("--int4-int8-last-layers: needs --int4-algo rtn, k_quant or k_quant_mixed "
+                               "(the `default` quantiser takes no per-weight bits)")
 
     def builder_options(self) -> dict[str, Any]:
         return {"int4_algo_config": self.algo, "int4_block_size": self.block_size,
@@ -94,7 +103,7 @@ def build_int4(hf_dir: Path, out_dir: Path, options: Int4Options, cache_dir: Pat
     chatter = io.StringIO()  # the builder prints, and tqdm-s every tensor it saves
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
-                _quiet("onnxruntime.quantization", "onnx_ir"):
+                _quiet("onnxruntime.quantization", "onnx_ir"), _eight_bit_last_layers(options.int8_last_layers):
             create_model(str(hf_dir), str(hf_dir), str(out_dir), "int4", "cpu", str(cache_dir), **extra)
     except (ValueError, NotImplementedError, KeyError) as err:
         raise FedtuneError(f"{hf_dir}: onnxruntime-genai's builder cannot build this model: {err}") from None
@@ -107,6 +116,35 @@ def build_int4(hf_dir: Path, out_dir: Path, options: Int4Options, cache_dir: Pat
             "precision": "int4", "execution_provider": "cpu", **asdict(options),
             "layout": "adapter-ready" if adapter_dir is not None else "merged",
             "lora_inputs": lora_inputs}
+
+
+PROJECTIONS = ("attn/qkv_proj", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj",
+               "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
+
+
+@contextlib.contextmanager
+def _eight_bit_last_layers(count: int):  # type: ignore[no-untyped-def]
+    """While the builder runs, its bit table also puts every projection of the last `count`
+    decoder blocks at 8 bits (node names as the builder writes them; absent ones are ignored)."""
+    if count <= 0:
+        yield
+        return
+    from onnxruntime_genai.models.builder import Model  # the builder imports its package as `builders`
+
+    original = Model.make_int4_algo_config
+
+    def with_last_layers(self: Any, quant_method: str) -> Any:
+        config = original(self, quant_method)
+        for layer in range(max(0, self.num_layers - count), self.num_layers):
+            for projection in PROJECTIONS:
+                config.customized_weight_config[f"/model/layers.{layer}/{projection}/MatMul"] = {"bits": 8}
+        return config
+
+    Model.make_int4_algo_config = with_last_layers
+    try:
+        yield
+    finally:
+        Model.make_int4_algo_config = original
 
 
 @contextlib.contextmanager

@@ -122,13 +122,22 @@ def _one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> 
 @pytest.mark.timeout(900)
 def test_merged_int4_bundle_is_small_signed_gated_and_lists_every_file(llm_run: Path, keys: dict[str, Path],
                                                                      tmp_path: Path) -> None:
+    import onnx
+
     from fedtune.edge_device.generative import GenerativeModel
     from fedtune.edge_export.exporter import export_bundle
+    from fedtune.edge_export.int4_build import Int4Options
 
-    manifest = export_bundle(llm_run, tmp_path / "bundle", keys["private"], limit=4, force=True)
+    manifest = export_bundle(llm_run, tmp_path / "bundle", keys["private"], limit=4, force=True,
+                             int4=Int4Options(int8_last_layers=2))
     quant, gate = manifest["quantization"], manifest["parity"]
     assert quant["precision"] == "int4" and quant["layout"] == "merged" and quant["builder_version"] == "0.11.4"
     assert {"algo", "block_size", "accuracy_level", "symmetric", "shared_embeddings"} <= set(quant)
+    assert quant["int8_last_layers"] == 2
+    graph = onnx.load(str(tmp_path / "bundle" / "model.onnx"), load_external_data=False).graph
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    assert all(bits[f"/model/layers.{i}/mlp/up_proj/MatMul_Q8"] == 8 for i in (28, 29))  # SmolLM2: 30 blocks
+    assert bits["/model/layers.27/mlp/up_proj/MatMul_Q4"] == 4  # below them, k_quant_mixed's own table
     on_disk = {p.name for p in (tmp_path / "bundle").iterdir()} - {"manifest.json", "manifest.sig"}
     assert set(manifest["files"]) == on_disk and "model.onnx.data" in on_disk and "genai_config.json" in on_disk
     merged_fp32 = 134_515_008 * 4  # SmolLM2-135M's parameters in fp32
@@ -298,12 +307,14 @@ def test_export_refuses_an_adapter_that_fails_the_gate_or_does_not_fit(
         export_adapter_update(llm_run, merged, tmp_path / "y", keys["private"], limit=2)
 
 
-@pytest.mark.parametrize("flag, value, expected", [
-    ("--int4-block-size", "24", "--int4-block-size: 24 is not one of 16, 32, 64, 128, 256"),
-    ("--int4-accuracy-level", "7", "--int4-accuracy-level: 7 is not 0-4"),
+@pytest.mark.parametrize("flags, expected", [
+    (["--int4-block-size", "24"], "--int4-block-size: 24 is not one of 16, 32, 64, 128, 256"),
+    (["--int4-accuracy-level", "7"], "--int4-accuracy-level: 7 is not 0-4"),
+    (["--int4-int8-last-layers", "-1"], "--int4-int8-last-layers: -1 is negative"),
+    (["--int4-int8-last-layers", "4", "--int4-algo", "default"], "--int4-int8-last-layers: needs --int4-algo rtn"),
 ])
-def test_bad_int4_flags_are_one_line_before_any_work(tmp_path: Path, flag: str, value: str, expected: str) -> None:
+def test_bad_int4_flags_are_one_line_before_any_work(tmp_path: Path, flags: list[str], expected: str) -> None:
     result = _cli("export", str(tmp_path / "no-run"), "--out", str(tmp_path / "out"), "--key", str(tmp_path / "k"),
-                  flag, value)
+                  *flags)
     _one_line_error(result, expected)
     assert not (tmp_path / "out").exists()
