@@ -21,6 +21,7 @@ from fedtune.evaluation import evaluate
 
 from .dp_history import HistoryStore, history_file
 from .model_cache import cached_lora_model, cached_tokenizer
+from .optimizer_state import MemoryOptimizerStore, OptimizerStore
 from .privacy_floor import PrivacyFloor
 from .site_data import SiteData, load_site_data
 from .secagg_setup import setup_from_config
@@ -33,13 +34,16 @@ Config = Mapping[str, Scalar]
 
 
 class SiteWork:
-    """A site's part in one run: its settings, its data and its DP accountant store."""
+    """A site's part in one run: its settings, its data, its DP accountant store and where it
+    keeps its optimizer moments (`keep-optimizer-state`)."""
 
-    def __init__(self, settings: RunSettings, node_config: Mapping[str, Any], history: HistoryStore) -> None:
+    def __init__(self, settings: RunSettings, node_config: Mapping[str, Any], history: HistoryStore,
+                 optimizer_store: OptimizerStore | None = None) -> None:
         self.settings = settings
         self.lora = settings.lora_settings()  # what the model trains and what travels
         self.node_config = dict(node_config)
         self.history = history
+        self.optimizer_store = optimizer_store or MemoryOptimizerStore()
         self.floor = PrivacyFloor.from_node_config(self.node_config)
         self._site: tuple[tuple[str, ...], SiteData] | None = None
         self._encoders: dict[tuple[str, int], Encoder] = {}
@@ -91,7 +95,8 @@ class SiteWork:
             result, dp_metrics = self._fit_dp(model, encoder, config, site.name, server_round, num_rounds)
         else:
             result = train_local(model, encoder, s, server_round=server_round, num_rounds=num_rounds, site=site.name,
-                                 proximal_mu=float(config.get("proximal_mu", 0.0)), seed=seed)
+                                 proximal_mu=float(config.get("proximal_mu", 0.0)), seed=seed,
+                                 optimizer_store=self.optimizer_store if s.keep_optimizer_state else None)
         arrays = get_adapter_arrays(model, self.lora)
         metrics: dict[str, Scalar] = {
             "site": site.name,

@@ -1,5 +1,5 @@
-"""Local LoRA training at a site: AdamW, a federation-wide LR schedule, optional
-FedProx proximal term; returns only aggregate figures."""
+"""Local LoRA training at a site: AdamW (its moments optionally kept from round to round),
+a federation-wide LR schedule, optional FedProx proximal term; returns only aggregate figures."""
 
 from __future__ import annotations
 
@@ -24,6 +24,8 @@ from fedtune.encoding import (
     length_grouped_batches,
 )
 from fedtune.schedule import lr_factor, round_progress
+
+from .optimizer_state import OptimizerStore, optimizer_arrays, restore_optimizer
 
 log = logging.getLogger("fedtune.site")
 
@@ -63,12 +65,17 @@ def train_local(
     site: str = "site",
     proximal_mu: float = 0.0,
     seed: int = 0,
+    optimizer_store: OptimizerStore | None = None,
 ) -> TrainResult:
-    """Train the trainable (adapter + head) parameters in place for one round."""
+    """Train the trainable (adapter + head) parameters in place for one round. With an
+    `optimizer_store`, AdamW starts from the moments the site kept last round and keeps its own."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     anchors: Sequence[torch.Tensor] = [p.detach().clone() for p in params] if proximal_mu > 0 else []
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    kept = optimizer_store.load() if optimizer_store is not None else None
+    if kept is not None and restore_optimizer(optimizer, params, kept, site):
+        log.info("%s round %d: AdamW goes on from the moments kept last round", site, server_round)
     steps = steps_for_round(settings, len(encoder))
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)  # dropout: a round's training depends only on (seed, site, round), so resumes replay it
@@ -92,6 +99,8 @@ def train_local(
         if (step + 1) % report_every == 0 or step + 1 == steps:
             log.info("%s round %d: step %d/%d loss %.4f", site, server_round, step + 1, steps,
                      float(np.mean(losses[-report_every:])))
+    if optimizer_store is not None:
+        optimizer_store.save(optimizer_arrays(optimizer, params))
     return summarize_losses(losses, len(encoder), steps)
 
 

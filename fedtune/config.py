@@ -70,6 +70,7 @@ class RunSettings:
     lr_schedule: str = "linear"
     restricted_softmax: bool = True
     group_by_length: bool = True
+    keep_optimizer_state: bool = False
     num_rounds: int = 5
     strategy: str = "fedavg"
     proximal_mu: float = 0.01
@@ -169,6 +170,9 @@ class RunSettings:
             raise ConfigError("min-local-steps", f"must be 0 (no floor) or a count, got {self.min_local_steps}")
         if self.local_steps <= 0 and self.local_epochs <= 0:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
+        if self.keep_optimizer_state and self.dp:
+            raise ConfigError("keep-optimizer-state", "applies to plain training only (DP-SGD's optimizer restarts "
+                              "every round): set keep-optimizer-state = false or dp = false")
         if self.dp_batch_size < 0:
             raise ConfigError("dp-batch-size", f"must be 0 (use batch-size) or at least 1, got {self.dp_batch_size}")
         if self.dp_local_epochs < 0:
