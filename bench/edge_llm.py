@@ -42,13 +42,13 @@ LLAMACPP_VENV = REPO / ".venv-llamacpp"
 LLAMACPP_PIN = "llama-cpp-python==0.3.36"
 WORKER = Path(__file__).resolve().parent / "edge_llm_worker.py"
 OPTION_SWEEP: list[dict[str, Any]] = [
-    {},  # the default (k_quant_mixed, blocks of 32, accuracy level 4, asymmetric, shared embeddings)
-    {"algo": "rtn"},
-    {"algo": "rtn", "block_size": 16},
-    {"accuracy_level": 0},
-    {"adapter_ready": True},  # the base in INT4, the run's LoRA weights fp32 beside it
-    {"int8_last_layers": 10},  # the blocks a lora-top-layers = 10 run changed, at 8 bits
-    {"int8_last_layers": 30},  # every decoder weight of SmolLM2 at 8 bits (the INT4 gate's ceiling)
+    {},  # the default: k_quant_mixed, blocks of 32, accuracy level 4, asymmetric, shared embeddings,
+         # the MLP's gate and up projections at 8 bits in every block
+    {"int8_projections": []},  # k_quant_mixed's own table only (the default before)
+    {"int8_projections": ["v_proj", "down_proj"]},  # llama.cpp Q4_K_M's more-bits tensors, in every block
+    {"algo": "rtn", "int8_projections": []},  # plain round-to-nearest, the LM head at 4 bits too
+    {"int8_projections": [], "int8_last_layers": 30},  # every decoder weight at 8 bits: the gate's ceiling
+    {"adapter_ready": True},  # the base in INT4 (default options), the run's LoRA weights fp32 beside it
 ]
 
 
@@ -108,13 +108,13 @@ class Worker:
 
 
 def export_int4(run: Path, out: Path, key: Path, options: dict[str, Any], limit: int, threads: int,
-                adapter_ready: bool = False) -> dict[str, Any]:
+                eval_path: Path | None, adapter_ready: bool = False) -> dict[str, Any]:
     from fedtune.edge_export.int4_build import Int4Options
     from fedtune.edge_export.llm_export import export_llm_bundle
 
     shutil.rmtree(out, ignore_errors=True)
     return export_llm_bundle(run, out, key, options=Int4Options(**options), limit=limit, force=True,
-                             threads=threads, adapter_ready=adapter_ready)
+                             threads=threads, adapter_ready=adapter_ready, eval_path=eval_path)
 
 
 def optimum_int8(run: Path, out: Path) -> Path:
@@ -156,6 +156,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", type=Path, help="a finished causal-LM run (default: the newest under runs/)")
     parser.add_argument("--eval-examples", type=int, default=300, help="held-out prompts for exact match (default 300)")
+    parser.add_argument("--eval", type=Path, help="held-out prompt/completion file (default: the run's "
+                        "central-eval-path; bench/llm.py's runs have none: pass data/banking77-chat/test.jsonl)")
     parser.add_argument("--prompts", type=int, default=8, help="prompts for the decode timing (default 8)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=64)
@@ -187,7 +189,7 @@ def main() -> None:
         options = dict(options)
         adapter_ready = bool(options.pop("adapter_ready", False))
         manifest = export_int4(run, WORK / f"int4-{i}", private, options, args.eval_examples, args.threads,
-                               adapter_ready=adapter_ready)
+                               args.eval, adapter_ready=adapter_ready)
         sweep.append({"options": manifest["quantization"], "parity": manifest["parity"],
                       "bytes": folder_bytes(WORK / f"int4-{i}"), "export_seconds": time.perf_counter() - started})
         print(f"options {options or 'default'}: {sweep[-1]['parity']['device_exact_match']:.4f} EM vs torch "
@@ -197,8 +199,9 @@ def main() -> None:
     # 2. decoding
     int8_dir = optimum_int8(run, WORK / "optimum")
     merged = WORK / "optimum" / "merged"
-    examples = load_completions(REPO / settings["central-eval-path"] if not Path(settings["central-eval-path"]).is_absolute()
-                                else Path(settings["central-eval-path"]), settings["prompt-field"], settings["completion-field"])
+    eval_file = args.eval or Path(settings["central-eval-path"])
+    examples = load_completions(eval_file if eval_file.is_absolute() else REPO / eval_file, settings["prompt-field"],
+                                settings["completion-field"])
     with GenerativeModel(WORK / "int4-0", public) as model:
         prompts = [model.prompt_ids(e.prompt) for e in examples[: args.prompts]]
     paths = {"int4-genai": (Path(sys.executable), WORK / "int4-0"), "torch-fp32": (Path(sys.executable), merged),
@@ -213,12 +216,12 @@ def main() -> None:
 
     # 3. adapter-only update
     base = WORK / "base"
-    export_int4(run, base, private, {}, 20, args.threads, adapter_ready=True)
+    export_int4(run, base, private, {}, 20, args.threads, args.eval, adapter_ready=True)
     from fedtune.edge_export.llm_export import export_adapter_update
 
     shutil.rmtree(WORK / "update", ignore_errors=True)
     update = export_adapter_update(run, base, WORK / "update", private, limit=args.eval_examples, force=True,
-                                   threads=args.threads)
+                                   threads=args.threads, eval_path=args.eval)
 
     sizes = {"torch_fp32_bytes": (merged / "model.safetensors").stat().st_size,
              "int4_bytes": folder_bytes(WORK / "int4-0"), "optimum_int8_bytes": folder_bytes(int8_dir),
@@ -284,18 +287,22 @@ def markdown(r: dict[str, Any]) -> str:
         "agree. Decode speed as above, on 4 prompts. The llama.cpp row runs the packaged base model (the same "
         "architecture and sizes: decode speed does not depend on the weights' values).",
         "",
-        "| layout | algo | block | accuracy level | symmetric | shared embeddings | INT4 EM | drop (pt) | agreement | size | decode tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | algo | 8-bit projections (every block) | 8-bit last blocks | block | accuracy level | symmetric | "
+        "shared embeddings | INT4 EM | drop (pt) | agreement | size | decode tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for i, row in enumerate(r["sweep"]):
         o, p = row["options"], row["parity"]
         speed = r["option_speed"].get("int4-genai" if i == 0 else f"int4-genai-{i}", {}).get("decode_tokens_per_s")
-        lines.append(f"| {o['layout']} | {o['algo']} | {o['block_size']} | {o['accuracy_level']} | {o['symmetric']} | {o['shared_embeddings']} | "
+        eight = ", ".join(o.get("int8_projections") or []) or "-"
+        lines.append(f"| {o['layout']} | {o['algo']} | {eight} | {o.get('int8_last_layers', 0)} | {o['block_size']} | {o['accuracy_level']} | {o['symmetric']} | {o['shared_embeddings']} | "
                      f"{p['device_exact_match']:.4f} | {p['accuracy_drop_pt']:.2f} | {p['completion_agreement']:.3f} | "
                      f"{row['bytes'] / 1e6:.1f} MB | {speed if speed is None else f'{speed:.1f}'} |")
+    passing = [row for row in r["sweep"] if row["parity"]["accuracy_drop_pt"] <= 1.0]
     lines += ["", "INT4 is what loses the accuracy, not the runtime: the builder's fp32 export of the same merged "
               "model, run the same way, agreed with PyTorch on 100 % of 100 prompts (checked once by hand, not part "
-              "of this script). No INT4 setting tried reaches the 1-point target on this model."]
+              "of this script). A drop of 1 point is 3 of 300 prompts: agreement with fp32 is the steadier measure. "
+              f"{len(passing)} of the {len(r['sweep'])} settings above stay within the 1-point gate."]
     return "\n".join(lines)
 
 

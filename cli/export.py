@@ -45,7 +45,9 @@ def int4_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     given = {"algo": args.int4_algo, "block_size": args.int4_block_size, "accuracy_level": args.int4_accuracy_level,
              "symmetric": None if args.int4_symmetric is None else args.int4_symmetric == "yes",
              "shared_embeddings": None if args.int4_shared_embeddings is None else args.int4_shared_embeddings == "yes",
-             "int8_last_layers": args.int4_int8_last_layers}
+             "int8_last_layers": args.int4_int8_last_layers,
+             "int8_projections": None if args.int4_int8_projections is None else tuple(
+                 p.strip() for p in args.int4_int8_projections.split(",") if p.strip() and p.strip() != "none")}
     return Int4Options(**{name: value for name, value in given.items() if value is not None})  # the rest: defaults
 
 
@@ -118,6 +120,9 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     llm.add_argument("--int4-symmetric", choices=["yes", "no"], help="symmetric INT4 (default: no)")
     llm.add_argument("--int4-shared-embeddings", choices=["yes", "no"],
                      help="the embedding reads the quantised LM head (tied models; default: yes)")
+    llm.add_argument("--int4-int8-projections", metavar="NAMES",
+                     help="projections kept at 8 bits in every decoder block, comma-separated, or `none` "
+                     "(default: gate_proj,up_proj)")
     llm.add_argument("--int4-int8-last-layers", type=int, metavar="N",
                      help="every weight of the last N decoder blocks at 8 bits (default: 0)")
     exp.set_defaults(func=cmd_export)

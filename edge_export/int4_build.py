@@ -30,16 +30,22 @@ log = logging.getLogger("fedtune.export")
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ALGOS = ("rtn", "k_quant", "k_quant_mixed", "default")
+# The decoder projections by the names peft and the CLI use, and where the builder puts them.
+PROJECTION_PATHS = {"q_proj": "attn/q_proj", "k_proj": "attn/k_proj", "v_proj": "attn/v_proj",
+                    "qkv_proj": "attn/qkv_proj", "o_proj": "attn/o_proj", "gate_proj": "mlp/gate_proj",
+                    "up_proj": "mlp/up_proj", "down_proj": "mlp/down_proj"}
+PROJECTION_NAMES = tuple(PROJECTION_PATHS)
+DEFAULT_INT8_PROJECTIONS = ("gate_proj", "up_proj")
 
 
 @dataclass(frozen=True)
 class Int4Options:
     """The builder's INT4 choices; the defaults are what `bench/edge_llm.py` picked on a
     fine-tuned SmolLM2-135M (exact match and agreement with fp32, size, decode speed; see
-    docs/benchmarks.md). INT4 is hard on a 135M model: on 100 held-out prompts plain `rtn`
-    agreed with the fp32 answers on 41-54 % of prompts (blocks of 16 or 32, INT8 or fp32
-    activations, an 8-bit LM head), `k_quant_mixed` on 57 % (65 % adapter-ready, where the
-    LoRA weights stay fp32); the builder's fp32 export agreed on 100 %.
+    docs/benchmarks.md). INT4 is hard on a 135M model: on the federated SmolLM2 of `bench/llm.py`
+    (300 held-out prompts, fp32 exact match 0.850) `k_quant_mixed` alone dropped 2.3 points and
+    agreed with fp32 on 92 % of prompts, plain `rtn` 7.0 points (87 %); with the gate and up
+    projections at 8 bits 1.0 point (95 %), with every decoder weight at 8 bits 0.3 (99 %).
 
     - `algo`: `rtn` (round to nearest), `k_quant` (llama.cpp-style, LM head at 8 bits),
       `k_quant_mixed` (also some attention/MLP weights at 8 bits), `default` (onnxruntime's
@@ -51,9 +57,15 @@ class Int4Options:
       points it did not save when this is on with `rtn`, so the default is asymmetric);
     - `shared_embeddings`: the token embedding reads the quantised LM head (tied models), instead
       of a separate fp32 table (113 MB of SmolLM2's 200 MB otherwise);
-    - `int8_last_layers`: every weight of the last N decoder blocks at 8 bits (`rtn`/`k_quant*`),
-      besides what the algorithm already keeps at 8. The builder has no option naming layers, so
-      the build wraps its per-weight bit table (`make_int4_algo_config`).
+    - `int8_projections`: these projections (`gate_proj`, `up_proj`, ...) at 8 bits in every decoder
+      block, the rest at 4 (mixed precision, as llama.cpp's Q4_K_M keeps some tensors at 6 bits).
+      The default keeps the MLP's gate and up projections at 8 bits: on the federated SmolLM2 of
+      `bench/llm.py` it was the mostly-4-bit choice that agreed most with fp32 (docs/benchmarks.md);
+      none with `algo = "default"`;
+    - `int8_last_layers`: every weight of the last N decoder blocks at 8 bits too.
+
+    Both only with `rtn`/`k_quant*`. The builder has no option naming layers or projections, so the
+    build wraps its per-weight bit table (`make_int4_algo_config`).
     """
 
     algo: str = "k_quant_mixed"
@@ -61,9 +73,14 @@ class Int4Options:
     accuracy_level: int = 4
     symmetric: bool = False
     shared_embeddings: bool = True
+    int8_projections: tuple[str, ...] = DEFAULT_INT8_PROJECTIONS
     int8_last_layers: int = 0
 
     def __post_init__(self) -> None:
+        projections = tuple(self.int8_projections)  # a list from JSON or the CLI
+        if self.algo == "default" and projections == DEFAULT_INT8_PROJECTIONS:
+            projections = ()  # the `default` quantiser takes no per-weight bits: its own default is none
+        object.__setattr__(self, "int8_projections", projections)
         if self.algo not in ALGOS:
             raise FedtuneError(f"--int4-algo: {self.algo!r} is not one of {', '.join(ALGOS)}")
         if self.block_size not in (16, 32, 64, 128, 256):
@@ -72,9 +89,14 @@ class Int4Options:
             raise FedtuneError(f"--int4-accuracy-level: {self.accuracy_level} is not 0-4")
         if self.int8_last_layers < 0:
             raise FedtuneError(f"--int4-int8-last-layers: {self.int8_last_layers} is negative")
-        if self.int8_last_layers and self.algo == "default":
-            raise FedtuneError("--int4-int8-last-layers: needs --int4-algo rtn, k_quant or k_quant_mixed "
-                               "(the `default` quantiser takes no per-weight bits)")
+        unknown = [p for p in self.int8_projections if p not in PROJECTION_NAMES]
+        if unknown:
+            raise FedtuneError(f"--int4-int8-projections: {unknown[0]!r} is not one of {', '.join(PROJECTION_NAMES)}")
+        for flag, value in (("--int4-int8-last-layers", self.int8_last_layers),
+                            ("--int4-int8-projections", self.int8_projections)):
+            if value and self.algo == "default":
+                raise FedtuneError(f"{flag}: needs --int4-algo rtn, k_quant or k_quant_mixed "
+                                   "(the `default` quantiser takes no per-weight bits)")
 
     def builder_options(self) -> dict[str, Any]:
         return {"int4_algo_config": self.algo, "int4_block_size": self.block_size,
@@ -103,7 +125,7 @@ def build_int4(hf_dir: Path, out_dir: Path, options: Int4Options, cache_dir: Pat
     chatter = io.StringIO()  # the builder prints, and tqdm-s every tensor it saves
     try:
         with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
-                _quiet("onnxruntime.quantization", "onnx_ir"), _eight_bit_last_layers(options.int8_last_layers):
+                _quiet("onnxruntime.quantization", "onnx_ir"), _eight_bit_weights(options):
             create_model(str(hf_dir), str(hf_dir), str(out_dir), "int4", "cpu", str(cache_dir), **extra)
     except (ValueError, NotImplementedError, KeyError) as err:
         raise FedtuneError(f"{hf_dir}: onnxruntime-genai's builder cannot build this model: {err}") from None
@@ -118,29 +140,28 @@ def build_int4(hf_dir: Path, out_dir: Path, options: Int4Options, cache_dir: Pat
             "lora_inputs": lora_inputs}
 
 
-PROJECTIONS = ("attn/qkv_proj", "attn/q_proj", "attn/k_proj", "attn/v_proj", "attn/o_proj",
-               "mlp/gate_proj", "mlp/up_proj", "mlp/down_proj")
-
-
 @contextlib.contextmanager
-def _eight_bit_last_layers(count: int):  # type: ignore[no-untyped-def]
-    """While the builder runs, its bit table also puts every projection of the last `count`
-    decoder blocks at 8 bits (node names as the builder writes them; absent ones are ignored)."""
-    if count <= 0:
+def _eight_bit_weights(options: Int4Options):  # type: ignore[no-untyped-def]
+    """While the builder runs, its bit table also puts `int8_projections` of every decoder block
+    and every projection of the last `int8_last_layers` blocks at 8 bits (node names as the
+    builder writes them; absent ones, such as `q_proj` where it fuses `qkv_proj`, are ignored)."""
+    if options.algo == "default" or not (options.int8_projections or options.int8_last_layers):
         yield
         return
     from onnxruntime_genai.models.builder import Model  # the builder imports its package as `builders`
 
     original = Model.make_int4_algo_config
 
-    def with_last_layers(self: Any, quant_method: str) -> Any:
+    def with_eight_bit_weights(self: Any, quant_method: str) -> Any:
         config = original(self, quant_method)
-        for layer in range(max(0, self.num_layers - count), self.num_layers):
-            for projection in PROJECTIONS:
-                config.customized_weight_config[f"/model/layers.{layer}/{projection}/MatMul"] = {"bits": 8}
+        last = range(max(0, self.num_layers - options.int8_last_layers), self.num_layers)
+        for layer in range(self.num_layers):
+            for name in PROJECTION_NAMES if layer in last else options.int8_projections:
+                node = f"/model/layers.{layer}/{PROJECTION_PATHS[name]}/MatMul"
+                config.customized_weight_config[node] = {"bits": 8}
         return config
 
-    Model.make_int4_algo_config = with_last_layers
+    Model.make_int4_algo_config = with_eight_bit_weights
     try:
         yield
     finally:

@@ -77,5 +77,6 @@ def generation_parity(
         "torch_exact_match": torch_em,
         "device_exact_match": device_em,
         "completion_agreement": agree / max(len(examples), 1),
-        "accuracy_drop_pt": 100.0 * (torch_em - device_em),
+        # from the counts, as for classification: 3 of 300 is 1.0 pt, not 1.0000000000000009 (over a 1-pt gate)
+        "accuracy_drop_pt": 100.0 * round((torch_em - device_em) * len(examples)) / max(len(examples), 1),
     }

@@ -133,11 +133,13 @@ def test_merged_int4_bundle_is_small_signed_gated_and_lists_every_file(llm_run: 
     quant, gate = manifest["quantization"], manifest["parity"]
     assert quant["precision"] == "int4" and quant["layout"] == "merged" and quant["builder_version"] == "0.11.4"
     assert {"algo", "block_size", "accuracy_level", "symmetric", "shared_embeddings"} <= set(quant)
-    assert quant["int8_last_layers"] == 2
+    assert quant["int8_last_layers"] == 2 and list(quant["int8_projections"]) == ["gate_proj", "up_proj"]  # the default
     graph = onnx.load(str(tmp_path / "bundle" / "model.onnx"), load_external_data=False).graph
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
-    assert all(bits[f"/model/layers.{i}/mlp/up_proj/MatMul_Q8"] == 8 for i in (28, 29))  # SmolLM2: 30 blocks
-    assert bits["/model/layers.27/mlp/up_proj/MatMul_Q4"] == 4  # below them, k_quant_mixed's own table
+    assert all(bits[f"/model/layers.{i}/mlp/{p}_proj/MatMul_Q8"] == 8 for i in range(30) for p in ("gate", "up"))
+    assert all(bits[f"/model/layers.{i}/attn/o_proj/MatMul_Q8"] == 8 for i in (28, 29))  # SmolLM2: 30 blocks
+    assert all(bits[f"/model/layers.{i}/attn/o_proj/MatMul_Q4"] == 4 for i in range(28))  # below: 4 bits,
+    assert bits["/model/layers.4/attn/qkv_proj/MatMul_Q4"] == 4  # and k_quant_mixed's own table for the rest
     on_disk = {p.name for p in (tmp_path / "bundle").iterdir()} - {"manifest.json", "manifest.sig"}
     assert set(manifest["files"]) == on_disk and "model.onnx.data" in on_disk and "genai_config.json" in on_disk
     merged_fp32 = 134_515_008 * 4  # SmolLM2-135M's parameters in fp32
@@ -312,6 +314,8 @@ def test_export_refuses_an_adapter_that_fails_the_gate_or_does_not_fit(
     (["--int4-accuracy-level", "7"], "--int4-accuracy-level: 7 is not 0-4"),
     (["--int4-int8-last-layers", "-1"], "--int4-int8-last-layers: -1 is negative"),
     (["--int4-int8-last-layers", "4", "--int4-algo", "default"], "--int4-int8-last-layers: needs --int4-algo rtn"),
+    (["--int4-int8-projections", "gate,up_proj"], "--int4-int8-projections: 'gate' is not one of q_proj"),
+    (["--int4-int8-projections", "up_proj", "--int4-algo", "default"], "--int4-int8-projections: needs --int4-algo"),
 ])
 def test_bad_int4_flags_are_one_line_before_any_work(tmp_path: Path, flags: list[str], expected: str) -> None:
     result = _cli("export", str(tmp_path / "no-run"), "--out", str(tmp_path / "out"), "--key", str(tmp_path / "k"),
