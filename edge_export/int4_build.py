@@ -73,13 +73,14 @@ class Int4Options:
     accuracy_level: int = 4
     symmetric: bool = False
     shared_embeddings: bool = True
-    int8_projections: tuple[str, ...] = DEFAULT_INT8_PROJECTIONS
+    int8_projections: tuple[str, ...] | None = None  # None: the algorithm's default (below)
     int8_last_layers: int = 0
 
     def __post_init__(self) -> None:
-        projections = tuple(self.int8_projections)  # a list from JSON or the CLI
-        if self.algo == "default" and projections == DEFAULT_INT8_PROJECTIONS:
-            projections = ()  # the `default` quantiser takes no per-weight bits: its own default is none
+        if self.int8_projections is None:  # `default` takes no per-weight bits: its own default is none
+            projections = () if self.algo == "default" else DEFAULT_INT8_PROJECTIONS
+        else:
+            projections = tuple(self.int8_projections)  # a list from JSON or the CLI
         object.__setattr__(self, "int8_projections", projections)
         if self.algo not in ALGOS:
             raise FedtuneError(f"--int4-algo: {self.algo!r} is not one of {', '.join(ALGOS)}")
@@ -145,7 +146,7 @@ def _eight_bit_weights(options: Int4Options):  # type: ignore[no-untyped-def]
     """While the builder runs, its bit table also puts `int8_projections` of every decoder block
     and every projection of the last `int8_last_layers` blocks at 8 bits (node names as the
     builder writes them; absent ones, such as `q_proj` where it fuses `qkv_proj`, are ignored)."""
-    if options.algo == "default" or not (options.int8_projections or options.int8_last_layers):
+    if not (options.int8_projections or options.int8_last_layers):  # (both empty with `default`: checked)
         yield
         return
     from onnxruntime_genai.models.builder import Model  # the builder imports its package as `builders`
