@@ -42,8 +42,9 @@ demo: $(STAMP)
 # for it; the registry on loopback serves both as versions of one model: the device pulls
 # the bundle and streams an answer, then pulls the few-MB update and streams the fine-tuned one.
 LLM_RUN := $(or $(LLM_RUN),llm-$(shell date +%Y%m%d-%H%M%S))
-# INT4 costs this 135M model 3-6 points of exact match (docs/benchmarks.md, edge-llm), over the
-# export's default 1-point gate; the demo allows 10 points so that it shows the whole flow.
+# The demo's gates score 100 prompts of a 3-round model (1 prompt = 1 point), noisier than the
+# benchmark's 300 (where INT4 costs 1.0 point, docs/benchmarks.md edge-llm); they allow 10 points
+# so that the demo shows the whole flow. Measured on a fresh clone 2026-12-04: 0 (base) and -9 (update).
 LLM_MAX_DROP_PT ?= 10
 
 demo-llm: $(STAMP)
