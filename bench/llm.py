@@ -53,6 +53,8 @@ from fedtune.errors import FedtuneError  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 LLM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "banking77-llm.toml"
+# Run-config keys the federated arm starts from; --federated-config adds to or overrides them.
+FEDERATED_DEFAULTS: dict[str, Any] = {"keep-optimizer-state": True}
 
 
 def test_subset(settings: RunSettings, count: int) -> list[Any]:
@@ -109,12 +111,12 @@ def main() -> None:
                         help="each site's batch (0: the central batch)")
     parser.add_argument("--federated-config", nargs="*", default=[], metavar="KEY=VALUE",
                         help="run-config keys for the federated arm only, as `flwr run --run-config` takes them "
-                             "(default keep-optimizer-state=true)")
+                             "(default " + " ".join(f"{k}={json.dumps(v)}" for k, v in FEDERATED_DEFAULTS.items()) + ")")
     args = parser.parse_args()
     if args.site_batch < 0:
         parser.error(f"--site-batch must be 0 (the central batch) or a batch size, got {args.site_batch}")
     try:
-        federated_overrides = {"keep-optimizer-state": True,
+        federated_overrides = {**FEDERATED_DEFAULTS,
                                **parse_flwr_run_config(args.federated_config, flag="--federated-config")}
     except FedtuneError as err:
         parser.error(str(err))

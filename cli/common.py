@@ -88,17 +88,18 @@ def parse_flwr_run_config(items: Sequence[str], flag: str = "--run-config") -> d
     (Flower's own parser); every key must be one fedtune knows. Errors name `flag`."""
     from flwr.common.config import parse_config_args
 
+    given = f"{flag} {' '.join(items)!r}"
     try:
         config = parse_config_args(list(items)) if items else {}
     except FileNotFoundError as err:
         raise FedtuneError(f"{flag} {err.filename}: file not found") from None
     except Exception as err:  # click.ClickException, ValueError, a TOML error
         message = getattr(err, "message", None) or str(err)
-        raise FedtuneError(f"{flag} {' '.join(items)!r}: {message.splitlines()[0]}") from None
+        raise FedtuneError(f"{given}: {message.splitlines()[0]}") from None
     known = run_config_keys()
     for key in config:
         if key not in known:
-            raise unknown_key(f"{flag} {' '.join(items)!r}", key, known)
+            raise unknown_key(given, key, known)
     return config
 
 
