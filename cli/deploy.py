@@ -8,8 +8,12 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedtune.errors import FedtuneError
+
+if TYPE_CHECKING:
+    from fedtune.client.site_policy import SitePolicy
 
 
 def cmd_deploy_init(args: argparse.Namespace) -> int:
@@ -81,21 +85,42 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
     return 0
 
 
+def site_policy(args: argparse.Namespace, allowed_uids: tuple[int, ...] = ()) -> "SitePolicy":
+    """The site's policy from its own flags (`deploy site`, `deploy worker`); bad flags are one line."""
+    from fedtune.client.privacy_floor import PrivacyFloor
+    from fedtune.client.site_policy import SitePolicy
+
+    floor = privacy_floor(args)
+    data = Path(args.data).expanduser().resolve()
+    return SitePolicy(name=args.name or data.stem, data_path=data, state_dir=Path(args.state_dir).expanduser().resolve(),
+                      floor=PrivacyFloor.from_node_config(floor), min_secagg_sites=args.min_secagg_sites,
+                      allowed_uids=allowed_uids)
+
+
 def cmd_deploy_worker(args: argparse.Namespace) -> int:
     from fedtune.client.site_worker import SiteWorker
 
     from fedtune.logs import setup_logging
 
-    setup_logging()
     if args.max_message_mb <= 0:
         raise FedtuneError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
-    SiteWorker(Path(args.socket), idle_timeout=args.idle_timeout, max_message_bytes=int(args.max_message_mb * 2**20),
-               threads=args.threads).serve()
+    if args.simulation == bool(args.data):
+        raise FedtuneError("a site's worker needs --data (its policy: the data file, --state-dir, the floor); "
+                           "--simulation instead serves a one-machine simulation and enforces nothing")
+    policy = None
+    if args.data:
+        if not Path(args.data).is_file():
+            raise FedtuneError(f"--data {args.data}: file not found")
+        policy = site_policy(args, tuple(args.allow_uid))
+    setup_logging()
+    SiteWorker(Path(args.socket), policy, idle_timeout=args.idle_timeout,
+               max_message_bytes=int(args.max_message_mb * 2**20), threads=args.threads,
+               socket_group=args.socket_group).serve()
     return 0
 
 
 def privacy_floor(args: argparse.Namespace) -> dict[str, object]:
-    """The site's own privacy floor, for its node config."""
+    """The site's own privacy floor, as node-config keys."""
     floor: dict[str, object] = {}
     if args.require_secagg:
         floor["require-secagg"] = True
@@ -103,47 +128,119 @@ def privacy_floor(args: argparse.Namespace) -> dict[str, object]:
         if args.max_epsilon is None:
             raise FedtuneError("--own-noise-only applies to --max-epsilon: set both")
         floor["own-noise-only"] = True
-    for flag, key, value in (("--max-epsilon", "max-epsilon", args.max_epsilon), ("--max-delta", "max-delta", args.max_delta)):
+    for flag, key, value, high in (("--max-epsilon", "max-epsilon", args.max_epsilon, 1e6),
+                                   ("--max-delta", "max-delta", args.max_delta, 1.0)):
         if value is not None:
-            if not value > 0:
-                raise FedtuneError(f"{flag} must be > 0, got {value}")
+            if not 0 < value < high:
+                raise FedtuneError(f"{flag} must be > 0 and < {high:g}, got {value}")
             floor[key] = float(value)
     return floor
 
 
 def cmd_deploy_site(args: argparse.Namespace) -> int:
+    from fedtune.client import app_account
     from fedtune.client.deployment import (
         check_site_data,
         check_tls,
+        in_process_node_config,
         run_site,
         supernode_command,
         worker_command,
+        worker_node_config,
     )
     from fedtune.client.site_worker import prepare_socket_dir
+    from fedtune.flower_env import child_env
 
     data, ca, key = Path(args.data), Path(args.ca), Path(args.key)
+    superlink = check_address(args.superlink, "--superlink")
     floor = privacy_floor(args)  # bad floor flags are refused before anything is read or dialled
     if bool(args.client_cert) != bool(args.client_key):
         raise FedtuneError("--client-cert and --client-key go together (the certificate the coordinator signed "
                            "and this site's NAME.tls.key)")
+    if not 0.05 <= args.idle_poll <= 3.0:
+        raise FedtuneError(f"--idle-poll must be between 0.05 and 3 seconds, got {args.idle_poll}")
+    allow_apps = [check_app_hash(h) for h in args.allow_app]
     client_tls = (Path(args.client_cert), Path(args.client_key)) if args.client_cert else None
     for path, what in ((ca, "CA certificate"), (key, "site private key"), *(
             zip(client_tls, ("client certificate", "client key")) if client_tls else ())):
         if not path.exists():
             raise FedtuneError(f"{path}: {what} not found")
+    account = None
+    if args.no_worker:
+        print("site: --no-worker: the coordinator's ClientApp reads the data and enforces the floor itself; it is "
+              "not protected from that code", flush=True)
+    elif not args.same_user:
+        if os.geteuid() != 0:
+            print("site: not root, so the SuperNode and the coordinator's ClientApp run as this account and can read "
+                  "what it reads; see docs/deployment.md (two accounts) or start as root", flush=True)
+        else:
+            account = app_account.app_account(args.app_user)
+    policy = site_policy(args, (account.uid,) if account else ())
     count = check_site_data(data, args.task, args.text_field, args.label_field, args.prompt_field, args.completion_field)
-    check_tls(args.superlink, ca, client_tls=client_tls)
-    print(f"site: {data} OK ({count} examples); SuperLink {args.superlink} TLS OK; joining", flush=True)
-    if not 0.05 <= args.idle_poll <= 3.0:
-        raise FedtuneError(f"--idle-poll must be between 0.05 and 3 seconds, got {args.idle_poll}")
+    check_tls(superlink, ca, client_tls=client_tls)
+    print(f"site: {data} OK ({count} examples); SuperLink {superlink} TLS OK; joining", flush=True)
+    env, user = child_env(), None
+    if account is not None:
+        root = Path(args.app_home or app_account.DEFAULT_APP_HOME / policy.name)
+        files = {"ca.pem": ca, "supernode.key": key, **({"client.pem": client_tls[0], "client.key": client_tls[1]}
+                                                         if client_tls else {})}
+        home, copies = app_account.prepare_app_home(root, account, files)
+        ca, key = copies["ca.pem"], copies["supernode.key"]
+        client_tls = (copies["client.pem"], copies["client.key"]) if client_tls else None
+        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+        Path(args.state_dir).chmod(0o700)
+        env = {**child_env(home.home / ".flwr"), "HOME": str(home.home)}
+        app_account.check_out_of_reach(account, {"data file": data, "state folder": Path(args.state_dir)})
+        app_account.check_can_start(account, env)
+        user = (account.uid, account.gid)
+        print(f"site: the SuperNode and every ClientApp run as {account.name!r} (uid {account.uid}), which cannot "
+              f"read {data} or {args.state_dir}; the worker runs as this account", flush=True)
     socket_path = None
+    worker = None
     if not args.no_worker:
-        socket_path = Path(args.worker_socket or Path(args.state_dir) / "worker" / "worker.sock").resolve()
-        prepare_socket_dir(socket_path)
-    cmd = supernode_command(args.superlink, ca, key, data, args.port, Path(args.state_dir), args.max_retries,
-                            args.name or "", socket_path, args.idle_poll, floor, client_tls)
-    worker = worker_command(socket_path, args.worker_threads) if socket_path is not None else None
-    run_site(cmd, key, args.superlink, worker, socket_path)
+        default_socket = home.socket if account is not None else Path(args.state_dir) / "worker" / "worker.sock"
+        socket_path = Path(args.worker_socket or default_socket).resolve()
+        group = account.gid if account is not None else None
+        prepare_socket_dir(socket_path, group)
+        node_config = worker_node_config(socket_path)
+        worker = worker_command(socket_path, policy, args.worker_threads, socket_group=group)
+    else:
+        node_config = in_process_node_config(data, Path(args.state_dir), policy.name, floor)
+    cmd = supernode_command(superlink, ca, key, args.port, node_config, args.max_retries, args.idle_poll,
+                            client_tls, allow_apps)
+    run_site(cmd, key, superlink, worker, socket_path, supernode_user=user, supernode_env=env)
+    return 0
+
+
+def check_address(value: str, flag: str) -> str:
+    """HOST:PORT with a port in 1-65535, or one line naming the flag."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedtuneError(f"{flag} {value}: expected HOST:PORT, e.g. coordinator.example.org:9092")
+    return value
+
+
+def check_app_hash(value: str) -> str:
+    digest = value.lower().removeprefix("sha256:")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise FedtuneError(f"--allow-app {value}: expected an app's SHA-256 (64 hex digits; fedtune deploy app-hash "
+                           f"--app DIR prints it)")
+    return digest
+
+
+def cmd_deploy_app_hash(args: argparse.Namespace) -> int:
+    from flwr.cli.build import build_fab_from_disk
+
+    from fedtune.client.supernode_launcher import app_hash
+
+    app = Path(args.app).expanduser().resolve()
+    if not (app / "pyproject.toml").is_file():
+        raise FedtuneError(f"--app {args.app}: no pyproject.toml there; pass the Flower app folder")
+    try:
+        fab = build_fab_from_disk(app)
+    except ValueError as err:
+        raise FedtuneError(f"--app {args.app}: not a Flower app ({str(err).splitlines()[0]})") from None
+    print(f"sha256:{app_hash(fab)}")
     return 0
 
 
@@ -243,10 +340,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_site.add_argument("--client-cert", help="this site's TLS client certificate, signed by the coordinator "
                         "(when its proxy requires one)")
     d_site.add_argument("--client-key", help="the key of --client-cert (NAME.tls.key from fedtune deploy site-key)")
-    d_site.add_argument("--data", required=True, help="this site's JSONL/CSV file (never leaves the site)")
-    d_site.add_argument("--name", help="this site's name in the coordinator's metrics (default: the data file's stem)")
     d_site.add_argument("--port", type=int, default=9094, help="local port for this SuperNode's app API (default: 9094)")
-    d_site.add_argument("--state-dir", default=".fedtune-site-state", help="site-local state, e.g. the DP accountant")
     d_site.add_argument("--task", choices=["seq-cls", "causal-lm"], default="seq-cls")
     d_site.add_argument("--text-field", default="text")
     d_site.add_argument("--label-field", default="label")
@@ -255,25 +349,31 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_site.add_argument("--max-retries", type=int, help="give up after N failed connection attempts")
     d_site.add_argument("--worker-socket", help="the site worker's Unix socket (default: STATE_DIR/worker/worker.sock)")
     d_site.add_argument("--worker-threads", type=int, default=0, help="CPU threads the worker trains with (0: torch's default)")
-    d_site.add_argument("--require-secagg", action="store_true",
-                        help="this site's floor: refuse any run without SecAgg+")
-    d_site.add_argument("--max-epsilon", type=float,
-                        help="this site's floor: refuse runs without DP-SGD, and train no round after which this "
-                        "site's own epsilon would exceed this")
-    d_site.add_argument("--max-delta", type=float, help="this site's floor: the largest DP delta it accepts (default with --max-epsilon: 1e-5)")
-    d_site.add_argument("--own-noise-only", action="store_true",
-                        help="this site's floor under dp-mode = distributed: --max-epsilon counts only this site's own "
-                        "noise shares, not trusting the other sites to add theirs")
     d_site.add_argument("--idle-poll", type=float, default=0.5,
                         help="seconds an idle SuperNode waits before asking for work again (Flower's own: 3; default: 0.5)")
     d_site.add_argument("--no-worker", action="store_true",
-                        help="no site worker: each message's ClientApp process loads the model itself (slow)")
+                        help="no site worker: each message's ClientApp process loads the model itself (slow), and "
+                        "the coordinator's code reads the data and enforces the floor: no protection from it")
+    add_policy_arguments(d_site, data_required=True)
+    d_site.add_argument("--app-user", default=app_user_default(),
+                        help="as root: the account the SuperNode and every ClientApp process run as, created if "
+                        "missing; it cannot read the data or the worker's state (default: fedtune-app)")
+    d_site.add_argument("--app-home", help="as root: that account's folder (Flower's state, copies of the CA and "
+                        "the SuperNode key; the worker's socket) (default: /var/lib/fedtune-app/NAME)")
+    d_site.add_argument("--same-user", action="store_true",
+                        help="run the SuperNode as this account too (no privilege separation: the coordinator's "
+                        "ClientApp can read what this account reads)")
+    d_site.add_argument("--allow-app", action="append", default=[], metavar="SHA256",
+                        help="run only apps with this hash (repeatable; fedtune deploy app-hash --app DIR prints "
+                        "it); every app's hash is logged either way")
     d_site.set_defaults(func=cmd_deploy_site)
     d_work = dep.add_parser(
         "worker", help="site: the site worker alone (what `deploy site` starts): keeps the model loaded across rounds",
-        description="A long-lived process that loads the base model once and trains and evaluates for this site's "
-        "ClientApp over a private Unix socket (0700 directory, 0600 socket, same-uid peers only). Give the "
-        "SuperNode its path as worker-socket in --node-config.",
+        description="A long-lived process that loads the base model once and answers this site's Flower messages "
+        "(SecAgg+ included) relayed by its ClientApp over a private Unix socket (0700 directory, 0600 socket, "
+        "same-uid peers or --allow-uid). It owns the site's policy: the data file, state folder, name and privacy "
+        "floor come from its own flags, never from a message. Give the SuperNode its path as worker-socket in "
+        "--node-config.",
     )
     d_work.add_argument("--socket", required=True, help="the Unix socket to listen on (its directory is made 0700)")
     d_work.add_argument("--idle-timeout", type=float, default=1800.0,
@@ -281,6 +381,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_work.add_argument("--max-message-mb", type=float, default=1024.0,
                         help="largest request accepted, in MiB of tensors (default: 1024)")
     d_work.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    add_policy_arguments(d_work, data_required=False)
+    d_work.add_argument("--allow-uid", type=int, action="append", default=[],
+                        help="another local account (the SuperNode's) that may use the socket (repeatable)")
+    d_work.add_argument("--socket-group", type=int, help="group id given the socket's folder (0750) and socket (0660)")
+    d_work.add_argument("--simulation", action="store_true",
+                        help="serve every virtual site of a one-machine simulation, taking each site's settings "
+                        "from the message (enforces nothing; a deployed site gives --data instead)")
     d_work.set_defaults(func=cmd_deploy_worker)
     d_run = dep.add_parser(
         "run", help="coordinator: check the run's settings and files, then launch it (flwr run APP fedtune --stream)",
@@ -294,3 +401,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                        help="'key=value ...' overrides, or one TOML file (as flwr run takes; repeatable)")
     d_run.add_argument("--resume", metavar="RUN_NAME", help="continue this run after its last completed round")
     d_run.set_defaults(func=cmd_deploy_run)
+    d_hash = dep.add_parser("app-hash", help="print the hash of a Flower app as `flwr run` ships it (for a site's "
+                            "--allow-app)")
+    d_hash.add_argument("--app", default=".", help="the app folder (default: .)")
+    d_hash.set_defaults(func=cmd_deploy_app_hash)
+
+
+def app_user_default() -> str:
+    from fedtune.client.app_account import DEFAULT_APP_USER
+
+    return DEFAULT_APP_USER
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -> None:
+    """The site's own policy, given to its worker (never in a message)."""
+    parser.add_argument("--data", required=data_required, help="this site's JSONL/CSV file (never leaves the site)")
+    parser.add_argument("--name", help="this site's name in the coordinator's metrics (default: the data file's stem)")
+    parser.add_argument("--state-dir", default=".fedtune-site-state", help="site-local state, e.g. the DP accountant")
+    parser.add_argument("--require-secagg", action="store_true", help="this site's floor: refuse any run without SecAgg+")
+    parser.add_argument("--max-epsilon", type=float,
+                        help="this site's floor: refuse runs without DP-SGD, and train no round after which this "
+                        "site's own epsilon would exceed this")
+    parser.add_argument("--max-delta", type=float,
+                        help="this site's floor: the largest DP delta it accepts (default with --max-epsilon: 1e-5)")
+    parser.add_argument("--own-noise-only", action="store_true",
+                        help="this site's floor under dp-mode = distributed: --max-epsilon counts only this site's own "
+                        "noise shares, not trusting the other sites to add theirs")
+    parser.add_argument("--min-secagg-sites", type=int, default=2,
+                        help="take part in SecAgg+ only with a reconstruction threshold of at least this many sites "
+                        "(default: 2; 1 would let the coordinator unmask this site alone)")

@@ -1,15 +1,16 @@
 """The site's Flower ClientApp: `flower-supernode` (deployment) or the Simulation
 Engine runs it. With `worker-socket` in the node config (deployment), or
-`site-worker-socket` in the run config (simulation), it is a thin dispatcher to the
-site's long-lived worker (`site_worker.py`) and imports no torch, transformers or peft;
-without one it trains in its own process (`site_client.py`, imported on first use).
-SecAgg+ runs here, as a Flower mod, around whichever does the training."""
+`site-worker-socket` in the run config (simulation), it relays every message to the
+site's long-lived worker (`worker_client.relay_to_worker`), which runs SecAgg+, trains and
+builds the reply, and imports no torch, transformers or peft; this code comes from the
+coordinator, so nothing the site enforces lives here. Without a worker it trains in its
+own process (`site_client.py`, imported on first use) and SecAgg+ runs here, as a Flower
+mod around the training."""
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 from flwr.app import MetricRecord
 from flwr.client import Client
@@ -28,21 +29,15 @@ from fedtune.secagg.wire_codec import narrow_masked_reply
 from fedtune.stage_timing import TIMING_RECORD, process_start_time
 
 from .secagg_setup import forget_secagg_state
+from .worker_client import WORKER_SOCKET, relay_to_worker
 
 log = logging.getLogger("fedtune.site")
 setup_logging()
-WORKER_SOCKET = "worker-socket"  # node config key: the site worker's Unix socket
 
 
 def client_fn(context: Context) -> Client:
-    """Flower calls this for every message the site receives."""
+    """Flower calls this for every message a site without a worker receives."""
     settings = RunSettings.from_run_config(context.run_config)
-    socket_path = str(context.node_config.get(WORKER_SOCKET, "") or settings.site_worker_socket)
-    if socket_path:
-        from .worker_client import WorkerClient
-
-        timeout = settings.secagg_timeout if settings.secagg else 3600.0
-        return WorkerClient(Path(socket_path), context, timeout).to_client()
     from .site_client import SiteClient  # torch, transformers and peft: in-process training only
 
     return SiteClient(settings, context).to_client()
@@ -71,7 +66,7 @@ def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppC
 def stamp_timing(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Deployed sites only: when this ClientApp process started and how long its
     handler ran, so the coordinator can tell Flower's polling from the site's work."""
-    if "data-path" not in ctxt.node_config:
+    if WORKER_SOCKET not in ctxt.node_config and "data-path" not in ctxt.node_config:
         return call_next(msg, ctxt)  # simulation: no processes to time, no extra bytes
     started = time.time()
     reply = call_next(msg, ctxt)
@@ -82,5 +77,5 @@ def stamp_timing(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
 
 
 # The mods every site runs, outermost first; tests build their own ClientApp with extra mods around these.
-MODS = [stamp_timing, secaggplus_when_requested]
+MODS = [stamp_timing, relay_to_worker, secaggplus_when_requested]
 app = ClientApp(client_fn=client_fn, mods=list(MODS))

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -21,7 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from fedtune.data import load_classification, load_completions
 from fedtune.child_process import Relay, stop_helpers
 from fedtune.errors import FedtuneError
-from fedtune.flower_env import tool
+
+from .site_policy import SitePolicy
 
 UNREGISTERED_KEY = "[code: 2004]"  # flower-supernode: "[code: 2004] Failed to activate SuperNode."
 
@@ -94,29 +96,38 @@ def site_keypair(folder: Path, site: str) -> tuple[Path, Path]:
     return private_path, public_path
 
 
-def supernode_command(superlink: str, ca: Path, key: Path, data: Path, port: int, state_dir: Path,
-                      max_retries: int | None = None, site_name: str = "", worker_socket: Path | None = None,
-                      idle_poll: float = 3.0, privacy_floor: dict[str, object] | None = None,
-                      client_tls: tuple[Path, Path] | None = None) -> list[str]:
-    """`flower-supernode` with TLS, the site's key and node config; an `idle_poll` below
-    Flower's fixed 3 s, or a client certificate and key (`client_tls`, for a proxy that
-    requires one), run it through `supernode_launcher.py`."""
-    node_config = f'data-path="{data.resolve()}" state-dir="{state_dir.resolve()}" site-name="{site_name or data.stem}"'
-    if worker_socket is not None:
-        node_config += f' worker-socket="{worker_socket.resolve()}"'
-    for name, value in (privacy_floor or {}).items():  # the site's own floor: require-secagg, max-epsilon, max-delta, own-noise-only
-        node_config += f" {name}={str(value).lower() if isinstance(value, bool) else value}"
-    launcher = [tool("flower-supernode")]
-    if idle_poll < 3.0 or client_tls is not None:
-        launcher = [sys.executable, "-m", f"{__package__}.supernode_launcher", "--idle-poll", str(min(idle_poll, 3.0))]
-        if client_tls is not None:
-            launcher += ["--client-cert", str(client_tls[0].resolve()), "--client-key", str(client_tls[1].resolve())]
-        launcher.append("--")
-    cmd = [*launcher, "--superlink", superlink, "--root-certificates", str(ca),
+def supernode_command(superlink: str, ca: Path, key: Path, port: int, node_config: str,
+                      max_retries: int | None = None, idle_poll: float = 3.0,
+                      client_tls: tuple[Path, Path] | None = None, allow_apps: Sequence[str] = ()) -> list[str]:
+    """`flower-supernode` with TLS, the site's key and node config, run through
+    `supernode_launcher.py`: it logs the hash of every app the site is asked to run and
+    refuses those not in `allow_apps` (when given), shortens Flower's 3 s idle poll, and
+    presents a client certificate and key (`client_tls`) to a proxy that requires one."""
+    launcher = [sys.executable, "-m", f"{__package__}.supernode_launcher", "--idle-poll", str(min(idle_poll, 3.0))]
+    if client_tls is not None:
+        launcher += ["--client-cert", str(client_tls[0].resolve()), "--client-key", str(client_tls[1].resolve())]
+    for digest in allow_apps:
+        launcher += ["--allow-app", digest]
+    cmd = [*launcher, "--", "--superlink", superlink, "--root-certificates", str(ca),
            "--auth-supernode-private-key", str(key), "--node-config", node_config, "--port", str(port)]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     return cmd
+
+
+def worker_node_config(socket_path: Path) -> str:
+    """A SuperNode's node config with a site worker: the socket, nothing else (the worker
+    owns the site's data path, state folder, name and floor)."""
+    return f'worker-socket="{socket_path.resolve()}"'
+
+
+def in_process_node_config(data: Path, state_dir: Path, site_name: str, privacy_floor: dict[str, object]) -> str:
+    """A SuperNode's node config without a worker (`--no-worker`): the ClientApp reads the
+    data and enforces the floor itself, so the coordinator's code could change both."""
+    node_config = f'data-path="{data.resolve()}" state-dir="{state_dir.resolve()}" site-name="{site_name}"'
+    for name, value in privacy_floor.items():
+        node_config += f" {name}={str(value).lower() if isinstance(value, bool) else value}"
+    return node_config
 
 
 def explain_supernode_exit(code: int, output: str, key: Path, superlink: str) -> str:
@@ -127,13 +138,34 @@ def explain_supernode_exit(code: int, output: str, key: Path, superlink: str) ->
     return f"the SuperNode stopped with exit code {code}: {' / '.join(x.strip() for x in last)}"
 
 
-def worker_command(socket_path: Path, threads: int = 0, idle_timeout: float = 1800.0) -> list[str]:
-    """The site worker, run by this interpreter (`fedtune deploy worker`)."""
+def worker_command(socket_path: Path, policy: SitePolicy, threads: int = 0, idle_timeout: float = 1800.0,
+                   socket_group: int | None = None) -> list[str]:
+    """The site worker with the site's policy on its own command line (`fedtune deploy worker`)."""
     cmd = [sys.executable, "-m", "fedtune.cli", "deploy", "worker", "--socket", str(socket_path),
-           "--idle-timeout", str(idle_timeout)]
+           "--idle-timeout", str(idle_timeout), *policy_arguments(policy)]
     if threads:
         cmd += ["--threads", str(threads)]
+    if socket_group is not None:
+        cmd += ["--socket-group", str(socket_group)]
     return cmd
+
+
+def policy_arguments(policy: SitePolicy) -> list[str]:
+    """`deploy worker` flags that give a worker `policy`."""
+    floor = policy.floor
+    args = ["--data", str(policy.data_path.resolve()), "--name", policy.name, "--state-dir",
+            str(policy.state_dir.resolve()), "--min-secagg-sites", str(policy.min_secagg_sites)]
+    if floor.require_secagg:
+        args.append("--require-secagg")
+    if floor.max_epsilon > 0:
+        args += ["--max-epsilon", repr(floor.max_epsilon)]
+    if floor.max_delta > 0:
+        args += ["--max-delta", repr(floor.max_delta)]
+    if floor.own_noise_only:
+        args.append("--own-noise-only")
+    for uid in policy.allowed_uids:
+        args += ["--allow-uid", str(uid)]
+    return args
 
 
 def wait_for_worker(worker: Relay, socket_path: Path, timeout: float = 60.0) -> None:
@@ -155,11 +187,14 @@ def wait_for_worker(worker: Relay, socket_path: Path, timeout: float = 60.0) -> 
 
 
 def run_site(supernode_cmd: list[str], key: Path, superlink: str, worker_cmd: list[str] | None = None,
-             socket_path: Path | None = None, max_restarts: int = 5) -> None:
+             socket_path: Path | None = None, max_restarts: int = 5,
+             supernode_user: tuple[int, int] | None = None, supernode_env: dict[str, str] | None = None) -> None:
     """The site's one command: the worker (if any), then the SuperNode, in the foreground
     until the SuperNode exits or this process gets SIGTERM/SIGINT. A worker that dies is
     restarted (the next request waits for it); more than `max_restarts` deaths within a
-    minute stop the site. An exit other than a requested stop is one line."""
+    minute stop the site. An exit other than a requested stop is one line. With
+    `supernode_user` (uid, gid) the SuperNode, and every ClientApp process it starts, runs
+    as that account."""
     stopping = threading.Event()
     worker: Relay | None = None
     supernode: Relay | None = None
@@ -178,7 +213,7 @@ def run_site(supernode_cmd: list[str], key: Path, superlink: str, worker_cmd: li
             worker = Relay(worker_cmd, "[worker] ")
             wait_for_worker(worker, socket_path)
             print(f"site: worker ready on {socket_path} (pid {worker.child.pid})", flush=True)
-        supernode = Relay(supernode_cmd)
+        supernode = Relay(supernode_cmd, env=supernode_env, user=supernode_user)
         deaths: list[float] = []
         while supernode.child.poll() is None:
             time.sleep(0.5)

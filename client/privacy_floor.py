@@ -40,6 +40,19 @@ class PrivacyFloor:
         except ValueError as err:
             raise FedtuneError(f"node config: max-epsilon/max-delta must be numbers ({err})") from None
 
+    def to_node_config(self) -> dict[str, Any]:
+        """The floor as node-config keys (only those set)."""
+        out: dict[str, Any] = {}
+        if self.require_secagg:
+            out["require-secagg"] = True
+        if self.max_epsilon > 0:
+            out["max-epsilon"] = self.max_epsilon
+        if self.max_delta > 0:
+            out["max-delta"] = self.max_delta
+        if self.own_noise_only:
+            out["own-noise-only"] = True
+        return out
+
     def check_run(self, settings: RunSettings, site: str) -> None:
         """Refuse a run whose settings ask for less than this site's floor."""
         if self.require_secagg and not settings.secagg:

@@ -36,19 +36,28 @@ def site_partition(examples: Sequence[Example], settings: RunSettings, part: int
     return [examples[i] for i in parts[part]]
 
 
+def site_name(node_config: Mapping[str, Any]) -> str:
+    """The site's name as its metrics show it, without reading its data."""
+    if node_config.get("site-name"):
+        return str(node_config["site-name"])
+    if "data-path" in node_config:
+        return resolve_path(str(node_config["data-path"])).stem
+    return f"site-{node_config.get('partition-id', '?')}"
+
+
 def load_site_data(settings: RunSettings, node_config: Mapping[str, Any], labels: Sequence[str]) -> SiteData:
     """The site's data, from `data-path` (deployment) or `partition-id` (simulation)."""
     if "data-path" in node_config:
         path = str(node_config["data-path"])
         examples = load_examples(path, settings, labels)
-        name = str(node_config.get("site-name") or resolve_path(path).stem)
+        name = site_name(node_config)
         split_seed = settings.seed
     elif "partition-id" in node_config:
         part, num_parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
         if not settings.data_path:
             raise DataError("<run config>", "simulation needs 'data-path' in the run config", field="data-path")
         examples = site_partition(load_examples(settings.data_path, settings, labels), settings, part, num_parts)
-        name = str(node_config.get("site-name") or f"site-{part}")
+        name = site_name(node_config)
         split_seed = settings.seed + part
     else:
         raise DataError("<node config>", "set 'data-path' in the SuperNode's --node-config", field="data-path")

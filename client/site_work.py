@@ -23,7 +23,7 @@ from .dp_history import HistoryStore, history_file
 from .model_cache import cached_lora_model, cached_tokenizer
 from .optimizer_state import MemoryOptimizerStore, OptimizerStore
 from .privacy_floor import PrivacyFloor
-from .site_data import SiteData, load_site_data
+from .site_data import SiteData, load_site_data, site_name
 from .secagg_setup import setup_from_config
 from .trainer import TrainResult, train_local
 
@@ -47,6 +47,9 @@ class SiteWork:
         self.floor = PrivacyFloor.from_node_config(self.node_config)
         self._site: tuple[tuple[str, ...], SiteData] | None = None
         self._encoders: dict[tuple[str, int], Encoder] = {}
+
+    def site_name(self) -> str:
+        return site_name(self.node_config)
 
     def labels(self, config: Config) -> tuple[str, ...]:
         if "labels" in config:
@@ -152,8 +155,9 @@ class SiteWork:
     def evaluate(self, parameters: list[np.ndarray], config: Config) -> tuple[float, int, dict[str, Scalar]]:
         labels = self.labels(config)
         site = self.site(labels)
-        model = self.model(labels)
         s = self.settings
+        self.floor.check_run(s, site.name)  # a run refused for training is refused for evaluation too
+        model = self.model(labels)
         set_adapter_arrays(model, parameters, self.lora)
         examples = site.val or site.train
         encoder = self.encoder("val" if site.val else "train", examples)

@@ -1,13 +1,19 @@
 """The site worker: a long-lived process per site that loads the base model once onto
-the site's device and trains and evaluates on request from the site's ClientApp
-processes, over a private Unix socket (`worker_protocol.py`).
+the site's device and answers the site's Flower messages, relayed by its ClientApp
+processes over a private Unix socket (`worker_protocol.py`, `worker_messages.py`).
 
-Private: the socket lives in a 0700 directory owned by the worker's user, is itself
-0600, and every connection's peer uid (`SO_PEERCRED`) must be the worker's own. Per run
-(Flower's run id, and the node config: in a simulation one worker may serve every
-virtual site, sharing its one model) it keeps the run's settings, the site's data and tokenised examples,
-the last adapter it trained and the site's DP accountant (also on disk); a run's state
-goes after its last round, or after `idle_timeout` without a request. The model stays.
+It owns the site's policy (`site_policy.py`: data file, state folder, name, privacy
+floor, SecAgg+ minimum), read once from its own command line; nothing in a message
+changes it. SecAgg+ runs here, so the unmasked adapter never leaves this process, and
+replies are built here. Private: the socket lives in a directory owned by the worker's
+user (0700, or 0750 with the ClientApp account's group), and every connection's peer uid
+(`SO_PEERCRED`) must be the worker's own or one the site allowed (its SuperNode's
+account). Started without a policy (`--simulation`), one worker serves every virtual
+site of a simulation, taking each site's node config from the message: that mode
+protects nothing from the ClientApp and is for one operator's simulations only.
+Per run it keeps the run's settings, the site's data and tokenised examples, its SecAgg+
+protocol state and DP accountant (also on disk); a run's state goes after its last round,
+or after `idle_timeout` without a request. The model stays.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from fedtune.errors import FedtuneError
 
+from .site_policy import SitePolicy
 from .worker_protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL,
@@ -52,14 +59,15 @@ class RunState:
     """What the worker keeps for one run."""
 
     work: Any  # site_work.SiteWork (imported with torch, on the first request)
+    messages: Any  # worker_messages.RunMessages
     last_used: float = field(default_factory=time.monotonic)
     finished: bool = False
-    adapter: list[np.ndarray] | None = None
     rounds: set[int] = field(default_factory=set)
 
 
-def prepare_socket_dir(path: Path) -> None:
-    """The socket's directory: created 0700 if missing; refused if another user owns it."""
+def prepare_socket_dir(path: Path, group: int | None = None) -> None:
+    """The socket's directory: created 0700 if missing (0750 with `group`, the ClientApp
+    account's, as its group); refused if another user owns it."""
     if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
         raise FedtuneError(f"{path}: a Unix socket path must be at most {MAX_SOCKET_PATH} bytes; choose a shorter "
                            f"--worker-socket")
@@ -69,7 +77,10 @@ def prepare_socket_dir(path: Path) -> None:
     if info.st_uid != os.getuid():
         raise FedtuneError(f"{folder}: owned by uid {info.st_uid}, not this user ({os.getuid()}); the worker's "
                            f"socket needs a private directory")
-    if stat.S_IMODE(info.st_mode) & 0o077:
+    if group is not None:
+        os.chown(folder, -1, group)
+        folder.chmod(0o750)
+    elif stat.S_IMODE(info.st_mode) & 0o077:
         folder.chmod(0o700)
 
 
@@ -82,9 +93,13 @@ def peer_uid(conn: socket.socket) -> tuple[int, int]:
 class SiteWorker:
     """Serves one site's training and evaluation requests with a model kept loaded."""
 
-    def __init__(self, socket_path: Path, idle_timeout: float = 1800.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, threads: int = 0) -> None:
+    def __init__(self, socket_path: Path, policy: SitePolicy | None, idle_timeout: float = 1800.0,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, threads: int = 0,
+                 socket_group: int | None = None) -> None:
         self.path = socket_path
+        self.policy = policy
+        self.socket_group = socket_group
+        self.allowed_uids = {os.getuid(), *(policy.allowed_uids if policy else ())}
         self.idle_timeout = idle_timeout
         self.max_message_bytes = max_message_bytes
         self.threads = threads
@@ -97,7 +112,7 @@ class SiteWorker:
 
     # ------------------------------------------------------------------ serving
     def listen(self) -> socket.socket:
-        prepare_socket_dir(self.path)
+        prepare_socket_dir(self.path, self.socket_group)
         if self.path.exists() or self.path.is_symlink():
             probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
@@ -113,7 +128,11 @@ class SiteWorker:
             server.bind(str(self.path))
         finally:
             os.umask(old)
-        self.path.chmod(0o600)
+        if self.socket_group is not None:
+            os.chown(self.path, -1, self.socket_group)
+            self.path.chmod(0o660)
+        else:
+            self.path.chmod(0o600)
         server.listen(16)
         server.settimeout(1.0)
         return server
@@ -124,6 +143,14 @@ class SiteWorker:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stop.set())
         log.info("site worker: listening on %s (pid %d, %s v%d)", self.path, os.getpid(), PROTOCOL, VERSION)
+        if self.policy is None:
+            log.warning("site worker: simulation mode: node settings come from each message; this protects "
+                        "nothing from the ClientApp (a deployed site starts the worker with --data)")
+        else:
+            p = self.policy
+            log.info("site worker: site %s, data %s, state %s, floor %s, SecAgg+ with at least %d sites, "
+                     "peers uid %s", p.name, p.data_path, p.state_dir, p.floor.to_node_config() or "none",
+                     p.min_secagg_sites, sorted(self.allowed_uids))
         try:
             while not self.stop.is_set():
                 self.drop_stale_runs()
@@ -140,7 +167,7 @@ class SiteWorker:
     def handle(self, conn: socket.socket) -> None:
         with conn:
             pid, uid = peer_uid(conn)
-            if uid != os.getuid():
+            if uid not in self.allowed_uids:
                 self.refused += 1
                 log.warning("site worker: refused a connection from uid %d (pid %d): not this worker's user", uid, pid)
                 self._reply(conn, {"ok": False, "error": f"uid {uid} may not use this site worker"})
@@ -174,62 +201,65 @@ class SiteWorker:
         op = request.get("op")
         if op == "status":
             return self.status(), []
-        handlers: dict[str, Callable[[RunState, dict[str, Any], list[np.ndarray]], tuple[dict[str, Any], list[np.ndarray]]]] = {
-            "properties": self._properties, "fit": self._fit, "evaluate": self._evaluate}
-        if op not in handlers:
-            return {"ok": False, "error": f"unknown request {op!r}"}, []
+        if op != "message":
+            return {"ok": False, "error": f"unknown request {str(op)[:40]!r}"}, []
         try:
-            config = decode_scalars(request.get("config", {}))
+            from .worker_messages import decode_message, encode_content
+
+            msg = decode_message(arrays)
             with self.work_lock:
-                run = self.run_state(request)
+                run = self.run_state(request, msg.metadata.run_id)
                 started = time.monotonic()
-                header, out = handlers[op](run, config, arrays)
+                content = run.messages.handle(msg)
                 run.last_used = time.monotonic()
-            server_round = int(config.get("server-round", 0))
-            if server_round and server_round >= int(config.get("num-rounds", 0) or 10**9):
-                run.finished = True
-            log.info("site worker: run %s %s (round %s) in %.1f s", request.get("run"), op, server_round or "-",
+            log.info("site worker: run %d %s in %.1f s", msg.metadata.run_id, msg.metadata.message_type,
                      time.monotonic() - started)
-            return {"ok": True, **header, "seconds": time.monotonic() - started}, out
-        except FedtuneError as err:
+            return {"ok": True, "seconds": time.monotonic() - started}, encode_content(content)
+        except (FedtuneError, ProtocolError) as err:
             log.error("fedtune: error: %s", err)
             return {"ok": False, "error": str(err)}, []
         except Exception as err:  # the worker stays up; the message fails with the reason
             log.exception("site worker: %s failed", op)
             return {"ok": False, "error": f"site worker: {op} failed: {type(err).__name__}: {err}"}, []
 
-    def run_state(self, request: dict[str, Any]) -> RunState:
-        node_config = decode_scalars(request.get("node_config", {}))
-        run_id = (int(request["run"]), json.dumps(encode_scalars(node_config), sort_keys=True))
+    def run_state(self, request: dict[str, Any], run: int) -> RunState:
+        """The run's state; in a deployed site its node settings are the site's policy, never the message's."""
+        if self.policy is not None:
+            node_config: dict[str, Any] = self.policy.node_config()
+        else:
+            raw = request.get("node_config")
+            node_config = decode_scalars(raw if isinstance(raw, dict) else {})
+        run_id = (int(run), json.dumps(encode_scalars(node_config), sort_keys=True))
         state = self.runs.get(run_id)
         if state is None:
             from fedtune.config import RunSettings
 
             from .dp_history import MemoryHistory
+            from .site_policy import DEFAULT_MIN_SECAGG_SITES
             from .site_work import SiteWork
+            from .worker_messages import RunMessages
 
             if self.threads:
                 import torch
 
                 torch.set_num_threads(self.threads)
-            settings = RunSettings.from_run_config(decode_scalars(request.get("run_config", {})))
-            state = RunState(SiteWork(settings, node_config, MemoryHistory()))
+            raw_config = request.get("run_config")
+            if not isinstance(raw_config, dict):
+                raise ProtocolError("a request names its run's settings as 'run_config', an object")
+            settings = RunSettings.from_run_config(decode_scalars(raw_config))
+            work = SiteWork(settings, node_config, MemoryHistory())
+            min_sites = self.policy.min_secagg_sites if self.policy else DEFAULT_MIN_SECAGG_SITES
+            state = RunState(work, None)
+            state.messages = RunMessages(work, int(run), min_sites, on_fit=lambda r, s=state: self._fitted(s, r))
             self.runs[run_id] = state
             log.info("site worker: run %d: state created (%s, %s)", run_id[0], settings.base_model, settings.task)
         return state
 
-    def _properties(self, run: RunState, config: dict[str, Any], _: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
-        return {"properties": encode_scalars(run.work.properties(config))}, []
-
-    def _fit(self, run: RunState, config: dict[str, Any], arrays: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
-        out, num_examples, metrics = run.work.fit(arrays, config)
-        run.adapter = out
-        run.rounds.add(int(config.get("server-round", 0)))
-        return {"num_examples": num_examples, "metrics": encode_scalars(metrics)}, out
-
-    def _evaluate(self, run: RunState, config: dict[str, Any], arrays: list[np.ndarray]) -> tuple[dict[str, Any], list[np.ndarray]]:
-        loss, num_examples, metrics = run.work.evaluate(arrays, config)
-        return {"loss": loss, "num_examples": num_examples, "metrics": encode_scalars(metrics)}, []
+    @staticmethod
+    def _fitted(state: RunState, server_round: int) -> None:
+        state.rounds.add(server_round)
+        if server_round and server_round >= state.work.settings.num_rounds:
+            state.finished = True
 
     def drop_stale_runs(self) -> None:
         now = time.monotonic()

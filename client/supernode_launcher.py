@@ -11,17 +11,27 @@ nothing if Flower's module no longer looks as described (checked below), and
 `--idle-poll 3` is Flower's own behaviour. The price: an idle SuperNode asks the
 SuperLink for work every `--idle-poll` seconds instead of every 3.
 
+App pinning and an audit line. Flower 1.41's open-source SuperNode cannot verify apps
+(`--trusted-entities` needs signatures the open-source SuperLink does not make). The
+launcher hands the SuperNode's loop a `get_fab` that logs the SHA-256 of every app (FAB)
+a run asks this site to run, and, with `--allow-app HASH` (repeatable), uses Flower's own
+verification step to refuse any other: the SuperNode replies with Flower's "FAB could not
+be verified" error to every message of that run, and no ClientApp process starts, so none
+of its code runs. `fedtune deploy app-hash --app DIR` prints the hash the coordinator ships.
+
 Flower 1.41's SuperNode has no option for a TLS client certificate (`--root-certificates`
 is the CA only). With `--client-cert` and `--client-key`, the launcher loads that pair
 into the TLS context Flower's HTTP client (`flwr.supercore.protobuf.client.ProtobufClient`)
 verifies the server with, so the SuperNode presents it to the proxy (mTLS).
 
-    python -m fedtune.client.supernode_launcher --idle-poll 0.5 [--client-cert PEM --client-key KEY] -- <flower-supernode arguments>
+    python -m fedtune.client.supernode_launcher --idle-poll 0.5 [--client-cert PEM --client-key KEY]
+        [--allow-app SHA256 ...] -- <flower-supernode arguments>
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import inspect
 import ssl
 import sys
@@ -29,6 +39,8 @@ import time
 from typing import Any, Sequence
 
 FLOWER_IDLE_SLEEP = "time.sleep(3)"
+PIN_ENTITY = "fedtune-app-pin"  # the trusted-entities key that routes Flower's FAB check to the pin list
+PIN_VERDICT = "fedtune-app-pin"  # the FAB verification entry: "approved" or "refused"
 
 
 class _ShortSleepTime:
@@ -76,6 +88,55 @@ def present_client_certificate(cert: str, key: str) -> bool:
     return True
 
 
+def app_hash(content: bytes) -> str:
+    """An app's hash as the coordinator's `flwr run` and `fedtune deploy app-hash` give it."""
+    return hashlib.sha256(content).hexdigest()
+
+
+def pin_apps(allowed: set[str]) -> bool:
+    """Log every app a run asks this SuperNode to run; with `allowed`, refuse the others
+    through Flower's own FAB verification. False if Flower's SuperNode loop is not the
+    shape this was written for (then nothing is patched)."""
+    from flwr.supernode import start_client_internal as module
+
+    pull = getattr(module, "_pull_and_store_message", None)
+    verify = getattr(module, "_verify_fab", None)
+    if pull is None or verify is None or not {"get_fab", "trusted_entities"} <= set(inspect.signature(pull).parameters):
+        return False
+    loop = inspect.getsource(module.start_client_internal)
+    if "get_fab=get_fab" not in loop or "trusted_entities=trusted_entities" not in loop \
+            or "_verify_fab(fab, trusted_entities)" not in inspect.getsource(pull):
+        return False
+
+    def audited(get_fab: Any) -> Any:
+        def fetch(fab_hash: str, run_id: int) -> Any:
+            fab = get_fab(fab_hash, run_id)
+            digest = app_hash(fab.content)
+            approved = not allowed or digest in allowed
+            verdict = "approved" if approved else "REFUSED: not in --allow-app"
+            print(f"fedtune: site: run {run_id} asks this site to run app sha256:{digest} "
+                  f"({verdict if allowed else 'no --allow-app list'})", file=sys.stderr, flush=True)
+            fab.verifications = {**fab.verifications, "valid_license": "fedtune-pinned",
+                                 PIN_VERDICT: "approved" if approved else "refused"}
+            return fab
+        return fetch
+
+    def pull_pinned(*args: Any, **kwargs: Any) -> Any:
+        kwargs["get_fab"] = audited(kwargs["get_fab"])
+        if allowed:
+            kwargs["trusted_entities"] = {**(kwargs.get("trusted_entities") or {}), PIN_ENTITY: "pinned"}
+        return pull(*args, **kwargs)
+
+    def verify_pinned(fab: Any, trusted_entities: dict[str, str]) -> bool:
+        if PIN_ENTITY in trusted_entities:
+            return fab.verifications.get(PIN_VERDICT) == "approved"
+        return bool(verify(fab, trusted_entities))
+
+    module._pull_and_store_message = pull_pinned  # type: ignore[attr-defined]
+    module._verify_fab = verify_pinned  # type: ignore[attr-defined]
+    return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--" not in args:
@@ -87,6 +148,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--idle-poll", type=float, default=3.0)
     parser.add_argument("--client-cert")
     parser.add_argument("--client-key")
+    parser.add_argument("--allow-app", action="append", default=[])
     ours = parser.parse_args(args[:split])
     limit = ours.idle_poll
     if limit < 3.0 and not shorten_idle_poll(limit):
@@ -95,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if ours.client_cert and not present_client_certificate(ours.client_cert, ours.client_key):
         print("fedtune: this Flower's HTTP client cannot be given a client certificate; stopping",
               file=sys.stderr, flush=True)
+        return 1
+    if not pin_apps({h.lower().removeprefix("sha256:") for h in ours.allow_app}):
+        print("fedtune: this Flower's SuperNode loop cannot be given the app check (--allow-app, audit line); "
+              "stopping", file=sys.stderr, flush=True)
         return 1
     from flwr.supernode.cli import flower_supernode
 

@@ -1,8 +1,9 @@
-"""The ClientApp's side of the site worker: a Flower NumPyClient that forwards the census,
-training and evaluation to the worker over its Unix socket and returns the worker's
-reply. Imports no torch, transformers or peft, so a SuperNode's per-message ClientApp
-process starts in about a second. A worker that is down, dies mid-request or breaks the
-protocol fails the message with one line, in time for the round to go on without it."""
+"""The ClientApp's side of the site worker: one request over its Unix socket (hello, then
+the request and its tensors), and `relay_to_worker`, the ClientApp mod that hands every
+Flower message to the worker and returns the reply content the worker built. Imports no
+torch, transformers or peft, so a SuperNode's per-message ClientApp process starts in
+about a second. A worker that is down, dies mid-request or breaks the protocol fails the
+message with one line, in time for the round to go on without it."""
 
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from flwr.client import NumPyClient
-from flwr.common import Context
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Context, Message
+from flwr.common.serde import message_to_proto, recorddict_from_proto
+from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=no-name-in-module
 
 from fedtune.errors import FedtuneError
 
-from .secagg_setup import with_secagg_setup
 from .worker_protocol import (
     PeerClosed,
     ProtocolError,
@@ -85,32 +87,33 @@ def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.
     return reply, tensors
 
 
-class WorkerClient(NumPyClient):
-    """Forwards a site's work for one run to its site worker."""
+WORKER_SOCKET = "worker-socket"  # node config key: the site worker's Unix socket
+RUN_CONFIG_SOCKET = "site-worker-socket"  # run config key (simulation): one worker for every virtual site
 
-    def __init__(self, socket_path: Path, context: Context, timeout: float) -> None:
-        self.path = socket_path
-        self.timeout = timeout
-        self.context = context
-        self.request = {"run": int(context.run_id), "run_config": encode_scalars(context.run_config),
-                        "node_config": encode_scalars(context.node_config)}
 
-    def _call(self, op: str, config: Mapping[str, Scalar], arrays: list[np.ndarray] | None = None,
-              ) -> tuple[dict[str, Any], list[np.ndarray]]:
-        try:
-            return call_worker(self.path, op, {**self.request, "config": encode_scalars(config)}, arrays, self.timeout)
-        except FedtuneError as err:
-            log.error("fedtune: error: %s", err)
-            raise
+def worker_socket(context: Context) -> Path | None:
+    """The site worker this ClientApp relays to, if any."""
+    path = str(context.node_config.get(WORKER_SOCKET, "") or context.run_config.get(RUN_CONFIG_SOCKET, "") or "")
+    return Path(path) if path else None
 
-    def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
-        reply, _ = self._call("properties", config)
-        return decode_scalars(reply["properties"])
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
-        reply, arrays = self._call("fit", with_secagg_setup(config, self.context), parameters)
-        return arrays, int(reply["num_examples"]), decode_scalars(reply["metrics"])
-
-    def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
-        reply, _ = self._call("evaluate", config, parameters)
-        return float(reply["loss"]), int(reply["num_examples"]), decode_scalars(reply["metrics"])
+def relay_to_worker(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """With a site worker, the whole message goes to it and its reply comes back as built
+    there (SecAgg+, training, evaluation, the census); without one, the next mod runs."""
+    path = worker_socket(ctxt)
+    if path is None:
+        return call_next(msg, ctxt)
+    secagg = ctxt.run_config.get("secagg", True) is True
+    timeout = float(ctxt.run_config.get("secagg-timeout", 600.0)) if secagg else 3600.0  # type: ignore[arg-type]
+    header = {"run": int(ctxt.run_id), "run_config": encode_scalars(ctxt.run_config),
+              "node_config": encode_scalars(ctxt.node_config)}
+    body = np.frombuffer(message_to_proto(msg).SerializeToString(), dtype=np.uint8)
+    try:
+        _, arrays = call_worker(path, "message", header, [body], timeout)
+        if len(arrays) != 1:
+            raise FedtuneError(f"site worker at {path}: a reply is one tensor, got {len(arrays)}")
+        content = recorddict_from_proto(ProtoRecordDict.FromString(arrays[0].tobytes()))
+    except FedtuneError as err:
+        log.error("fedtune: error: %s", err)
+        raise
+    return Message(content, reply_to=msg)

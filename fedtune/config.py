@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -23,6 +24,7 @@ HEAD_INITS = ("auto", "random", "label-names")
 HEAD_INPUTS = ("auto", "pooler", "cls")
 DP_MODES = ("local", "distributed")
 DP_ACCOUNTANTS = ("rdp", "prv")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a folder name under output-dir, never a path
 
 
 # Project root: relative data paths in the run config resolve against it when they
@@ -164,6 +166,9 @@ class RunSettings:
             raise ConfigError("val-fraction", f"must be in [0, 1), got {self.val_fraction}")
         if self.dirichlet_alpha <= 0:
             raise ConfigError("dirichlet-alpha", f"must be > 0, got {self.dirichlet_alpha}")
+        if self.run_name and not RUN_NAME.match(self.run_name):
+            raise ConfigError("run-name", f"names a folder under output-dir: use 1-128 letters, digits, '.', '_' or "
+                              f"'-', starting with a letter or digit (no '/'), got {self.run_name!r}")
         if self.resume and not self.run_name:
             raise ConfigError("resume", "needs run-name: the run folder to continue")
         if self.min_local_steps < 0:

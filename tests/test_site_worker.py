@@ -37,7 +37,8 @@ def worker(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     base.chmod(0o711)
     path = base / "w" / "worker.sock"
     log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([FEDTUNE, "deploy", "worker", "--socket", str(path), "--max-message-mb", "1"],
+    proc = subprocess.Popen([FEDTUNE, "deploy", "worker", "--socket", str(path), "--max-message-mb", "1",
+                             "--simulation"],
                             stdout=log, stderr=subprocess.STDOUT, env=child_env())
     try:
         deadline = time.time() + 60
@@ -143,7 +144,7 @@ def test_worker_that_is_down_is_one_line_in_time(tmp_path: Path) -> None:
 
 def test_a_socket_path_too_long_for_unix_sockets_is_one_line(tmp_path: Path) -> None:
     long = tmp_path / ("x" * 120) / "worker.sock"
-    run = subprocess.run([FEDTUNE, "deploy", "worker", "--socket", str(long)], capture_output=True, text=True,
+    run = subprocess.run([FEDTUNE, "deploy", "worker", "--socket", str(long), "--simulation"], capture_output=True, text=True,
                          env=child_env(), timeout=60)
     assert run.returncode == 1 and "at most 107 bytes" in run.stderr and "Traceback" not in run.stderr
 

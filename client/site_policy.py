@@ -1,0 +1,63 @@
+"""A site's own policy, owned by its site worker and read once at the worker's start (its
+command line): which data file it trains on, where it keeps state, its name, its privacy
+floor, the smallest SecAgg+ setup it takes part in, and which local accounts may talk to
+it. Nothing that arrives in a message can change it: a message can only ask, and the
+worker answers from this record. Imports no torch."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedtune.errors import FedtuneError
+
+from .privacy_floor import PrivacyFloor
+
+# The fewest sites whose sum the coordinator may unmask (SecAgg+'s reconstruction threshold):
+# with 1 it could run the protocol with this site alone and read its update.
+DEFAULT_MIN_SECAGG_SITES = 2
+MAX_SITE_NAME = 64
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RUN_SLUG = re.compile(r"[^a-z0-9]+")
+
+
+def check_site_name(name: str) -> str:
+    """A site's name: letters, digits, '.', '_', '-' (it names files in its state folder)."""
+    if not _SITE_NAME.match(name):
+        raise FedtuneError(f"site name {name!r}: use 1-{MAX_SITE_NAME} letters, digits, '.', '_' or '-', "
+                           f"starting with a letter or digit")
+    return name
+
+
+def run_key(run_id: Any) -> str:
+    """The fixed-format key a site files one run's state under, from the run id a message
+    carries (untrusted: never a path): a short slug of it and 16 hex digits of its SHA-256."""
+    text = str(run_id)[:4096]
+    slug = _RUN_SLUG.sub("-", text.lower()).strip("-")[:40] or "run"
+    return f"{slug}-{hashlib.sha256(text.encode('utf-8', 'replace')).hexdigest()[:16]}"
+
+
+@dataclass(frozen=True)
+class SitePolicy:
+    """What the site decided, before any coordinator spoke."""
+
+    name: str
+    data_path: Path
+    state_dir: Path
+    floor: PrivacyFloor = PrivacyFloor()
+    min_secagg_sites: int = DEFAULT_MIN_SECAGG_SITES
+    allowed_uids: tuple[int, ...] = ()  # local accounts (besides the worker's own) that may use the worker
+
+    def __post_init__(self) -> None:
+        check_site_name(self.name)
+        if self.min_secagg_sites < 2:
+            raise FedtuneError(f"--min-secagg-sites must be at least 2 (with 1 the coordinator could unmask this "
+                               f"site alone), got {self.min_secagg_sites}")
+
+    def node_config(self) -> dict[str, Any]:
+        """The node settings the site's work reads, from the policy (never from a message)."""
+        return {"data-path": str(self.data_path), "state-dir": str(self.state_dir), "site-name": self.name,
+                **self.floor.to_node_config()}
