@@ -59,6 +59,7 @@ demo-llm: $(STAMP)
 
 test: $(STAMP)
 	bash scripts/ensure_nginx.sh
+	bash scripts/ensure_setfacl.sh
 	$(BIN)/python -m pytest -q
 
 bench-llm: $(STAMP)

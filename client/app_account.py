@@ -34,9 +34,12 @@ class AppAccount:
     gid: int
 
     def run(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        """`cmd` as this account (no supplementary groups)."""
-        return subprocess.run(cmd, capture_output=True, text=True, user=self.uid, group=self.gid, extra_groups=[],
-                              env=env, timeout=120, cwd="/")
+        """`cmd` as this account (no supplementary groups); a program it cannot start is exit 126."""
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, user=self.uid, group=self.gid, extra_groups=[],
+                                  env=env, timeout=120, cwd="/")
+        except OSError as err:
+            return subprocess.CompletedProcess(cmd, 126, "", f"{err.filename or cmd[0]}: {err.strerror or err}")
 
 
 def app_account(name: str, create: bool = True) -> AppAccount:
@@ -130,4 +133,6 @@ def check_can_start(account: AppAccount, env: dict[str, str]) -> None:
     if probe.returncode != 0:
         last = [x for x in probe.stderr.splitlines() if x.strip()][-1:] or [f"exit {probe.returncode}"]
         raise FedtuneError(f"the ClientApp account {account.name!r} cannot run {sys.executable} with fedtune and "
-                           f"Flower ({last[0].strip()}); install fedtune where that account can read it")
+                           f"Flower ({last[0].strip()}); install Python and fedtune where that account can read "
+                           f"them (e.g. /opt), or let it traverse the folders on the way (setfacl -m "
+                           f"u:{account.name}:x FOLDER)")

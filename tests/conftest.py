@@ -161,3 +161,33 @@ def bert_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, s
                                       "central-eval-path": str(sentiment_data["test"]), "secagg": True})
     manifest = export_bundle(run_dir, root / "bundle", keys["private"], max_accuracy_drop_pt=100.0)
     return run_dir, root / "bundle", manifest
+
+
+@pytest.fixture(scope="session")
+def app_user():  # type: ignore[no-untyped-def]
+    """The service account deployed sites run their SuperNode as (privilege separation);
+    root only, as `fedtune deploy site` sets it up."""
+    if os.geteuid() != 0:
+        pytest.skip("privilege separation needs root (fedtune deploy site creates the account)")
+    from support.app_accounts import grant_traverse, revoke_traverse, site_app_account
+
+    account = site_app_account()
+    folders = grant_traverse(account)
+    try:
+        yield account
+    finally:
+        revoke_traverse(account, folders)
+
+
+@pytest.fixture()
+def app_homes():  # type: ignore[no-untyped-def]
+    """Per test: a root-owned 0755 folder under /tmp for the sites' app homes."""
+    import shutil
+
+    from support.app_accounts import app_home_root
+
+    root = app_home_root()
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)

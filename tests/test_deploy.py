@@ -112,7 +112,8 @@ def processes(tmp_path: Path) -> Iterator[ManagedProcesses]:
 
 @pytest.mark.timeout(1200)
 def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
-    tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+    tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path], app_user,
+    app_homes: Path
 ) -> None:
     # The steps of docs/deployment.md, with its commands (ports: free ones on 127.0.0.1).
     deploy = tmp_path / "deploy"
@@ -155,7 +156,7 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     def site_cmd(site: str, key: Path, data_file: Path, ca_file: Path = ca, *extra: str) -> list[str]:
         return [FEDTUNE, "deploy", "site", "--superlink", address, "--ca", str(ca_file), "--key", str(key),
                 "--data", str(data_file), "--port", str(free_port()), "--state-dir", str(tmp_path / "state" / site),
-                *extra]
+                "--app-user", app_user.name, "--app-home", str(app_homes / site), *extra]
 
     for site in ("bank-a", "bank-b"):
         processes.start(site, site_cmd(site, keys[site][0], data[site]))
@@ -205,7 +206,7 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     assert all(sorted(r["sites"]) == ["bank-a", "bank-b"] and r["failures"] == 0 for r in records)
     # Each site's worker loaded the model once for the whole run (census, 2 trainings, 2 evaluations).
     for site in ("bank-a", "bank-b"):
-        status, _ = call_worker(worker_socket(tmp_path, site), "status", {})
+        status, _ = call_worker(worker_socket(app_homes, site), "status", {})
         assert status["model_loads"] == 1, status
         assert [run["rounds"] for run in status["runs"]] == [[1, 2]], status
     fleet_calls = (deploy / "proxy" / "access.log").read_text()
@@ -271,8 +272,8 @@ def test_proxy_requiring_client_certificates_admits_only_sites_the_ca_signed(
     assert private_keys == ["pki/ca.key", "pki/superlink.key"], private_keys  # the site's TLS key stayed at the site
 
 
-def worker_socket(root: Path, site: str) -> Path:
-    return root / "state" / site / "worker" / "worker.sock"
+def worker_socket(app_homes: Path, site: str) -> Path:
+    return app_homes / site / "worker" / "worker.sock"
 
 
 def listening_backlog(path: Path) -> int:
@@ -284,7 +285,8 @@ def listening_backlog(path: Path) -> int:
 
 @pytest.mark.timeout(1200)
 def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_worker(
-    tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+    tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path], app_user,
+    app_homes: Path
 ) -> None:
     deploy = tmp_path / "deploy"
     ca, _, _ = init_pki(deploy, ["127.0.0.1"])
@@ -298,7 +300,8 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
         data.write_text("\n".join(rows[i::3]) + "\n")
         processes.start(site, [FEDTUNE, "deploy", "site", "--superlink", address, "--ca", str(ca),
                                "--key", str(private), "--data", str(data), "--port", str(free_port()),
-                               "--state-dir", str(tmp_path / "state" / site)])
+                               "--state-dir", str(tmp_path / "state" / site), "--app-user", app_user.name,
+                               "--app-home", str(app_homes / site)])
     for site in sites:
         wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")
     run_dir = tmp_path / "runs" / "killed"
@@ -309,7 +312,7 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     cmd, env = run_command(deploy, REPO, [run_config])
     run = processes.start("run", cmd, env)
 
-    victim = worker_socket(tmp_path, "bank-c")
+    victim = worker_socket(app_homes, "bank-c")
     deadline = time.time() + 600
     while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
         assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
