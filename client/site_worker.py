@@ -18,6 +18,7 @@ or after `idle_timeout` without a request. The model stays.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -51,6 +52,7 @@ from .worker_protocol import (
 
 log = logging.getLogger("fedtune.site")
 MAX_SOCKET_PATH = 107  # sun_path holds 108 bytes, NUL included
+MAX_RUN_STATES = 16  # runs (or settings asked for one run) kept at once: a message cannot make more
 FINISHED_GRACE = 60.0  # seconds a finished run's state stays for a late evaluate
 
 
@@ -103,7 +105,7 @@ class SiteWorker:
         self.idle_timeout = idle_timeout
         self.max_message_bytes = max_message_bytes
         self.threads = threads
-        self.runs: dict[tuple[int, str], RunState] = {}
+        self.runs: dict[tuple[int, str, str], RunState] = {}
         self.work_lock = threading.Lock()  # one model: requests train and evaluate one at a time
         self.stop = threading.Event()
         self.refused = 0
@@ -229,9 +231,18 @@ class SiteWorker:
         else:
             raw = request.get("node_config")
             node_config = decode_scalars(raw if isinstance(raw, dict) else {})
-        run_id = (int(run), json.dumps(encode_scalars(node_config), sort_keys=True))
+        raw_config = request.get("run_config")
+        if not isinstance(raw_config, dict):
+            raise ProtocolError("a request names its run's settings as 'run_config', an object")
+        run_config = decode_scalars(raw_config)
+        # Keyed by the settings too: whatever a message asks is judged as asked, never merged into another's state.
+        asked = hashlib.sha256(json.dumps(encode_scalars(run_config), sort_keys=True).encode()).hexdigest()[:16]
+        run_id = (int(run), json.dumps(encode_scalars(node_config), sort_keys=True), asked)
         state = self.runs.get(run_id)
         if state is None:
+            if len(self.runs) >= MAX_RUN_STATES:
+                raise ProtocolError(f"this worker already keeps {MAX_RUN_STATES} runs' state; a new one is refused "
+                                    f"until one finishes")
             from fedtune.config import RunSettings
 
             from .dp_history import MemoryHistory
@@ -243,10 +254,7 @@ class SiteWorker:
                 import torch
 
                 torch.set_num_threads(self.threads)
-            raw_config = request.get("run_config")
-            if not isinstance(raw_config, dict):
-                raise ProtocolError("a request names its run's settings as 'run_config', an object")
-            settings = RunSettings.from_run_config(decode_scalars(raw_config))
+            settings = RunSettings.from_run_config(run_config)
             work = SiteWork(settings, node_config, MemoryHistory())
             min_sites = self.policy.min_secagg_sites if self.policy else DEFAULT_MIN_SECAGG_SITES
             state = RunState(work, None)

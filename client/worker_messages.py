@@ -114,6 +114,7 @@ class RunMessages:
     def handle(self, msg: Message) -> RecordDict:
         kind = msg.metadata.message_type
         site = self.work.site_name()
+        self.work.floor.check_run(self.work.settings, site)  # every message of a run below the floor is refused
         if kind == MessageType.TRAIN:
             if SECAGG_CONFIGS in msg.content.config_records:
                 check_stage_request(msg.content.config_records[SECAGG_CONFIGS], protocol_state(self.context.state),
