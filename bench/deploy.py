@@ -4,8 +4,9 @@ Demo workload: the MiniLM demo (embedded pre-trained MiniLM, LoRA r=8, Banking77
 non-IID over 3 bank sites exactly as the simulation partitions it, SecAgg+, the demo's
 local recipe), ROUNDS rounds. Deployment: a TLS SuperLink with SuperNode authentication
 on loopback behind its nginx reverse proxy, and 3 SuperNodes on 127.0.0.1 that reach it
-through the proxy, each with its site worker (`fedtune deploy site`), launched with
-`flwr run`. Round time is the coordinator's median wall time per round
+through the proxy, each with its site worker (`fedtune deploy site`: the worker runs
+SecAgg+ and owns the site's policy; run as root, each SuperNode and its ClientApp
+processes run as a service account of their own), launched with `flwr run`. Round time is the coordinator's median wall time per round
 (metrics.jsonl); polling, ClientApp start-up and site work per round come from the
 coordinator's stage timing (`server/polling_grid.py`).
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -38,13 +40,18 @@ from fedtune.client.worker_client import call_worker  # noqa: E402
 from fedtune.client.deployment import site_keypair  # noqa: E402
 from fedtune.server.deployment import init_pki, register_site, run_command  # noqa: E402
 from results import update_results  # noqa: E402
+from support.app_accounts import app_home_root, grant_traverse  # noqa: E402
 from support.processes import ManagedProcesses, free_port, wait_for_port  # noqa: E402
+
+from fedtune.client.app_account import AppAccount, app_account  # noqa: E402
 
 from fedtune.config import RunSettings, project_run_config  # noqa: E402
 from fedtune.flower_env import child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 FEDTUNE = str(Path(sys.executable).parent / "fedtune")
+ACCOUNT: AppAccount | None = None  # the sites' ClientApp account (when run as root)
+APP_HOMES = Path("/nonexistent")
 
 
 def tiny_workload(root: Path) -> dict[str, Any]:
@@ -132,6 +139,8 @@ def deploy(root: Path, name: str, config: dict[str, Any], sites: dict[str, Path]
             private, public = site_keypair(work / "sites" / site, site)
             register_site(pki, public, f"127.0.0.1:{port}")
             extra = ["--no-worker", "--idle-poll", "3"] if flower_defaults else ["--worker-threads", str(worker_threads)]
+            if not flower_defaults and ACCOUNT is not None:  # as a site started as root runs: privilege separation
+                extra += ["--app-user", ACCOUNT.name, "--app-home", str(APP_HOMES / name / site)]
             # Sites go through the reverse proxy, as in a real deployment.
             procs.start(site, [FEDTUNE, "deploy", "site", "--superlink", f"127.0.0.1:{public_port}", "--ca",
                                str(pki / "pki" / "ca.pem"), "--key", str(private), "--data", str(data),
@@ -146,7 +155,9 @@ def deploy(root: Path, name: str, config: dict[str, Any], sites: dict[str, Path]
         subprocess.run(cmd, cwd=ROOT, env={**run_env, **{k: env[k] for k in ("FLWR_SUPEREXEC_TASK_POLL_INTERVAL",)}},
                        check=True, stdout=subprocess.DEVNULL, timeout=3600)
         if not flower_defaults:
-            statuses = {s: call_worker(work / "state" / s / "worker" / "worker.sock", "status", {})[0] for s in sites}
+            sockets = {s: (APP_HOMES / name / s if ACCOUNT is not None else work / "state" / s) / "worker" / "worker.sock"
+                       for s in sites}
+            statuses = {s: call_worker(sockets[s], "status", {})[0] for s in sites}
     finally:
         procs.stop_all()
     return {"records": rounds_of(Path(config["output-dir"]) / name), "workers": statuses}
@@ -173,6 +184,11 @@ def main() -> None:
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="deploy-bench-"))
+    global ACCOUNT, APP_HOMES
+    if os.geteuid() == 0:  # `fedtune deploy site` as root runs each SuperNode as a service account
+        ACCOUNT = app_account("fedtune-bench-app")
+        grant_traverse(ACCOUNT)  # this interpreter may live under a private folder (pyenv under /root)
+        APP_HOMES = app_home_root()
     common = {"secagg": True, "secagg-timeout": 600.0, "output-dir": str(root / "runs")}
     out: dict[str, Any] = {}
 
@@ -229,7 +245,7 @@ with all cores.
 | engine | round (s) | polling (s) | ClientApp start (s) | site work (s) |
 |---|---|---|---|---|
 {row("Simulation Engine (Ray)", sim)}
-{row("Deployment, site workers, 0.5 s idle poll", dep)}
+{row("Deployment, site workers (SecAgg+ in the worker, SuperNode as its own account), 0.5 s idle poll", dep)}
 
 `deploy_over_simulation_round_time` = **{keys['deploy_over_simulation_round_time']}** (target <= 1.5).
 `deploy_model_loads_per_site` = {keys['deploy_model_loads_per_site']} (each worker's own count over the whole run:
@@ -242,7 +258,7 @@ Flower's fixed costs are everything:
 |---|---|---|---|---|
 {row("Simulation Engine (Ray)", out['tiny_sim'])}
 {row("Deployment as Flower ships it (no worker, 3 s idle poll, SuperExec 1 s)", out['tiny_flower'])}
-{row("Deployment, site workers, 0.5 s idle poll, SuperExec 0.1 s", out['tiny_worker'])}
+{row("Deployment, site workers (SecAgg+ in the worker, SuperNode as its own account), 0.5 s idle poll, SuperExec 0.1 s", out["tiny_worker"])}
 
 `deploy_tiny_over_simulation_round_time` = {keys['deploy_tiny_over_simulation_round_time']} (as Flower ships it:
 {keys['deploy_tiny_flower_defaults_over_simulation_round_time']}). What remains is Flower's: each stage starts a
