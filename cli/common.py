@@ -115,3 +115,11 @@ def pin_launch_paths(config: dict[str, Any], given: Iterable[str], app_dir: Path
     if out.get("output-dir"):
         out["output-dir"] = str((launch_dir / Path(str(out["output-dir"])).expanduser()).resolve())
     return out
+
+
+def check_address(value: str, flag: str) -> str:
+    """HOST:PORT with a port in 1-65535, or one line naming the flag."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise FedtuneError(f"{flag} {value}: expected HOST:PORT, e.g. coordinator.example.org:9092")
+    return value

@@ -71,6 +71,9 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
             raise FedtuneError(f"{pki / name}: missing; run `fedtune deploy init` first")
     if args.port == args.public_port and not args.no_proxy:
         raise FedtuneError(f"--port and --public-port must differ (both {args.port})")
+    check_port_free(args.port, "--port")
+    if not args.no_proxy:
+        check_port_free(args.public_port, "--public-port")
     proxy_cmd = None
     if not args.no_proxy:
         settings = ProxySettings(args.public_host, args.public_port, args.port, (pki / "superlink.pem").resolve(),
@@ -152,6 +155,8 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     from fedtune.flower_env import child_env
 
     data, ca, key = Path(args.data), Path(args.ca), Path(args.key)
+    from fedtune.cli.common import check_address
+
     superlink = check_address(args.superlink, "--superlink")
     floor = privacy_floor(args)  # bad floor flags are refused before anything is read or dialled
     if bool(args.client_cert) != bool(args.client_key):
@@ -160,6 +165,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     if not 0.05 <= args.idle_poll <= 3.0:
         raise FedtuneError(f"--idle-poll must be between 0.05 and 3 seconds, got {args.idle_poll}")
     allow_apps = [check_app_hash(h) for h in args.allow_app]
+    check_port_free(args.port, "--port")
     client_tls = (Path(args.client_cert), Path(args.client_key)) if args.client_cert else None
     for path, what in ((ca, "CA certificate"), (key, "site private key"), *(
             zip(client_tls, ("client certificate", "client key")) if client_tls else ())):
@@ -212,12 +218,17 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_address(value: str, flag: str) -> str:
-    """HOST:PORT with a port in 1-65535, or one line naming the flag."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise FedtuneError(f"{flag} {value}: expected HOST:PORT, e.g. coordinator.example.org:9092")
-    return value
+def check_port_free(port: int, flag: str) -> None:
+    """A local port nothing listens on yet, or one line naming the flag."""
+    import socket
+
+    if not 0 < port < 65536:
+        raise FedtuneError(f"{flag} {port}: not a TCP port (1-65535)")
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise FedtuneError(f"{flag} {port}: in use on this machine ({err.strerror}); choose another") from None
 
 
 def check_app_hash(value: str) -> str:
@@ -255,6 +266,9 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     from fedtune.server.deployment import run_command
     from fedtune.server.preflight import check_run_inputs
 
+    from fedtune.server.deployment import check_connection
+
+    check_connection(Path(args.dir))
     app = Path(args.app).expanduser().resolve()
     if not (app / "pyproject.toml").is_file():
         raise FedtuneError(f"--app {args.app}: no pyproject.toml there; pass the fedtune project folder "

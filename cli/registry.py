@@ -40,6 +40,9 @@ def cmd_registry_serve(args: argparse.Namespace) -> int:
     from fedtune.logs import setup_logging
     from fedtune.tls import read_pem
 
+    from fedtune.cli.common import check_address
+
+    check_address(args.address, "--address")
     log = setup_logging()
     store = ModelStore(args.store, trusted_key=args.trust_key)
     limits = ServerLimits(max_workers=args.max_workers, max_concurrent_rpcs=args.max_concurrent_rpcs)

@@ -15,7 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Context, Message
+from flwr.common import Context, Error, Message
+from flwr.common.constant import ErrorCode
 from flwr.common.serde import message_to_proto, recorddict_from_proto
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: disable=no-name-in-module
 
@@ -114,6 +115,7 @@ def relay_to_worker(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
             raise FedtuneError(f"site worker at {path}: a reply is one tensor, got {len(arrays)}")
         content = recorddict_from_proto(ProtoRecordDict.FromString(arrays[0].tobytes()))
     except FedtuneError as err:
+        # One line in the site's log, and the reason in the reply the coordinator gets (no traceback).
         log.error("fedtune: error: %s", err)
-        raise
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(err)), reply_to=msg)
     return Message(content, reply_to=msg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -334,7 +335,10 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
         if type_name == "float":
             if isinstance(raw, bool):
                 raise ValueError
-            return float(raw)
+            value = float(raw)
+            if not math.isfinite(value):
+                raise ConfigError(key, f"must be a finite number, got {raw!r}")
+            return value
         if type_name == "bool":
             if isinstance(raw, str):
                 if raw.lower() in ("true", "1", "yes"):

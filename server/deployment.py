@@ -33,8 +33,12 @@ LOOPBACK = "127.0.0.1"
 def init_pki(deploy_dir: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
     """The CA (once) and the certificate for `hosts`, which the proxy shows the sites;
     it also names localhost and 127.0.0.1, where the coordinator's own tools and the proxy
-    reach the SuperLink."""
+    reach the SuperLink. A deployment folder that already has them is refused: sites trust
+    that CA and certificate."""
     pki = deploy_dir / "pki"
+    if (pki / "superlink.key").exists() or (pki / "ca.key").exists():
+        raise FedtuneError(f"{pki}: already holds this deployment's CA and SuperLink key, which the sites trust; "
+                           f"refusing to replace them (use another --dir for a new deployment)")
     ca = create_ca(pki, "fedtune deployment CA")
     names = list(dict.fromkeys([*hosts, "localhost", LOOPBACK]))
     cert, key = issue(pki, "superlink", names)
@@ -69,9 +73,18 @@ def register_site(deploy_dir: Path, public_key: Path, address: str) -> str:
                          capture_output=True, text=True, env=child_env(home), timeout=120)
     text = (out.stdout + out.stderr).strip()
     if out.returncode != 0 or "registered successfully" not in text:
-        last = [line for line in text.splitlines() if line.strip()][-1:] or ["no output"]
-        raise FedtuneError(f"{public_key}: registration with {address} failed: {last[0].strip()}")
+        raise FedtuneError(f"{public_key}: registration with {address} failed: {flower_words(text)}")
     return next(line for line in text.splitlines() if "registered" in line).strip("✅ ").strip()
+
+
+BOX = set("─━═│┃║╭╮╰╯┌┐└┘╔╗╚╝ ")
+
+
+def flower_words(text: str, lines: int = 2) -> str:
+    """What Flower's CLI said, without the box it draws around errors: its last meaningful lines."""
+    said = [line.strip().strip("│┃║").strip() for line in text.splitlines()]
+    said = [line for line in said if line and not set(line) <= BOX]
+    return " ".join(said[-lines:]) or "no output"
 
 
 def superlink_command(deploy_dir: Path, port: int, database: Path | None = None) -> list[str]:
@@ -134,7 +147,16 @@ def run_superlink(superlink_cmd: list[str], superlink_port: int, proxy_cmd: list
         raise FedtuneError(failure)
 
 
+def check_connection(deploy_dir: Path) -> None:
+    """The deployment folder has the `flwr` connection `register` writes."""
+    if not (deploy_dir / "flwr-home" / "config.toml").is_file():
+        raise FedtuneError(f"--dir {deploy_dir}: no flwr-home/config.toml there; run `fedtune deploy init` and "
+                           f"`fedtune deploy register` with this --dir first")
+
+
 def run_command(deploy_dir: Path, app_dir: Path, run_config: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """`flwr run APP fedtune --stream` with this deployment's connection (made by `register`)."""
+    check_connection(deploy_dir)
     cmd = [tool("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
     for item in run_config:
         cmd += ["--run-config", item]

@@ -11,10 +11,15 @@ stage's wall time splits into
   clientapp    = handler start - process start: the ClientApp process's own start-up;
   site work    = handler end - handler start,
 taken from the reply that arrived last (the one the stage waited for).
+
+It also keeps, per stage group, the one-line reason of every error reply (a site that
+refused: its privacy floor, its SecAgg+ minimum, an app it does not run), so the round's
+record and the log can name the site and what it said.
 """
 
 from __future__ import annotations
 
+import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -41,6 +46,7 @@ class PromptGrid:
         self._grid = grid
         self.poll_interval = poll_interval
         self.stages: dict[str, list[StageTiming]] = defaultdict(list)
+        self.refusals: dict[str, dict[int, str]] = defaultdict(dict)  # group -> node id -> reason
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._grid, name)
@@ -61,6 +67,8 @@ class PromptGrid:
             for reply in got:
                 waiting.discard(reply.metadata.reply_to_message_id)
                 last = (reply, now)
+                if reply.has_error():
+                    self.refusals[group].setdefault(reply.metadata.src_node_id, one_line(reply.error.reason))
             replies.extend(got)
             if waiting:
                 time.sleep(self.poll_interval)
@@ -78,6 +86,17 @@ class PromptGrid:
             out["clientapp_start_seconds"] = round(sum(s.clientapp_start or 0.0 for s in timed), 3)
             out["site_work_seconds"] = round(sum(s.site_work or 0.0 for s in timed), 3)
         return out
+
+
+def one_line(reason: str, limit: int = 300) -> str:
+    """A site's error reason as one line: Flower wraps an exception's traceback around the
+    site's own message; keep that message (its last line), bounded."""
+    text = str(reason)
+    if "Message: " in text:
+        text = text.rsplit("Message: ", 1)[1]
+    lines = [re.sub(r"""[\\'">)]+$""", "", ln).strip() for ln in text.replace("\\n", "\n").splitlines()]
+    lines = [ln for ln in lines if ln]
+    return (lines[-1] if lines else "no reason given")[:limit]
 
 
 def stage_timing(kind: str, pushed: float, reply: Message, received: float) -> StageTiming:

@@ -9,6 +9,7 @@ Used by the launchers (`fedtune simulate`, `fedtune deploy run`) and by the Serv
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 from fedtune.config import RunSettings, resolve_path
@@ -50,7 +51,18 @@ def check_run_folder(settings: RunSettings) -> Path:
     elif settings.run_name and (run_path / "metrics.jsonl").exists():
         raise FedtuneError(f"run folder {run_path} already holds a run; choose another run-name (--run-name), or "
                            f"continue it (--resume)")
+    check_writable(run_path.parent)
     return run_path
+
+
+def check_writable(folder: Path) -> None:
+    """output-dir can be created and written to (by a probe file, removed at once)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".fedtune-probe-", delete=True)
+        probe.close()
+    except OSError as err:
+        raise FedtuneError(f"output-dir {folder}: cannot write there ({err.strerror or err})") from None
 
 
 def check_model(settings: RunSettings) -> None:

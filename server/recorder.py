@@ -5,7 +5,6 @@ line. Aggregation itself is left entirely to the wrapped Flower strategy."""
 from __future__ import annotations
 
 import logging
-import re
 import time
 from typing import Any, Callable
 
@@ -25,6 +24,7 @@ from flwr.server.strategy import Strategy
 from fedtune.errors import FedtuneError
 
 from .delegating_strategy import DelegatingStrategy
+from .polling_grid import one_line
 from .traffic import MeteredGrid
 
 log = logging.getLogger("fedtune.server")
@@ -90,7 +90,7 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rnd = self.global_round(server_round)
         # SecAgg+'s workflow can list one failed message twice; count sites, not entries.
-        reasons = list(dict.fromkeys(_failure_reason(f) for f in failures))
+        reasons = list(dict.fromkeys([*(_failure_reason(f) for f in failures), *self._refusals(rnd)]))
         num_failed = max(self._configured_sites - len(results), 0) if self._configured_sites else len(reasons)
         for reason in reasons:
             log.warning("round %d: a site failed: %s", rnd, reason)
@@ -184,14 +184,22 @@ class RecordingStrategy(DelegatingStrategy):
         parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB, {record['round_seconds']:.1f}s")
         log.info(" | ".join(parts))
 
+    def _refusals(self, rnd: int) -> list[str]:
+        """What the sites that refused this round's messages said, one line each, by site."""
+        refused = getattr(self.grid, "refusals", {}).get(str(rnd - self.round_offset), {})
+        return [f"{self._node_site.get(node, f'node {node}')}: {reason}" for node, reason in sorted(refused.items())]
+
     def _record_skipped(self, rnd: int) -> None:
         """A round that produced no aggregate (SecAgg+ below its threshold): the global
         adapter stays as it was and the run goes on."""
+        refusals = self._refusals(rnd)
         log.warning(
             "[round %d/%d] skipped: too few sites completed secure aggregation (below the "
-            "reconstruction threshold); the global adapter is unchanged", rnd, self.num_rounds + self.round_offset,
+            "reconstruction threshold); the global adapter is unchanged%s", rnd, self.num_rounds + self.round_offset,
+            "".join(f"\n  refused by {line}" for line in refusals),
         )
         self.append_record({"round": rnd, "skipped": True, "sites": {}, "aggregate": {}, "central": None,
+                            "failure_reasons": refusals,
                             "round_seconds": round(time.monotonic() - self._round_start, 3)})
         self.completed_rounds.append(rnd)
 
@@ -208,11 +216,6 @@ def _failure_reason(failure: tuple[ClientProxy, FitRes] | BaseException | Any) -
     """One readable line for a failed site: Flower wraps the site's exception (and its
     traceback) into the error reason; keep the site's own message."""
     if isinstance(failure, BaseException):
-        text = str(failure)
-        if "Message: " in text:
-            text = text.rsplit("Message: ", 1)[1]
-        lines = [re.sub(r"""[\\'">)]+$""", "", ln).strip() for ln in text.replace("\\n", "\n").splitlines()]
-        lines = [ln for ln in lines if ln]
-        return lines[-1] if lines else type(failure).__name__
+        return one_line(str(failure)) if str(failure).strip() else type(failure).__name__
     proxy, res = failure
     return f"node {proxy.node_id}: {res.status.message}"

@@ -68,6 +68,10 @@ def write_report(
             )
             + " |"
         )
+    refusals = [(r["round"], reason) for r in records for reason in r.get("failure_reasons", [])]
+    if refusals:
+        lines += ["", "## Sites that failed or refused", "", "| round | site: what it said |", "|---|---|"]
+        lines += [f"| {rnd} | {reason.replace('|', '/')} |" for rnd, reason in refusals]
     lines += ["", "## Per-site metrics, last round", ""]
     if records:
         last = records[-1]

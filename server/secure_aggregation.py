@@ -35,6 +35,8 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from fedtune.config import RunSettings
 from fedtune.errors import ConfigError, FedtuneError
 
+from .polling_grid import one_line
+
 log = logging.getLogger("fedtune.server")
 
 
@@ -77,13 +79,18 @@ def census_max_weight(grid: Any, nodes: list[int], timeout: float) -> float:
         for node in nodes
     ]
     counts: list[int] = []
+    refusals: list[str] = []
     for reply in grid.send_and_receive(messages, timeout=timeout):
-        if reply.has_content():
+        if reply.has_error():
+            refusals.append(f"node {reply.metadata.src_node_id}: {one_line(reply.error.reason)}")
+            log.warning("SecAgg+ census: %s", refusals[-1])
+        elif reply.has_content():
             res = compat.recorddict_to_getpropertiesres(reply.content)
             if "num_examples" in res.properties:
                 counts.append(int(res.properties["num_examples"]))
     if not counts:
-        raise FedtuneError("no site answered the SecAgg+ census of example counts")
+        raise FedtuneError("no site answered the SecAgg+ census of example counts"
+                           + (f" ({'; '.join(refusals)})" if refusals else ""))
     log.info("SecAgg+: %d sites, largest holds %d training examples (max_weight)", len(counts), max(counts))
     return float(max(counts))
 

@@ -51,23 +51,25 @@ def launch(deploy: Path, app: Path, run_config: str, cwd: Path, timeout: int = 9
 
 
 def start_federation(tmp_path: Path, processes: ManagedProcesses, app_user, app_homes: Path,
-                     sentiment_data: dict[str, Path], *extra: str) -> tuple[Path, dict[str, Path]]:
-    """CA, SuperLink behind nginx, two registered sites with `--require-secagg --max-epsilon 50`."""
+                     sentiment_data: dict[str, Path], sites: dict[str, list[str]]) -> tuple[Path, dict[str, Path]]:
+    """CA, SuperLink behind nginx, registered sites with `--require-secagg --max-epsilon 50` and
+    their own extra flags."""
     deploy = tmp_path / "deploy"
     ca, _, _ = init_pki(deploy, ["127.0.0.1"])
     address, loopback = start_superlink(processes, deploy, tmp_path)
     rows = [json.loads(x) for x in sentiment_data["train"].read_text().splitlines()]
     data = {}
-    for i, site in enumerate(SITES):
+    for i, (site, extra) in enumerate(sites.items()):
         private, public = site_keypair(tmp_path / "sites" / site, site)
         register_site(deploy, public, loopback)
         data[site] = tmp_path / "sites" / site / f"{site}.jsonl"
-        data[site].write_text("".join(json.dumps({**r, "text": f"{r['text']} {CANARY}"}) + "\n" for r in rows[i::2]))
+        data[site].write_text("".join(json.dumps({**r, "text": f"{r['text']} {CANARY}"}) + "\n"
+                                      for r in rows[i::len(sites)]))
         processes.start(site, [FEDTUNE, "deploy", "site", "--superlink", address, "--ca", str(ca), "--key",
                                str(private), "--data", str(data[site]), "--port", str(free_port()), "--state-dir",
                                str(tmp_path / "state" / site), "--app-user", app_user.name, "--app-home",
                                str(app_homes / site), "--require-secagg", "--max-epsilon", "50", *extra])
-    for site in SITES:
+    for site in sites:
         wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")
     return deploy, data
 
@@ -83,7 +85,7 @@ def test_a_hostile_clientapp_gets_nothing_and_lowers_nothing(
     tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path], app_user,
     app_homes: Path
 ) -> None:
-    deploy, data = start_federation(tmp_path, processes, app_user, app_homes, sentiment_data)
+    deploy, data = start_federation(tmp_path, processes, app_user, app_homes, sentiment_data, {s: [] for s in SITES})
     outside = tmp_path / "outside"
     targets = {"data": [str(p) for p in data.values()], "state": [str(tmp_path / "state" / s) for s in SITES],
                "run_id": "../" * 16 + str(outside / "escape").lstrip("/")}
@@ -140,13 +142,17 @@ def test_app_pinning_refuses_the_hostile_app_before_it_starts_and_runs_the_appro
     hostile = hostile_copy(tmp_path / "hostile-app", {"data": [], "state": [], "run_id": "x"})
     hostile_hash = app_hash(hostile)
     assert honest_hash != hostile_hash and honest_hash.startswith("sha256:")
-    deploy, _ = start_federation(tmp_path, processes, app_user, app_homes, sentiment_data, "--allow-app", honest_hash)
+    # bank-c's floor allows a smaller DP delta than the runs use: it refuses them, and says why.
+    pinned = ["--allow-app", honest_hash]
+    deploy, _ = start_federation(tmp_path, processes, app_user, app_homes, sentiment_data,
+                                 {"bank-a": pinned, "bank-b": pinned, "bank-c": [*pinned, "--max-delta", "1e-7"]})
     operator = tmp_path / "operator"
     operator.mkdir()
 
-    launch(deploy, hostile, run_config(tiny_bert_dir, sentiment_data, "hostile"), operator, 600)
+    refused = launch(deploy, hostile, run_config(tiny_bert_dir, sentiment_data, "hostile"), operator, 600)
     assert not (operator / "runs" / "hostile" / "metrics.jsonl").exists()  # no site answered: no round ran
-    for site in SITES:
+    assert "no site answered the SecAgg+ census" in refused.stdout and "FAB could not be verified" in refused.stdout
+    for site in (*SITES, "bank-c"):
         log = (tmp_path / f"{site}.log").read_text(errors="replace")
         assert f"app {hostile_hash} (REFUSED: not in --allow-app)" in log, log[-3000:]
         assert "HOSTILE CLIENTAPP STARTED" not in log  # none of its code ran
@@ -154,6 +160,14 @@ def test_app_pinning_refuses_the_hostile_app_before_it_starts_and_runs_the_appro
     honest = launch(deploy, REPO, run_config(tiny_bert_dir, sentiment_data, "honest"), operator)
     assert honest.returncode == 0, honest.stdout[-3000:] + honest.stderr[-2000:]
     [record] = [json.loads(x) for x in (operator / "runs" / "honest" / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(record["sites"]) == list(SITES) and record["failures"] == 0
-    for site in SITES:
+    assert sorted(record["sites"]) == list(SITES) and record["failures"] == 1
+    for site in (*SITES, "bank-c"):
         assert f"app {honest_hash} (approved)" in (tmp_path / f"{site}.log").read_text(errors="replace")
+    # The refusal covers the run at bank-c (census, SecAgg+ setup, evaluation), and the coordinator's
+    # record, log and report name the site and its one line; the site's log has no traceback.
+    why = "site bank-c allows at most delta=1e-07 (node config max-delta); the run has dp-delta=1e-05"
+    assert any(why in reason for reason in record["failure_reasons"]), record["failure_reasons"]
+    assert why in honest.stdout
+    assert why in (operator / "runs" / "honest" / "report.md").read_text()
+    site_log = (tmp_path / "bank-c.log").read_text(errors="replace")
+    assert site_log.count(why) >= 3 and "Traceback" not in site_log

@@ -8,6 +8,10 @@
   any core module it reaches imports torch, transformers, peft, flwr, optimum or opacus;
 - only the composition roots (`fedtune.cli`: the CLI and the simulation launcher)
   import several stages;
+- the ClientApp (the code Flower runs from the coordinator's copy of the app) reaches,
+  at module level, none of the modules that hold what a site enforces (its policy, floor,
+  SecAgg+ checks and masking, the worker's message handling): those run in the site
+  worker, from the site's own installation;
 - the installed package has one top-level name, and test hooks live in tests/ only.
 """
 
@@ -74,11 +78,13 @@ def product_modules() -> dict[str, Path]:
     return out
 
 
-def imports_of(name: str, path: Path) -> set[str]:
-    """Every module `name` imports, at module level or inside functions, made absolute."""
+def imports_of(name: str, path: Path, module_level_only: bool = False) -> set[str]:
+    """Every module `name` imports, at module level or (unless `module_level_only`) inside
+    functions, made absolute."""
     is_package = path.name == "__init__.py"
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in (tree.body if module_level_only else ast.walk(tree)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -190,3 +196,25 @@ def test_flower_loads_the_apps_by_folder_too(module: str) -> None:
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
     assert lines[0] in ("ClientApp", "ServerApp") and lines[1] == "[]", out.stdout
+
+
+# What a site enforces: only its worker (the site's own installation) may import these.
+SITE_ENFORCEMENT = {"fedtune.client.site_policy", "fedtune.client.privacy_floor", "fedtune.client.secagg_guard",
+                    "fedtune.client.worker_messages", "fedtune.client.site_worker", "fedtune.client.app_account"}
+
+
+def module_level_imports(name: str, path: Path) -> set[str]:
+    """The product modules `name` imports at module level (what loading it runs)."""
+    return {t for t in (_first_party(i) for i in imports_of(name, path, module_level_only=True)) if t is not None}
+
+
+def test_the_clientapp_holds_nothing_a_site_enforces() -> None:
+    seen: set[str] = set()
+    todo = ["fedtune.client.app"]
+    while todo:
+        name = todo.pop()
+        if name not in seen:
+            seen.add(name)
+            todo += sorted(module_level_imports(name, MODULES[name]))
+    assert "fedtune.client.worker_client" in seen  # the walk followed the relay
+    assert not seen & SITE_ENFORCEMENT, sorted(seen & SITE_ENFORCEMENT)

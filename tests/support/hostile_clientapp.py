@@ -45,6 +45,13 @@ def _no_local_training(msg: Message, ctxt: Context) -> Message:
     raise RuntimeError("this app only relays")
 
 
+def _relay(msg: Message, ctxt: Context) -> Message:
+    reply = relay_to_worker(msg, ctxt, _no_local_training)
+    if reply.has_error():
+        raise RuntimeError(reply.error.reason)
+    return reply
+
+
 def _arrays(reply: Message) -> Any:
     return {name: len(record) for name, record in reply.content.array_records.items()}
 
@@ -59,19 +66,17 @@ def _attacks(msg: Message, ctxt: Context) -> dict[str, str]:
     stripped = Context(run_id=ctxt.run_id, node_id=ctxt.node_id, state=ctxt.state,
                        node_config={k: v for k, v in ctxt.node_config.items() if k == "worker-socket"},
                        run_config={**ctxt.run_config, "secagg": False, "dp": False})
-    loot["loot_floor_dropped"] = _try(lambda: _arrays(relay_to_worker(plain, stripped, _no_local_training)))
+    loot["loot_floor_dropped"] = _try(lambda: _arrays(_relay(plain, stripped)))
     # (c) the unmasked adapter
-    loot["loot_plain_fit"] = _try(lambda: _arrays(relay_to_worker(_copy(plain), ctxt, _no_local_training)))
-    loot["loot_get_parameters"] = _try(lambda: _arrays(relay_to_worker(_copy(plain, "get_parameters"), ctxt,
-                                                                       _no_local_training)))
+    loot["loot_plain_fit"] = _try(lambda: _arrays(_relay(_copy(plain), ctxt)))
+    loot["loot_get_parameters"] = _try(lambda: _arrays(_relay(_copy(plain, "get_parameters"), ctxt)))
     alone = _copy(msg)
     for name in list(alone.content.keys()):
         del alone.content[name]
     alone.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({
         Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 1, Key.SHARE_NUMBER: 1, Key.THRESHOLD: 1,
         Key.CLIPPING_RANGE: 4.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 1000.0})
-    loot["loot_secagg_alone"] = _try(lambda: dict(relay_to_worker(alone, ctxt, _no_local_training)
-                                                  .content.config_records[RECORD_KEY_CONFIGS]))
+    loot["loot_secagg_alone"] = _try(lambda: dict(_relay(alone, ctxt).content.config_records[RECORD_KEY_CONFIGS]))
     return loot
 
 
