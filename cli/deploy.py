@@ -97,7 +97,7 @@ def site_policy(args: argparse.Namespace, allowed_uids: tuple[int, ...] = ()) ->
     data = Path(args.data).expanduser().resolve()
     return SitePolicy(name=args.name or data.stem, data_path=data, state_dir=Path(args.state_dir).expanduser().resolve(),
                       floor=PrivacyFloor.from_node_config(floor), min_secagg_sites=args.min_secagg_sites,
-                      allowed_uids=allowed_uids)
+                      allowed_uids=allowed_uids, val_fraction=args.val_fraction)
 
 
 def cmd_deploy_worker(args: argparse.Namespace) -> int:
@@ -115,6 +115,8 @@ def cmd_deploy_worker(args: argparse.Namespace) -> int:
         if not Path(args.data).is_file():
             raise FedtuneError(f"--data {args.data}: file not found")
         policy = site_policy(args, tuple(args.allow_uid))
+    if args.device != "auto":  # before torch is imported: the worker sees only the device the site chose
+        os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.device == "cpu" else args.device.removeprefix("cuda:")
     setup_logging()
     SiteWorker(Path(args.socket), policy, idle_timeout=args.idle_timeout,
                max_message_bytes=int(args.max_message_mb * 2**20), threads=args.threads,
@@ -209,7 +211,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         group = account.gid if account is not None else None
         prepare_socket_dir(socket_path, group)
         node_config = worker_node_config(socket_path)
-        worker = worker_command(socket_path, policy, args.worker_threads, socket_group=group)
+        worker = worker_command(socket_path, policy, args.worker_threads, socket_group=group, device=args.device)
     else:
         node_config = in_process_node_config(data, Path(args.state_dir), policy.name, floor)
     cmd = supernode_command(superlink, ca, key, args.port, node_config, args.max_retries, args.idle_poll,
@@ -229,6 +231,13 @@ def check_port_free(port: int, flag: str) -> None:
             probe.bind(("127.0.0.1", port))
         except OSError as err:
             raise FedtuneError(f"{flag} {port}: in use on this machine ({err.strerror}); choose another") from None
+
+
+def check_device(value: str) -> str:
+    """auto, cpu or cuda:N (argparse type: a bad value is argparse's one-line usage error)."""
+    if value in ("auto", "cpu") or (value.startswith("cuda:") and value[5:].isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"expected auto, cpu or cuda:N, got {value!r}")
 
 
 def check_app_hash(value: str) -> str:
@@ -369,6 +378,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         help="no site worker: each message's ClientApp process loads the model itself (slow), and "
                         "the coordinator's code reads the data and enforces the floor: no protection from it")
     add_policy_arguments(d_site, data_required=True)
+    d_site.add_argument("--device", default="auto", type=check_device,
+                        help="the device the site worker trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)")
     d_site.add_argument("--app-user", default=app_user_default(),
                         help="as root: the account the SuperNode and every ClientApp process run as, created if "
                         "missing; it cannot read the data or the worker's state (default: fedtune-app)")
@@ -399,6 +410,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_work.add_argument("--allow-uid", type=int, action="append", default=[],
                         help="another local account (the SuperNode's) that may use the socket (repeatable)")
     d_work.add_argument("--socket-group", type=int, help="group id given the socket's folder (0750) and socket (0660)")
+    d_work.add_argument("--device", default="auto", type=check_device,
+                        help="the device this site trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)")
     d_work.add_argument("--simulation", action="store_true",
                         help="serve every virtual site of a one-machine simulation, taking each site's settings "
                         "from the message (enforces nothing; a deployed site gives --data instead)")
@@ -441,6 +454,8 @@ def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -
     parser.add_argument("--own-noise-only", action="store_true",
                         help="this site's floor under dp-mode = distributed: --max-epsilon counts only this site's own "
                         "noise shares, not trusting the other sites to add theirs")
+    parser.add_argument("--val-fraction", type=float,
+                        help="this site's own validation split (default: the run's val-fraction)")
     parser.add_argument("--min-secagg-sites", type=int, default=2,
                         help="take part in SecAgg+ only with a reconstruction threshold of at least this many sites "
                         "(default: 2; 1 would let the coordinator unmask this site alone)")

@@ -139,7 +139,7 @@ def explain_supernode_exit(code: int, output: str, key: Path, superlink: str) ->
 
 
 def worker_command(socket_path: Path, policy: SitePolicy, threads: int = 0, idle_timeout: float = 1800.0,
-                   socket_group: int | None = None) -> list[str]:
+                   socket_group: int | None = None, device: str = "auto") -> list[str]:
     """The site worker with the site's policy on its own command line (`fedtune deploy worker`)."""
     cmd = [sys.executable, "-m", "fedtune.cli", "deploy", "worker", "--socket", str(socket_path),
            "--idle-timeout", str(idle_timeout), *policy_arguments(policy)]
@@ -147,6 +147,8 @@ def worker_command(socket_path: Path, policy: SitePolicy, threads: int = 0, idle
         cmd += ["--threads", str(threads)]
     if socket_group is not None:
         cmd += ["--socket-group", str(socket_group)]
+    if device != "auto":
+        cmd += ["--device", device]
     return cmd
 
 
@@ -165,6 +167,8 @@ def policy_arguments(policy: SitePolicy) -> list[str]:
         args.append("--own-noise-only")
     for uid in policy.allowed_uids:
         args += ["--allow-uid", str(uid)]
+    if policy.val_fraction is not None:
+        args += ["--val-fraction", repr(policy.val_fraction)]
     return args
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,12 +50,19 @@ class SitePolicy:
     floor: PrivacyFloor = PrivacyFloor()
     min_secagg_sites: int = DEFAULT_MIN_SECAGG_SITES
     allowed_uids: tuple[int, ...] = ()  # local accounts (besides the worker's own) that may use the worker
+    val_fraction: float | None = None  # the site's own validation split (None: the run's val-fraction)
 
     def __post_init__(self) -> None:
         check_site_name(self.name)
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
+            raise FedtuneError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.min_secagg_sites < 2:
             raise FedtuneError(f"--min-secagg-sites must be at least 2 (with 1 the coordinator could unmask this "
                                f"site alone), got {self.min_secagg_sites}")
+
+    def run_settings(self, settings: Any) -> Any:
+        """The run's settings with what the site decides put over them (its validation split)."""
+        return settings if self.val_fraction is None else replace(settings, val_fraction=self.val_fraction)
 
     def node_config(self) -> dict[str, Any]:
         """The node settings the site's work reads, from the policy (never from a message)."""

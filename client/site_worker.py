@@ -189,6 +189,10 @@ class SiteWorker:
                 return  # the client went away
             conn.settimeout(None)
             self.requests += 1
+            if request.get("op") == "status" and uid != os.getuid():
+                # The worker's runs name the site's paths and floor: for the site's own account only.
+                self._reply(conn, {"ok": False, "error": f"uid {uid} may not ask this site worker for its status"})
+                return
             self._reply(conn, *self.dispatch(request, arrays))
 
     @staticmethod
@@ -255,6 +259,8 @@ class SiteWorker:
 
                 torch.set_num_threads(self.threads)
             settings = RunSettings.from_run_config(run_config)
+            if self.policy is not None:
+                settings = self.policy.run_settings(settings)
             work = SiteWork(settings, node_config, MemoryHistory())
             min_sites = self.policy.min_secagg_sites if self.policy else DEFAULT_MIN_SECAGG_SITES
             state = RunState(work, None)

@@ -57,9 +57,11 @@ def connect(path: Path, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
 
 
 def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.ndarray] | None = None,
-                timeout: float = 3600.0, connect_timeout: float = CONNECT_TIMEOUT,
+                timeout: float = 3600.0, connect_timeout: float = CONNECT_TIMEOUT, what: str = "",
                 ) -> tuple[dict[str, Any], list[np.ndarray]]:
-    """One request: hello, then `op` with its header and tensors; returns the reply."""
+    """One request: hello, then `op` with its header and tensors; returns the reply. `what`
+    names the request in errors (default: `op`)."""
+    what = what or op
     sock = connect(path, connect_timeout)
     try:
         sock.settimeout(timeout)
@@ -73,10 +75,10 @@ def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.
         send_frame(sock, {"op": op, **header}, arrays)
         reply, tensors = recv_frame(sock)
     except (PeerClosed, ConnectionResetError, BrokenPipeError):
-        raise FedtuneError(f"site worker at {path}: the worker stopped during '{op}' (it is restarted for the "
+        raise FedtuneError(f"site worker at {path}: the worker stopped during '{what}' (it is restarted for the "
                            f"next round)") from None
     except socket.timeout:
-        raise FedtuneError(f"site worker at {path}: no answer to '{op}' within {timeout:.0f} s") from None
+        raise FedtuneError(f"site worker at {path}: no answer to '{what}' within {timeout:.0f} s") from None
     except ProtocolError as err:
         raise FedtuneError(f"site worker at {path}: {err}") from None
     except OSError as err:
@@ -84,7 +86,7 @@ def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.
     finally:
         sock.close()
     if not reply.get("ok"):
-        raise FedtuneError(str(reply.get("error", f"the worker failed '{op}'")))
+        raise FedtuneError(str(reply.get("error", f"the worker failed '{what}'")))
     return reply, tensors
 
 
@@ -110,7 +112,7 @@ def relay_to_worker(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
               "node_config": encode_scalars(ctxt.node_config)}
     body = np.frombuffer(message_to_proto(msg).SerializeToString(), dtype=np.uint8)
     try:
-        _, arrays = call_worker(path, "message", header, [body], timeout)
+        _, arrays = call_worker(path, "message", header, [body], timeout, what=str(msg.metadata.message_type))
         if len(arrays) != 1:
             raise FedtuneError(f"site worker at {path}: a reply is one tensor, got {len(arrays)}")
         content = recorddict_from_proto(ProtoRecordDict.FromString(arrays[0].tobytes()))

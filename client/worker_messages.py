@@ -120,7 +120,11 @@ class RunMessages:
                 check_stage_request(msg.content.config_records[SECAGG_CONFIGS], protocol_state(self.context.state),
                                     self.min_secagg_sites, site)
                 install_csprng_masks("client")
-                reply = secaggplus_mod(msg, self.context, self._legacy)
+                try:
+                    reply = secaggplus_mod(msg, self.context, self._legacy)
+                except (KeyError, TypeError, ValueError) as err:  # Flower's own protocol checks, one line
+                    raise RequestRefused(f"site {site}: SecAgg+ message refused ({type(err).__name__}: "
+                                         f"{str(err)[:200]})") from None
                 narrow_masked_reply(reply)
             else:
                 if self.work.settings.secagg or self.work.floor.require_secagg:

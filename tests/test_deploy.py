@@ -338,7 +338,7 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     assert records[1]["failures"] == 1
     # ... and round 3 trained all three, bank-c on its restarted worker.
     assert trained(records[2]) == list(sites) and records[2]["failures"] == 0
-    assert "stopped during 'fit'" in (tmp_path / "bank-c.log").read_text(errors="replace")
+    assert "stopped during 'train'" in (tmp_path / "bank-c.log").read_text(errors="replace")
     status = call_worker(victim, "status", {})[0]
     assert status["pid"] != old_pid and status["model_loads"] == 1  # the restart cost one model load
     assert [run["rounds"] for run in status["runs"]] == [[3]]

@@ -109,11 +109,12 @@ def test_a_hostile_clientapp_gets_nothing_and_lowers_nothing(
     assert sorted(record["sites"]) == list(SITES) and record["failures"] == 0, record
     for site, metrics in record["sites"].items():
         loot = {k: v for k, v in metrics.items() if k.startswith("loot_")}
-        assert len(loot) == 9, loot
+        assert len(loot) == 10, loot
         # (a) the data files and state folders: out of the ClientApp account's reach
         for key in ("loot_data_0", "loot_data_1", "loot_state_0", "loot_state_1"):
             assert loot[key].startswith("refused: PermissionError"), (site, key, loot[key])
         assert json.loads(loot["loot_node_config"]).keys() == {"worker-socket"}  # no path, no floor to drop
+        assert "may not ask this site worker for its status" in loot["loot_worker_status"]
         # (b) floor keys dropped, SecAgg+ and DP off in what was relayed: the worker's own floor refuses
         assert loot["loot_floor_dropped"].startswith("refused") and "requires SecAgg+" in loot["loot_floor_dropped"]
         # (c) no unmasked adapter: plain training, the parameters, SecAgg+ with the app alone

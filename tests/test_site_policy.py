@@ -134,3 +134,30 @@ def test_deploy_run_without_a_registered_connection_is_one_line(tmp_path: Path) 
 def test_the_app_hash_is_what_flwr_run_ships_and_stable() -> None:
     first, second = fedtune("deploy", "app-hash", "--app", str(REPO)), fedtune("deploy", "app-hash", "--app", str(REPO))
     assert first.returncode == 0 and re.fullmatch(r"sha256:[0-9a-f]{64}\n", first.stdout) and first.stdout == second.stdout
+
+
+def test_a_port_in_use_is_one_line() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = str(taken.getsockname()[1])
+        out = fedtune("deploy", "site", "--superlink", "h:1", "--ca", "x", "--key", "y", "--data", "z", "--port", port)
+    assert out.returncode == 1 and f"--port {port}: in use on this machine" in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_an_output_dir_that_cannot_be_written_is_refused_before_the_run() -> None:
+    from fedtune.server.preflight import check_run_folder
+
+    with pytest.raises(FedtuneError, match="output-dir /proc/fedtune-nope: cannot write there"):
+        check_run_folder(RunSettings.from_run_config({"output-dir": "/proc/fedtune-nope", "run-name": "r"}))
+
+
+def test_the_site_decides_its_own_validation_split(tmp_path: Path) -> None:
+    run = RunSettings.from_run_config({"val-fraction": 0.9})
+    assert SitePolicy("bank-a", tmp_path / "d.jsonl", tmp_path).run_settings(run).val_fraction == 0.9
+    assert SitePolicy("bank-a", tmp_path / "d.jsonl", tmp_path, val_fraction=0.1).run_settings(run).val_fraction == 0.1
+    with pytest.raises(FedtuneError, match="--val-fraction must be in"):
+        SitePolicy("bank-a", tmp_path / "d.jsonl", tmp_path, val_fraction=1.5)

@@ -5,7 +5,8 @@ data). It relays Flower's messages to the site worker so that the rounds go on, 
 each SecAgg+ collect stage it first tries every attack and puts what it got into the fit
 reply's metrics: exactly what the coordinator receives (its metrics.jsonl).
 
-(a) read the site's data file and state folder; (b) drop the privacy-floor keys and switch
+(a) read the site's data file and state folder, and ask the worker for its status (its runs
+name the site's paths); (b) drop the privacy-floor keys and switch
 SecAgg+ and DP off in what it relays; (c) ask for the unmasked adapter: a plain training
 request, the model's parameters, a SecAgg+ setup with itself alone; (d) a run id with '../'
 in the training config. Each value starts with "GOT" if the attack worked."""
@@ -21,7 +22,7 @@ from flwr.common import ConfigRecord, Context, Message, MessageType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.common.serde import message_from_proto, message_to_proto
 
-from .worker_client import relay_to_worker
+from .worker_client import call_worker, relay_to_worker, worker_socket
 
 print("fedtune-test: HOSTILE CLIENTAPP STARTED", flush=True)
 TARGETS: dict[str, Any] = json.loads("""__TARGETS__""")
@@ -60,6 +61,7 @@ def _attacks(msg: Message, ctxt: Context) -> dict[str, str]:
     loot = {f"loot_data_{i}": _try(lambda p=p: open(p, "rb").read(200)) for i, p in enumerate(TARGETS["data"])}
     loot.update({f"loot_state_{i}": _try(lambda p=p: os.listdir(p)) for i, p in enumerate(TARGETS["state"])})
     loot["loot_node_config"] = json.dumps(dict(ctxt.node_config))[:300]
+    loot["loot_worker_status"] = _try(lambda: call_worker(worker_socket(ctxt), "status", {})[0])
     plain = _copy(msg)
     del plain.content.config_records[RECORD_KEY_CONFIGS]
     # (b) the floor keys dropped from the node config, SecAgg+ and DP off in the run config relayed
