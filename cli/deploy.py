@@ -6,6 +6,7 @@ worker alone (e.g. under systemd)."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,11 +134,13 @@ def privacy_floor(args: argparse.Namespace) -> dict[str, object]:
         if args.max_epsilon is None:
             raise FedtuneError("--own-noise-only applies to --max-epsilon: set both")
         floor["own-noise-only"] = True
-    for flag, key, value, high in (("--max-epsilon", "max-epsilon", args.max_epsilon, 1e6),
-                                   ("--max-delta", "max-delta", args.max_delta, 1.0)):
+    for flag, key, value in (("--max-epsilon", "max-epsilon", args.max_epsilon),
+                             ("--max-delta", "max-delta", args.max_delta)):
         if value is not None:
-            if not 0 < value < high:
-                raise FedtuneError(f"{flag} must be > 0 and < {high:g}, got {value}")
+            if not value > 0 or not math.isfinite(value):
+                raise FedtuneError(f"{flag} must be > 0, got {value}")
+            if key == "max-delta" and value >= 1:
+                raise FedtuneError(f"--max-delta is a probability: it must be < 1, got {value}")
             floor[key] = float(value)
     return floor
 
@@ -275,9 +278,6 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     from fedtune.server.deployment import run_command
     from fedtune.server.preflight import check_run_inputs
 
-    from fedtune.server.deployment import check_connection
-
-    check_connection(Path(args.dir))
     app = Path(args.app).expanduser().resolve()
     if not (app / "pyproject.toml").is_file():
         raise FedtuneError(f"--app {args.app}: no pyproject.toml there; pass the fedtune project folder "

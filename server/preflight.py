@@ -56,13 +56,21 @@ def check_run_folder(settings: RunSettings) -> Path:
 
 
 def check_writable(folder: Path) -> None:
-    """output-dir can be created and written to (by a probe file, removed at once)."""
+    """output-dir can be created and written to: a probe file (and any folder made for it)
+    is removed at once, so a refused run leaves nothing behind."""
+    made = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".fedtune-probe-", delete=True)
-        probe.close()
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".fedtune-probe-"):
+            pass
     except OSError as err:
         raise FedtuneError(f"output-dir {folder}: cannot write there ({err.strerror or err})") from None
+    finally:
+        for path in made:  # deepest first
+            try:
+                path.rmdir()
+            except OSError:
+                pass
 
 
 def check_model(settings: RunSettings) -> None:

@@ -106,7 +106,7 @@ def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
     (["deploy", "site", "--superlink", "coordinator", "--ca", "x", "--key", "y", "--data", "z"],
      "--superlink coordinator: expected HOST:PORT"),
     (["deploy", "site", "--superlink", "h:1", "--ca", "x", "--key", "y", "--data", "z", "--max-delta", "5"],
-     "--max-delta must be > 0 and < 1"),
+     "--max-delta is a probability: it must be < 1, got 5.0"),
     (["deploy", "site", "--superlink", "h:1", "--ca", "x", "--key", "y", "--data", "z", "--allow-app", "abc"],
      "--allow-app abc: expected an app's SHA-256"),
     (["deploy", "worker", "--socket", "/tmp/w.sock"], "a site's worker needs --data"),

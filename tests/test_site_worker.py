@@ -190,3 +190,23 @@ def test_distributed_dp_through_the_worker_sizes_its_share_from_the_protocol(
     sites = [s for r in records for s in r["sites"].values()]
     assert len(sites) == 4 and all(s["dp_noise_shares"] == 2 and s["steps"] == 1 for s in sites)
     assert all(s["dp_epsilon_own_noise"] > s["dp_epsilon"] > 0 for s in sites)
+
+
+def test_malformed_requests_are_one_line_refusals(worker: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path) -> None:
+    """Untrusted requests from the ClientApp: a garbage message, no run settings, a null
+    config, an unknown op; each is refused with one line and no traceback in the worker's log."""
+    import numpy as np
+
+    path, _ = worker
+    garbage = np.frombuffer(b"\x08\x96\x01not a flower message", dtype=np.uint8)
+    for header, arrays, expected in (
+        ({"run_config": {}}, [garbage], "not a Flower message"),
+        ({}, [], "a relayed message is one uint8 tensor"),
+        ({"run_config": None, "config": None}, [np.zeros(3, dtype=np.float32)], "one uint8 tensor"),
+    ):
+        with pytest.raises(FedtuneError, match=expected):
+            call_worker(path, "message", header, arrays)
+    with pytest.raises(FedtuneError, match="unknown request 'fit'"):
+        call_worker(path, "fit", {"run": None, "config": None})
+    assert "Traceback" not in (tmp_path / "worker.log").read_text()
+    assert call_worker(path, "status", {})[0]["runs"] == []  # nothing was created for them
