@@ -69,9 +69,10 @@ def _check_unmask(configs: ConfigRecord, state: ConfigRecord | None, site: str) 
         raise SecAggRefused(f"site {site} refuses to unmask: the coordinator lists a site as both active and "
                             f"dropped, or twice")
     known = set(_neighbours(state))
-    if not set(active) | set(dead) <= known:
+    unknown = sorted((set(active) | set(dead)) - known)
+    if unknown:
         raise SecAggRefused(f"site {site} refuses to unmask: the coordinator asks for shares of sites this site "
-                            f"never exchanged keys with")
+                            f"never exchanged keys with (nodes {unknown[:4]}; known {sorted(known)[:8]})")
 
 
 def _neighbours(state: ConfigRecord | None) -> list[Any]:

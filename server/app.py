@@ -37,9 +37,10 @@ from .privacy_budget import EpsilonBudgetStrategy, resume_refusal
 from .recorder import RecordingStrategy
 from .report import write_report
 from .run_dir import RunDir
+from .secagg_dropouts import check_workflow_state
 from .secure_aggregation import (
     build_secagg_workflow,
-    census_max_weight,
+    secagg_census,
     check_secagg_settings,
     wait_for_sites,
 )
@@ -79,6 +80,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     check_run_inputs(settings)  # before round 1 and before anything is written: one line per problem
     if settings.secagg:
         install_csprng_masks("server")  # refuses SecAgg+ before anything is written if Flower would not call them
+        check_workflow_state()  # and if its workflow no longer looks as the dropout fix expects
     run_dir.create()
     log.info("fedtune %s: run %s -> %s", __version__, run_id, run_dir.path)
 
@@ -139,7 +141,7 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     strategy = RecordingStrategy(inner, metered, run_dir.append_metrics, save_round, num_rounds - done,
                                  round_offset=done)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds - done), strategy=strategy)
-    fit_workflow = _secagg_fit_workflow(settings, metered, run_dir)
+    fit_workflow = _secagg_fit_workflow(settings, metered, run_dir, strategy)
     DefaultWorkflow(fit_workflow=fit_workflow)(metered, legacy)  # type: ignore[arg-type]
     strategy.flush()
 
@@ -196,15 +198,19 @@ def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: 
     return done, arrays
 
 
-def _secagg_fit_workflow(settings: RunSettings, grid: MeteredGrid, run_dir: RunDir) -> Any:
-    """SecAgg+ as the fit stage when `secagg` is on; None keeps Flower's plain fit."""
+def _secagg_fit_workflow(settings: RunSettings, grid: MeteredGrid, run_dir: RunDir, strategy: RecordingStrategy) -> Any:
+    """SecAgg+ as the fit stage when `secagg` is on; None keeps Flower's plain fit. The
+    census leaves the sites that refuse the run out of every round, with their reasons."""
     if not settings.secagg:
         return None
     nodes = wait_for_sites(grid, settings.min_sites, settings.secagg_timeout)
     check_secagg_settings(settings, len(nodes))
-    max_weight = settings.secagg_max_weight or census_max_weight(grid, nodes, settings.secagg_timeout)
+    census = secagg_census(grid, nodes, settings.secagg_timeout)
+    strategy.leave_out(census.refused)
+    max_weight = settings.secagg_max_weight or census.max_weight
     run_dir.write_json("secagg.json", {
         "sites_at_start": len(nodes), "max_weight": max_weight, "masks": "ChaCha20 keyed by SHA-256(shared secret)",
+        "refused_at_census": sorted(census.refused.values()),
         **{k: v for k, v in settings.to_run_config().items() if k.startswith("secagg-")},
     })
     return build_secagg_workflow(settings, max_weight)

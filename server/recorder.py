@@ -57,6 +57,11 @@ class RecordingStrategy(DelegatingStrategy):
         self._round_start = time.monotonic()
         self._configured_round: int | None = None
         self._configured_sites = 0
+        self._left_out: dict[int, str] = {}  # node id -> why the site refused the run (census)
+
+    def leave_out(self, refused: dict[int, str]) -> None:
+        """Sites that refused the run: no round samples them; each round's record says why."""
+        self._left_out = dict(refused)
 
     def global_round(self, server_round: int) -> int:
         """Flower restarts at round 1 on every start; the run's round continues. Every
@@ -76,7 +81,9 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.flush()
         self._round_start = time.monotonic()
-        instructions = self.inner.configure_fit(self.global_round(server_round), parameters, client_manager)
+        instructions = [(proxy, ins) for proxy, ins in
+                        self.inner.configure_fit(self.global_round(server_round), parameters, client_manager)
+                        if proxy.node_id not in self._left_out]
         if instructions:  # an empty list is a deliberate stop (e.g. the DP budget), not a skip
             self._configured_round = self.global_round(server_round)
             self._configured_sites = len(instructions)
@@ -90,8 +97,10 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         rnd = self.global_round(server_round)
         # SecAgg+'s workflow can list one failed message twice; count sites, not entries.
-        reasons = list(dict.fromkeys([*(_failure_reason(f) for f in failures), *self._refusals(rnd)]))
-        num_failed = max(self._configured_sites - len(results), 0) if self._configured_sites else len(reasons)
+        left_out = [f"node {node}: {reason}" for node, reason in sorted(self._left_out.items())]
+        reasons = list(dict.fromkeys([*(_failure_reason(f) for f in failures), *self._refusals(rnd), *left_out]))
+        num_failed = (max(self._configured_sites - len(results), 0) if self._configured_sites else len(reasons)) \
+            + len(left_out)
         for reason in reasons:
             log.warning("round %d: a site failed: %s", rnd, reason)
         if not results:
@@ -125,7 +134,9 @@ class RecordingStrategy(DelegatingStrategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return self.inner.configure_evaluate(self.global_round(server_round), parameters, client_manager)
+        return [(proxy, ins) for proxy, ins in
+                self.inner.configure_evaluate(self.global_round(server_round), parameters, client_manager)
+                if proxy.node_id not in self._left_out]
 
     def aggregate_evaluate(
         self,
@@ -192,7 +203,7 @@ class RecordingStrategy(DelegatingStrategy):
     def _record_skipped(self, rnd: int) -> None:
         """A round that produced no aggregate (SecAgg+ below its threshold): the global
         adapter stays as it was and the run goes on."""
-        refusals = self._refusals(rnd)
+        refusals = [*self._refusals(rnd), *(f"node {n}: {r}" for n, r in sorted(self._left_out.items()))]
         log.warning(
             "[round %d/%d] skipped: too few sites completed secure aggregation (below the "
             "reconstruction threshold); the global adapter is unchanged%s", rnd, self.num_rounds + self.round_offset,

@@ -6,8 +6,11 @@ Parameter choices (run config keys `secagg-*`):
 - `quantization-range` Q (2^22) levels over [-C, C]; `modulus-range` M (2^32) must
   exceed n * Q for n sites, or the masked sum overflows (checked here).
 - `max-weight` W: each site scales its tensors by r = num_examples / W before
-  quantizing. W = 0 (default) asks every site for its example count first (a plain
-  census message; the counts travel unmasked in any case) and uses the largest.
+  quantizing. W = 0 (default) uses the largest count of the census: before round 1
+  every site is asked for its example count (a plain message; the counts travel unmasked
+  in any case). The census also finds the sites that refuse the run (their privacy
+  floor, an app they do not run): those are left out of every round with their reason,
+  since Flower's SecAgg+ cannot recover from a site that drops before the key exchange.
 - `reconstruction-threshold` (fraction of shares) and `num-shares` (fraction of sites).
 - `timeout` (seconds per stage) must exceed cold start plus local training.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from flwr.common import GetPropertiesIns, Message
@@ -36,6 +40,7 @@ from fedtune.config import RunSettings
 from fedtune.errors import ConfigError, FedtuneError
 
 from .polling_grid import one_line
+from .secagg_dropouts import DropoutTolerantSecAggPlusWorkflow, check_workflow_state
 
 log = logging.getLogger("fedtune.server")
 
@@ -71,33 +76,44 @@ def wait_for_sites(grid: Any, min_sites: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def census_max_weight(grid: Any, nodes: list[int], timeout: float) -> float:
-    """Ask every site for its training-example count; return the largest."""
+@dataclass(frozen=True)
+class Census:
+    """What the sites said before round 1: the largest example count, and who refused."""
+
+    max_weight: float
+    refused: dict[int, str]  # node id -> the site's one-line reason
+
+
+def secagg_census(grid: Any, nodes: list[int], timeout: float) -> Census:
+    """Ask every site for its training-example count; a site that refuses says why."""
     content = compat.getpropertiesins_to_recorddict(GetPropertiesIns({"fedtune": "num_examples"}))
     messages = [
         Message(content=content, dst_node_id=node, message_type=MessageTypeLegacy.GET_PROPERTIES, group_id="census")
         for node in nodes
     ]
     counts: list[int] = []
-    refusals: list[str] = []
+    refused: dict[int, str] = {}
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            refusals.append(f"node {reply.metadata.src_node_id}: {one_line(reply.error.reason)}")
-            log.warning("SecAgg+ census: %s", refusals[-1])
+            refused[reply.metadata.src_node_id] = one_line(reply.error.reason)
+            log.warning("SecAgg+ census: node %d refused the run: %s", reply.metadata.src_node_id,
+                        refused[reply.metadata.src_node_id])
         elif reply.has_content():
             res = compat.recorddict_to_getpropertiesres(reply.content)
             if "num_examples" in res.properties:
                 counts.append(int(res.properties["num_examples"]))
     if not counts:
         raise FedtuneError("no site answered the SecAgg+ census of example counts"
-                           + (f" ({'; '.join(refusals)})" if refusals else ""))
+                           + (f" ({'; '.join(refused.values())})" if refused else ""))
     log.info("SecAgg+: %d sites, largest holds %d training examples (max_weight)", len(counts), max(counts))
-    return float(max(counts))
+    return Census(float(max(counts)), refused)
 
 
 def build_secagg_workflow(settings: RunSettings, max_weight: float) -> SecAggPlusWorkflow:
-    """Flower's SecAgg+ fit workflow with fedtune's adapter-tuned parameters."""
-    return SecAggPlusWorkflow(
+    """Flower's SecAgg+ fit workflow (recovering from sites that drop before the key
+    exchange: `secagg_dropouts.py`) with fedtune's adapter-tuned parameters."""
+    check_workflow_state()
+    return DropoutTolerantSecAggPlusWorkflow(
         num_shares=float(settings.secagg_num_shares),
         reconstruction_threshold=float(settings.secagg_reconstruction_threshold),
         max_weight=max_weight,

@@ -317,9 +317,14 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text().strip()):
         assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
         time.sleep(0.2)
-    # Round 1 is recorded. Freeze bank-c's worker; once round 2's training request waits in
-    # its socket's queue (SecAgg+'s collect stage), kill it: the ClientApp sees the worker die.
+    # Round 1 is recorded. The worker runs every SecAgg+ stage: once it has answered round 2's
+    # setup and share-keys stages (its 6th train message), freeze it; once round 2's collect
+    # request (the training) waits in its socket's queue, kill it: the ClientApp sees the worker
+    # die after the key exchange, the dropout SecAgg+ recovers from.
     old_pid = call_worker(victim, "status", {})[0]["pid"]
+    while (tmp_path / "bank-c.log").read_text(errors="replace").count(" train in ") < 6:
+        assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.02)
     os.kill(old_pid, signal.SIGSTOP)
     while listening_backlog(victim) < 1:
         assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]

@@ -100,3 +100,24 @@ def test_strategy_state_attributes_are_checked() -> None:
 
     with pytest.raises(FedtuneError, match="RenamedFedAdam in Flower .* has no m_t"):
         check_strategy_state(RenamedFedAdam(initial_parameters=initial))
+
+
+def test_the_secagg_dropout_fix_refuses_a_flower_workflow_that_changed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`server/secagg_dropouts.py` narrows Flower's sampled/active site sets: a workflow state
+    without them, or an unmask stage that no longer derives the dropped sites from them, is
+    refused in one line."""
+    import dataclasses
+
+    from flwr.server.workflow.secure_aggregation import secaggplus_workflow
+
+    from fedtune.server.secagg_dropouts import check_workflow_state
+
+    check_workflow_state()  # this Flower passes
+
+    @dataclasses.dataclass
+    class Moved:
+        sampled: set[int] = dataclasses.field(default_factory=set)
+
+    monkeypatch.setattr(secaggplus_workflow, "WorkflowState", Moved)
+    with pytest.raises(FedtuneError, match="refusing SecAgg\\+ rather than losing rounds"):
+        check_workflow_state()

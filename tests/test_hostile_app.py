@@ -164,11 +164,13 @@ def test_app_pinning_refuses_the_hostile_app_before_it_starts_and_runs_the_appro
     assert sorted(record["sites"]) == list(SITES) and record["failures"] == 1
     for site in (*SITES, "bank-c"):
         assert f"app {honest_hash} (approved)" in (tmp_path / f"{site}.log").read_text(errors="replace")
-    # The refusal covers the run at bank-c (census, SecAgg+ setup, evaluation), and the coordinator's
-    # record, log and report name the site and its one line; the site's log has no traceback.
+    # bank-c refused the run at the census: the coordinator left it out of every round (a site that
+    # drops before SecAgg+'s key exchange would sink the round), and its record, log and report name
+    # the site and its one line; the site's log has no traceback.
     why = "site bank-c allows at most delta=1e-07 (node config max-delta); the run has dp-delta=1e-05"
     assert any(why in reason for reason in record["failure_reasons"]), record["failure_reasons"]
     assert why in honest.stdout
     assert why in (operator / "runs" / "honest" / "report.md").read_text()
     site_log = (tmp_path / "bank-c.log").read_text(errors="replace")
-    assert site_log.count(why) >= 3 and "Traceback" not in site_log
+    assert why in site_log and "Traceback" not in site_log
+    assert json.loads((operator / "runs" / "honest" / "secagg.json").read_text())["refused_at_census"] == [why]

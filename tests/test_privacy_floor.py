@@ -44,6 +44,8 @@ def test_runs_asking_less_than_the_floor_are_refused(tiny_bert_dir: Path, sentim
         assert str(err.value) == message
         with pytest.raises(PrivacyFloorError):
             site.fit([], {"server-round": 1, "num-rounds": 3})
+        with pytest.raises(PrivacyFloorError):  # a refusal covers the run: evaluation too
+            site.evaluate([], {})
     # What the floor allows trains.
     ok = work(tiny_bert_dir, sentiment_data, tmp_path, {"require-secagg": True}, secagg=True)
     labels = ok.labels({})

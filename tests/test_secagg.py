@@ -16,7 +16,7 @@ from flwr.common import Message, bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from safetensors.numpy import load_file
-from support.site_hooks import AuditUpdates, CountMaskDraws, FailAt, client_app_with
+from support.site_hooks import AuditUpdates, CountMaskDraws, FailAt, FailStage, client_app_with
 from support.wire import observe_messages
 
 from fedtune.config import RunSettings, project_run_config
@@ -25,7 +25,7 @@ from fedtune.secagg.masks import csprng_rand_gen
 
 
 def _run_secagg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: Path, data: dict[str, Path],
-                sites: int, rounds: int, fail_at: str = "") -> tuple[Path, list[np.ndarray], Path]:
+                sites: int, rounds: int, fail_at: str = "", fail_stage: str = "") -> tuple[Path, list[np.ndarray], Path]:
     audit = tmp_path / "site-audit"
     masks_log = tmp_path / "mask-calls.txt"
     masked: list[np.ndarray] = []
@@ -51,7 +51,8 @@ def _run_secagg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: Path, da
 
     monkeypatch.setattr(masks, "csprng_rand_gen", count_server_draws)
     fail = FailAt(frozenset(x for x in fail_at.split(",") if x))
-    app = client_app_with(outer=[CountMaskDraws(str(masks_log))], inner=[fail, AuditUpdates(str(audit))])
+    stage = FailStage(frozenset(x for x in fail_stage.split(",") if x))
+    app = client_app_with(outer=[CountMaskDraws(str(masks_log)), stage], inner=[fail, AuditUpdates(str(audit))])
     run_simulation(config, num_sites=sites, client_app=app)
     return tmp_path / "runs" / "s", masked, audit
 
@@ -134,6 +135,22 @@ def test_secagg_survives_one_of_four_sites_failing(
     trained = sorted(name for name, m in record["sites"].items() if "train_loss" in m)
     assert record["failures"] == 1 and trained == ["site-0", "site-1", "site-3"]
     assert record["failure_reasons"] == ["test hook: site-2 fails in round 1"]
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", ["setup", "share_keys"])
+def test_secagg_survives_a_site_dropping_before_the_key_exchange(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path], stage: str
+) -> None:
+    """Flower's workflow alone loses such a round (the survivors are asked for shares the
+    dropped site never gave them); fedtune's (server/secagg_dropouts.py) aggregates the rest."""
+    run_dir, _, audit = _run_secagg(tmp_path, monkeypatch, tiny_bert_dir, sentiment_data, sites=4, rounds=1,
+                                    fail_stage=f"site-2@1:{stage}")
+    updates = _site_updates(audit, 1)
+    assert sorted(updates) == ["site-0", "site-1", "site-3"]
+    _assert_is_weighted_mean(run_dir, updates, 1)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert not record.get("skipped") and record["failures"] == 1
 
 
 @pytest.mark.timeout(600)

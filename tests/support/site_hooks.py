@@ -8,6 +8,7 @@ it to the simulation launcher:
   (adapter arrays, example count) and its whole adapter (A included) to a local folder,
   so a test can compare what SecAgg+ delivered with what the sites sent.
 - `FailAt({"site-2@1"})`, inside SecAgg+'s mod: that site raises in that round's training.
+- `FailStage({"site-2@1:setup"})`, outside it: that site raises on that round's SecAgg+ stage.
 - `CountMaskDraws(log)`, outside SecAgg+'s mod: appends "client <pid>" to `log` every
   time that process draws a CSPRNG mask.
 
@@ -72,6 +73,22 @@ class FailAt:
             site = _site_name(ctxt)
             if f"{site}@{server_round}" in self.targets:
                 raise RuntimeError(f"test hook: {site} fails in round {server_round}")
+        return call_next(msg, ctxt)
+
+
+@dataclass(frozen=True)
+class FailStage:
+    """Outside SecAgg+'s mod: raise on the listed "SITE@ROUND:STAGE" SecAgg+ stage messages
+    (e.g. a site that drops during setup, before the key exchange)."""
+
+    targets: frozenset[str]
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        configs = msg.content.config_records.get("secaggplus_configs") if msg.has_content() else None
+        if msg.metadata.message_type == MessageType.TRAIN and configs is not None:
+            target = f"{_site_name(ctxt)}@{msg.metadata.group_id}:{configs.get('stage')}"
+            if target in self.targets:
+                raise RuntimeError(f"test hook: {target} fails")
         return call_next(msg, ctxt)
 
 
