@@ -98,7 +98,8 @@ class RecordingStrategy(DelegatingStrategy):
         rnd = self.global_round(server_round)
         # SecAgg+'s workflow can list one failed message twice; count sites, not entries.
         left_out = [f"node {node}: {reason}" for node, reason in sorted(self._left_out.items())]
-        reasons = list(dict.fromkeys([*(_failure_reason(f) for f in failures), *self._refusals(rnd), *left_out]))
+        failed = list(dict.fromkeys(_failure_reason(f) for f in failures))
+        reasons = list(dict.fromkeys([*failed, *self._refusals(rnd, set(failed)), *left_out]))
         num_failed = (max(self._configured_sites - len(results), 0) if self._configured_sites else len(reasons)) \
             + len(left_out)
         for reason in reasons:
@@ -195,10 +196,12 @@ class RecordingStrategy(DelegatingStrategy):
         parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB, {record['round_seconds']:.1f}s")
         log.info(" | ".join(parts))
 
-    def _refusals(self, rnd: int) -> list[str]:
-        """What the sites that refused this round's messages said, one line each, by site."""
+    def _refusals(self, rnd: int, known: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
+        """What the sites that refused this round's messages said, one line each, by site;
+        reasons already in `known` (Flower passed them as fit failures) are not repeated."""
         refused = getattr(self.grid, "refusals", {}).get(str(rnd - self.round_offset), {})
-        return [f"{self._node_site.get(node, f'node {node}')}: {reason}" for node, reason in sorted(refused.items())]
+        return [f"{self._node_site.get(node, f'node {node}')}: {reason}" for node, reason in sorted(refused.items())
+                if reason not in known]
 
     def _record_skipped(self, rnd: int) -> None:
         """A round that produced no aggregate (SecAgg+ below its threshold): the global
