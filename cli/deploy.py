@@ -198,10 +198,10 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         home, copies = app_account.prepare_app_home(root, account, files)
         ca, key = copies["ca.pem"], copies["supernode.key"]
         client_tls = (copies["client.pem"], copies["client.key"]) if client_tls else None
-        Path(args.state_dir).mkdir(parents=True, exist_ok=True)
-        Path(args.state_dir).chmod(0o700)
+        policy.state_dir.mkdir(parents=True, exist_ok=True)
+        policy.state_dir.chmod(0o700)
         env = {**child_env(home.home / ".flwr"), "HOME": str(home.home)}
-        app_account.check_out_of_reach(account, {"data file": data, "state folder": Path(args.state_dir)})
+        app_account.check_out_of_reach(account, {"data file": data, "state folder": policy.state_dir})
         app_account.check_can_start(account, env)
         user = (account.uid, account.gid)
         print(f"site: the SuperNode and every ClientApp run as {account.name!r} (uid {account.uid}), which cannot "
@@ -209,14 +209,14 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     socket_path = None
     worker = None
     if not args.no_worker:
-        default_socket = home.socket if account is not None else Path(args.state_dir) / "worker" / "worker.sock"
+        default_socket = home.socket if account is not None else policy.state_dir / "worker" / "worker.sock"
         socket_path = Path(args.worker_socket or default_socket).resolve()
         group = account.gid if account is not None else None
         prepare_socket_dir(socket_path, group)
         node_config = worker_node_config(socket_path)
         worker = worker_command(socket_path, policy, args.worker_threads, socket_group=group, device=args.device)
     else:
-        node_config = in_process_node_config(data, Path(args.state_dir), policy.name, floor)
+        node_config = in_process_node_config(data, policy.state_dir, policy.name, floor)
     cmd = supernode_command(superlink, ca, key, args.port, node_config, args.max_retries, args.idle_poll,
                             client_tls, allow_apps)
     run_site(cmd, key, superlink, worker, socket_path, supernode_user=user, supernode_env=env)
@@ -378,8 +378,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
                         help="no site worker: each message's ClientApp process loads the model itself (slow), and "
                         "the coordinator's code reads the data and enforces the floor: no protection from it")
     add_policy_arguments(d_site, data_required=True)
-    d_site.add_argument("--device", default="auto", type=check_device,
-                        help="the device the site worker trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)")
     d_site.add_argument("--app-user", default=app_user_default(),
                         help="as root: the account the SuperNode and every ClientApp process run as, created if "
                         "missing; it cannot read the data or the worker's state (default: fedtune-app)")
@@ -410,8 +408,6 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_work.add_argument("--allow-uid", type=int, action="append", default=[],
                         help="another local account (the SuperNode's) that may use the socket (repeatable)")
     d_work.add_argument("--socket-group", type=int, help="group id given the socket's folder (0750) and socket (0660)")
-    d_work.add_argument("--device", default="auto", type=check_device,
-                        help="the device this site trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)")
     d_work.add_argument("--simulation", action="store_true",
                         help="serve every virtual site of a one-machine simulation, taking each site's settings "
                         "from the message (enforces nothing; a deployed site gives --data instead)")
@@ -456,6 +452,8 @@ def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -
                         "noise shares, not trusting the other sites to add theirs")
     parser.add_argument("--val-fraction", type=float,
                         help="this site's own validation split (default: the run's val-fraction)")
+    parser.add_argument("--device", default="auto", type=check_device,
+                        help="the device the site worker trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)")
     parser.add_argument("--min-secagg-sites", type=int, default=2,
                         help="take part in SecAgg+ only with a reconstruction threshold of at least this many sites "
                         "(default: 2; 1 would let the coordinator unmask this site alone)")

@@ -14,7 +14,6 @@ import time
 
 from flwr.app import MetricRecord
 from flwr.client import Client
-from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message, MessageType
@@ -24,11 +23,10 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 
 from fedtune.config import RunSettings
 from fedtune.logs import setup_logging
-from fedtune.secagg.masks import SecAggSetupError, install_csprng_masks
-from fedtune.secagg.wire_codec import narrow_masked_reply
+from fedtune.secagg.masks import SecAggSetupError
 from fedtune.stage_timing import TIMING_RECORD, process_start_time
 
-from .secagg_setup import forget_secagg_state
+from .secagg_setup import forget_secagg_state, run_secaggplus
 from .worker_client import WORKER_SOCKET, relay_to_worker
 
 log = logging.getLogger("fedtune.site")
@@ -51,13 +49,10 @@ def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppC
     Flower would not call them, the site refuses SecAgg+ and replies with the error."""
     if msg.metadata.message_type == MessageType.TRAIN and SECAGG_CONFIGS in msg.content.config_records:
         try:
-            install_csprng_masks("client")
+            return run_secaggplus(msg, ctxt, call_next)
         except SecAggSetupError as err:
             log.error("fedtune: error: %s", err)
             raise
-        reply = secaggplus_mod(msg, ctxt, call_next)
-        narrow_masked_reply(reply)  # uint32 on the wire: half of Flower's int64
-        return reply
     if msg.metadata.message_type == MessageType.TRAIN:
         forget_secagg_state(ctxt)
     return call_next(msg, ctxt)

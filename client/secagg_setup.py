@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
-from flwr.common import Context
+from flwr.common import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Stage
 
 Scalar = bool | bytes | float | int | str
@@ -55,6 +55,21 @@ def with_secagg_setup(config: Mapping[str, Scalar], context: Context) -> dict[st
 def setup_from_config(config: Mapping[str, Scalar]) -> SecAggSetup | None:
     """The setup `with_secagg_setup` put in the config, if any."""
     return SecAggSetup.from_json(str(config[SETUP_KEY])) if SETUP_KEY in config else None
+
+
+def run_secaggplus(msg: Message, ctxt: Context, call_next: Any) -> Message:
+    """One SecAgg+ stage at this site: CSPRNG masks installed and checked (SecAggSetupError
+    if Flower would not call them), Flower's `secaggplus_mod` around `call_next`, and the
+    masked vector narrowed to uint32 for the wire."""
+    from flwr.client.mod import secaggplus_mod
+
+    from fedtune.secagg.masks import install_csprng_masks
+    from fedtune.secagg.wire_codec import narrow_masked_reply
+
+    install_csprng_masks("client")
+    reply = secaggplus_mod(msg, ctxt, call_next)
+    narrow_masked_reply(reply)  # uint32 on the wire: half of Flower's int64
+    return reply
 
 
 def forget_secagg_state(context: Context) -> None:

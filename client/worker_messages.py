@@ -20,7 +20,6 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.client import NumPyClient
 from flwr.client.message_handler.message_handler import handle_legacy_message_from_msgtype
-from flwr.client.mod import secaggplus_mod
 from flwr.common import Context, Message, MessageType
 from flwr.common.constant import MessageTypeLegacy
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS as SECAGG_CONFIGS
@@ -28,11 +27,9 @@ from flwr.common.serde import message_from_proto, recorddict_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 
 from fedtune.errors import FedtuneError
-from fedtune.secagg.masks import install_csprng_masks
-from fedtune.secagg.wire_codec import narrow_masked_reply
 
 from .secagg_guard import check_stage_request, protocol_state
-from .secagg_setup import forget_secagg_state, with_secagg_setup
+from .secagg_setup import forget_secagg_state, run_secaggplus, with_secagg_setup
 
 log = logging.getLogger("fedtune.site")
 Scalar = bool | bytes | float | int | str
@@ -119,13 +116,11 @@ class RunMessages:
             if SECAGG_CONFIGS in msg.content.config_records:
                 check_stage_request(msg.content.config_records[SECAGG_CONFIGS], protocol_state(self.context.state),
                                     self.min_secagg_sites, site)
-                install_csprng_masks("client")
                 try:
-                    reply = secaggplus_mod(msg, self.context, self._legacy)
+                    reply = run_secaggplus(msg, self.context, self._legacy)
                 except (KeyError, TypeError, ValueError) as err:  # Flower's own protocol checks, one line
                     raise RequestRefused(f"site {site}: SecAgg+ message refused ({type(err).__name__}: "
                                          f"{str(err)[:200]})") from None
-                narrow_masked_reply(reply)
             else:
                 if self.work.settings.secagg or self.work.floor.require_secagg:
                     raise RequestRefused(f"site {site} trains this run under SecAgg+ only: an unmasked training "
