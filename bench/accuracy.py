@@ -23,7 +23,7 @@ from fedtune.cli.simulation import run_simulation  # noqa: E402
 from results import update_results  # noqa: E402
 
 from fedtune.config import (
-    project_run_config,  # noqa: E402
+    default_run_config,  # noqa: E402
     resolve_path,  # noqa: E402
 )
 
@@ -39,7 +39,7 @@ def main() -> None:
                         help="reuse central results saved by an earlier run of this script (bench/_work/central.json)")
     args = parser.parse_args()
 
-    config = project_run_config()
+    config = default_run_config()
     if args.rounds:
         config["num-rounds"] = args.rounds
     if args.local_epochs:

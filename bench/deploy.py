@@ -45,7 +45,7 @@ from support.processes import ManagedProcesses, free_port, wait_for_port  # noqa
 
 from fedtune.client.app_account import AppAccount, app_account  # noqa: E402
 
-from fedtune.config import RunSettings, project_run_config  # noqa: E402
+from fedtune.config import RunSettings, default_run_config  # noqa: E402
 from fedtune.flower_env import child_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,7 @@ def demo_workload(root: Path) -> dict[str, Any]:
 
     from fedtune.data import load_examples
 
-    settings = RunSettings.from_run_config(project_run_config())
+    settings = RunSettings.from_run_config(default_run_config())
     labels = settings.label_list()
     examples = load_examples(settings.data_path, settings, labels)
     sites = {}
@@ -164,7 +164,7 @@ def deploy(root: Path, name: str, config: dict[str, Any], sites: dict[str, Path]
 
 
 def simulate(name: str, config: dict[str, Any], num_sites: int) -> list[dict[str, Any]]:
-    run_simulation({**project_run_config(), **config, "run-name": name}, num_sites=num_sites)
+    run_simulation({**default_run_config(), **config, "run-name": name}, num_sites=num_sites)
     return rounds_of(Path(config["output-dir"]) / name)
 
 

@@ -25,14 +25,14 @@ from peft_baseline import pairs_trainer, peft_causal_lm  # noqa: E402
 from results import update_results  # noqa: E402
 
 from fedtune.cli.common import read_run_config_file  # noqa: E402
-from fedtune.config import RunSettings, project_run_config, resolve_path  # noqa: E402
+from fedtune.config import RunSettings, default_run_config, resolve_path  # noqa: E402
 
 LLM_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "banking77-llm.toml"
 WORK = Path(__file__).resolve().parent / "_work"
 
 
 def site_settings(batch: int, steps: int) -> RunSettings:
-    config = {**project_run_config(), **read_run_config_file(str(LLM_CONFIG))}
+    config = {**default_run_config(), **read_run_config_file(str(LLM_CONFIG))}
     config.update({"batch-size": batch, "local-steps": steps, "num-rounds": 1,
                    "data-path": str(resolve_path(config["data-path"]))})
     return RunSettings.from_run_config(config)

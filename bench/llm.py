@@ -48,7 +48,7 @@ from results import update_results  # noqa: E402
 
 from fedtune.cli.common import parse_flwr_run_config, read_run_config_file  # noqa: E402
 from fedtune.cli.simulation import run_simulation  # noqa: E402
-from fedtune.config import RunSettings, project_run_config, resolve_path  # noqa: E402
+from fedtune.config import RunSettings, default_run_config, resolve_path  # noqa: E402
 from fedtune.errors import FedtuneError  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
@@ -125,7 +125,7 @@ def main() -> None:
     from fedtune.model import load_base_model
 
     run_name = time.strftime("llm-%Y%m%d-%H%M%S")
-    config = {**project_run_config(), **read_run_config_file(str(LLM_CONFIG))}
+    config = {**default_run_config(), **read_run_config_file(str(LLM_CONFIG))}
     batch = int(config["batch-size"])
     site_batch = args.site_batch or batch
     local_steps = max(1, round(args.samples / (args.rounds * args.sites * site_batch)))

@@ -43,7 +43,7 @@ from fedtune.cli.simulation import run_simulation  # noqa: E402
 from results import update_results  # noqa: E402
 from support.site_hooks import AuditUpdates, client_app_with  # noqa: E402
 
-from fedtune.config import project_run_config, resolve_path  # noqa: E402
+from fedtune.config import default_run_config, resolve_path  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
 DELTA = 1e-5
@@ -207,7 +207,7 @@ def main() -> None:
     if args.collect and args.resume:
         parser.error("--collect and --resume exclude each other")
 
-    config = project_run_config()
+    config = default_run_config()
     if args.rounds:
         config["num-rounds"] = args.rounds
     if args.local_epochs:

@@ -28,7 +28,7 @@ from results import update_results  # noqa: E402
 
 from fedtune.cli.common import parse_overrides  # noqa: E402
 from fedtune.cli.simulation import run_simulation  # noqa: E402
-from fedtune.config import project_run_config, resolve_path  # noqa: E402
+from fedtune.config import default_run_config, resolve_path  # noqa: E402
 from fedtune.model import resolve_model_path  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work" / "small_data"
@@ -38,7 +38,7 @@ CENTRAL_LR = 2e-3
 
 def make_subset(out: Path) -> tuple[Path, Path, Path, list[str]]:
     """train.jsonl, test.jsonl and labels.json of the subset, written under `out`."""
-    config = project_run_config()
+    config = default_run_config()
     train = [json.loads(x) for x in resolve_path(config["data-path"]).read_text().splitlines() if x.strip()]
     test = [json.loads(x) for x in resolve_path(config["central-eval-path"]).read_text().splitlines() if x.strip()]
     rng = random.Random(SEED)

@@ -22,7 +22,7 @@ from privacy import HEAD_RANK  # noqa: E402
 from results import update_results  # noqa: E402
 
 from fedtune.config import (
-    project_run_config,  # noqa: E402
+    default_run_config,  # noqa: E402
     resolve_path,  # noqa: E402
 )
 
@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    config = project_run_config()
+    config = default_run_config()
     for key in ("data-path", "labels-file", "central-eval-path"):
         config[key] = str(resolve_path(config[key]))
     config.update({"num-rounds": args.rounds, "local-steps": 4, "central-eval-path": ""})

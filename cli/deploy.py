@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
+    from fedtune.client.privacy_floor import PrivacyFloor
     from fedtune.client.site_policy import SitePolicy
 
 
@@ -91,13 +92,12 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
 
 def site_policy(args: argparse.Namespace, allowed_uids: tuple[int, ...] = ()) -> "SitePolicy":
     """The site's policy from its own flags (`deploy site`, `deploy worker`); bad flags are one line."""
-    from fedtune.client.privacy_floor import PrivacyFloor
     from fedtune.client.site_policy import SitePolicy
 
     floor = privacy_floor(args)
     data = Path(args.data).expanduser().resolve()
     return SitePolicy(name=args.name or data.stem, data_path=data, state_dir=Path(args.state_dir).expanduser().resolve(),
-                      floor=PrivacyFloor.from_node_config(floor), min_secagg_sites=args.min_secagg_sites,
+                      floor=floor, min_secagg_sites=args.min_secagg_sites,
                       allowed_uids=allowed_uids, val_fraction=args.val_fraction)
 
 
@@ -125,24 +125,20 @@ def cmd_deploy_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def privacy_floor(args: argparse.Namespace) -> dict[str, object]:
-    """The site's own privacy floor, as node-config keys."""
-    floor: dict[str, object] = {}
-    if args.require_secagg:
-        floor["require-secagg"] = True
-    if args.own_noise_only:
-        if args.max_epsilon is None:
-            raise FedtuneError("--own-noise-only applies to --max-epsilon: set both")
-        floor["own-noise-only"] = True
-    for flag, key, value in (("--max-epsilon", "max-epsilon", args.max_epsilon),
-                             ("--max-delta", "max-delta", args.max_delta)):
+def privacy_floor(args: argparse.Namespace) -> "PrivacyFloor":
+    """The site's own privacy floor, from its flags."""
+    from fedtune.client.privacy_floor import PrivacyFloor
+
+    if args.own_noise_only and args.max_epsilon is None:
+        raise FedtuneError("--own-noise-only applies to --max-epsilon: set both")
+    for flag, value in (("--max-epsilon", args.max_epsilon), ("--max-delta", args.max_delta)):
         if value is not None:
             if not value > 0 or not math.isfinite(value):
                 raise FedtuneError(f"{flag} must be > 0, got {value}")
-            if key == "max-delta" and value >= 1:
+            if flag == "--max-delta" and value >= 1:
                 raise FedtuneError(f"--max-delta is a probability: it must be < 1, got {value}")
-            floor[key] = float(value)
-    return floor
+    return PrivacyFloor(require_secagg=bool(args.require_secagg), max_epsilon=float(args.max_epsilon or 0.0),
+                        max_delta=float(args.max_delta or 0.0), own_noise_only=bool(args.own_noise_only))
 
 
 def cmd_deploy_site(args: argparse.Namespace) -> int:
@@ -163,7 +159,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     from fedtune.cli.common import check_address
 
     superlink = check_address(args.superlink, "--superlink")
-    floor = privacy_floor(args)  # bad floor flags are refused before anything is read or dialled
+    privacy_floor(args)  # bad floor flags are refused before anything is read or dialled
     if bool(args.client_cert) != bool(args.client_key):
         raise FedtuneError("--client-cert and --client-key go together (the certificate the coordinator signed "
                            "and this site's NAME.tls.key)")
@@ -216,7 +212,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         node_config = worker_node_config(socket_path)
         worker = worker_command(socket_path, policy, args.worker_threads, socket_group=group, device=args.device)
     else:
-        node_config = in_process_node_config(data, policy.state_dir, policy.name, floor)
+        node_config = in_process_node_config(policy)
     cmd = supernode_command(superlink, ca, key, args.port, node_config, args.max_retries, args.idle_poll,
                             client_tls, allow_apps)
     run_site(cmd, key, superlink, worker, socket_path, supernode_user=user, supernode_env=env)
@@ -268,13 +264,13 @@ def cmd_deploy_app_hash(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_run(args: argparse.Namespace) -> int:
-    import json
     import time
 
     import tomllib
 
     from fedtune.cli.common import parse_flwr_run_config, pin_launch_paths
-    from fedtune.config import RunSettings
+    from fedtune.config import RunSettings, default_run_config
+    from fedtune.run_config_table import flat_table
     from fedtune.server.deployment import run_command
     from fedtune.server.preflight import check_run_inputs
 
@@ -289,15 +285,14 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     overrides = parse_flwr_run_config(args.run_config or [])
     if args.resume:
         overrides.update({"run-name": args.resume, "resume": True})
-    config = pin_launch_paths({**RunSettings().to_run_config(), **app_config, **overrides}, overrides, app, Path.cwd())
+    config = pin_launch_paths({**default_run_config(), **app_config, **overrides}, overrides, app, Path.cwd())
     settings = RunSettings.from_run_config(config)
     check_run_inputs(settings)  # everything the coordinator can check, before any site trains
     pinned = {k for k in ("labels-file", "central-eval-path", "output-dir") if config.get(k)}
     launched = {k: config[k] for k in set(overrides) | pinned}  # what Flower's copy of the app gets
     record = Path(args.dir) / "launched" / f"{settings.run_name or time.strftime('%Y%m%d-%H%M%S')}.toml"
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text("".join(f'"{k}" = {str(v).lower() if isinstance(v, bool) else json.dumps(v)}\n'
-                              for k, v in sorted(launched.items())))
+    record.write_text(flat_table(dict(sorted(launched.items()))))
     cmd, env = run_command(Path(args.dir), app, [str(record.resolve())])
     print(f"run config checked; launched with {record} (paths absolute: runs go to {settings.output_dir})", flush=True)
     print(" ".join(cmd), flush=True)

@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import argparse
 
+from fedtune.errors import FedtuneError
+
 from .common import absolute_paths, parse_overrides, read_run_config_file
 
 STRATEGIES = ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"]
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from fedtune.config import project_run_config
+    from fedtune.config import default_run_config
 
     from .simulation import run_simulation
 
@@ -26,7 +28,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             overrides[key] = value
     if args.resume:
         overrides["resume"] = True
-    config = absolute_paths({**project_run_config(), **overrides})
+    config = absolute_paths({**default_run_config(), **overrides})
     run_simulation(config, num_sites=args.sites, verbose=args.verbose)
     return 0
 
@@ -34,11 +36,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 def cmd_check_data(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from fedtune.config import RunSettings, project_run_config
+    from fedtune.config import RunSettings, default_run_config
     from fedtune.data import load_classification, load_completions
 
     from_file = read_run_config_file(args.run_config) if args.run_config else {}
-    config = {**project_run_config(), **from_file, **parse_overrides(args.set or []),
+    config = {**default_run_config(), **from_file, **parse_overrides(args.set or []),
               **({"task": args.task} if args.task else {})}
     settings = RunSettings.from_run_config(config)
     if settings.task == "seq-cls":
@@ -59,12 +61,36 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_settings(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fedtune.run_config_table import differences, listing, write_table
+
+    if args.write_pyproject:
+        write_table(Path(args.write_pyproject))
+        print(f"{args.write_pyproject}: [tool.flwr.app.config] written from fedtune/config.py")
+    elif args.check_pyproject:
+        problems = differences(Path(args.check_pyproject))
+        if problems:
+            raise FedtuneError(f"{args.check_pyproject} and fedtune/config.py differ: {'; '.join(problems)} "
+                               f"(fedtune settings --write-pyproject {args.check_pyproject})")
+        print(f"{args.check_pyproject}: [tool.flwr.app.config] matches fedtune/config.py")
+    else:
+        print(listing(), end="")
+    return 0
+
+
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    from fedtune.run_config_table import listing
+
     sim = sub.add_parser(
         "simulate",
         help="run a whole federation on this machine (Flower Simulation Engine)",
         description="Partition the run's data set across N simulated sites and run the federation. "
-        "Defaults come from [tool.flwr.app.config] in pyproject.toml.",
+        "Every run-config key and its default is listed below (declared in fedtune/config.py, "
+        "the same as [tool.flwr.app.config] in pyproject.toml).",
+        epilog="run-config keys (--set KEY=VALUE, or a --run-config file):\n" + listing(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sim.add_argument("--sites", type=int, default=3, help="number of simulated sites (default: 3)")
     sim.add_argument("--rounds", type=int, help="federated rounds (config: num-rounds)")
@@ -94,3 +120,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     chk.add_argument("--run-config", metavar="FILE", help="a TOML file of run-config keys (model, max-length, ...)")
     chk.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key, e.g. labels-file=...")
     chk.set_defaults(func=cmd_check_data)
+
+    st = sub.add_parser("settings", help="list every run-config key, its default and help",
+                        description="Every run-config key, declared once in fedtune/config.py. With a flag, write "
+                        "or check pyproject's [tool.flwr.app.config] table against the declarations.")
+    what = st.add_mutually_exclusive_group()
+    what.add_argument("--write-pyproject", metavar="PYPROJECT", help="rewrite the file's [tool.flwr.app.config] table")
+    what.add_argument("--check-pyproject", metavar="PYPROJECT", help="exit 1 naming each key where the table differs")
+    st.set_defaults(func=cmd_settings)

@@ -4,13 +4,13 @@ Engine (Ray) on one machine, N virtual sites, each one partition of the data set
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-from fedtune.config import RunSettings, project_run_config
+from fedtune.config import RunSettings, default_run_config
+from fedtune.run_config_table import flat_table
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
@@ -28,11 +28,9 @@ FLOWER_QUIET_ENV = {
 
 def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
     lines = ['[project]', 'name = "fedtune-sim"', 'version = "0.0.0"', "", "[tool.flwr.app]", 'publisher = "fedtune"', "",
-             "[tool.flwr.app.components]", 'serverapp = "server.app:app"', 'clientapp = "client.app:app"', "",
+             "[tool.flwr.app.components]", 'serverapp = "server.flower_app:app"', 'clientapp = "client.flower_app:app"', "",
              "[tool.flwr.app.config]"]
-    for key, value in config.items():
-        lines.append(f'"{key}" = {json.dumps(value)}' if not isinstance(value, bool) else f'"{key}" = {str(value).lower()}')
-    (directory / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    (directory / "pyproject.toml").write_text("\n".join(lines) + "\n" + flat_table(config), encoding="utf-8")
 
 
 def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool = False,
@@ -44,7 +42,7 @@ def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool =
     """
     for key, value in FLOWER_QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    config = {**project_run_config(), **overrides}
+    config = {**default_run_config(), **overrides}
     settings = RunSettings.from_run_config(config)
     _check_inputs(settings, num_sites)
 

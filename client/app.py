@@ -27,7 +27,8 @@ from fedtune.secagg.masks import SecAggSetupError
 from fedtune.stage_timing import TIMING_RECORD, process_start_time
 
 from .secagg_setup import forget_secagg_state, run_secaggplus
-from .worker_client import WORKER_SOCKET, relay_to_worker
+from .node_settings import NodeSettings
+from .worker_client import relay_to_worker
 
 log = logging.getLogger("fedtune.site")
 setup_logging()
@@ -61,7 +62,7 @@ def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppC
 def stamp_timing(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
     """Deployed sites only: when this ClientApp process started and how long its
     handler ran, so the coordinator can tell Flower's polling from the site's work."""
-    if WORKER_SOCKET not in ctxt.node_config and "data-path" not in ctxt.node_config:
+    if not NodeSettings.from_node_config(ctxt.node_config).on_a_supernode:
         return call_next(msg, ctxt)  # simulation: no processes to time, no extra bytes
     started = time.time()
     reply = call_next(msg, ctxt)

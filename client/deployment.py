@@ -23,6 +23,7 @@ from fedtune.data import load_classification, load_completions
 from fedtune.child_process import Relay, stop_helpers
 from fedtune.errors import FedtuneError
 
+from .node_settings import NodeSettings
 from .site_policy import SitePolicy
 
 UNREGISTERED_KEY = "[code: 2004]"  # flower-supernode: "[code: 2004] Failed to activate SuperNode."
@@ -118,16 +119,13 @@ def supernode_command(superlink: str, ca: Path, key: Path, port: int, node_confi
 def worker_node_config(socket_path: Path) -> str:
     """A SuperNode's node config with a site worker: the socket, nothing else (the worker
     owns the site's data path, state folder, name and floor)."""
-    return f'worker-socket="{socket_path.resolve()}"'
+    return NodeSettings("worker", worker_socket=str(socket_path.resolve())).supernode_flag()
 
 
-def in_process_node_config(data: Path, state_dir: Path, site_name: str, privacy_floor: dict[str, object]) -> str:
+def in_process_node_config(policy: SitePolicy) -> str:
     """A SuperNode's node config without a worker (`--no-worker`): the ClientApp reads the
     data and enforces the floor itself, so the coordinator's code could change both."""
-    node_config = f'data-path="{data.resolve()}" state-dir="{state_dir.resolve()}" site-name="{site_name}"'
-    for name, value in privacy_floor.items():
-        node_config += f" {name}={str(value).lower() if isinstance(value, bool) else value}"
-    return node_config
+    return policy.node_settings().supernode_flag()
 
 
 def explain_supernode_exit(code: int, output: str, key: Path, superlink: str) -> str:

@@ -1,7 +1,6 @@
 """Where a site keeps its DP accountant's history (noise multiplier, sample rate, steps)
 between rounds: in the run's Flower context (a ClientApp process per message) or in the
-site worker's memory, and always on the site's own disk (`state-dir` in the node config,
-else `site-state-dir`), keyed by run id, so ε keeps counting across process restarts and
+site worker's memory, and always on the site's own disk (`NodeSettings.state_folder`), keyed by run id, so ε keeps counting across process restarts and
 coordinator resumes. The run id arrives in a message, so it names no path: the file goes
 under a fixed-format key made from it (`site_policy.run_key`)."""
 
@@ -10,20 +9,24 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from flwr.app import ConfigRecord, Context
 
 from .site_policy import check_site_name, run_key
 
+if TYPE_CHECKING:
+    from fedtune.config import RunSettings
+
+    from .node_settings import NodeSettings
+
 STATE_KEY = "fedtune.dp"
 History = list[tuple[float, float, int]]
 
 
-def history_file(node_config: Mapping[str, Any], site_state_dir: str, run_id: str, site: str) -> Path:
+def history_file(node: NodeSettings, settings: RunSettings, run_id: str, site: str) -> Path:
     """The site's accountant file: STATE_DIR/<run key>/<site>-dp.json."""
-    state_dir = str(node_config.get("state-dir", "") or site_state_dir)
-    return Path(state_dir).expanduser() / run_key(run_id) / f"{check_site_name(site)}-dp.json"
+    return node.state_folder(settings) / run_key(run_id) / f"{check_site_name(site)}-dp.json"
 
 
 def _read(path: Path) -> History:

@@ -111,9 +111,9 @@ def dp_recipe(settings: RunSettings) -> RunSettings:
     return dataclasses.replace(
         settings,
         min_local_steps=0,
-        batch_size=settings.dp_batch_size or settings.batch_size,
-        learning_rate=settings.dp_learning_rate or settings.learning_rate,
-        local_epochs=settings.dp_local_epochs or settings.local_epochs,
+        batch_size=settings.dp_batch,
+        learning_rate=settings.dp_peak_learning_rate,
+        local_epochs=settings.dp_epochs,
     )
 
 

@@ -17,6 +17,7 @@ from fedtune.config import RunSettings
 from fedtune.errors import FedtuneError
 
 from .dp_history import ContextHistory
+from .node_settings import NodeSettings
 from .optimizer_state import ContextOptimizerStore
 from .secagg_setup import with_secagg_setup
 from .site_work import Scalar, SiteWork
@@ -39,7 +40,8 @@ class SiteClient(NumPyClient):
 
     def __init__(self, settings: RunSettings, context: Context) -> None:
         self.context = context
-        self.work = SiteWork(settings, context.node_config, ContextHistory(context), ContextOptimizerStore(context))
+        node = NodeSettings.from_node_config(context.node_config, context.run_config)
+        self.work = SiteWork(settings, node, ContextHistory(context), ContextOptimizerStore(context))
 
     def get_parameters(self, config: dict[str, Scalar]) -> list[np.ndarray]:
         from fedtune.adapter_io import get_adapter_arrays

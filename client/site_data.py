@@ -1,15 +1,17 @@
-"""Which examples a site trains on: its own file in deployment (`data-path` in the
-node config), or one partition of the configured data set in simulation."""
+"""Which examples a site trains on: its own file in deployment (its `NodeSettings`'
+data path), or one partition of the configured data set in simulation."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-from fedtune.config import RunSettings, resolve_path
+from fedtune.config import RunSettings
 from fedtune.data import Example, load_examples
 from fedtune.errors import DataError
 from fedtune.partition import dirichlet_partition, iid_partition, train_val_split
+
+from .node_settings import NodeSettings
 
 
 @dataclass(frozen=True)
@@ -36,32 +38,20 @@ def site_partition(examples: Sequence[Example], settings: RunSettings, part: int
     return [examples[i] for i in parts[part]]
 
 
-def site_name(node_config: Mapping[str, Any]) -> str:
-    """The site's name as its metrics show it, without reading its data."""
-    if node_config.get("site-name"):
-        return str(node_config["site-name"])
-    if "data-path" in node_config:
-        return resolve_path(str(node_config["data-path"])).stem
-    return f"site-{node_config.get('partition-id', '?')}"
-
-
-def load_site_data(settings: RunSettings, node_config: Mapping[str, Any], labels: Sequence[str]) -> SiteData:
-    """The site's data, from `data-path` (deployment) or `partition-id` (simulation)."""
-    if "data-path" in node_config:
-        path = str(node_config["data-path"])
-        examples = load_examples(path, settings, labels)
-        name = site_name(node_config)
+def load_site_data(settings: RunSettings, node: NodeSettings, labels: Sequence[str]) -> SiteData:
+    """The site's data: its own file (deployed, or a worker's policy) or its partition (simulated)."""
+    if node.data_path:
+        examples = load_examples(node.data_path, settings, labels)
         split_seed = settings.seed
-    elif "partition-id" in node_config:
-        part, num_parts = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    elif node.mode == "simulated" and node.num_partitions > 0:
         if not settings.data_path:
             raise DataError("<run config>", "simulation needs 'data-path' in the run config", field="data-path")
-        examples = site_partition(load_examples(settings.data_path, settings, labels), settings, part, num_parts)
-        name = site_name(node_config)
-        split_seed = settings.seed + part
+        examples = site_partition(load_examples(settings.data_path, settings, labels), settings, node.partition_id,
+                                  node.num_partitions)
+        split_seed = settings.seed + node.partition_id
     else:
         raise DataError("<node config>", "set 'data-path' in the SuperNode's --node-config", field="data-path")
     if len(examples) < 2:
-        raise DataError(name, f"a site needs at least 2 examples, got {len(examples)}")
+        raise DataError(node.name, f"a site needs at least 2 examples, got {len(examples)}")
     train, val = train_val_split(examples, settings.val_fraction, split_seed)
-    return SiteData(name=name, train=train, val=val)
+    return SiteData(name=node.name, train=train, val=val)

@@ -14,6 +14,7 @@ from typing import Any
 
 from fedtune.errors import FedtuneError
 
+from .node_settings import NodeSettings
 from .privacy_floor import PrivacyFloor
 
 # The fewest sites whose sum the coordinator may unmask (SecAgg+'s reconstruction threshold):
@@ -64,7 +65,7 @@ class SitePolicy:
         """The run's settings with what the site decides put over them (its validation split)."""
         return settings if self.val_fraction is None else replace(settings, val_fraction=self.val_fraction)
 
-    def node_config(self) -> dict[str, Any]:
+    def node_settings(self) -> NodeSettings:
         """The node settings the site's work reads, from the policy (never from a message)."""
-        return {"data-path": str(self.data_path), "state-dir": str(self.state_dir), "site-name": self.name,
-                **self.floor.to_node_config()}
+        return NodeSettings("deployed", data_path=str(self.data_path), state_dir=str(self.state_dir),
+                            site_name=self.name, floor=self.floor)

@@ -22,8 +22,9 @@ from fedtune.evaluation import evaluate
 from .dp_history import HistoryStore, history_file
 from .model_cache import cached_lora_model, cached_tokenizer
 from .optimizer_state import MemoryOptimizerStore, OptimizerStore
+from .node_settings import NodeSettings
 from .privacy_floor import PrivacyFloor
-from .site_data import SiteData, load_site_data, site_name
+from .site_data import SiteData, load_site_data
 from .secagg_setup import setup_from_config
 from .trainer import TrainResult, train_local
 
@@ -37,19 +38,19 @@ class SiteWork:
     """A site's part in one run: its settings, its data, its DP accountant store and where it
     keeps its optimizer moments (`keep-optimizer-state`)."""
 
-    def __init__(self, settings: RunSettings, node_config: Mapping[str, Any], history: HistoryStore,
+    def __init__(self, settings: RunSettings, node: NodeSettings, history: HistoryStore,
                  optimizer_store: OptimizerStore | None = None) -> None:
         self.settings = settings
         self.lora = settings.lora_settings()  # what the model trains and what travels
-        self.node_config = dict(node_config)
+        self.node = node
         self.history = history
         self.optimizer_store = optimizer_store or MemoryOptimizerStore()
-        self.floor = PrivacyFloor.from_node_config(self.node_config)
+        self.floor = node.floor or PrivacyFloor()
         self._site: tuple[tuple[str, ...], SiteData] | None = None
         self._encoders: dict[tuple[str, int], Encoder] = {}
 
     def site_name(self) -> str:
-        return site_name(self.node_config)
+        return self.node.name
 
     def labels(self, config: Config) -> tuple[str, ...]:
         if "labels" in config:
@@ -64,7 +65,7 @@ class SiteWork:
         """The site's examples, read and split once per run (and label set)."""
         key = tuple(labels)
         if self._site is None or self._site[0] != key:
-            self._site = (key, load_site_data(self.settings, self.node_config, labels))
+            self._site = (key, load_site_data(self.settings, self.node, labels))
             self._encoders.clear()
         return self._site[1]
 
@@ -128,7 +129,7 @@ class SiteWork:
         s = self.settings
         distributed = s.dp_mode == "distributed"
         threshold = distributed_dp.checked_threshold(setup_from_config(config), site) if distributed else 0
-        state = history_file(self.node_config, s.site_state_dir, str(config.get("run-id", "run")), site)
+        state = history_file(self.node, s, str(config.get("run-id", "run")), site)
         spent = self.history.load(state)
         if self.floor.max_epsilon > 0:
             if distributed:

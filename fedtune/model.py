@@ -19,6 +19,7 @@ from transformers import (
 )
 from transformers.utils import logging as transformers_logging
 
+from fedtune.config import RunSettings
 from fedtune.embedded_models import DEFAULT_MODEL, embedded_path, is_embedded
 from fedtune.errors import ConfigError
 from fedtune.label_head import init_label_name_head
@@ -39,20 +40,24 @@ _TARGETS_BY_MODEL_TYPE: dict[str, list[str]] = {
 _LLAMA_LIKE_TARGETS = ["q_proj", "v_proj"]
 
 
+_DEFAULTS = RunSettings()  # LoRA defaults are the run's declared ones (fedtune/config.py), resolved
+
+
 @dataclass(frozen=True)
 class LoraSettings:
-    """LoRA hyper-parameters; empty `target_modules` means the architecture default."""
+    """LoRA hyper-parameters as the model builder takes them (`RunSettings.lora_settings()`
+    resolves them from a run); empty `target_modules` means the architecture default."""
 
-    r: int = 8
-    alpha: int = 16
-    dropout: float = 0.05
+    r: int = _DEFAULTS.lora_r
+    alpha: int = _DEFAULTS.lora_alpha
+    dropout: float = _DEFAULTS.lora_dropout
     target_modules: tuple[str, ...] = ()
-    freeze_a: bool = False  # FFA-LoRA: A stays at its seeded initialisation
-    head_rank: int = 0  # > 0 (with freeze_a): the seq-cls head is B_h A_h, A_h frozen too (`head_module`)
-    top_layers: int = 0  # > 0: adapt only the last N transformer blocks (shorter backward pass)
-    head_init: str = "random"  # seq-cls: "label-names" starts the head from the label names (fedtune.label_head)
-    head_only: bool = False  # seq-cls: train only the head; every LoRA factor stays at its init (B = 0: no change)
-    head_input: str = "pooler"  # seq-cls: "cls" feeds the head tanh([CLS] state), skipping the pooler's dense layer
+    freeze_a: bool = _DEFAULTS.ffa_lora  # FFA-LoRA: A stays at its seeded initialisation
+    head_rank: int = _DEFAULTS.ffa_head_rank  # > 0 (with freeze_a): the seq-cls head is B_h A_h, A_h frozen too
+    top_layers: int = _DEFAULTS.lora_top_layers  # > 0: adapt only the last N transformer blocks
+    head_init: str = _DEFAULTS.resolved_head_init()  # seq-cls: "label-names" starts the head from the label names
+    head_only: bool = _DEFAULTS.head_only  # seq-cls: train only the head; every LoRA factor stays at its init
+    head_input: str = _DEFAULTS.resolved_head_input()  # seq-cls: "cls" feeds the head tanh([CLS] state)
 
 
 # Names of a sequence-classification head that is one Linear layer (BERT, Llama, GPT-2, ...).
@@ -217,9 +222,7 @@ def build_lora_model(
     if task == "seq-cls" and lora.head_input == "cls":
         pass_cls_state(base)
     head, head_alpha = "", 0.0
-    if lora.head_rank > 0:
-        if task != "seq-cls" or not lora.freeze_a:
-            raise ConfigError("ffa-head-rank", "applies to seq-cls runs with ffa-lora = true")
+    if lora.head_rank > 0:  # RunSettings.validate: seq-cls with ffa-lora only
         head = head_module(base)
         zero_head(base)
         head_alpha = low_rank_head_alpha(getattr(base, head).in_features)

@@ -41,7 +41,6 @@ from .secagg_dropouts import check_workflow_state
 from .secure_aggregation import (
     build_secagg_workflow,
     secagg_census,
-    check_secagg_settings,
     wait_for_sites,
 )
 from .strategies import build_strategy
@@ -204,7 +203,7 @@ def _secagg_fit_workflow(settings: RunSettings, grid: MeteredGrid, run_dir: RunD
     if not settings.secagg:
         return None
     nodes = wait_for_sites(grid, settings.min_sites, settings.secagg_timeout)
-    check_secagg_settings(settings, len(nodes))
+    settings.check_for_sites(len(nodes))
     census = secagg_census(grid, nodes, settings.secagg_timeout)
     strategy.leave_out(census.refused)
     max_weight = settings.secagg_max_weight or census.max_weight

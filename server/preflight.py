@@ -16,7 +16,6 @@ from fedtune.config import RunSettings, resolve_path
 from fedtune.errors import ConfigError, FedtuneError
 
 from .privacy_budget import resume_refusal
-from .secure_aggregation import check_secagg_settings
 
 
 def check_run_inputs(settings: RunSettings, data_set: bool = False, num_sites: int | None = None) -> None:
@@ -33,8 +32,7 @@ def check_run_inputs(settings: RunSettings, data_set: bool = False, num_sites: i
         _require_file("central-eval-path", settings.central_eval_path)
         load_examples(settings.central_eval_path, settings, labels)
     check_model(settings)
-    if settings.secagg:
-        check_secagg_settings(settings, max(num_sites or 0, settings.min_sites))
+    settings.check_for_sites(max(num_sites or 0, settings.min_sites))
 
 
 def check_run_folder(settings: RunSettings) -> Path:

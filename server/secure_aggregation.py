@@ -4,7 +4,7 @@ Parameter choices (run config keys `secagg-*`):
 - `clipping-range` C bounds every value sent; a site clips values beyond +-C (and
   reports how many it clipped). Adapter and head values are well below 1, so C = 4.
 - `quantization-range` Q (2^22) levels over [-C, C]; `modulus-range` M (2^32) must
-  exceed n * Q for n sites, or the masked sum overflows (checked here).
+  exceed n * Q for n sites, or the masked sum overflows (`RunSettings.check_for_sites`).
 - `max-weight` W: each site scales its tensors by r = num_examples / W before
   quantizing. W = 0 (default) uses the largest count of the census: before round 1
   every site is asked for its example count (a plain message; the counts travel unmasked
@@ -37,7 +37,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.server.workflow import SecAggPlusWorkflow
 
 from fedtune.config import RunSettings
-from fedtune.errors import ConfigError, FedtuneError
+from fedtune.errors import FedtuneError
 
 from .polling_grid import one_line
 from .secagg_dropouts import DropoutTolerantSecAggPlusWorkflow, check_workflow_state
@@ -50,18 +50,6 @@ def secagg_error_bound(settings: RunSettings, num_sites: int, ratios: list[float
     q = settings.secagg_quantization_range
     c = settings.secagg_clipping_range
     return 2 * num_sites * c / (q * sum(ratios)) + 2 * max_abs / (q * min(ratios))
-
-
-def check_secagg_settings(settings: RunSettings, num_sites: int) -> None:
-    """Refuse settings whose masked sum could overflow the modulus."""
-    if settings.secagg_clipping_range <= 0:
-        raise ConfigError("secagg-clipping-range", "must be > 0")
-    if num_sites * settings.secagg_quantization_range >= settings.secagg_modulus_range:
-        raise ConfigError(
-            "secagg-quantization-range",
-            f"{num_sites} sites x {settings.secagg_quantization_range} levels overflow the modulus "
-            f"{settings.secagg_modulus_range}; lower the quantization range or raise the modulus",
-        )
 
 
 def wait_for_sites(grid: Any, min_sites: int, timeout: float) -> list[int]:

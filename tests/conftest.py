@@ -123,9 +123,9 @@ def _federate(root: Path, name: str, overrides: dict[str, object]) -> Path:
     """One short real federation (2 sites, 1 round) into root/runs/name."""
     from fedtune.cli.simulation import run_simulation
 
-    from fedtune.config import project_run_config
+    from fedtune.config import default_run_config
 
-    config = {**project_run_config(), "output-dir": str(root / "runs"), "run-name": name, "num-rounds": 1,
+    config = {**default_run_config(), "output-dir": str(root / "runs"), "run-name": name, "num-rounds": 1,
               "local-steps": 12, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
               "lr-schedule": "constant", "partitioning": "iid", "val-fraction": 0.2, **overrides}
     run_simulation(config, num_sites=2)

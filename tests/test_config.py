@@ -10,13 +10,65 @@ from fedtune.server.strategies import build_strategy, weighted_metrics
 from flwr.common import ndarrays_to_parameters
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
-from fedtune.config import RunSettings, project_run_config
+from fedtune.config import RunSettings, default_run_config
 from fedtune.errors import ConfigError
 from fedtune.schedule import lr_factor, round_progress
 
 
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_pyproject_table_is_the_declarations_written_out() -> None:
+    """pyproject's [tool.flwr.app.config] is written from fedtune/config.py: same keys, same
+    defaults, same help (`fedtune settings --write-pyproject pyproject.toml` after a change)."""
+    from fedtune.run_config_table import TABLE, differences, render_table
+
+    assert differences(REPO / "pyproject.toml") == []
+    text = (REPO / "pyproject.toml").read_text()
+    assert text[text.index(TABLE):] == render_table()
+
+
+def test_one_default_changed_in_one_place_shows_everywhere(tmp_path: Path) -> None:
+    """Change lora-r's default in fedtune/config.py alone (a copy of the core): RunSettings(),
+    `fedtune simulate --help` and `fedtune settings` show it, the consistency check names the
+    stale pyproject in one line, and writing the table brings pyproject along."""
+    import shutil
+    import subprocess
+    import sys
+
+    core = tmp_path / "fedtune"
+    shutil.copytree(REPO / "fedtune", core, ignore=shutil.ignore_patterns("__pycache__"))
+    config = core / "config.py"
+    declared = 'lora_r: int = setting(8, "LoRA rank"'
+    assert config.read_text().count(declared) == 1
+    config.write_text(config.read_text().replace(declared, declared.replace("(8,", "(12,")))
+    pyproject = tmp_path / "pyproject.toml"
+    shutil.copy(REPO / "pyproject.toml", pyproject)
+
+    def run(code: str) -> subprocess.CompletedProcess[str]:
+        env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path)}
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                              timeout=120)
+
+    probe = run("import fedtune.config as c; from fedtune.config import RunSettings; print(c.__file__); "
+                "print(RunSettings().lora_r)")
+    assert probe.stdout.split() == [str(config), "12"], probe.stderr[-2000:]
+    cli = "import sys; from fedtune.cli import main; sys.exit(main(sys.argv[1:]))"
+    help_text = run(f"import sys; sys.argv[1:] = ['simulate', '--help']; {cli}")
+    assert "  lora-r = 12: LoRA rank" in help_text.stdout, help_text.stderr[-2000:]
+    check = run(f"import sys; sys.argv[1:] = ['settings', '--check-pyproject', {str(pyproject)!r}]; {cli}")
+    assert check.returncode == 1 and check.stderr.count("\n") == 1, check.stderr
+    assert "lora-r: pyproject has 8, fedtune/config.py declares 12" in check.stderr
+    write = run(f"import sys; sys.argv[1:] = ['settings', '--write-pyproject', {str(pyproject)!r}]; {cli}")
+    assert write.returncode == 0, write.stderr
+    import tomllib
+
+    assert tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]["lora-r"] == 12
+    assert run(f"import sys; sys.argv[1:] = ['settings', '--check-pyproject', {str(pyproject)!r}]; {cli}").returncode == 0
+
+
 def test_pyproject_defaults_parse() -> None:
-    settings = RunSettings.from_run_config(project_run_config())
+    settings = RunSettings.from_run_config(default_run_config())
     assert settings.task == "seq-cls" and settings.lora_r == 8
     assert len(settings.label_list()) == 77
 
@@ -37,6 +89,13 @@ def test_pyproject_defaults_parse() -> None:
         ("dp-mode", "central", "must be one of local, distributed"),
         ("dp-accountant", "gdp", "must be one of rdp, prv"),
         ("dp-sample-rate", 0.0, "is a Poisson sampling rate in (0, 1]"),
+        ("lora-dropout", 1.0, "must be in [0, 1)"),
+        ("warmup-fraction", -0.1, "must be in [0, 1)"),
+        ("weight-decay", -0.01, "must be >= 0"),
+        ("secagg-max-weight", -5.0, "must be 0 (from the census) or > 0"),
+        ("secagg-modulus-range", 2**33, "must be in [2, 4.29497e+09]"),
+        ("secagg-clipping-range", 0.0, "must be > 0"),
+        ("local-steps", -3, "must be 0 (use local-epochs) or a count"),
     ],
 )
 def test_bad_values_name_the_key(key: str, value: object, words: str) -> None:
@@ -101,3 +160,17 @@ def test_distributed_dp_needs_secagg_and_the_head_only_recipe() -> None:
     with pytest.raises(ConfigError, match=r"^config 'dp-mode': 'distributed' trains the seq-cls head only"):
         RunSettings.from_run_config({**dp, "secagg": True, "dp-head-only": False})
     assert RunSettings.from_run_config({**dp, "secagg": True}).head_only
+    with pytest.raises(ConfigError, match=r"^config 'secagg-num-shares': dp-mode = distributed needs every site"):
+        RunSettings.from_run_config({**dp, "secagg": True, "secagg-num-shares": 0.5})
+
+
+def test_rules_that_need_the_site_count_and_zero_means_fallbacks() -> None:
+    settings = RunSettings.from_run_config({"secagg-quantization-range": 2**30})
+    settings.check_for_sites(3)
+    with pytest.raises(ConfigError, match=r"^config 'secagg-quantization-range': 4 sites x 1073741824 levels overflow"):
+        settings.check_for_sites(4)
+    RunSettings.from_run_config({"secagg": False, "secagg-quantization-range": 2**30}).check_for_sites(4)
+    zeros = RunSettings.from_run_config({"dp-batch-size": 0, "dp-learning-rate": 0, "dp-local-epochs": 0})
+    assert (zeros.dp_batch, zeros.dp_peak_learning_rate, zeros.dp_epochs) == (32, 0.01, 0.5)
+    set_ = RunSettings()
+    assert (set_.dp_batch, set_.dp_peak_learning_rate, set_.dp_epochs) == (512, 0.1, 2.0)

@@ -18,7 +18,7 @@ from fedtune.cli.simulation import run_simulation
 from fedtune.client.distributed_dp import checked_threshold, noise_share_multiplier, train_head_distributed_dp
 from fedtune.client.head_features import trainable_head
 from fedtune.client.secagg_setup import SETUP_KEY, SecAggSetup, setup_from_config, with_secagg_setup
-from fedtune.config import RunSettings, project_run_config
+from fedtune.config import RunSettings, default_run_config
 from fedtune.errors import FedtuneError
 from fedtune.model import build_lora_model
 
@@ -91,7 +91,7 @@ def test_distributed_dp_federation_accounts_epsilon_and_stops_at_budget(
         return acc.get_epsilon(delta)
 
     budget = (epsilon(2) + epsilon(3)) / 2
-    config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
+    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
               "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "secagg": True, "dp": True,
               "dp-mode": "distributed", "dp-noise-multiplier": noise, "dp-sample-rate": rate, "dp-delta": delta,

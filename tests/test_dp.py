@@ -12,7 +12,7 @@ from fedtune.cli.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
-from fedtune.config import project_run_config
+from fedtune.config import default_run_config
 from fedtune.errors import FedtuneError
 from fedtune.length_buckets import length_buckets
 
@@ -30,7 +30,7 @@ def _epsilon_after(rounds: int) -> float:
 @pytest.mark.timeout(600)
 def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]) -> None:
     budget = (_epsilon_after(2) + _epsilon_after(3)) / 2  # rounds 1-2 fit, a 3rd would not
-    config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
+    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
               "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "local-steps": STEPS, "batch-size": 4 * BATCH,
               "learning-rate": 0.05, "dp": True, "dp-batch-size": BATCH, "dp-learning-rate": 0.02,

@@ -16,7 +16,7 @@ import pytest
 from support.registry_server import Registry, make_pki
 
 from fedtune.cli.simulation import run_simulation
-from fedtune.config import project_run_config
+from fedtune.config import default_run_config
 from fedtune.metrics import exact_match, normalize_answer
 
 CHAT_DATA = Path(__file__).resolve().parent.parent / "data" / "banking77-chat"
@@ -47,7 +47,7 @@ def llm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pairs when tried; with 10 steps on q/v of 2 blocks it stayed chatty, at 0.0)."""
     tmp = tmp_path_factory.mktemp("edge-llm-run")
     data = _subset(tmp)
-    config = {**project_run_config(), "task": "causal-lm", "model": "default", "data-path": str(data["train"]),
+    config = {**default_run_config(), "task": "causal-lm", "model": "default", "data-path": str(data["train"]),
               "central-eval-path": str(data["test"]), "output-dir": str(tmp / "runs"), "run-name": "edge-llm",
               "num-rounds": 1, "local-steps": 15, "batch-size": 8, "learning-rate": 1e-2, "max-length": 128,
               "lora-target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file
 from support.wire import observe_messages
 
 from fedtune.adapter_io import load_adapter_model, read_metadata
-from fedtune.config import project_run_config
+from fedtune.config import default_run_config
 
 
 def _run(tmp_path: Path, overrides: dict[str, Any]) -> tuple[Path, list[tuple[str, str, list[tuple[int, ...]]]]]:
@@ -34,7 +34,7 @@ def _run(tmp_path: Path, overrides: dict[str, Any]) -> tuple[Path, list[tuple[st
                       for rec in msg.content.array_records.values() for a in rec.values()]
             seen.append((direction, msg.metadata.message_type, shapes))
 
-    config = {**project_run_config(), "output-dir": str(tmp_path / "runs"), "run-name": "t", "secagg": False, "num-rounds": 2,
+    config = {**default_run_config(), "output-dir": str(tmp_path / "runs"), "run-name": "t", "secagg": False, "num-rounds": 2,
               "local-steps": 16, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
               "lr-schedule": "constant", "val-fraction": 0.2, "central-eval-every": 1, **overrides}
     with pytest.MonkeyPatch.context() as monkeypatch:

@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 from support.site_hooks import AuditUpdates, client_app_with
 from support.wire import observe_messages
 
-from fedtune.config import project_run_config
+from fedtune.config import default_run_config
 
 
 @pytest.mark.timeout(600)
@@ -32,7 +32,7 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
             shapes.append([tuple(bytes_to_ndarray(a.data).shape) for rec in msg.content.array_records.values()
                            for a in rec.values()])
 
-    config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
+    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": "", "partitioning": "iid",
               "num-rounds": 2, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05, "ffa-lora": True,
               "ffa-head-rank": head_rank, "output-dir": str(tmp_path / "runs"), "run-name": "ffa",

@@ -14,7 +14,7 @@ from flwr.common.secure_aggregation import secaggplus_utils
 from flwr.server.strategy import FedAdam, FedAvgM
 
 from fedtune.cli.simulation import run_simulation
-from fedtune.config import project_run_config
+from fedtune.config import default_run_config
 from fedtune.errors import FedtuneError
 from fedtune.secagg import masks
 from fedtune.server.strategy_state import check_strategy_state
@@ -79,7 +79,7 @@ def test_coordinator_refuses_secagg_before_round_one_when_the_patch_fails(
     written, and the error says why."""
     monkeypatch.setattr(_flower_module("server"), "pseudo_rand_gen", FLOWER_NUMPY_GENERATOR)
     monkeypatch.setattr(masks, "_generator_for", lambda _role: FLOWER_NUMPY_GENERATOR)
-    config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
+    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
               "labels-file": str(sentiment_data["labels"]), "central-eval-path": "", "partitioning": "iid",
               "num-rounds": 1, "local-steps": 2, "batch-size": 16, "output-dir": str(tmp_path / "runs"),
               "run-name": "refused", "secagg": True}

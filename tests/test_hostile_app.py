@@ -34,7 +34,7 @@ def hostile_copy(dest: Path, targets: dict[str, object]) -> Path:
     for folder in ("client", "server"):
         shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
     template = (REPO / "tests" / "support" / "hostile_clientapp.py").read_text()
-    (dest / "client" / "app.py").write_text(template.replace("__TARGETS__", json.dumps(targets)))
+    (dest / "client" / "flower_app.py").write_text(template.replace("__TARGETS__", json.dumps(targets)))
     return dest
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fedtune.data
-from fedtune.config import RunSettings, project_run_config, resolve_path
+from fedtune.config import RunSettings, default_run_config, resolve_path
 from fedtune.data import load_examples
 from fedtune.encoding import make_encoder
 from fedtune.errors import ConfigError
@@ -48,7 +48,7 @@ def test_head_comes_from_label_names_without_reading_any_data(tiny_bert_dir: Pat
 
 
 def test_label_name_head_classifies_banking77_zero_shot(tmp_path: Path) -> None:
-    settings = RunSettings.from_run_config({**project_run_config(), "head-init": "label-names"})
+    settings = RunSettings.from_run_config({**default_run_config(), "head-init": "label-names"})
     labels = settings.label_list()
     model = build_lora_model(settings.base_model, settings.task, settings.lora_settings(), labels, settings.seed)
     rows = resolve_path(settings.central_eval_path).read_text().splitlines()[::10]  # 308 of the 3,080 test texts

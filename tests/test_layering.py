@@ -12,7 +12,8 @@
   at module level, none of the modules that hold what a site enforces (its policy, floor,
   SecAgg+ checks and masking, the worker's message handling): those run in the site
   worker, from the site's own installation;
-- the installed package has one top-level name, and test hooks live in tests/ only.
+- the installed package has one top-level name, every module one import name (Flower's
+  entry files in the app folder import the apps from it), and test hooks live in tests/ only.
 """
 
 from __future__ import annotations
@@ -183,19 +184,47 @@ def test_test_hooks_live_in_tests_only() -> None:
     assert not bad, bad
 
 
-@pytest.mark.parametrize("module", ["fedtune.client.app", "fedtune.server.app"])
-def test_flower_loads_the_apps_by_folder_too(module: str) -> None:
-    """Flower loads `client.app:app` / `server.app:app` from the app folder: the same code
-    must import under that name, and then pull in no other stage."""
-    folder = module.split(".")[1]
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import {folder}.app as a; "
-            "print(type(a.app).__name__); "
+FOLDER_NAMES = {folder for package, folder in FOLDERS.items() if package != "fedtune"}  # client, server, ...
+FLOWER_ENTRIES = {"client/flower_app.py", "server/flower_app.py"}  # what Flower loads by folder
+
+
+def test_every_module_has_one_import_name() -> None:
+    """Flower loads `client.flower_app:app` / `server.flower_app:app` from the app folder;
+    those two files only import the app from the installed package. Nothing else (product,
+    tests, bench, scripts) imports a stage by its folder name (`client.x`, `server.x`), so
+    one process never holds two copies of a module and its state."""
+    components = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["components"]
+    assert {v.split(":")[0].replace(".", "/") + ".py" for v in components.values()} == FLOWER_ENTRIES
+    for entry in FLOWER_ENTRIES:
+        tree = ast.parse((REPO / entry).read_text())
+        body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
+        assert isinstance(body[0], ast.ImportFrom) and body[0].module == f"fedtune.{entry.split('/')[0]}.app", entry
+    bad = []
+    files = [p for d in ("fedtune", *sorted(FOLDER_NAMES), "tests", "bench", "scripts") for p in (REPO / d).rglob("*.py")]
+    for path in files:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            bad += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names
+                    if n.split(".")[0] in FOLDER_NAMES and str(path.relative_to(REPO)) not in FLOWER_ENTRIES]
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("folder", ["client", "server"])
+def test_flower_loading_by_folder_brings_no_second_copy(folder: str) -> None:
+    """Loading the app as Flower does (the app folder first on sys.path) gives the installed
+    package's app object, with no module of the stage loaded under its folder name besides the
+    entry itself, and no other stage pulled in."""
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import {folder}.flower_app as a; "
+            f"import fedtune.{folder}.app as b; print(type(a.app).__name__, a.app is b.app); "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] == {folder!r})); "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'fedtune' and m.count('.') >= 1 "
-            "and m.split('.')[1] in ('client', 'server', 'edge_export', 'edge_device', 'registry', 'cli')))")
+            f"and m.split('.')[1] in {tuple(sorted(FOLDER_NAMES - {folder}))!r}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
-    assert lines[0] in ("ClientApp", "ServerApp") and lines[1] == "[]", out.stdout
+    assert lines[0] in ("ClientApp True", "ServerApp True"), out.stdout
+    assert lines[1] == str(sorted([folder, f"{folder}.flower_app"])) and lines[2] == "[]", out.stdout
 
 
 # What a site enforces: only its worker (the site's own installation) may import these.

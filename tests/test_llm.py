@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from fedtune.cli.simulation import run_simulation
-from fedtune.config import project_run_config
+from fedtune.config import default_run_config
 from fedtune.embedded_models import (
     CACHE_MANIFEST,
     EMBEDDED_SMOLLM2,
@@ -120,7 +120,7 @@ def _chat_subset(tmp_path: Path, intents: int = 4, per_intent: int = 12, test_pe
 
 def _llm_federation(tmp_path: Path, name: str, overrides: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     data = _chat_subset(tmp_path)
-    config = {**project_run_config(), "task": "causal-lm", "model": "default", "data-path": str(data["train"]),
+    config = {**default_run_config(), "task": "causal-lm", "model": "default", "data-path": str(data["train"]),
               "central-eval-path": str(data["test"]), "output-dir": str(tmp_path / "runs"), "run-name": name,
               "num-rounds": 1, "local-steps": 2, "batch-size": 8, "learning-rate": 2e-3, "max-length": 128,
               "system-prompt": "Name the banking intent.", "lora-top-layers": 2, "eval-max-new-tokens": 6,

@@ -5,15 +5,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from client.dp_trainer import dp_recipe
-from client.site_data import load_site_data
-from client.trainer import steps_for_round
+from fedtune.client.dp_trainer import dp_recipe
+from fedtune.client.node_settings import NodeSettings
+from fedtune.client.site_data import load_site_data
+from fedtune.client.trainer import steps_for_round
 
-from fedtune.config import RunSettings, project_run_config
+from fedtune.config import RunSettings, default_run_config
 
 
 def demo_settings() -> RunSettings:
-    return RunSettings.from_run_config(project_run_config())
+    return RunSettings.from_run_config(default_run_config())
 
 
 def test_small_sites_take_at_least_the_floor_of_steps() -> None:
@@ -31,7 +32,7 @@ def test_the_demo_sites_are_above_the_floor_so_the_demo_trains_as_before() -> No
     settings = demo_settings()
     labels = settings.label_list()
     for part in range(3):
-        site = load_site_data(settings, {"partition-id": part, "num-partitions": 3}, labels)
+        site = load_site_data(settings, NodeSettings("simulated", partition_id=part, num_partitions=3), labels)
         before = math.ceil(settings.local_epochs * len(site.train) / settings.batch_size)
         assert before > settings.min_local_steps
         assert steps_for_round(settings, len(site.train)) == before

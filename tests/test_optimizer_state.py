@@ -15,12 +15,12 @@ from fedtune.client.optimizer_state import STATE_KEY, ContextOptimizerStore, res
 from fedtune.client.site_client import SiteClient
 from flwr.app import Context, RecordDict
 
-from fedtune.config import RunSettings, project_run_config
+from fedtune.config import RunSettings, default_run_config
 from fedtune.errors import ConfigError
 
 
 def run_config(tiny_llama_dir: Path, completion_data: dict[str, Path], **run: Any) -> dict[str, Any]:
-    return {**project_run_config(), "task": "causal-lm", "model": str(tiny_llama_dir),
+    return {**default_run_config(), "task": "causal-lm", "model": str(tiny_llama_dir),
             "data-path": str(completion_data["train"]), "central-eval-path": "", "partitioning": "iid",
             "local-steps": 3, "batch-size": 8, "val-fraction": 0.2, "secagg": False, "lora-target-modules": "",
             **run}
@@ -59,7 +59,7 @@ def test_site_keeps_adam_moments_in_the_run_context_across_rounds(tiny_llama_dir
 
 def test_off_by_default_nothing_is_kept(tiny_llama_dir: Path, completion_data: dict[str, Path]) -> None:
     config = run_config(tiny_llama_dir, completion_data)
-    assert project_run_config()["keep-optimizer-state"] is False
+    assert default_run_config()["keep-optimizer-state"] is False
     context = new_context(config)
     client = SiteClient(RunSettings.from_run_config(config), context)
     client.fit(client.get_parameters({}), {"server-round": 1, "num-rounds": 1})
@@ -79,5 +79,5 @@ def test_kept_moments_that_do_not_fit_start_adam_afresh(caplog: pytest.LogCaptur
 
 def test_keep_optimizer_state_with_dp_is_refused() -> None:
     with pytest.raises(ConfigError, match="keep-optimizer-state"):
-        RunSettings.from_run_config({**project_run_config(), "keep-optimizer-state": True, "dp": True,
+        RunSettings.from_run_config({**default_run_config(), "keep-optimizer-state": True, "dp": True,
                                      "dp-noise-multiplier": 1.0})

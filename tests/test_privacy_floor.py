@@ -14,15 +14,16 @@ from fedtune.client.privacy_floor import PrivacyFloorError
 from fedtune.client.site_work import SiteWork
 
 from fedtune.adapter_io import get_adapter_arrays
-from fedtune.config import RunSettings, project_run_config
+from fedtune.client.node_settings import NodeSettings
+from fedtune.config import RunSettings, default_run_config
 
 
 def work(tiny_bert_dir: Path, data: dict[str, Path], tmp_path: Path, node: dict, **run: object) -> SiteWork:
-    config = {**project_run_config(), "model": str(tiny_bert_dir), "data-path": str(data["train"]),
+    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(data["train"]),
               "labels-file": str(data["labels"]), "partitioning": "iid", "local-steps": 3, "batch-size": 16,
               "val-fraction": 0.2, **run}
     node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "state"), **node}
-    return SiteWork(RunSettings.from_run_config(config), node, MemoryHistory())
+    return SiteWork(RunSettings.from_run_config(config), NodeSettings.from_node_config(node), MemoryHistory())
 
 
 def test_runs_asking_less_than_the_floor_are_refused(tiny_bert_dir: Path, sentiment_data: dict[str, Path],
@@ -69,7 +70,7 @@ def test_site_stops_at_its_own_epsilon_ceiling(tiny_bert_dir: Path, sentiment_da
     assert metrics["dp_epsilon"] == pytest.approx(one, rel=1e-6) and metrics["dp_epsilon"] <= one * 1.2
     with pytest.raises(PrivacyFloorError, match=r"site site-0 stops before round 2: its epsilon would reach"):
         site.fit(arrays, {**config, "server-round": 2})
-    spent = json.loads(history_file(site.node_config, "", "r1", "site-0").read_text())
+    spent = json.loads(history_file(site.node, site.settings, "r1", "site-0").read_text())
     assert sum(step[2] for step in spent) == 3  # round 1's 3 steps only: nothing spent on the refused round
 
 

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 from support.site_hooks import AuditUpdates, CountMaskDraws, FailAt, FailStage, client_app_with
 from support.wire import observe_messages
 
-from fedtune.config import RunSettings, project_run_config
+from fedtune.config import RunSettings, default_run_config
 from fedtune.secagg import masks
 from fedtune.secagg.masks import csprng_rand_gen
 
@@ -36,7 +36,7 @@ def _run_secagg(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, model: Path, da
             if Key.MASKED_PARAMETERS in rec:
                 masked.append(np.concatenate([bytes_to_ndarray(b).ravel() for b in rec[Key.MASKED_PARAMETERS]]))
 
-    config = {**project_run_config(), "model": str(model), "data-path": str(data["train"]),
+    config = {**default_run_config(), "model": str(model), "data-path": str(data["train"]),
               "labels-file": str(data["labels"]), "central-eval-path": "", "partitioning": "iid",
               "num-rounds": rounds, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05,
               "output-dir": str(tmp_path / "runs"), "run-name": "s", "secagg": True, "min-sites": sites,
@@ -75,7 +75,7 @@ def _global_arrays(run_dir: Path, server_round: int) -> list[np.ndarray]:
 
 
 def _assert_is_weighted_mean(run_dir: Path, updates: dict[str, tuple[int, list[np.ndarray]]], server_round: int) -> float:
-    settings = RunSettings.from_run_config({**project_run_config(), "secagg": True})
+    settings = RunSettings.from_run_config({**default_run_config(), "secagg": True})
     counts = np.array([n for n, _ in updates.values()], dtype=float)
     stacked = [np.stack([arrays[i] for _, arrays in updates.values()]) for i in range(len(next(iter(updates.values()))[1]))]
     mean = [np.tensordot(counts / counts.sum(), s, axes=1) for s in stacked]

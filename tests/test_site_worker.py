@@ -150,7 +150,7 @@ def test_a_socket_path_too_long_for_unix_sockets_is_one_line(tmp_path: Path) -> 
 
 
 def test_the_thin_clientapp_imports_no_torch() -> None:
-    probe = ("import sys; import client.app; "
+    probe = ("import sys; import client.flower_app; "
              "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent, env=child_env())

@@ -1,5 +1,5 @@
 """A hostile ClientApp, for tests only: the coordinator's own code at a site, trying what
-issue 33 lists. The test copies the app and puts this file over its `client/app.py`, with
+issue 33 lists. The test copies the app and puts this file over its `client/flower_app.py`, with
 the site's paths filled in for TARGETS (a coordinator that knows where a site keeps its
 data). It relays Flower's messages to the site worker so that the rounds go on, and at
 each SecAgg+ collect stage it first tries every attack and puts what it got into the fit

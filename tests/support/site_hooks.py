@@ -28,6 +28,7 @@ import numpy as np
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message, MessageType, parameters_to_ndarrays
+from fedtune.client.node_settings import NodeSettings
 from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
     recorddict_to_fitres,
@@ -57,8 +58,7 @@ def _is_fit(msg: Message) -> bool:
 
 
 def _site_name(ctxt: Context) -> str:
-    node = ctxt.node_config
-    return str(node.get("site-name") or f"site-{node['partition-id']}")
+    return NodeSettings.from_node_config(ctxt.node_config).name
 
 
 @dataclass(frozen=True)

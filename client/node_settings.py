@@ -1,0 +1,111 @@
+"""What a site sets for itself, as one typed record: `NodeSettings`, parsed once from a
+Flower node config (and, in simulation, the run config's `site-*` keys) and written back
+by one writer. The keys, their names and what each mode means live here and nowhere else.
+
+Modes: `simulated` (a virtual site: `partition-id` of the run's data set), `deployed` (a
+SuperNode whose ClientApp trains itself: `data-path`, `state-dir`, `site-name` and the
+privacy floor in the node config), and `worker` (a SuperNode that relays to the site
+worker: `worker-socket` only; the worker holds the rest in its `SitePolicy`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Mapping
+
+from fedtune.config import RunSettings, resolve_path
+from fedtune.errors import FedtuneError
+
+if TYPE_CHECKING:
+    from .privacy_floor import PrivacyFloor
+
+Mode = Literal["simulated", "deployed", "worker"]
+
+DATA_PATH = "data-path"
+STATE_DIR = "state-dir"
+SITE_NAME = "site-name"
+WORKER_SOCKET = "worker-socket"
+PARTITION_ID = "partition-id"  # Flower's, for virtual sites
+NUM_PARTITIONS = "num-partitions"
+MAX_TEXT = 4096  # a node config value that is a path or a name
+
+
+def _text(node_config: Mapping[str, Any], key: str) -> str:
+    value = node_config.get(key, "")
+    text = "" if value is None else str(value)
+    if len(text) > MAX_TEXT:
+        raise FedtuneError(f"node config {key}: longer than {MAX_TEXT} characters")
+    return text
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """A site's own settings: where its data and state are, its name, its floor, its worker."""
+
+    mode: Mode
+    data_path: str = ""
+    state_dir: str = ""
+    site_name: str = ""
+    worker_socket: str = ""  # the site worker to relay to (worker mode, or a simulation run through one worker)
+    floor: PrivacyFloor | None = None  # None: no floor here (a relaying ClientApp never loads the floor's code)
+    partition_id: int = 0
+    num_partitions: int = 0
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None
+                         ) -> "NodeSettings":
+        """The one parse. In simulation, the run config's `site-state-dir` and
+        `site-worker-socket` are the virtual sites' `state-dir` and `worker-socket`."""
+        run = run_config or {}
+        if _text(node_config, WORKER_SOCKET):
+            return cls("worker", worker_socket=_text(node_config, WORKER_SOCKET))
+        from .privacy_floor import PrivacyFloor  # not in worker mode: the worker holds the floor
+
+        if _text(node_config, DATA_PATH):
+            return cls("deployed", data_path=_text(node_config, DATA_PATH), state_dir=_text(node_config, STATE_DIR),
+                       site_name=_text(node_config, SITE_NAME), floor=PrivacyFloor.from_node_config(node_config))
+        try:
+            part, parts = int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 0))
+        except (TypeError, ValueError):
+            raise FedtuneError(f"node config {PARTITION_ID}/{NUM_PARTITIONS}: expected integers") from None
+        return cls("simulated", state_dir=_text(node_config, STATE_DIR) or str(run.get("site-state-dir", "") or ""),
+                   site_name=_text(node_config, SITE_NAME), worker_socket=str(run.get("site-worker-socket", "") or ""),
+                   floor=PrivacyFloor.from_node_config(node_config), partition_id=part, num_partitions=parts)
+
+    def to_node_config(self) -> dict[str, Any]:
+        """The one writer: the node-config keys these settings stand for (only those set)."""
+        if self.mode == "worker":
+            return {WORKER_SOCKET: self.worker_socket}
+        out: dict[str, Any] = {}
+        if self.mode == "deployed":
+            out[DATA_PATH] = self.data_path
+        else:
+            out.update({PARTITION_ID: self.partition_id, NUM_PARTITIONS: self.num_partitions})
+        for key, value in ((STATE_DIR, self.state_dir), (SITE_NAME, self.site_name)):
+            if value:
+                out[key] = value
+        return {**out, **(self.floor.to_node_config() if self.floor else {})}
+
+    def supernode_flag(self) -> str:
+        """These settings as `flower-supernode --node-config` takes them (TOML values)."""
+        from fedtune.run_config_table import toml_value
+
+        return " ".join(f"{key}={toml_value(value)}" for key, value in self.to_node_config().items())
+
+    @property
+    def on_a_supernode(self) -> bool:
+        """A real site behind a SuperNode (not a virtual one of the Simulation Engine)."""
+        return self.mode != "simulated"
+
+    @property
+    def name(self) -> str:
+        """The site's name as its metrics show it, without reading its data."""
+        if self.site_name:
+            return self.site_name
+        if self.data_path:
+            return resolve_path(self.data_path).stem
+        return f"site-{self.partition_id}"
+
+    def state_folder(self, settings: RunSettings) -> Path:
+        """Where the site keeps state across restarts: its own `state-dir`, else the run's `site-state-dir`."""
+        return Path(self.state_dir or settings.site_state_dir).expanduser()
