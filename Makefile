@@ -12,7 +12,7 @@ export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo demo-llm test bench bench-llm bench-edge-llm flwr-run protos clean
+.PHONY: demo demo-llm test test-fast lint bench bench-llm bench-edge-llm flwr-run protos clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,10 +57,20 @@ demo-llm: $(STAMP)
 	FEDTUNE_BIN=$(BIN)/fedtune MODEL=banking77-llm REGISTRY_WORK=registry-demo-llm PREDICT_ARGS="--max-new-tokens 8" \
 		bash scripts/registry_demo.sh bundles/$(LLM_RUN)-base keys/fedtune.pub "$(DEMO_TEXT)" bundles/$(LLM_RUN)-update
 
-test: $(STAMP)
+# Lint, format check and types first (seconds), then the whole suite; CI runs this.
+test: lint
 	bash scripts/ensure_nginx.sh
 	bash scripts/ensure_setfacl.sh
 	$(BIN)/python -m pytest -q
+
+# The unit tier: every test not marked slow (no federation, deployment, export or registry run).
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 bench-llm: $(STAMP)
 	$(BIN)/python bench/llm.py

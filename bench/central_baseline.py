@@ -51,14 +51,26 @@ def train_and_evaluate_central(
     model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=len(labels))
     model = get_peft_model(
         model,
-        LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                   target_modules=["query", "value"], task_type=TaskType.SEQ_CLS),
+        LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=["query", "value"],
+            task_type=TaskType.SEQ_CLS,
+        ),
     )
 
     def encode(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         enc = tok([r["text"] for r in rows], truncation=True, max_length=max_length)
-        return [{"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i],
-                 "token_type_ids": enc["token_type_ids"][i], "labels": label_id[r["label"]]} for i, r in enumerate(rows)]
+        return [
+            {
+                "input_ids": enc["input_ids"][i],
+                "attention_mask": enc["attention_mask"][i],
+                "token_type_ids": enc["token_type_ids"][i],
+                "labels": label_id[r["label"]],
+            }
+            for i, r in enumerate(rows)
+        ]
 
     train = encode(_read_jsonl(train_path))
     test = encode(_read_jsonl(test_path))
@@ -118,9 +130,18 @@ def central_from_run_config(config: dict, group_by_length: bool) -> dict[str, fl
 
     labels = _json.loads(resolve_path(config["labels-file"]).read_text())
     return train_and_evaluate_central(
-        resolve_model_path(config["model"]), resolve_path(config["data-path"]), resolve_path(config["central-eval-path"]),
-        labels, epochs=config["num-rounds"] * config["local-epochs"], lr=config["learning-rate"],
-        batch_size=config["batch-size"], max_length=config["max-length"], lora_r=config["lora-r"],
-        lora_alpha=config["lora-alpha"], lora_dropout=config["lora-dropout"],
-        warmup_fraction=config["warmup-fraction"], seed=config["seed"], group_by_length=group_by_length,
+        resolve_model_path(config["model"]),
+        resolve_path(config["data-path"]),
+        resolve_path(config["central-eval-path"]),
+        labels,
+        epochs=config["num-rounds"] * config["local-epochs"],
+        lr=config["learning-rate"],
+        batch_size=config["batch-size"],
+        max_length=config["max-length"],
+        lora_r=config["lora-r"],
+        lora_alpha=config["lora-alpha"],
+        lora_dropout=config["lora-dropout"],
+        warmup_fraction=config["warmup-fraction"],
+        seed=config["seed"],
+        group_by_length=group_by_length,
     )

@@ -16,8 +16,12 @@ def find_demo_run() -> Path:
     for root in (ROOT / "runs", WORK / "runs"):
         for summary in root.glob("*/summary.json"):
             info = json.loads((summary.parent / "run.json").read_text())
-            if (info["task"] == "seq-cls" and info["base_model"] == "default" and (summary.parent / "final").exists()
-                    and info["settings"]["num-rounds"] >= 16):
+            if (
+                info["task"] == "seq-cls"
+                and info["base_model"] == "default"
+                and (summary.parent / "final").exists()
+                and info["settings"]["num-rounds"] >= 16
+            ):
                 candidates.append(summary.parent)
     if not candidates:
         raise SystemExit("no finished demo run found; run `make demo` first or pass --run-dir")

@@ -33,9 +33,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_run import find_demo_run  # noqa: E402
+from results import update_results  # noqa: E402
+
 from fedtune.edge_device.bundle import VerifiedBundle  # noqa: E402
 from fedtune.edge_device.runtime import DEFAULT_BATCH_TOKENS, EdgeModel  # noqa: E402
-from results import update_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = Path(__file__).resolve().parent / "_work"
@@ -64,7 +65,7 @@ def interleaved_latencies(predictors: dict[str, Predict], requests: list[list[st
             predictors[name](request)  # warm-up
     out: dict[str, list[float]] = {name: [] for name in names}
     for k, request in enumerate(requests):
-        for name in names[k % len(names):] + names[: k % len(names)]:
+        for name in names[k % len(names) :] + names[: k % len(names)]:
             start = time.perf_counter()
             predictors[name](request)
             out[name].append(time.perf_counter() - start)
@@ -80,14 +81,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from fedtune.edge_export import quantize
-    from fedtune.edge_export.graph_fusion import fuse_transformer_graph
-    from fedtune.edge_export.merge import merge_adapter
-    from fedtune.edge_export.onnx_export import export_onnx
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     from fedtune.data import load_classification
+    from fedtune.edge_export import quantize
+    from fedtune.edge_export.graph_fusion import fuse_transformer_graph
+    from fedtune.edge_export.merge import merge_adapter
+    from fedtune.edge_export.onnx_export import export_onnx
 
     torch.set_num_threads(THREADS)
     run_dir = args.run_dir or find_demo_run()
@@ -115,8 +116,10 @@ def main() -> None:
         files[f"int8-{quantize.DEFAULT_MODE}-unfused"] = work / "int8-unfused.onnx"
         quantize.quantize_int8(fp32_onnx, files[f"int8-{quantize.DEFAULT_MODE}-unfused"], quantize.DEFAULT_MODE)
         quantizer = ORTQuantizer.from_pretrained(str(work / "onnx"))
-        quantizer.quantize(save_dir=str(work / "optimum-q"),
-                           quantization_config=AutoQuantizationConfig.avx2(is_static=False, per_channel=False))
+        quantizer.quantize(
+            save_dir=str(work / "optimum-q"),
+            quantization_config=AutoQuantizationConfig.avx2(is_static=False, per_channel=False),
+        )
         files["optimum-default"] = next((work / "optimum-q").glob("*quantized*.onnx"))
 
         results: dict[str, dict[str, float]] = {}
@@ -124,11 +127,16 @@ def main() -> None:
         @torch.inference_mode()
         def torch_predict(batch: Sequence[str]) -> np.ndarray:
             enc = tokenizer(list(batch), truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-            return model(**enc).logits.numpy()
+            return model(**enc).logits.numpy()  # noqa: F821 (deleted after the last use, line 152)
 
         tokenizer_json = (work / "merged" / "tokenizer.json").read_bytes()
-        manifest = {"task": "seq-cls", "labels": labels, "model_file": "model.onnx", "tokenizer_file": "tokenizer.json",
-                    "runtime": {"max_length": max_length, "pad_token_id": int(tokenizer.pad_token_id or 0)}}
+        manifest = {
+            "task": "seq-cls",
+            "labels": labels,
+            "model_file": "model.onnx",
+            "tokenizer_file": "tokenizer.json",
+            "runtime": {"max_length": max_length, "pad_token_id": int(tokenizer.pad_token_id or 0)},
+        }
         # The shipped default once more, every batch run as one padded tensor (no length buckets).
         unbucketed = f"int8-{quantize.DEFAULT_MODE}-one-padded-batch"
         files[unbucketed] = files[f"int8-{quantize.DEFAULT_MODE}"]
@@ -137,17 +145,21 @@ def main() -> None:
             if name != "torch-fp32":
                 predictors[name] = EdgeModel(
                     VerifiedBundle(work, manifest, {"model.onnx": path.read_bytes(), "tokenizer.json": tokenizer_json}),
-                    threads=THREADS, batch_tokens=10**9 if name == unbucketed else DEFAULT_BATCH_TOKENS).logits
+                    threads=THREADS,
+                    batch_tokens=10**9 if name == unbucketed else DEFAULT_BATCH_TOKENS,
+                ).logits
         print(f"timing {len(predictors)} variants, interleaved: {len(latency_texts)} single queries", flush=True)
         b1 = interleaved_latencies(predictors, [[t] for t in latency_texts])
         print(f"timing {len(predictors)} variants, interleaved: {len(batches)} batches of 32", flush=True)
         b32 = interleaved_latencies(predictors, batches)
         for name, predict in predictors.items():
             print(f"accuracy of {name}", flush=True)
-            results[name] = {"accuracy": accuracy(predict, texts, gold),
-                             "latency_b1_p50_ms": 1000 * statistics.median(b1[name]),
-                             "latency_b1_p90_ms": 1000 * float(np.percentile(b1[name], 90)),
-                             "latency_b32_ms": 1000 * statistics.median(b32[name])}
+            results[name] = {
+                "accuracy": accuracy(predict, texts, gold),
+                "latency_b1_p50_ms": 1000 * statistics.median(b1[name]),
+                "latency_b1_p90_ms": 1000 * float(np.percentile(b1[name], 90)),
+                "latency_b32_ms": 1000 * statistics.median(b32[name]),
+            }
         del predictors, model
         for name, path in files.items():
             results[name]["size_mb"] = path.stat().st_size / 1e6
@@ -166,10 +178,21 @@ def main() -> None:
         "int8_over_torch_latency_b32": round(ours["latency_b32_ms"] / base["latency_b32_ms"], 4),
         "int8_accuracy_drop_pt": round(100 * (base["accuracy"] - ours["accuracy"]), 3),
         "int8_over_optimum_default_latency_b1": round(
-            ours["latency_b1_p50_ms"] / results["optimum-default"]["latency_b1_p50_ms"], 4),
+            ours["latency_b1_p50_ms"] / results["optimum-default"]["latency_b1_p50_ms"], 4
+        ),
     }
-    (WORK / "edge.json").write_text(json.dumps({"run": str(run_dir), "results": results, "keys": keys,
-                                                "best_mode": best, "default_mode": quantize.DEFAULT_MODE}, indent=2))
+    (WORK / "edge.json").write_text(
+        json.dumps(
+            {
+                "run": str(run_dir),
+                "results": results,
+                "keys": keys,
+                "best_mode": best,
+                "default_mode": quantize.DEFAULT_MODE,
+            },
+            indent=2,
+        )
+    )
     rows = "\n".join(
         f"| {name}{' (default)' if name == f'int8-{quantize.DEFAULT_MODE}' else ''} | {r['size_mb']:.1f} | "
         f"{r['size_mb'] / base['size_mb']:.3f} | {r['latency_b1_p50_ms']:.2f} | {r['latency_b1_p50_ms'] / base['latency_b1_p50_ms']:.3f} | "
@@ -194,14 +217,14 @@ tokens, while a random batch of 32 pads to about 43, so two thirds of a single p
 
 | key | value | target |
 |---|---|---|
-| `int8_over_torch_size` | {keys['int8_over_torch_size']} | <= 0.30 |
-| `int8_over_torch_latency_b1` | {keys['int8_over_torch_latency_b1']} | <= 0.50 |
-| `int8_over_torch_latency_b32` | {keys['int8_over_torch_latency_b32']} | <= 0.50 |
-| `int8_accuracy_drop_pt` | {keys['int8_accuracy_drop_pt']} | <= 0.5 |
-| `int8_over_optimum_default_latency_b1` | {keys['int8_over_optimum_default_latency_b1']} | |
+| `int8_over_torch_size` | {keys["int8_over_torch_size"]} | <= 0.30 |
+| `int8_over_torch_latency_b1` | {keys["int8_over_torch_latency_b1"]} | <= 0.50 |
+| `int8_over_torch_latency_b32` | {keys["int8_over_torch_latency_b32"]} | <= 0.50 |
+| `int8_accuracy_drop_pt` | {keys["int8_accuracy_drop_pt"]} | <= 0.5 |
+| `int8_over_optimum_default_latency_b1` | {keys["int8_over_optimum_default_latency_b1"]} | |
 
 Graph fusion (`edge_export/graph_fusion.py`, onnxruntime's transformer optimizer, before quantising):
-{', '.join(f'{op} x{n}' for op, n in fusion.get('fused_ops', {}).items()) or fusion['fusion']}.
+{", ".join(f"{op} x{n}" for op, n in fusion.get("fused_ops", {}).items()) or fusion["fusion"]}.
 Default INT8 mode: `{quantize.DEFAULT_MODE}` on the fused graph. By this run's rule (fastest at batch 1 among modes losing at most
 0.5 pt) the best mode was `{best}`. "optimum default" is optimum's `ORTQuantizer` with
 `AutoQuantizationConfig.avx2(is_static=False, per_channel=False)` on the same fp32 export, run through the

@@ -68,9 +68,17 @@ def _streamed(generate: Callable[..., Any], ids: list[int], new: int) -> Iterato
             self.event.set()
 
     streamer = Streamer()
-    thread = threading.Thread(target=generate, kwargs=dict(
-        input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-        max_new_tokens=new, min_new_tokens=new, do_sample=False, streamer=streamer))
+    thread = threading.Thread(
+        target=generate,
+        kwargs=dict(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=new,
+            min_new_tokens=new,
+            do_sample=False,
+            streamer=streamer,
+        ),
+    )
     thread.start()
     seen = 0
     while True:
@@ -126,8 +134,15 @@ def llamacpp(path: str, threads: int, _: str) -> Callable[[list[int], int], Iter
     def run(ids: list[int], new: int) -> Iterator[int]:
         llm.reset()
         count = 0
-        for token in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0,
-                                  min_p=0.0, logits_processor=LogitsProcessorList([lambda _ids, s: _no_eos(s, eos)])):
+        for token in llm.generate(
+            ids,
+            top_k=1,
+            top_p=1.0,
+            temp=0.0,
+            repeat_penalty=1.0,
+            min_p=0.0,
+            logits_processor=LogitsProcessorList([lambda _ids, s: _no_eos(s, eos)]),
+        ):
             yield int(token)
             count += 1
             if count >= new:
@@ -160,8 +175,17 @@ def main() -> None:
         for token in run(request["ids"], request["new_tokens"]):
             stamps.append(time.perf_counter())
             tokens.append(token)
-        print(json.dumps({"tokens": tokens, "ttft": stamps[0] - begin,
-                          "decode_seconds": stamps[-1] - stamps[0], "decoded": len(tokens) - 1}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "tokens": tokens,
+                    "ttft": stamps[0] - begin,
+                    "decode_seconds": stamps[-1] - stamps[0],
+                    "decoded": len(tokens) - 1,
+                }
+            ),
+            flush=True,
+        )
     print(json.dumps({"peak_rss_mb": peak_rss_mb()}), flush=True)
 
 

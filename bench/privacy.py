@@ -39,10 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support/: the site audit mod
 
 from central_baseline import central_from_run_config  # noqa: E402
-from fedtune.cli.simulation import run_simulation  # noqa: E402
 from results import update_results  # noqa: E402
 from support.site_hooks import AuditUpdates, client_app_with  # noqa: E402
 
+from fedtune.cli.simulation import run_simulation  # noqa: E402
 from fedtune.config import default_run_config, resolve_path  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work"
@@ -67,16 +67,24 @@ DP_VARIANTS: dict[str, dict[str, Any]] = {
 # (cheap) rounds; each site's noise share sized by the SecAgg+ threshold; server Adam at
 # dp-learning-rate 0.2; the PRV accountant; no per-round site evaluation (a site's validation
 # metrics would be released without noise).
-DISTRIBUTED_RECIPE = {**DP_RECIPE, "dp-mode": "distributed", "num-rounds": 100, "dp-sample-rate": 0.2,
-                      "dp-learning-rate": 0.2, "dp-accountant": "prv", "fraction-evaluate": 0.0}
+DISTRIBUTED_RECIPE = {
+    **DP_RECIPE,
+    "dp-mode": "distributed",
+    "num-rounds": 100,
+    "dp-sample-rate": 0.2,
+    "dp-learning-rate": 0.2,
+    "dp-accountant": "prv",
+    "fraction-evaluate": 0.0,
+}
 DISTRIBUTED_VARIANTS: dict[str, dict[str, Any]] = {
     "ddp-eps8": {**DISTRIBUTED_RECIPE, "dp-target-epsilon": 8.0},
     "ddp-eps1": {**DISTRIBUTED_RECIPE, "dp-target-epsilon": 1.0},
 }
 
 
-def run_variant(name: str, base: dict[str, Any], sites: int, stamp: str, audit: Path | None,
-                settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def run_variant(
+    name: str, base: dict[str, Any], sites: int, stamp: str, audit: Path | None, settings: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Run one federation (`settings`, default VARIANTS[name]); return its summary,
     per-round records and wall time."""
     run_name = f"privacy-{stamp}-{name}"
@@ -91,8 +99,9 @@ def run_variant(name: str, base: dict[str, Any], sites: int, stamp: str, audit: 
     return result
 
 
-def from_disk_or_run(run_dir: Path, collect: bool, run: Callable[[], dict[str, Any]]
-                     ) -> tuple[dict[str, Any] | None, bool]:
+def from_disk_or_run(
+    run_dir: Path, collect: bool, run: Callable[[], dict[str, Any]]
+) -> tuple[dict[str, Any] | None, bool]:
     """(figures, whether they were run now) for one variant: read back when its run folder
     finished (`--resume`, `--collect`); else, unless collecting, run it, a half-written
     folder from an interrupted run moved aside first. (None, False): collecting, not on disk."""
@@ -121,13 +130,15 @@ def read_variant(run_dir: Path, wall: float | None = None) -> dict[str, Any]:
         "upload_bytes_per_site_round": statistics.fmean(uploads),
         "epsilon": max((r.get("dp_epsilon_max", 0.0) for r in records), default=0.0),
         "epsilon_by_round": [r.get("dp_epsilon_max") for r in records],
-        "epsilon_own_noise": max((s.get("dp_epsilon_own_noise", 0.0) for r in records for s in r.get("sites", {}).values()),
-                                 default=0.0),
+        "epsilon_own_noise": max(
+            (s.get("dp_epsilon_own_noise", 0.0) for r in records for s in r.get("sites", {}).values()), default=0.0
+        ),
     }
 
 
-def timing_pairs(config: dict[str, Any], sites: int, stamp: str, pairs: int, rounds: int, work: Path,
-                 collect: bool) -> list[dict[str, dict[str, Any]]]:
+def timing_pairs(
+    config: dict[str, Any], sites: int, stamp: str, pairs: int, rounds: int, work: Path, collect: bool
+) -> list[dict[str, dict[str, Any]]]:
     """Extra (plain, secagg) pairs of short federations, run back to back in alternating
     order, so that the round-time ratio does not rest on one pair that machine noise can
     tilt. Pairs already on disk are read back; with `collect` nothing is run."""
@@ -137,8 +148,10 @@ def timing_pairs(config: dict[str, Any], sites: int, stamp: str, pairs: int, rou
         for name in ("secagg", "plain") if i % 2 == 0 else ("plain", "secagg"):
             label = f"timing{i + 1}-{name}"
             result, _ = from_disk_or_run(
-                work / "runs" / f"privacy-{stamp}-{label}", collect,
-                lambda: run_variant(label, {**config, "num-rounds": rounds}, sites, stamp, None, VARIANTS[name]))
+                work / "runs" / f"privacy-{stamp}-{label}",
+                collect,
+                lambda: run_variant(label, {**config, "num-rounds": rounds}, sites, stamp, None, VARIANTS[name]),
+            )
             if result is not None:
                 pair[name] = result
         if len(pair) == 2:
@@ -173,7 +186,7 @@ def averaging_error(audit: Path, run_dir: Path, server_round: int) -> dict[str, 
         mean_a = sum(w * f[a_key] for w, f in zip(weights, full))
         mean_b = sum(w * f[b_key] for w, f in zip(weights, full))
         num += float(np.sum((mean_b @ mean_a - mean_dw) ** 2))
-        den += float(np.sum(mean_dw ** 2))
+        den += float(np.sum(mean_dw**2))
     return {"relative_error": (num / den) ** 0.5, "sites": len(sites)}
 
 
@@ -191,18 +204,33 @@ def main() -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--central-json", type=Path, default=WORK / "central.json")
     parser.add_argument("--no-write", action="store_true", help="print the keys, leave docs/ alone (smoke runs)")
-    parser.add_argument("--collect", metavar="STAMP", help="do not train: rebuild the results from the run folders "
-                        "of an earlier (possibly interrupted) run, bench/_work/runs/privacy-STAMP-*; variants that "
-                        "did not finish are reported as missing")
-    parser.add_argument("--resume", metavar="STAMP", help="finish an interrupted run: keep the variants of "
-                        "bench/_work/runs/privacy-STAMP-* that finished, run the others (a half-written run "
-                        "folder is moved aside first)")
-    parser.add_argument("--timing-pairs", type=int, default=2, help="extra short (plain, secagg) pairs, in "
-                        "alternating order, for secagg_over_plain_round_time (default 2; the key is the median "
-                        "ratio over these and the main pair)")
+    parser.add_argument(
+        "--collect",
+        metavar="STAMP",
+        help="do not train: rebuild the results from the run folders "
+        "of an earlier (possibly interrupted) run, bench/_work/runs/privacy-STAMP-*; variants that "
+        "did not finish are reported as missing",
+    )
+    parser.add_argument(
+        "--resume",
+        metavar="STAMP",
+        help="finish an interrupted run: keep the variants of "
+        "bench/_work/runs/privacy-STAMP-* that finished, run the others (a half-written run "
+        "folder is moved aside first)",
+    )
+    parser.add_argument(
+        "--timing-pairs",
+        type=int,
+        default=2,
+        help="extra short (plain, secagg) pairs, in "
+        "alternating order, for secagg_over_plain_round_time (default 2; the key is the median "
+        "ratio over these and the main pair)",
+    )
     parser.add_argument("--timing-rounds", type=int, default=5, help="rounds per timing federation (default 5)")
     parser.add_argument("--work", type=Path, default=WORK, help="the bench work folder (with --collect)")
-    parser.add_argument("--dp-only", action="store_true", help="run only the DP section (zero-shot head, dp-eps8, dp-eps1)")
+    parser.add_argument(
+        "--dp-only", action="store_true", help="run only the DP section (zero-shot head, dp-eps8, dp-eps1)"
+    )
     args = parser.parse_args()
     if args.collect and args.resume:
         parser.error("--collect and --resume exclude each other")
@@ -227,8 +255,10 @@ def main() -> None:
     resumed: list[str] = []
     for name in VARIANTS:
         result, ran = from_disk_or_run(
-            work / "runs" / f"privacy-{stamp}-{name}", bool(args.collect),
-            lambda: run_variant(name, config, args.sites, stamp, audit if name == "plain" else None))
+            work / "runs" / f"privacy-{stamp}-{name}",
+            bool(args.collect),
+            lambda: run_variant(name, config, args.sites, stamp, audit if name == "plain" else None),
+        )
         if result is not None:
             runs[name] = result
         if ran and args.resume:
@@ -243,39 +273,70 @@ def main() -> None:
 
     r = runs
     candidates = {
-        "secagg_over_plain_accuracy": (("secagg", "plain"), lambda: r["secagg"]["accuracy"] / r["plain"]["accuracy"], 4),
-        "ffa_secagg_over_central_accuracy": (("ffa-secagg",), lambda: r["ffa-secagg"]["accuracy"] / central["accuracy"], 4),
+        "secagg_over_plain_accuracy": (
+            ("secagg", "plain"),
+            lambda: r["secagg"]["accuracy"] / r["plain"]["accuracy"],
+            4,
+        ),
+        "ffa_secagg_over_central_accuracy": (
+            ("ffa-secagg",),
+            lambda: r["ffa-secagg"]["accuracy"] / central["accuracy"],
+            4,
+        ),
         "secagg_over_plain_round_time": (("secagg", "plain"), lambda: statistics.median(pair_ratios), 3),
-        "ffa_over_lora_upload_bytes": (("ffa-secagg", "secagg"), lambda: r["ffa-secagg"]["upload_bytes_per_site_round"]
-                                       / r["secagg"]["upload_bytes_per_site_round"], 4),
-        "ffa_full_head_secagg_over_central_accuracy": (("ffa-full-head",), lambda: r["ffa-full-head"]["accuracy"]
-                                                       / central["accuracy"], 4),
-        "ffa_full_head_over_lora_upload_bytes": (("ffa-full-head", "secagg"), lambda: r["ffa-full-head"][
-            "upload_bytes_per_site_round"] / r["secagg"]["upload_bytes_per_site_round"], 4),
+        "ffa_over_lora_upload_bytes": (
+            ("ffa-secagg", "secagg"),
+            lambda: r["ffa-secagg"]["upload_bytes_per_site_round"] / r["secagg"]["upload_bytes_per_site_round"],
+            4,
+        ),
+        "ffa_full_head_secagg_over_central_accuracy": (
+            ("ffa-full-head",),
+            lambda: r["ffa-full-head"]["accuracy"] / central["accuracy"],
+            4,
+        ),
+        "ffa_full_head_over_lora_upload_bytes": (
+            ("ffa-full-head", "secagg"),
+            lambda: r["ffa-full-head"]["upload_bytes_per_site_round"] / r["secagg"]["upload_bytes_per_site_round"],
+            4,
+        ),
         "plain_fedavg_delta_w_relative_error": (("plain",), lambda: plain_error[-1], 5),
     }
     keys = {k: round(fn(), digits) for k, (needs, fn, digits) in candidates.items() if all(n in runs for n in needs)}
-    (WORK / f"privacy-{stamp}.json").write_text(json.dumps({"central": central, "runs": runs, "keys": keys,
-                                                             "timing_pairs": pairs, "round_time_ratios": pair_ratios,
-                                                             "plain_error_rounds_1_last": plain_error}, indent=2))
+    (WORK / f"privacy-{stamp}.json").write_text(
+        json.dumps(
+            {
+                "central": central,
+                "runs": runs,
+                "keys": keys,
+                "timing_pairs": pairs,
+                "round_time_ratios": pair_ratios,
+                "plain_error_rounds_1_last": plain_error,
+            },
+            indent=2,
+        )
+    )
     rows = "\n".join(
         f"| {name} | {v['accuracy']:.4f} | {v['accuracy'] / central['accuracy']:.4f} | {v['macro_f1']:.4f} | "
         f"{v['epsilon']:.2f} | {v['round_seconds_median']:.1f} | {v['upload_bytes_per_site_round']:,.0f} | {v['rounds']} |"
-        if v["epsilon"] else
-        f"| {name} | {v['accuracy']:.4f} | {v['accuracy'] / central['accuracy']:.4f} | {v['macro_f1']:.4f} | - | "
+        if v["epsilon"]
+        else f"| {name} | {v['accuracy']:.4f} | {v['accuracy'] / central['accuracy']:.4f} | {v['macro_f1']:.4f} | - | "
         f"{v['round_seconds_median']:.1f} | {v['upload_bytes_per_site_round']:,.0f} | {v['rounds']} |"
         for name, v in runs.items()
     )
-    targets = {"secagg_over_plain_accuracy": ">= 0.99", "secagg_over_plain_round_time": "<= 1.10",
-               "ffa_over_lora_upload_bytes": "<= 0.55"}
-    key_rows = "\n".join(f"| `{k}` | {keys[k] if k in keys else 'not measured'} | {targets.get(k, '')} |"
-                         for k in candidates)
+    targets = {
+        "secagg_over_plain_accuracy": ">= 0.99",
+        "secagg_over_plain_round_time": "<= 1.10",
+        "ffa_over_lora_upload_bytes": "<= 0.55",
+    }
+    key_rows = "\n".join(
+        f"| `{k}` | {keys[k] if k in keys else 'not measured'} | {targets.get(k, '')} |" for k in candidates
+    )
     timing_note = f" (the extra pairs ran in the `--resume {stamp}` process)" if args.resume and not resumed else ""
     md = f"""## Privacy: SecAgg+, FFA-LoRA and DP on the demo workload (`bench/privacy.py`)
 
-Banking77 test split, {args.sites} sites, Dirichlet alpha={config['dirichlet-alpha']}, {config['num-rounds']} rounds x
-{config['local-epochs']:g} local epochs, MiniLM + LoRA r={config['lora-r']}, the demo's FedAvg recipe. Central reference:
-plain peft + transformers on all training data, accuracy {central['accuracy']:.4f} ({central['source']}).
+Banking77 test split, {args.sites} sites, Dirichlet alpha={config["dirichlet-alpha"]}, {config["num-rounds"]} rounds x
+{config["local-epochs"]:g} local epochs, MiniLM + LoRA r={config["lora-r"]}, the demo's FedAvg recipe. Central reference:
+plain peft + transformers on all training data, accuracy {central["accuracy"]:.4f} ({central["source"]}).
 `ffa-secagg` is FFA-LoRA with `ffa-head-rank = {HEAD_RANK}`: the 77-way head is B_h A_h with A_h frozen at the
 shared seed like every other A, so only B and B_h travel; `ffa-full-head` is the paper's recipe, where the
 whole head (29,645 of LoRA's 103,373 values) travels and caps FFA's saving at 36 %.
@@ -292,7 +353,7 @@ DP runs are in the next section.
 Round time is the median over rounds of the coordinator's wall time per round (training, SecAgg+ stages,
 per-site evaluation). `secagg_over_plain_round_time` is the median of the secagg/plain ratios of
 {len(pair_ratios)} pairs: the main one above and {len(pair_ratios) - 1} pairs of {args.timing_rounds}-round federations run after the
-variants, in alternating order ({', '.join(f'{x:.3f}' for x in pair_ratios)}){timing_note}; local training dominates a round, and
+variants, in alternating order ({", ".join(f"{x:.3f}" for x in pair_ratios)}){timing_note}; local training dominates a round, and
 one pair can be tilted by noise on a shared machine. Upload counts every byte a site sends in a training round (under SecAgg+: its
 public keys, encrypted shares, masked vector and unmasking shares), as protobuf on the wire;
 `ffa_over_lora_upload_bytes` compares `ffa-secagg` with `secagg`, both under SecAgg+.
@@ -304,14 +365,21 @@ sites' own adapters, written locally by the audit hook). With FFA-LoRA A is shar
 error is zero up to SecAgg+'s quantisation (`tests/test_ffa_lora.py` checks it exactly).
 """
     if resumed:
-        md += (f"\nThis run was interrupted and finished with `--resume {stamp}`: {', '.join(resumed)} ran in the "
-               f"second process ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}), the other variants in the "
-               f"first. " + ("`secagg_over_plain_round_time` compares runs from different processes.\n"
-                             if len({"secagg", "plain"} & set(resumed)) == 1 else
-                             "`secagg_over_plain_round_time` compares two runs from the same process.\n"))
+        md += (
+            f"\nThis run was interrupted and finished with `--resume {stamp}`: {', '.join(resumed)} ran in the "
+            f"second process ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}), the other variants in the "
+            f"first. "
+            + (
+                "`secagg_over_plain_round_time` compares runs from different processes.\n"
+                if len({"secagg", "plain"} & set(resumed)) == 1
+                else "`secagg_over_plain_round_time` compares two runs from the same process.\n"
+            )
+        )
     if missing:
-        md += (f"\nNot measured in this run: {', '.join(missing)} (the run was stopped before these variants "
-               f"finished; results rebuilt from its run folders with `--collect {stamp}`).\n")
+        md += (
+            f"\nNot measured in this run: {', '.join(missing)} (the run was stopped before these variants "
+            f"finished; results rebuilt from its run folders with `--collect {stamp}`).\n"
+        )
     print(json.dumps(keys, indent=2))
     if not args.no_write:
         update_results("privacy", keys, md)
@@ -340,48 +408,64 @@ def dp_section(config: dict[str, Any], central: dict[str, Any], sites: int, stam
     print(f"== zero-shot label-name head: {zero_shot}", flush=True)
     runs: dict[str, dict[str, Any]] = {}
     for name in {**DP_VARIANTS, **DISTRIBUTED_VARIANTS}:
-        result, _ = from_disk_or_run(WORK / "runs" / f"privacy-{stamp}-{name}", False,
-                                     lambda: run_variant(name, config, sites, stamp, None))
+        result, _ = from_disk_or_run(
+            WORK / "runs" / f"privacy-{stamp}-{name}", False, lambda: run_variant(name, config, sites, stamp, None)
+        )
         assert result is not None  # never collecting here: run when not on disk
         runs[name] = result
     ratio = {name: round(v["accuracy"] / central["accuracy"], 4) for name, v in runs.items()}
-    keys = {"dp_zero_shot_head_accuracy": round(zero_shot["accuracy"], 4),
-            "dp_eps8_over_central_accuracy": ratio["dp-eps8"], "dp_eps1_over_central_accuracy": ratio["dp-eps1"],
-            "distributed_dp_eps8_over_central_accuracy": ratio["ddp-eps8"],
-            "distributed_dp_eps1_over_central_accuracy": ratio["ddp-eps1"]}
+    keys = {
+        "dp_zero_shot_head_accuracy": round(zero_shot["accuracy"], 4),
+        "dp_eps8_over_central_accuracy": ratio["dp-eps8"],
+        "dp_eps1_over_central_accuracy": ratio["dp-eps1"],
+        "distributed_dp_eps8_over_central_accuracy": ratio["ddp-eps8"],
+        "distributed_dp_eps1_over_central_accuracy": ratio["ddp-eps1"],
+    }
     targets = {"dp_eps8_over_central_accuracy": ">= 0.90", "dp_eps1_over_central_accuracy": ">= 0.70"}
     rows = "\n".join(
         f"| {name} | {v['accuracy']:.4f} | {ratio[name]:.4f} | {v['macro_f1']:.4f} | {v['epsilon']:.2f} | "
         f"{f'{own:.2f}' if (own := v['epsilon_own_noise']) else '-'} | {v['round_seconds_median']:.1f} | "
-        f"{v['wall_seconds'] / 60:.1f} | {v['rounds']} |" for name, v in runs.items())
-    recipe = {k: config[k] for k in ("dp-head-only", "dp-batch-size", "dp-learning-rate", "dp-local-epochs",
-                                     "dp-max-grad-norm", "num-rounds")}
+        f"{v['wall_seconds'] / 60:.1f} | {v['rounds']} |"
+        for name, v in runs.items()
+    )
+    recipe = {
+        k: config[k]
+        for k in (
+            "dp-head-only",
+            "dp-batch-size",
+            "dp-learning-rate",
+            "dp-local-epochs",
+            "dp-max-grad-norm",
+            "num-rounds",
+        )
+    }
     distributed = {k: v for k, v in DISTRIBUTED_RECIPE.items() if k not in DP_RECIPE}
-    md = f"""## Differential privacy: the recommended recipes on the demo workload (`bench/privacy.py`)
+    md = (
+        f"""## Differential privacy: the recommended recipes on the demo workload (`bench/privacy.py`)
 
-Banking77, {sites} sites, Dirichlet alpha={config['dirichlet-alpha']}, MiniLM, SecAgg+ on. Both recipes train
+Banking77, {sites} sites, Dirichlet alpha={config["dirichlet-alpha"]}, MiniLM, SecAgg+ on. Both recipes train
 the classification head only, a linear probe on the frozen base (its features computed once per site and
 run) that reads tanh of the [CLS] state (`head-input = auto`), started from the label-name head
 (`head-init = auto`); Opacus does the per-example clipping
-(`dp-max-grad-norm` = {config['dp-max-grad-norm']}) and Poisson sampling; noise is set so that each site spends
+(`dp-max-grad-norm` = {config["dp-max-grad-norm"]}) and Poisson sampling; noise is set so that each site spends
 its target epsilon over the whole run at delta = {DELTA:g}. Only the head (29,645 values) travels.
 
 - `dp-*`, per-site (local) DP, the pyproject defaults: each site runs DP-SGD (AdamW, RDP accountant) on its
-  own, {', '.join(f'`{k}` = {v}' for k, v in recipe.items())}. A site's records are only in its own data, and
+  own, {", ".join(f"`{k}` = {v}" for k, v in recipe.items())}. A site's records are only in its own data, and
   its own noise protects them whatever the others do: its epsilon is the guarantee.
 - `ddp-*`, distributed DP through SecAgg+ (Kairouz et al. 2021): one DP-SGD step of the whole federation per
   round; each site adds N(0, sigma^2 C^2 / t), t the SecAgg+ reconstruction threshold (2 of 3 sites here, so
   the 3-site sum carries 1.5x the variance needed), and the coordinator's Adam steps on the unmasked mean
-  gradient: {', '.join(f'`{k}` = {v}' for k, v in distributed.items())}. Its epsilon is that of central DP-SGD
+  gradient: {", ".join(f"`{k}` = {v}" for k, v in distributed.items())}. Its epsilon is that of central DP-SGD
   over all sites' records and holds if the sites add their shares and the coordinator sees only the SecAgg+
   sum; "own-noise epsilon" is the worst site's epsilon counting only its own shares (the guarantee if every
   other site and the coordinator collude).
 
 The epsilon column is the worst site's, by its own accountant. Central reference: plain peft + transformers
-on all training data, accuracy {central['accuracy']:.4f} ({central['source']}).
+on all training data, accuracy {central["accuracy"]:.4f} ({central["source"]}).
 
-Zero-shot label-name head (no training, no site data): test accuracy {zero_shot['accuracy']:.4f}
-(macro-F1 {zero_shot['macro_f1']:.4f}).
+Zero-shot label-name head (no training, no site data): test accuracy {zero_shot["accuracy"]:.4f}
+(macro-F1 {zero_shot["macro_f1"]:.4f}).
 
 | run | test accuracy | / central | macro-F1 | epsilon | own-noise epsilon | median round (s) | wall (min) | rounds |
 |---|---|---|---|---|---|---|---|---|
@@ -389,7 +473,10 @@ Zero-shot label-name head (no training, no site data): test accuracy {zero_shot[
 
 | key | value | target |
 |---|---|---|
-""" + "\n".join(f"| `{k}` | {v} | {targets.get(k, '')} |" for k, v in keys.items()) + "\n"
+"""
+        + "\n".join(f"| `{k}` | {v} | {targets.get(k, '')} |" for k, v in keys.items())
+        + "\n"
+    )
     print(json.dumps(keys, indent=2), flush=True)
     if not no_write:
         update_results("privacy-dp", keys, md)

@@ -31,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # support/: free ports
 
 from demo_run import WORK, find_demo_run  # noqa: E402
+from results import update_results  # noqa: E402
+from support.processes import free_port, wait_for_port  # noqa: E402
+
 from fedtune.edge_device.pull import pull  # noqa: E402
 from fedtune.edge_export.release import release_bundle  # noqa: E402
 from fedtune.edge_export.signing import generate_keypair  # noqa: E402
 from fedtune.registry.publisher import publish  # noqa: E402
-from results import update_results  # noqa: E402
-from support.processes import free_port, wait_for_port  # noqa: E402
-
 from fedtune.tls import create_ca, issue  # noqa: E402
 
 
@@ -65,10 +65,27 @@ def main() -> None:
         fedtune = Path(sys.executable).parent / "fedtune"
         server_log = open(work / "registry.log", "wb")
         server = subprocess.Popen(
-            [str(fedtune), "registry", "serve", "--store", str(work / "store"), "--address", f"127.0.0.1:{port}",
-             "--cert", str(work / "pki/server.pem"), "--key", str(work / "pki/server.key"),
-             "--token-file", str(work / "token"), "--trust-key", str(public)],
-            stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True)
+            [
+                str(fedtune),
+                "registry",
+                "serve",
+                "--store",
+                str(work / "store"),
+                "--address",
+                f"127.0.0.1:{port}",
+                "--cert",
+                str(work / "pki/server.pem"),
+                "--key",
+                str(work / "pki/server.key"),
+                "--token-file",
+                str(work / "token"),
+                "--trust-key",
+                str(public),
+            ],
+            stdout=server_log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         address = f"127.0.0.1:{port}"
         wait_for_port(port, server, work / "registry.log")
         released = work / "release-v1"
@@ -116,8 +133,11 @@ def main() -> None:
         "registry_concurrent20_p50_s": round(float(np.percentile(concurrent, 50)), 3),
         "registry_concurrent20_p99_s": round(float(np.percentile(concurrent, 99)), 3),
     }
-    (WORK / "registry.json").write_text(json.dumps({"bundle_mb": mb, "copies": copies, "pulls": pulls,
-                                                     "concurrent": concurrent, "keys": keys}, indent=2))
+    (WORK / "registry.json").write_text(
+        json.dumps(
+            {"bundle_mb": mb, "copies": copies, "pulls": pulls, "concurrent": concurrent, "keys": keys}, indent=2
+        )
+    )
     md = f"""## Registry: pull over gRPC vs a local file copy (`bench/registry.py`)
 
 The demo's signed INT8 bundle ({mb:.1f} MB, {len(files)} files) served by `fedtune registry serve` (a separate
@@ -129,10 +149,10 @@ whole device path: manifest, signature check, chunked download, sha256 of every 
 | `shutil.copyfile` of the bundle's files ({args.repeats} repeats) | {statistics.median(copies):.3f} | {copy_mbps:.0f} |
 | one device pull ({args.repeats} repeats) | {statistics.median(pulls):.3f} | {pull_mbps:.0f} |
 
-`registry_over_file_copy_throughput` = {keys['registry_over_file_copy_throughput']}.
+`registry_over_file_copy_throughput` = {keys["registry_over_file_copy_throughput"]}.
 
-20 devices pulling at once ({args.concurrent_rounds} rounds, {len(concurrent)} pulls): p50 {keys['registry_concurrent20_p50_s']} s,
-p99 {keys['registry_concurrent20_p99_s']} s per pull (all verified). On 2 cores the 20 pulls share the CPU with the
+20 devices pulling at once ({args.concurrent_rounds} rounds, {len(concurrent)} pulls): p50 {keys["registry_concurrent20_p50_s"]} s,
+p99 {keys["registry_concurrent20_p99_s"]} s per pull (all verified). On 2 cores the 20 pulls share the CPU with the
 server's TLS and the devices' sha256 checks, so a pull's time grows with the number of devices.
 """
     print(json.dumps(keys, indent=2))

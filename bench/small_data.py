@@ -67,32 +67,53 @@ def trained_examples(run_dir: Path, batch_size: int) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a run-config override for the federation (to try a recipe; not for the record)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a run-config override for the federation (to try a recipe; not for the record)",
+    )
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.*")
     parser.add_argument("--tag", default="", help="a name for this trial's run folder")
     args = parser.parse_args()
 
     train, test, labels_file, labels = make_subset(WORK / "data")
-    overrides: dict[str, Any] = {"data-path": str(train), "labels-file": str(labels_file),
-                                 "central-eval-path": str(test), "num-rounds": args.rounds,
-                                 "dirichlet-alpha": ALPHA, "output-dir": str(WORK / "runs"),
-                                 "run-name": f"small-{args.tag or time.strftime('%Y%m%d-%H%M%S')}",
-                                 **parse_overrides(args.set)}
+    overrides: dict[str, Any] = {
+        "data-path": str(train),
+        "labels-file": str(labels_file),
+        "central-eval-path": str(test),
+        "num-rounds": args.rounds,
+        "dirichlet-alpha": ALPHA,
+        "output-dir": str(WORK / "runs"),
+        "run-name": f"small-{args.tag or time.strftime('%Y%m%d-%H%M%S')}",
+        **parse_overrides(args.set),
+    }
     started = time.time()
     settings = run_simulation(overrides, num_sites=SITES)
     run_dir = WORK / "runs" / overrides["run-name"]
     federated = json.loads((run_dir / "summary.json").read_text())["central"]
     seen = trained_examples(run_dir, settings.batch_size)
     epochs = seen / TRAIN_EXAMPLES
-    print(f"federated: {federated} after {time.time() - started:.0f}s; sites trained on {seen} examples "
-          f"= {epochs:.2f} epochs", flush=True)
+    print(
+        f"federated: {federated} after {time.time() - started:.0f}s; sites trained on {seen} examples "
+        f"= {epochs:.2f} epochs",
+        flush=True,
+    )
     cache = WORK / f"central-{epochs:.2f}-epochs.json"  # deterministic for a budget: trials (--set) reuse it
     if args.set and cache.exists():
         central = json.loads(cache.read_text())
     else:
-        central = train_and_evaluate_central(resolve_model_path(settings.base_model), train, test, labels, epochs,
-                                             CENTRAL_LR, batch_size=32, max_length=settings.max_length)
+        central = train_and_evaluate_central(
+            resolve_model_path(settings.base_model),
+            train,
+            test,
+            labels,
+            epochs,
+            CENTRAL_LR,
+            batch_size=32,
+            max_length=settings.max_length,
+        )
         cache.write_text(json.dumps(central))
     print(f"central: {central}", flush=True)
     ratio = federated["accuracy"] / central["accuracy"]
@@ -108,8 +129,8 @@ as the sites trained in total ({epochs:.2f}).
 
 | | test accuracy | macro-F1 |
 |---|---|---|
-| central | {central['accuracy']:.4f} | {central.get('macro_f1', float('nan')):.4f} |
-| federated ({SITES} sites) | {federated['accuracy']:.4f} | {federated.get('macro_f1', float('nan')):.4f} |
+| central | {central["accuracy"]:.4f} | {central.get("macro_f1", float("nan")):.4f} |
+| federated ({SITES} sites) | {federated["accuracy"]:.4f} | {federated.get("macro_f1", float("nan")):.4f} |
 
 `small_data_federated_over_central_accuracy` = **{ratio:.3f}** (target >= 0.97).
 
@@ -119,9 +140,15 @@ central one does for the same sample budget. The demo setting is unchanged by it
 40-51 steps a round, above the floor (`tests/test_local_work.py` checks it), so its
 `federated_over_central_accuracy` still holds.
 """
-    update_results("small-data", {"small_data_federated_over_central_accuracy": round(ratio, 3),
-                                  "small_data_central_accuracy": round(central["accuracy"], 4),
-                                  "small_data_federated_accuracy": round(federated["accuracy"], 4)}, markdown)
+    update_results(
+        "small-data",
+        {
+            "small_data_federated_over_central_accuracy": round(ratio, 3),
+            "small_data_central_accuracy": round(central["accuracy"], 4),
+            "small_data_federated_accuracy": round(federated["accuracy"], 4),
+        },
+        markdown,
+    )
 
 
 if __name__ == "__main__":

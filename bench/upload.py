@@ -17,18 +17,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fedtune.cli.simulation import run_simulation  # noqa: E402
 from privacy import HEAD_RANK  # noqa: E402
 from results import update_results  # noqa: E402
 
+from fedtune.cli.simulation import run_simulation  # noqa: E402
 from fedtune.config import (
     default_run_config,  # noqa: E402
     resolve_path,  # noqa: E402
 )
 
 WORK = Path(__file__).resolve().parent / "_work"
-VARIANTS = {"plain": {"secagg": False}, "secagg": {"secagg": True}, "ffa-secagg": {"secagg": True, "ffa-lora": True},
-            "ffa-low-rank-head": {"secagg": True, "ffa-lora": True, "ffa-head-rank": HEAD_RANK}}
+VARIANTS = {
+    "plain": {"secagg": False},
+    "secagg": {"secagg": True},
+    "ffa-secagg": {"secagg": True, "ffa-lora": True},
+    "ffa-low-rank-head": {"secagg": True, "ffa-lora": True, "ffa-head-rank": HEAD_RANK},
+}
 
 
 def main() -> None:
@@ -64,14 +68,14 @@ in one training round, as protobuf on the wire; the full fp32 model is {full_mod
 
 | variant | bytes / site / round | fraction of the full model |
 |---|---|---|
-| plain FedAvg (fp32 tensors) | {up['plain']:,.0f} | {up['plain'] / full_model_bytes:.5f} |
-| SecAgg+ (masked vector as uint32, plus keys and shares) | {up['secagg']:,.0f} | {up['secagg'] / full_model_bytes:.5f} |
-| FFA-LoRA under SecAgg+ (B and the head only) | {up['ffa-secagg']:,.0f} | {up['ffa-secagg'] / full_model_bytes:.5f} |
-| FFA-LoRA under SecAgg+, `ffa-head-rank = {HEAD_RANK}` (B and B_h only) | {up['ffa-low-rank-head']:,.0f} | {up['ffa-low-rank-head'] / full_model_bytes:.5f} |
+| plain FedAvg (fp32 tensors) | {up["plain"]:,.0f} | {up["plain"] / full_model_bytes:.5f} |
+| SecAgg+ (masked vector as uint32, plus keys and shares) | {up["secagg"]:,.0f} | {up["secagg"] / full_model_bytes:.5f} |
+| FFA-LoRA under SecAgg+ (B and the head only) | {up["ffa-secagg"]:,.0f} | {up["ffa-secagg"] / full_model_bytes:.5f} |
+| FFA-LoRA under SecAgg+, `ffa-head-rank = {HEAD_RANK}` (B and B_h only) | {up["ffa-low-rank-head"]:,.0f} | {up["ffa-low-rank-head"] / full_model_bytes:.5f} |
 
 Flower's SecAgg+ encodes the masked vector as int64 (8 bytes per value: 832,962 bytes per site and round in
 `bench/accuracy.py`'s run). Its values lie in [0, modulus) with modulus <= 2^32, so fedtune's sites send them as
-uint32 and the coordinator widens them back before Flower sums them (`fedtune/masked_vector_codec.py`); the
+uint32 and the coordinator widens them back before Flower sums them (`fedtune/secagg/wire_codec.py`); the
 protocol's arithmetic is unchanged. FFA-LoRA halves the LoRA part of the upload; with the paper's full head
 (29,645 values) the whole upload only drops to (B + head) / (A + B + head) = 0.64 here. With a low-rank head
 (B_h A_h, A_h frozen at the shared seed) only B_h, 77 x {HEAD_RANK} = 9,856 values, travels with B: 46,720 of 103,373.

@@ -47,8 +47,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ModuleNotFoundError as err:
         if (err.name or "").split(".")[0] not in TRAIN_ONLY_MODULES:
             raise
-        print(f"fedtune: error: '{args.command}' needs the train extra (missing module {err.name}): "
-              "pip install 'fedtune[train]'", file=sys.stderr)
+        print(
+            f"fedtune: error: '{args.command}' needs the train extra (missing module {err.name}): "
+            "pip install 'fedtune[train]'",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print("fedtune: interrupted", file=sys.stderr)

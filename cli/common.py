@@ -66,7 +66,9 @@ def read_run_config_file(path: str) -> dict[str, Any]:
         if key not in known:
             raise unknown_key(f"--run-config {path}", key, known)
         if isinstance(value, dict):
-            raise FedtuneError(f"--run-config {path}: key {key!r} is a table; the file is one flat table of run-config keys")
+            raise FedtuneError(
+                f"--run-config {path}: key {key!r} is a table; the file is one flat table of run-config keys"
+            )
     return data
 
 

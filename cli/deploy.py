@@ -32,11 +32,13 @@ def cmd_deploy_site_key(args: argparse.Namespace) -> int:
 
     private, public = site_keypair(Path(args.out), args.site)
     tls_key, csr = make_csr(Path(args.out), args.site)
-    print(f"{private} (this site's SuperNode key: it stays here, 0600)\n"
-          f"{public} (send to the coordinator: fedtune deploy register --key {public.name})\n"
-          f"{tls_key} (this site's TLS client key: it stays here, 0600)\n"
-          f"{csr} (if the coordinator's proxy requires client certificates, send it: fedtune deploy sign --csr "
-          f"{csr.name}; pass the certificate you get back as --client-cert)")
+    print(
+        f"{private} (this site's SuperNode key: it stays here, 0600)\n"
+        f"{public} (send to the coordinator: fedtune deploy register --key {public.name})\n"
+        f"{tls_key} (this site's TLS client key: it stays here, 0600)\n"
+        f"{csr} (if the coordinator's proxy requires client certificates, send it: fedtune deploy sign --csr "
+        f"{csr.name}; pass the certificate you get back as --client-cert)"
+    )
     return 0
 
 
@@ -78,9 +80,16 @@ def cmd_deploy_superlink(args: argparse.Namespace) -> int:
         check_port_free(args.public_port, "--public-port")
     proxy_cmd = None
     if not args.no_proxy:
-        settings = ProxySettings(args.public_host, args.public_port, args.port, (pki / "superlink.pem").resolve(),
-                                 (pki / "superlink.key").resolve(), (pki / "ca.pem").resolve(),
-                                 args.require_client_cert, args.max_body_mb)
+        settings = ProxySettings(
+            args.public_host,
+            args.public_port,
+            args.port,
+            (pki / "superlink.pem").resolve(),
+            (pki / "superlink.key").resolve(),
+            (pki / "ca.pem").resolve(),
+            args.require_client_cert,
+            args.max_body_mb,
+        )
         conf = write_proxy(settings, deploy / "proxy")
         print(f"proxy: {conf}", flush=True)
         proxy_cmd = proxy_command(deploy / "proxy")
@@ -96,21 +105,28 @@ def site_policy(args: argparse.Namespace, allowed_uids: tuple[int, ...] = ()) ->
 
     floor = privacy_floor(args)
     data = Path(args.data).expanduser().resolve()
-    return SitePolicy(name=args.name or data.stem, data_path=data, state_dir=Path(args.state_dir).expanduser().resolve(),
-                      floor=floor, min_secagg_sites=args.min_secagg_sites,
-                      allowed_uids=allowed_uids, val_fraction=args.val_fraction)
+    return SitePolicy(
+        name=args.name or data.stem,
+        data_path=data,
+        state_dir=Path(args.state_dir).expanduser().resolve(),
+        floor=floor,
+        min_secagg_sites=args.min_secagg_sites,
+        allowed_uids=allowed_uids,
+        val_fraction=args.val_fraction,
+    )
 
 
 def cmd_deploy_worker(args: argparse.Namespace) -> int:
     from fedtune.client.site_worker import SiteWorker
-
     from fedtune.logs import setup_logging
 
     if args.max_message_mb <= 0:
         raise FedtuneError(f"--max-message-mb must be > 0, got {args.max_message_mb}")
     if args.simulation == bool(args.data):
-        raise FedtuneError("a site's worker needs --data (its policy: the data file, --state-dir, the floor); "
-                           "--simulation instead serves a one-machine simulation and enforces nothing")
+        raise FedtuneError(
+            "a site's worker needs --data (its policy: the data file, --state-dir, the floor); "
+            "--simulation instead serves a one-machine simulation and enforces nothing"
+        )
     policy = None
     if args.data:
         if not Path(args.data).is_file():
@@ -119,9 +135,14 @@ def cmd_deploy_worker(args: argparse.Namespace) -> int:
     if args.device != "auto":  # before torch is imported: the worker sees only the device the site chose
         os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.device == "cpu" else args.device.removeprefix("cuda:")
     setup_logging()
-    SiteWorker(Path(args.socket), policy, idle_timeout=args.idle_timeout,
-               max_message_bytes=int(args.max_message_mb * 2**20), threads=args.threads,
-               socket_group=args.socket_group).serve()
+    SiteWorker(
+        Path(args.socket),
+        policy,
+        idle_timeout=args.idle_timeout,
+        max_message_bytes=int(args.max_message_mb * 2**20),
+        threads=args.threads,
+        socket_group=args.socket_group,
+    ).serve()
     return 0
 
 
@@ -137,8 +158,12 @@ def privacy_floor(args: argparse.Namespace) -> "PrivacyFloor":
                 raise FedtuneError(f"{flag} must be > 0, got {value}")
             if flag == "--max-delta" and value >= 1:
                 raise FedtuneError(f"--max-delta is a probability: it must be < 1, got {value}")
-    return PrivacyFloor(require_secagg=bool(args.require_secagg), max_epsilon=float(args.max_epsilon or 0.0),
-                        max_delta=float(args.max_delta or 0.0), own_noise_only=bool(args.own_noise_only))
+    return PrivacyFloor(
+        require_secagg=bool(args.require_secagg),
+        max_epsilon=float(args.max_epsilon or 0.0),
+        max_delta=float(args.max_delta or 0.0),
+        own_noise_only=bool(args.own_noise_only),
+    )
 
 
 def cmd_deploy_site(args: argparse.Namespace) -> int:
@@ -161,36 +186,52 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     superlink = check_address(args.superlink, "--superlink")
     privacy_floor(args)  # bad floor flags are refused before anything is read or dialled
     if bool(args.client_cert) != bool(args.client_key):
-        raise FedtuneError("--client-cert and --client-key go together (the certificate the coordinator signed "
-                           "and this site's NAME.tls.key)")
+        raise FedtuneError(
+            "--client-cert and --client-key go together (the certificate the coordinator signed "
+            "and this site's NAME.tls.key)"
+        )
     if not 0.05 <= args.idle_poll <= 3.0:
         raise FedtuneError(f"--idle-poll must be between 0.05 and 3 seconds, got {args.idle_poll}")
     allow_apps = [check_app_hash(h) for h in args.allow_app]
     check_port_free(args.port, "--port")
     client_tls = (Path(args.client_cert), Path(args.client_key)) if args.client_cert else None
-    for path, what in ((ca, "CA certificate"), (key, "site private key"), *(
-            zip(client_tls, ("client certificate", "client key")) if client_tls else ())):
+    for path, what in (
+        (ca, "CA certificate"),
+        (key, "site private key"),
+        *(zip(client_tls, ("client certificate", "client key")) if client_tls else ()),
+    ):
         if not path.exists():
             raise FedtuneError(f"{path}: {what} not found")
     account = None
     if args.no_worker:
-        print("site: --no-worker: the coordinator's ClientApp reads the data and enforces the floor itself; it is "
-              "not protected from that code", flush=True)
+        print(
+            "site: --no-worker: the coordinator's ClientApp reads the data and enforces the floor itself; it is "
+            "not protected from that code",
+            flush=True,
+        )
     elif not args.same_user:
         if os.geteuid() != 0:
-            print("site: not root, so the SuperNode and the coordinator's ClientApp run as this account and can read "
-                  "what it reads; see docs/deployment.md (two accounts) or start as root", flush=True)
+            print(
+                "site: not root, so the SuperNode and the coordinator's ClientApp run as this account and can read "
+                "what it reads; see docs/deployment.md (two accounts) or start as root",
+                flush=True,
+            )
         else:
             account = app_account.app_account(args.app_user)
     policy = site_policy(args, (account.uid,) if account else ())
-    count = check_site_data(data, args.task, args.text_field, args.label_field, args.prompt_field, args.completion_field)
+    count = check_site_data(
+        data, args.task, args.text_field, args.label_field, args.prompt_field, args.completion_field
+    )
     check_tls(superlink, ca, client_tls=client_tls)
     print(f"site: {data} OK ({count} examples); SuperLink {superlink} TLS OK; joining", flush=True)
     env, user = child_env(), None
     if account is not None:
         root = Path(args.app_home or app_account.DEFAULT_APP_HOME / policy.name)
-        files = {"ca.pem": ca, "supernode.key": key, **({"client.pem": client_tls[0], "client.key": client_tls[1]}
-                                                         if client_tls else {})}
+        files = {
+            "ca.pem": ca,
+            "supernode.key": key,
+            **({"client.pem": client_tls[0], "client.key": client_tls[1]} if client_tls else {}),
+        }
         home, copies = app_account.prepare_app_home(root, account, files)
         ca, key = copies["ca.pem"], copies["supernode.key"]
         client_tls = (copies["client.pem"], copies["client.key"]) if client_tls else None
@@ -200,8 +241,11 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         app_account.check_out_of_reach(account, {"data file": data, "state folder": policy.state_dir})
         app_account.check_can_start(account, env)
         user = (account.uid, account.gid)
-        print(f"site: the SuperNode and every ClientApp run as {account.name!r} (uid {account.uid}), which cannot "
-              f"read {data} or {args.state_dir}; the worker runs as this account", flush=True)
+        print(
+            f"site: the SuperNode and every ClientApp run as {account.name!r} (uid {account.uid}), which cannot "
+            f"read {data} or {args.state_dir}; the worker runs as this account",
+            flush=True,
+        )
     socket_path = None
     worker = None
     if not args.no_worker:
@@ -213,8 +257,9 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         worker = worker_command(socket_path, policy, args.worker_threads, socket_group=group, device=args.device)
     else:
         node_config = in_process_node_config(policy)
-    cmd = supernode_command(superlink, ca, key, args.port, node_config, args.max_retries, args.idle_poll,
-                            client_tls, allow_apps)
+    cmd = supernode_command(
+        superlink, ca, key, args.port, node_config, args.max_retries, args.idle_poll, client_tls, allow_apps
+    )
     run_site(cmd, key, superlink, worker, socket_path, supernode_user=user, supernode_env=env)
     return 0
 
@@ -242,8 +287,10 @@ def check_device(value: str) -> str:
 def check_app_hash(value: str) -> str:
     digest = value.lower().removeprefix("sha256:")
     if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise FedtuneError(f"--allow-app {value}: expected an app's SHA-256 (64 hex digits; fedtune deploy app-hash "
-                           f"--app DIR prints it)")
+        raise FedtuneError(
+            f"--allow-app {value}: expected an app's SHA-256 (64 hex digits; fedtune deploy app-hash "
+            f"--app DIR prints it)"
+        )
     return digest
 
 
@@ -276,8 +323,10 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
 
     app = Path(args.app).expanduser().resolve()
     if not (app / "pyproject.toml").is_file():
-        raise FedtuneError(f"--app {args.app}: no pyproject.toml there; pass the fedtune project folder "
-                           f"(the one with [tool.flwr.app]), e.g. --app /opt/fedtune")
+        raise FedtuneError(
+            f"--app {args.app}: no pyproject.toml there; pass the fedtune project folder "
+            f"(the one with [tool.flwr.app]), e.g. --app /opt/fedtune"
+        )
     try:
         app_config = tomllib.loads((app / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     except (KeyError, tomllib.TOMLDecodeError) as err:
@@ -302,7 +351,8 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     dep = sub.add_parser(
-        "deploy", help="multi-machine deployment: PKI, site keys, SuperLink, a site's SuperNode, the run",
+        "deploy",
+        help="multi-machine deployment: PKI, site keys, SuperLink, a site's SuperNode, the run",
         description="Flower's Deployment Engine with TLS and SuperNode authentication. Coordinator: init, "
         "register (a site's public key), sign (a site's .csr, for client certificates), superlink (on loopback, "
         "behind nginx, which forwards the Fleet API only), run. Site: site-key (its own keys), site (one command).",
@@ -311,13 +361,18 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_init.add_argument("--dir", default="deploy", help="deployment folder (default: deploy)")
     d_init.add_argument("--host", action="append", required=True, help="SuperLink host name or IP (repeatable)")
     d_init.set_defaults(func=cmd_deploy_init)
-    d_key = dep.add_parser("site-key", help="site: make this site's SuperNode key pair (EC P-384, OpenSSH) and a TLS "
-                           "client key with its signing request; only the .pub (and the .csr) go to the coordinator")
+    d_key = dep.add_parser(
+        "site-key",
+        help="site: make this site's SuperNode key pair (EC P-384, OpenSSH) and a TLS "
+        "client key with its signing request; only the .pub (and the .csr) go to the coordinator",
+    )
     d_key.add_argument("--out", default="site-keys", help="folder for the key pair (default: site-keys)")
     d_key.add_argument("--site", required=True, help="site name")
     d_key.set_defaults(func=cmd_deploy_site_key)
-    d_sign = dep.add_parser("sign", help="coordinator: sign a site's TLS signing request (.csr) for a proxy that "
-                            "requires client certificates")
+    d_sign = dep.add_parser(
+        "sign",
+        help="coordinator: sign a site's TLS signing request (.csr) for a proxy that requires client certificates",
+    )
     d_sign.add_argument("--dir", default="deploy")
     d_sign.add_argument("--csr", required=True, help="the signing request the site sent (NAME.csr)")
     d_sign.add_argument("--out", help="where to write the certificate (default: DIR/site-certs/NAME.pem)")
@@ -325,40 +380,62 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_reg = dep.add_parser("register", help="coordinator: register a site's public key with the SuperLink")
     d_reg.add_argument("--dir", default="deploy")
     d_reg.add_argument("--key", required=True, help="the public key file the site sent (NAME.pub)")
-    d_reg.add_argument("--superlink", default="127.0.0.1:9093",
-                       help="the SuperLink's loopback address (default: 127.0.0.1:9093; not the public port)")
+    d_reg.add_argument(
+        "--superlink",
+        default="127.0.0.1:9093",
+        help="the SuperLink's loopback address (default: 127.0.0.1:9093; not the public port)",
+    )
     d_reg.set_defaults(func=cmd_deploy_register)
     d_link = dep.add_parser(
-        "superlink", help="coordinator: run the SuperLink on loopback behind its reverse proxy (nginx)",
+        "superlink",
+        help="coordinator: run the SuperLink on loopback behind its reverse proxy (nginx)",
         description="Runs Flower's SuperLink (TLS, SuperNode authentication, no runtime installs) on 127.0.0.1 "
         "only, where the coordinator's `flwr` and ServerApp reach it, and nginx on --public-host:--public-port, "
         "which terminates the sites' TLS and forwards Flower's Fleet API and nothing else. Stops both on "
-        "SIGTERM/SIGINT.")
+        "SIGTERM/SIGINT.",
+    )
     d_link.add_argument("--dir", default="deploy")
-    d_link.add_argument("--port", type=int, default=9093,
-                        help="the SuperLink's port on 127.0.0.1, for `flwr`, registration and the ServerApp (default: 9093)")
+    d_link.add_argument(
+        "--port",
+        type=int,
+        default=9093,
+        help="the SuperLink's port on 127.0.0.1, for `flwr`, registration and the ServerApp (default: 9093)",
+    )
     d_link.add_argument("--public-host", default="0.0.0.0", help="where the proxy listens for sites (default: 0.0.0.0)")
     d_link.add_argument("--public-port", type=int, default=9092, help="the port sites connect to (default: 9092)")
-    d_link.add_argument("--require-client-cert", action="store_true",
-                        help="the proxy admits only sites presenting a certificate signed by this deployment's CA "
-                        "(fedtune deploy site-key --csr; fedtune deploy sign)")
-    d_link.add_argument("--max-body-mb", type=int, default=1024, help="largest request the proxy forwards, MiB (default: 1024)")
-    d_link.add_argument("--no-proxy", action="store_true",
-                        help="no reverse proxy: only sites on this machine can reach the SuperLink")
+    d_link.add_argument(
+        "--require-client-cert",
+        action="store_true",
+        help="the proxy admits only sites presenting a certificate signed by this deployment's CA "
+        "(fedtune deploy site-key --csr; fedtune deploy sign)",
+    )
+    d_link.add_argument(
+        "--max-body-mb", type=int, default=1024, help="largest request the proxy forwards, MiB (default: 1024)"
+    )
+    d_link.add_argument(
+        "--no-proxy", action="store_true", help="no reverse proxy: only sites on this machine can reach the SuperLink"
+    )
     d_link.add_argument("--database", help="SQLite file for the SuperLink's state (default: in memory)")
     d_link.set_defaults(func=cmd_deploy_superlink)
     d_site = dep.add_parser(
-        "site", help="site: check the data file, the CA and the key, then join the federation",
+        "site",
+        help="site: check the data file, the CA and the key, then join the federation",
         description="Validates the data file (one line per problem), checks the SuperLink's TLS certificate "
         "against --ca, then runs this site's SuperNode with data-path in its node config.",
     )
-    d_site.add_argument("--superlink", required=True, help="HOST:PORT where the coordinator's proxy listens (its public port)")
+    d_site.add_argument(
+        "--superlink", required=True, help="HOST:PORT where the coordinator's proxy listens (its public port)"
+    )
     d_site.add_argument("--ca", required=True, help="the coordinator's ca.pem")
     d_site.add_argument("--key", required=True, help="this site's SuperNode private key (fedtune deploy site-key)")
-    d_site.add_argument("--client-cert", help="this site's TLS client certificate, signed by the coordinator "
-                        "(when its proxy requires one)")
+    d_site.add_argument(
+        "--client-cert",
+        help="this site's TLS client certificate, signed by the coordinator (when its proxy requires one)",
+    )
     d_site.add_argument("--client-key", help="the key of --client-cert (NAME.tls.key from fedtune deploy site-key)")
-    d_site.add_argument("--port", type=int, default=9094, help="local port for this SuperNode's app API (default: 9094)")
+    d_site.add_argument(
+        "--port", type=int, default=9094, help="local port for this SuperNode's app API (default: 9094)"
+    )
     d_site.add_argument("--task", choices=["seq-cls", "causal-lm"], default="seq-cls")
     d_site.add_argument("--text-field", default="text")
     d_site.add_argument("--label-field", default="label")
@@ -366,27 +443,51 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_site.add_argument("--completion-field", default="completion")
     d_site.add_argument("--max-retries", type=int, help="give up after N failed connection attempts")
     d_site.add_argument("--worker-socket", help="the site worker's Unix socket (default: STATE_DIR/worker/worker.sock)")
-    d_site.add_argument("--worker-threads", type=int, default=0, help="CPU threads the worker trains with (0: torch's default)")
-    d_site.add_argument("--idle-poll", type=float, default=0.5,
-                        help="seconds an idle SuperNode waits before asking for work again (Flower's own: 3; default: 0.5)")
-    d_site.add_argument("--no-worker", action="store_true",
-                        help="no site worker: each message's ClientApp process loads the model itself (slow), and "
-                        "the coordinator's code reads the data and enforces the floor: no protection from it")
+    d_site.add_argument(
+        "--worker-threads", type=int, default=0, help="CPU threads the worker trains with (0: torch's default)"
+    )
+    d_site.add_argument(
+        "--idle-poll",
+        type=float,
+        default=0.5,
+        help="seconds an idle SuperNode waits before asking for work again (Flower's own: 3; default: 0.5)",
+    )
+    d_site.add_argument(
+        "--no-worker",
+        action="store_true",
+        help="no site worker: each message's ClientApp process loads the model itself (slow), and "
+        "the coordinator's code reads the data and enforces the floor: no protection from it",
+    )
     add_policy_arguments(d_site, data_required=True)
-    d_site.add_argument("--app-user", default=app_user_default(),
-                        help="as root: the account the SuperNode and every ClientApp process run as, created if "
-                        "missing; it cannot read the data or the worker's state (default: fedtune-app)")
-    d_site.add_argument("--app-home", help="as root: that account's folder (Flower's state, copies of the CA and "
-                        "the SuperNode key; the worker's socket) (default: /var/lib/fedtune-app/NAME)")
-    d_site.add_argument("--same-user", action="store_true",
-                        help="run the SuperNode as this account too (no privilege separation: the coordinator's "
-                        "ClientApp can read what this account reads)")
-    d_site.add_argument("--allow-app", action="append", default=[], metavar="SHA256",
-                        help="run only apps with this hash (repeatable; fedtune deploy app-hash --app DIR prints "
-                        "it); every app's hash is logged either way")
+    d_site.add_argument(
+        "--app-user",
+        default=app_user_default(),
+        help="as root: the account the SuperNode and every ClientApp process run as, created if "
+        "missing; it cannot read the data or the worker's state (default: fedtune-app)",
+    )
+    d_site.add_argument(
+        "--app-home",
+        help="as root: that account's folder (Flower's state, copies of the CA and "
+        "the SuperNode key; the worker's socket) (default: /var/lib/fedtune-app/NAME)",
+    )
+    d_site.add_argument(
+        "--same-user",
+        action="store_true",
+        help="run the SuperNode as this account too (no privilege separation: the coordinator's "
+        "ClientApp can read what this account reads)",
+    )
+    d_site.add_argument(
+        "--allow-app",
+        action="append",
+        default=[],
+        metavar="SHA256",
+        help="run only apps with this hash (repeatable; fedtune deploy app-hash --app DIR prints "
+        "it); every app's hash is logged either way",
+    )
     d_site.set_defaults(func=cmd_deploy_site)
     d_work = dep.add_parser(
-        "worker", help="site: the site worker alone (what `deploy site` starts): keeps the model loaded across rounds",
+        "worker",
+        help="site: the site worker alone (what `deploy site` starts): keeps the model loaded across rounds",
         description="A long-lived process that loads the base model once and answers this site's Flower messages "
         "(SecAgg+ included) relayed by its ClientApp over a private Unix socket (0700 directory, 0600 socket, "
         "same-uid peers or --allow-uid). It owns the site's policy: the data file, state folder, name and privacy "
@@ -394,33 +495,55 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "--node-config.",
     )
     d_work.add_argument("--socket", required=True, help="the Unix socket to listen on (its directory is made 0700)")
-    d_work.add_argument("--idle-timeout", type=float, default=1800.0,
-                        help="drop a run's state after this many seconds without a request (default: 1800)")
-    d_work.add_argument("--max-message-mb", type=float, default=1024.0,
-                        help="largest request accepted, in MiB of tensors (default: 1024)")
+    d_work.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=1800.0,
+        help="drop a run's state after this many seconds without a request (default: 1800)",
+    )
+    d_work.add_argument(
+        "--max-message-mb",
+        type=float,
+        default=1024.0,
+        help="largest request accepted, in MiB of tensors (default: 1024)",
+    )
     d_work.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     add_policy_arguments(d_work, data_required=False)
-    d_work.add_argument("--allow-uid", type=int, action="append", default=[],
-                        help="another local account (the SuperNode's) that may use the socket (repeatable)")
+    d_work.add_argument(
+        "--allow-uid",
+        type=int,
+        action="append",
+        default=[],
+        help="another local account (the SuperNode's) that may use the socket (repeatable)",
+    )
     d_work.add_argument("--socket-group", type=int, help="group id given the socket's folder (0750) and socket (0660)")
-    d_work.add_argument("--simulation", action="store_true",
-                        help="serve every virtual site of a one-machine simulation, taking each site's settings "
-                        "from the message (enforces nothing; a deployed site gives --data instead)")
+    d_work.add_argument(
+        "--simulation",
+        action="store_true",
+        help="serve every virtual site of a one-machine simulation, taking each site's settings "
+        "from the message (enforces nothing; a deployed site gives --data instead)",
+    )
     d_work.set_defaults(func=cmd_deploy_worker)
     d_run = dep.add_parser(
-        "run", help="coordinator: check the run's settings and files, then launch it (flwr run APP fedtune --stream)",
+        "run",
+        help="coordinator: check the run's settings and files, then launch it (flwr run APP fedtune --stream)",
         description="Checks before any site trains: every setting, the label set against the held-out file, every "
         "path on this machine, the model, the run folder. Relative paths you give resolve against the directory "
         "you run this in, the app's own defaults against --app; all are made absolute before Flower copies the "
-        "app (to FLWR_HOME/apps/ on each machine). The launched settings are kept in DIR/launched/RUN.toml.")
+        "app (to FLWR_HOME/apps/ on each machine). The launched settings are kept in DIR/launched/RUN.toml.",
+    )
     d_run.add_argument("--dir", default="deploy")
     d_run.add_argument("--app", default=".", help="the fedtune project folder: the Flower app (default: .)")
-    d_run.add_argument("--run-config", action="append",
-                       help="'key=value ...' overrides, or one TOML file (as flwr run takes; repeatable)")
+    d_run.add_argument(
+        "--run-config",
+        action="append",
+        help="'key=value ...' overrides, or one TOML file (as flwr run takes; repeatable)",
+    )
     d_run.add_argument("--resume", metavar="RUN_NAME", help="continue this run after its last completed round")
     d_run.set_defaults(func=cmd_deploy_run)
-    d_hash = dep.add_parser("app-hash", help="print the hash of a Flower app as `flwr run` ships it (for a site's "
-                            "--allow-app)")
+    d_hash = dep.add_parser(
+        "app-hash", help="print the hash of a Flower app as `flwr run` ships it (for a site's --allow-app)"
+    )
     d_hash.add_argument("--app", default=".", help="the app folder (default: .)")
     d_hash.set_defaults(func=cmd_deploy_app_hash)
 
@@ -436,19 +559,39 @@ def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -
     parser.add_argument("--data", required=data_required, help="this site's JSONL/CSV file (never leaves the site)")
     parser.add_argument("--name", help="this site's name in the coordinator's metrics (default: the data file's stem)")
     parser.add_argument("--state-dir", default=".fedtune-site-state", help="site-local state, e.g. the DP accountant")
-    parser.add_argument("--require-secagg", action="store_true", help="this site's floor: refuse any run without SecAgg+")
-    parser.add_argument("--max-epsilon", type=float,
-                        help="this site's floor: refuse runs without DP-SGD, and train no round after which this "
-                        "site's own epsilon would exceed this")
-    parser.add_argument("--max-delta", type=float,
-                        help="this site's floor: the largest DP delta it accepts (default with --max-epsilon: 1e-5)")
-    parser.add_argument("--own-noise-only", action="store_true",
-                        help="this site's floor under dp-mode = distributed: --max-epsilon counts only this site's own "
-                        "noise shares, not trusting the other sites to add theirs")
-    parser.add_argument("--val-fraction", type=float,
-                        help="this site's own validation split (default: the run's val-fraction)")
-    parser.add_argument("--device", default="auto", type=check_device,
-                        help="the device the site worker trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)")
-    parser.add_argument("--min-secagg-sites", type=int, default=2,
-                        help="take part in SecAgg+ only with a reconstruction threshold of at least this many sites "
-                        "(default: 2; 1 would let the coordinator unmask this site alone)")
+    parser.add_argument(
+        "--require-secagg", action="store_true", help="this site's floor: refuse any run without SecAgg+"
+    )
+    parser.add_argument(
+        "--max-epsilon",
+        type=float,
+        help="this site's floor: refuse runs without DP-SGD, and train no round after which this "
+        "site's own epsilon would exceed this",
+    )
+    parser.add_argument(
+        "--max-delta",
+        type=float,
+        help="this site's floor: the largest DP delta it accepts (default with --max-epsilon: 1e-5)",
+    )
+    parser.add_argument(
+        "--own-noise-only",
+        action="store_true",
+        help="this site's floor under dp-mode = distributed: --max-epsilon counts only this site's own "
+        "noise shares, not trusting the other sites to add theirs",
+    )
+    parser.add_argument(
+        "--val-fraction", type=float, help="this site's own validation split (default: the run's val-fraction)"
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        type=check_device,
+        help="the device the site worker trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)",
+    )
+    parser.add_argument(
+        "--min-secagg-sites",
+        type=int,
+        default=2,
+        help="take part in SecAgg+ only with a reconstruction threshold of at least this many sites "
+        "(default: 2; 1 would let the coordinator unmask this site alone)",
+    )

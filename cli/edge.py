@@ -33,8 +33,14 @@ def _generate(args: argparse.Namespace) -> int:
 
     from fedtune.edge_device.generative import GenerationOptions, GenerativeModel
 
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    options = GenerationOptions(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+    )
     with GenerativeModel(args.bundle, args.trust_key, base=args.base, threads=args.threads) as model:
         if args.json:
             print(json.dumps({"completion": model.generate(args.text, options), "model": model.version_info}))
@@ -48,14 +54,23 @@ def _generate(args: argparse.Namespace) -> int:
 
 def cmd_edge_pull(args: argparse.Namespace) -> int:
     from fedtune.edge_device.pull import pull
-
     from fedtune.tls import read_pem
 
-    result = pull(args.registry, args.model, args.trust_key, args.into, version=args.version or "",
-                  ca=read_pem(args.ca, "CA certificate"), cert=read_pem(args.cert, "certificate"),
-                  key=read_pem(args.key, "key"), allow_rollback=args.allow_rollback)
-    print(f"{args.into}/current -> {result.model} {result.version} (verified; {result.downloaded_bytes:,} bytes "
-          f"downloaded, {result.resumed_bytes:,} resumed)")
+    result = pull(
+        args.registry,
+        args.model,
+        args.trust_key,
+        args.into,
+        version=args.version or "",
+        ca=read_pem(args.ca, "CA certificate"),
+        cert=read_pem(args.cert, "certificate"),
+        key=read_pem(args.key, "key"),
+        allow_rollback=args.allow_rollback,
+    )
+    print(
+        f"{args.into}/current -> {result.model} {result.version} (verified; {result.downloaded_bytes:,} bytes "
+        f"downloaded, {result.resumed_bytes:,} resumed)"
+    )
     return 0
 
 
@@ -70,7 +85,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     edge = sub.add_parser("edge", help="device side: run a verified bundle (onnxruntime + tokenizers, no torch)")
     edge_sub = edge.add_subparsers(dest="edge_command", required=True)
     pred = edge_sub.add_parser(
-        "predict", help="verify a bundle against a trusted key and run one input",
+        "predict",
+        help="verify a bundle against a trusted key and run one input",
         description="Checks the manifest signature and every file's sha256 before loading anything.",
     )
     pred.add_argument("bundle", help="bundle folder")
@@ -89,7 +105,8 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     pred.set_defaults(func=cmd_edge_predict)
 
     pull = edge_sub.add_parser(
-        "pull", help="download a bundle from a registry, verify it, and make it current",
+        "pull",
+        help="download a bundle from a registry, verify it, and make it current",
         description="Checks the version's signed release record first (this model, the version served, a sequence "
         "above the active one's), downloads into DIR/.incoming (resuming an interrupted download), checks the "
         "signature and every sha256, then switches DIR/current atomically and keeps DIR/previous.",
@@ -102,8 +119,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     pull.add_argument("--ca", required=True, help="CA certificate that signed the registry's TLS certificate")
     pull.add_argument("--cert", help="this device's client certificate (mTLS)")
     pull.add_argument("--key", help="this device's client key (mTLS)")
-    pull.add_argument("--allow-rollback", action="store_true",
-                      help="accept a release older than the active one (an explicit rollback)")
+    pull.add_argument(
+        "--allow-rollback",
+        action="store_true",
+        help="accept a release older than the active one (an explicit rollback)",
+    )
     pull.set_defaults(func=cmd_edge_pull)
     rb = edge_sub.add_parser("rollback", help="make the previous version current again")
     rb.add_argument("--into", required=True, help="the device's model folder")

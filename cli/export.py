@@ -10,24 +10,43 @@ import argparse
 
 def cmd_export(args: argparse.Namespace) -> int:
     from fedtune.edge_export.exporter import export_bundle
-
     from fedtune.logs import setup_logging
 
     setup_logging()
     manifest = export_bundle(
-        args.run_dir, args.out, args.key, eval_path=args.eval, quantization=args.quantization,
-        max_accuracy_drop_pt=args.max_drop_pt, force=args.force, limit=args.limit, threads=args.threads,
-        int4=int4_options(args), adapter_ready=args.adapter_ready, checkpoint=args.checkpoint,
+        args.run_dir,
+        args.out,
+        args.key,
+        eval_path=args.eval,
+        quantization=args.quantization,
+        max_accuracy_drop_pt=args.max_drop_pt,
+        force=args.force,
+        limit=args.limit,
+        threads=args.threads,
+        int4=int4_options(args),
+        adapter_ready=args.adapter_ready,
+        checkpoint=args.checkpoint,
     )
     quant = manifest["quantization"]
-    what = (f"INT4 ({quant['layout']}, {quant['algo']}, block {quant['block_size']})" if manifest["task"] == "causal-lm"
-            else f"INT8 {quant['mode']}")
+    what = (
+        f"INT4 ({quant['layout']}, {quant['algo']}, block {quant['block_size']})"
+        if manifest["task"] == "causal-lm"
+        else f"INT8 {quant['mode']}"
+    )
     print(f"{args.out}: signed {manifest['task']} bundle, {what}, {_megabytes(manifest)}; parity: {_gate(manifest)}")
     return 0
 
 
-SHOWN = ("top1_agreement", "torch_accuracy", "onnx_accuracy", "torch_exact_match", "device_exact_match",
-         "completion_agreement", "accuracy_drop_pt", "max_abs_logit_delta")
+SHOWN = (
+    "top1_agreement",
+    "torch_accuracy",
+    "onnx_accuracy",
+    "torch_exact_match",
+    "device_exact_match",
+    "completion_agreement",
+    "accuracy_drop_pt",
+    "max_abs_logit_delta",
+)
 
 
 def _gate(manifest: dict) -> str:  # type: ignore[type-arg]
@@ -42,26 +61,41 @@ def _megabytes(manifest: dict) -> str:  # type: ignore[type-arg]
 def int4_options(args: argparse.Namespace):  # type: ignore[no-untyped-def]
     from fedtune.edge_export.int4_build import Int4Options
 
-    given = {"algo": args.int4_algo, "block_size": args.int4_block_size, "accuracy_level": args.int4_accuracy_level,
-             "symmetric": None if args.int4_symmetric is None else args.int4_symmetric == "yes",
-             "shared_embeddings": None if args.int4_shared_embeddings is None else args.int4_shared_embeddings == "yes",
-             "int8_last_layers": args.int4_int8_last_layers,
-             "int8_projections": None if args.int4_int8_projections is None else tuple(
-                 p.strip() for p in args.int4_int8_projections.split(",") if p.strip() and p.strip() != "none")}
+    given = {
+        "algo": args.int4_algo,
+        "block_size": args.int4_block_size,
+        "accuracy_level": args.int4_accuracy_level,
+        "symmetric": None if args.int4_symmetric is None else args.int4_symmetric == "yes",
+        "shared_embeddings": None if args.int4_shared_embeddings is None else args.int4_shared_embeddings == "yes",
+        "int8_last_layers": args.int4_int8_last_layers,
+        "int8_projections": None
+        if args.int4_int8_projections is None
+        else tuple(p.strip() for p in args.int4_int8_projections.split(",") if p.strip() and p.strip() != "none"),
+    }
     return Int4Options(**{name: value for name, value in given.items() if value is not None})  # the rest: defaults
 
 
 def cmd_export_adapter(args: argparse.Namespace) -> int:
     from fedtune.edge_export.llm_export import export_adapter_update
-
     from fedtune.logs import setup_logging
 
     setup_logging()
-    manifest = export_adapter_update(args.run_dir, args.base, args.out, args.key, checkpoint=args.checkpoint,
-                                     eval_path=args.eval, max_drop_pt=args.max_drop_pt, force=args.force,
-                                     limit=args.limit, threads=args.threads)
-    print(f"{args.out}: signed adapter update ({_megabytes(manifest)}) for base "
-          f"{manifest['base_bundle']['manifest_sha256'][:16]}; parity: {_gate(manifest)}")
+    manifest = export_adapter_update(
+        args.run_dir,
+        args.base,
+        args.out,
+        args.key,
+        checkpoint=args.checkpoint,
+        eval_path=args.eval,
+        max_drop_pt=args.max_drop_pt,
+        force=args.force,
+        limit=args.limit,
+        threads=args.threads,
+    )
+    print(
+        f"{args.out}: signed adapter update ({_megabytes(manifest)}) for base "
+        f"{manifest['base_bundle']['manifest_sha256'][:16]}; parity: {_gate(manifest)}"
+    )
     return 0
 
 
@@ -72,8 +106,10 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("releases") / args.model / args.version
     record = release_bundle(args.bundle, args.model, args.version, args.key, out, args.sequence)
-    print(f"{out}: {record.model} {record.version}, sequence {record.sequence}, manifest "
-          f"{record.manifest_sha256[:16]} (publish it: fedtune registry publish {out} ...)")
+    print(
+        f"{out}: {record.model} {record.version}, sequence {record.sequence}, manifest "
+        f"{record.manifest_sha256[:16]} (publish it: fedtune registry publish {out} ...)"
+    )
     return 0
 
 
@@ -82,8 +118,10 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     from fedtune.edge_export.signing import generate_keypair
 
     private, public = generate_keypair(args.out, args.name)
-    print(f"{private} (private, keep it on the coordinator)\n{public} (public, give it to devices); "
-          f"fingerprint {fingerprint(load_public_key(public))[:16]}")
+    print(
+        f"{private} (private, keep it on the coordinator)\n{public} (public, give it to devices); "
+        f"fingerprint {fingerprint(load_public_key(public))[:16]}"
+    )
     return 0
 
 
@@ -100,31 +138,61 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     exp.add_argument("--out", required=True, help="the bundle folder to create (must not exist or be empty)")
     exp.add_argument("--key", required=True, help="Ed25519 private key (PEM) from `fedtune keys generate`")
     exp.add_argument("--eval", help="held-out JSONL/CSV for the parity gate (default: the run's central-eval-path)")
-    exp.add_argument("--quantization", choices=["per-channel", "per-channel-fp32-head", "per-tensor", "weight-only-int8"],
-                     help="INT8 mode (default: per-channel for seq-cls, picked by bench/edge.py; weight-only-int8 for causal-lm)")
-    exp.add_argument("--max-drop-pt", type=float, default=1.0,
-                     help="largest accuracy drop, in points, the INT8 model may show (default: 1.0)")
+    exp.add_argument(
+        "--quantization",
+        choices=["per-channel", "per-channel-fp32-head", "per-tensor", "weight-only-int8"],
+        help="INT8 mode (default: per-channel for seq-cls, picked by bench/edge.py; weight-only-int8 for causal-lm)",
+    )
+    exp.add_argument(
+        "--max-drop-pt",
+        type=float,
+        default=1.0,
+        help="largest accuracy drop, in points, the INT8 model may show (default: 1.0)",
+    )
     exp.add_argument("--force", action="store_true", help="write the bundle even if the parity gate fails")
-    exp.add_argument("--limit", type=int, help="use only the first N held-out examples (causal-lm default: the "
-                     "run's eval-max-examples)")
-    exp.add_argument("--threads", type=int, help="threads for the device runtime in the parity gate (default: all cores)")
+    exp.add_argument(
+        "--limit",
+        type=int,
+        help="use only the first N held-out examples (causal-lm default: the run's eval-max-examples)",
+    )
+    exp.add_argument(
+        "--threads", type=int, help="threads for the device runtime in the parity gate (default: all cores)"
+    )
     llm = exp.add_argument_group("causal-lm (INT4, onnxruntime-genai)")
-    llm.add_argument("--adapter-ready", action="store_true",
-                     help="build the base model in INT4 with LoRA inputs and ship the run's adapter as a file, so "
-                     "later runs can ship adapter-only updates (`fedtune export-adapter`)")
+    llm.add_argument(
+        "--adapter-ready",
+        action="store_true",
+        help="build the base model in INT4 with LoRA inputs and ship the run's adapter as a file, so "
+        "later runs can ship adapter-only updates (`fedtune export-adapter`)",
+    )
     llm.add_argument("--checkpoint", default="final", help="which adapter of the run: final (default) or round-NNN")
-    llm.add_argument("--int4-algo", choices=["rtn", "k_quant", "k_quant_mixed", "default"],
-                     help="builder quantisation algorithm (default: k_quant_mixed)")
+    llm.add_argument(
+        "--int4-algo",
+        choices=["rtn", "k_quant", "k_quant_mixed", "default"],
+        help="builder quantisation algorithm (default: k_quant_mixed)",
+    )
     llm.add_argument("--int4-block-size", type=int, help="weights per scale (default: 32)")
-    llm.add_argument("--int4-accuracy-level", type=int, help="4: INT8 activations in the CPU kernel, 0: fp32 (default: 4)")
+    llm.add_argument(
+        "--int4-accuracy-level", type=int, help="4: INT8 activations in the CPU kernel, 0: fp32 (default: 4)"
+    )
     llm.add_argument("--int4-symmetric", choices=["yes", "no"], help="symmetric INT4 (default: no)")
-    llm.add_argument("--int4-shared-embeddings", choices=["yes", "no"],
-                     help="the embedding reads the quantised LM head (tied models; default: yes)")
-    llm.add_argument("--int4-int8-projections", metavar="NAMES",
-                     help="projections kept at 8 bits in every decoder block, comma-separated, or `none` "
-                     "(default: gate_proj,up_proj)")
-    llm.add_argument("--int4-int8-last-layers", type=int, metavar="N",
-                     help="every weight of the last N decoder blocks at 8 bits (default: 0)")
+    llm.add_argument(
+        "--int4-shared-embeddings",
+        choices=["yes", "no"],
+        help="the embedding reads the quantised LM head (tied models; default: yes)",
+    )
+    llm.add_argument(
+        "--int4-int8-projections",
+        metavar="NAMES",
+        help="projections kept at 8 bits in every decoder block, comma-separated, or `none` "
+        "(default: gate_proj,up_proj)",
+    )
+    llm.add_argument(
+        "--int4-int8-last-layers",
+        type=int,
+        metavar="N",
+        help="every weight of the last N decoder blocks at 8 bits (default: 0)",
+    )
     exp.set_defaults(func=cmd_export)
 
     upd = sub.add_parser(
@@ -140,25 +208,34 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     upd.add_argument("--key", required=True, help="Ed25519 private key (PEM) that signed the base")
     upd.add_argument("--checkpoint", default="final", help="which adapter of the run: final (default) or round-NNN")
     upd.add_argument("--eval", help="held-out JSONL/CSV for the parity gate (default: the run's central-eval-path)")
-    upd.add_argument("--max-drop-pt", type=float, default=1.0,
-                     help="largest exact-match drop, in points, the device may show (default: 1.0)")
+    upd.add_argument(
+        "--max-drop-pt",
+        type=float,
+        default=1.0,
+        help="largest exact-match drop, in points, the device may show (default: 1.0)",
+    )
     upd.add_argument("--force", action="store_true", help="write the update even if the parity gate fails")
     upd.add_argument("--limit", type=int, help="use only the first N held-out examples (default: eval-max-examples)")
     upd.add_argument("--threads", type=int, help="threads for the device runtime in the parity gate")
     upd.set_defaults(func=cmd_export_adapter)
 
     rel = sub.add_parser(
-        "release", help="release a signed bundle as MODEL VERSION with a sequence number (for the registry)",
+        "release",
+        help="release a signed bundle as MODEL VERSION with a sequence number (for the registry)",
         description="Copies the bundle (hard links where possible) and adds release.json + release.sig: the "
         "model name, the version, a sequence number that only grows, and the manifest's sha256, signed with the "
         "bundle's own key. The registry refuses a bundle without one or a sequence not above the last; devices "
-        "refuse one for another model or version, or older than the active one (except with --allow-rollback).")
+        "refuse one for another model or version, or older than the active one (except with --allow-rollback).",
+    )
     rel.add_argument("bundle", help="a signed bundle folder (fedtune export or export-adapter)")
     rel.add_argument("--model", required=True, help="the model name devices pull it by")
     rel.add_argument("--version", required=True, help="the version name")
-    rel.add_argument("--sequence", type=int,
-                     help="the release's sequence number, above every earlier release of this model "
-                     "(default: the current UTC time in milliseconds)")
+    rel.add_argument(
+        "--sequence",
+        type=int,
+        help="the release's sequence number, above every earlier release of this model "
+        "(default: the current UTC time in milliseconds)",
+    )
     rel.add_argument("--key", required=True, help="the private key that signed the bundle")
     rel.add_argument("--out", help="where to write the release (default: releases/MODEL/VERSION)")
     rel.set_defaults(func=cmd_release)

@@ -20,8 +20,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     overrides = read_run_config_file(args.run_config) if args.run_config else {}
     overrides.update(parse_overrides(args.set or []))
     for key, value in (
-        ("num-rounds", args.rounds), ("model", args.model), ("data-path", args.data),
-        ("dirichlet-alpha", args.alpha), ("output-dir", args.output_dir), ("run-name", args.run_name),
+        ("num-rounds", args.rounds),
+        ("model", args.model),
+        ("data-path", args.data),
+        ("dirichlet-alpha", args.alpha),
+        ("output-dir", args.output_dir),
+        ("run-name", args.run_name),
         ("strategy", args.strategy),
     ):
         if value is not None:
@@ -40,8 +44,12 @@ def cmd_check_data(args: argparse.Namespace) -> int:
     from fedtune.data import load_classification, load_completions
 
     from_file = read_run_config_file(args.run_config) if args.run_config else {}
-    config = {**default_run_config(), **from_file, **parse_overrides(args.set or []),
-              **({"task": args.task} if args.task else {})}
+    config = {
+        **default_run_config(),
+        **from_file,
+        **parse_overrides(args.set or []),
+        **({"task": args.task} if args.task else {}),
+    }
     settings = RunSettings.from_run_config(config)
     if settings.task == "seq-cls":
         labels = settings.label_list()
@@ -54,10 +62,14 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
         pairs = load_completions(args.file, settings.prompt_field, settings.completion_field)
         # Tokenised as training will: a pair over max-length is an error naming its line.
-        encoder = CompletionEncoder(load_tokenizer(settings.base_model), pairs, settings.max_length, settings.system_prompt)
+        encoder = CompletionEncoder(
+            load_tokenizer(settings.base_model), pairs, settings.max_length, settings.system_prompt
+        )
         longest = max(len(ids) for ids, _ in encoder.rows)
-        print(f"{args.file}: OK, {len(pairs)} prompt/completion pairs, longest {longest} of max-length "
-              f"{settings.max_length} tokens ({settings.base_model})")
+        print(
+            f"{args.file}: OK, {len(pairs)} prompt/completion pairs, longest {longest} of max-length "
+            f"{settings.max_length} tokens ({settings.base_model})"
+        )
     return 0
 
 
@@ -72,8 +84,10 @@ def cmd_settings(args: argparse.Namespace) -> int:
     elif args.check_pyproject:
         problems = differences(Path(args.check_pyproject))
         if problems:
-            raise FedtuneError(f"{args.check_pyproject} and fedtune/config.py differ: {'; '.join(problems)} "
-                               f"(fedtune settings --write-pyproject {args.check_pyproject})")
+            raise FedtuneError(
+                f"{args.check_pyproject} and fedtune/config.py differ: {'; '.join(problems)} "
+                f"(fedtune settings --write-pyproject {args.check_pyproject})"
+            )
         print(f"{args.check_pyproject}: [tool.flwr.app.config] matches fedtune/config.py")
     else:
         print(listing(), end="")
@@ -94,19 +108,32 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     )
     sim.add_argument("--sites", type=int, default=3, help="number of simulated sites (default: 3)")
     sim.add_argument("--rounds", type=int, help="federated rounds (config: num-rounds)")
-    sim.add_argument("--model", help="HF model path or id; 'default' is the task's embedded model "
-                     "(seq-cls: MiniLM, causal-lm: SmolLM2-135M-Instruct)")
-    sim.add_argument("--run-config", metavar="FILE",
-                     help="a TOML file of run-config keys over pyproject's defaults, e.g. configs/banking77-llm.toml")
+    sim.add_argument(
+        "--model",
+        help="HF model path or id; 'default' is the task's embedded model "
+        "(seq-cls: MiniLM, causal-lm: SmolLM2-135M-Instruct)",
+    )
+    sim.add_argument(
+        "--run-config",
+        metavar="FILE",
+        help="a TOML file of run-config keys over pyproject's defaults, e.g. configs/banking77-llm.toml",
+    )
     sim.add_argument("--data", help="labelled JSONL/CSV to partition across sites (config: data-path)")
     sim.add_argument("--alpha", type=float, help="Dirichlet alpha for the non-IID split (config: dirichlet-alpha)")
     sim.add_argument("--strategy", choices=STRATEGIES, help="aggregation strategy")
     sim.add_argument("--output-dir", help="where run folders go (default: runs)")
     sim.add_argument("--run-name", help="run folder name (default: a timestamp)")
-    sim.add_argument("--resume", action="store_true",
-                     help="continue --run-name after its last completed round (after a coordinator crash)")
-    sim.add_argument("--set", action="append", metavar="KEY=VALUE",
-                     help="override any run-config key, after --run-config (repeatable)")
+    sim.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue --run-name after its last completed round (after a coordinator crash)",
+    )
+    sim.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override any run-config key, after --run-config (repeatable)",
+    )
     sim.add_argument("--verbose", action="store_true", help="show Flower's own logs")
     sim.set_defaults(func=cmd_simulate)
 
@@ -118,12 +145,17 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     chk.add_argument("file", help="the site's JSONL or CSV file")
     chk.add_argument("--task", choices=["seq-cls", "causal-lm"], help="the task (default: the run config's, seq-cls)")
     chk.add_argument("--run-config", metavar="FILE", help="a TOML file of run-config keys (model, max-length, ...)")
-    chk.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config key, e.g. labels-file=...")
+    chk.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a run-config key, e.g. labels-file=..."
+    )
     chk.set_defaults(func=cmd_check_data)
 
-    st = sub.add_parser("settings", help="list every run-config key, its default and help",
-                        description="Every run-config key, declared once in fedtune/config.py. With a flag, write "
-                        "or check pyproject's [tool.flwr.app.config] table against the declarations.")
+    st = sub.add_parser(
+        "settings",
+        help="list every run-config key, its default and help",
+        description="Every run-config key, declared once in fedtune/config.py. With a flag, write "
+        "or check pyproject's [tool.flwr.app.config] table against the declarations.",
+    )
     what = st.add_mutually_exclusive_group()
     what.add_argument("--write-pyproject", metavar="PYPROJECT", help="rewrite the file's [tool.flwr.app.config] table")
     what.add_argument("--check-pyproject", metavar="PYPROJECT", help="exit 1 naming each key where the table differs")

@@ -27,14 +27,26 @@ FLOWER_QUIET_ENV = {
 
 
 def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
-    lines = ['[project]', 'name = "fedtune-sim"', 'version = "0.0.0"', "", "[tool.flwr.app]", 'publisher = "fedtune"', "",
-             "[tool.flwr.app.components]", 'serverapp = "server.flower_app:app"', 'clientapp = "client.flower_app:app"', "",
-             "[tool.flwr.app.config]"]
+    lines = [
+        "[project]",
+        'name = "fedtune-sim"',
+        'version = "0.0.0"',
+        "",
+        "[tool.flwr.app]",
+        'publisher = "fedtune"',
+        "",
+        "[tool.flwr.app.components]",
+        'serverapp = "server.flower_app:app"',
+        'clientapp = "client.flower_app:app"',
+        "",
+        "[tool.flwr.app.config]",
+    ]
     (directory / "pyproject.toml").write_text("\n".join(lines) + "\n" + flat_table(config), encoding="utf-8")
 
 
-def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool = False,
-                   client_app: ClientApp | None = None) -> RunSettings:
+def run_simulation(
+    overrides: Mapping[str, Any], num_sites: int, verbose: bool = False, client_app: ClientApp | None = None
+) -> RunSettings:
     """Run the ServerApp and `num_sites` ClientApps in this process's Simulation Engine.
 
     Overrides are validated first, so a bad value fails before Ray starts. `client_app`
@@ -55,6 +67,10 @@ def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool =
         TASK_ID_NUM_BYTES,
     )
     from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+
+    from fedtune.internals import flower
+
+    flower.require("run-simulation", "task-identity")
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.constant import NOOP_FEDERATION_ID
     from flwr.supercore.run import Run
@@ -72,9 +88,14 @@ def run_simulation(overrides: Mapping[str, Any], num_sites: int, verbose: bool =
     gpus = _gpu_count()
     backend_config: dict[str, Any] = {
         "client_resources": {"num_cpus": cpus, "num_gpus": 1.0 if gpus else 0.0},
-        "init_args": {"num_cpus": cpus, "num_gpus": gpus, "logging_level": "ERROR", "log_to_driver": True,
-                      "include_dashboard": False,
-                      "_node_ip_address": "127.0.0.1"},  # keep Ray's traffic on loopback
+        "init_args": {
+            "num_cpus": cpus,
+            "num_gpus": gpus,
+            "logging_level": "ERROR",
+            "log_to_driver": True,
+            "include_dashboard": False,
+            "_node_ip_address": "127.0.0.1",
+        },  # keep Ray's traffic on loopback
     }
     with tempfile.TemporaryDirectory(prefix="fedtune-sim-") as app_dir:
         _write_app_config(Path(app_dir), full_config)

@@ -26,8 +26,8 @@ from fedtune.logs import setup_logging
 from fedtune.secagg.masks import SecAggSetupError
 from fedtune.stage_timing import TIMING_RECORD, process_start_time
 
-from .secagg_setup import forget_secagg_state, run_secaggplus
 from .node_settings import NodeSettings
+from .secagg_setup import forget_secagg_state, run_secaggplus
 from .worker_client import relay_to_worker
 
 log = logging.getLogger("fedtune.site")
@@ -68,7 +68,8 @@ def stamp_timing(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> M
     reply = call_next(msg, ctxt)
     if reply.has_content():
         reply.content.metric_records[TIMING_RECORD] = MetricRecord(
-            {"process_start": process_start_time(), "handler_start": started, "handler_end": time.time()})
+            {"process_start": process_start_time(), "handler_start": started, "handler_end": time.time()}
+        )
     return reply
 
 

@@ -36,8 +36,17 @@ class AppAccount:
     def run(self, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         """`cmd` as this account (no supplementary groups); a program it cannot start is exit 126."""
         try:
-            return subprocess.run(cmd, capture_output=True, text=True, user=self.uid, group=self.gid, extra_groups=[],
-                                  env=env, timeout=120, cwd="/")
+            return subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                user=self.uid,
+                group=self.gid,
+                extra_groups=[],
+                env=env,
+                timeout=120,
+                cwd="/",
+            )
         except OSError as err:
             return subprocess.CompletedProcess(cmd, 126, "", f"{err.filename or cmd[0]}: {err.strerror or err}")
 
@@ -45,18 +54,35 @@ class AppAccount:
 def app_account(name: str, create: bool = True) -> AppAccount:
     """The service account `name`, created (system account, own group, no login) if missing."""
     if os.geteuid() != 0:
-        raise FedtuneError(f"--app-user {name}: running the SuperNode as another account needs root; start "
-                           f"`fedtune deploy site` as root, or use the two-account layout of docs/deployment.md")
+        raise FedtuneError(
+            f"--app-user {name}: running the SuperNode as another account needs root; start "
+            f"`fedtune deploy site` as root, or use the two-account layout of docs/deployment.md"
+        )
     try:
         entry = pwd.getpwnam(name)
     except KeyError:
         if not create:
             raise FedtuneError(f"--app-user {name}: no such account") from None
         useradd = shutil.which("useradd") or "/usr/sbin/useradd"
-        made = subprocess.run([useradd, "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                               "--shell", "/usr/sbin/nologin", name], capture_output=True, text=True)
+        made = subprocess.run(
+            [
+                useradd,
+                "--system",
+                "--user-group",
+                "--no-create-home",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                name,
+            ],
+            capture_output=True,
+            text=True,
+        )
         if made.returncode != 0:
-            raise FedtuneError(f"--app-user {name}: could not create the account ({made.stderr.strip() or made.returncode})")
+            raise FedtuneError(
+                f"--app-user {name}: could not create the account ({made.stderr.strip() or made.returncode})"
+            ) from None
         entry = pwd.getpwnam(name)
     if entry.pw_uid == 0:
         raise FedtuneError(f"--app-user {name}: is root; the ClientApp account must be an unprivileged one")
@@ -97,8 +123,10 @@ def prepare_app_home(root: Path, account: AppAccount, files: dict[str, Path]) ->
             info = parent.stat()
             sticky = bool(info.st_mode & 0o1000)  # /tmp: others cannot rename or remove what is ours
             if info.st_uid not in (0, os.getuid()) or (info.st_mode & 0o022 and not sticky):
-                raise FedtuneError(f"--app-home {root}: {parent} is writable by another account or owned by one; "
-                                   f"choose a folder under a root-owned path such as {DEFAULT_APP_HOME}")
+                raise FedtuneError(
+                    f"--app-home {root}: {parent} is writable by another account or owned by one; "
+                    f"choose a folder under a root-owned path such as {DEFAULT_APP_HOME}"
+                )
     root.mkdir(mode=0o755, parents=True, exist_ok=True)
     root.chmod(0o755)
     home = AppHome(root)
@@ -122,9 +150,11 @@ def check_out_of_reach(account: AppAccount, paths: dict[str, Path]) -> None:
     for what, path in paths.items():
         probe = account.run(["test", "-r", str(path.resolve())])
         if probe.returncode == 0:
-            raise FedtuneError(f"{path}: the ClientApp account {account.name!r} can read this {what}; make it "
-                               f"readable by the site's own account only (e.g. chmod o-rwx and a private parent "
-                               f"folder) so that the coordinator's code cannot")
+            raise FedtuneError(
+                f"{path}: the ClientApp account {account.name!r} can read this {what}; make it "
+                f"readable by the site's own account only (e.g. chmod o-rwx and a private parent "
+                f"folder) so that the coordinator's code cannot"
+            )
 
 
 def check_can_start(account: AppAccount, env: dict[str, str]) -> None:
@@ -132,7 +162,9 @@ def check_can_start(account: AppAccount, env: dict[str, str]) -> None:
     probe = account.run([sys.executable, "-c", "import fedtune.client.supernode_launcher, flwr"], env=env)
     if probe.returncode != 0:
         last = [x for x in probe.stderr.splitlines() if x.strip()][-1:] or [f"exit {probe.returncode}"]
-        raise FedtuneError(f"the ClientApp account {account.name!r} cannot run {sys.executable} with fedtune and "
-                           f"Flower ({last[0].strip()}); install Python and fedtune where that account can read "
-                           f"them (e.g. /opt), or let it traverse the folders on the way (setfacl -m "
-                           f"u:{account.name}:x FOLDER)")
+        raise FedtuneError(
+            f"the ClientApp account {account.name!r} cannot run {sys.executable} with fedtune and "
+            f"Flower ({last[0].strip()}); install Python and fedtune where that account can read "
+            f"them (e.g. /opt), or let it traverse the folders on the way (setfacl -m "
+            f"u:{account.name}:x FOLDER)"
+        )

@@ -19,8 +19,8 @@ from typing import Sequence
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedtune.data import load_classification, load_completions
 from fedtune.child_process import Relay, stop_helpers
+from fedtune.data import load_classification, load_completions
 from fedtune.errors import FedtuneError
 
 from .node_settings import NodeSettings
@@ -41,8 +41,10 @@ def check_tls(superlink: str, ca: Path, timeout: float = 10.0, client_tls: tuple
         try:
             context.load_cert_chain(str(client_tls[0]), str(client_tls[1]))
         except (ssl.SSLError, OSError) as err:
-            raise FedtuneError(f"{client_tls[0]}: this client certificate and {client_tls[1].name} are not a usable "
-                               f"pair ({getattr(err, 'reason', None) or err})") from None
+            raise FedtuneError(
+                f"{client_tls[0]}: this client certificate and {client_tls[1].name} are not a usable "
+                f"pair ({getattr(err, 'reason', None) or err})"
+            ) from None
     try:
         with socket.create_connection((host, int(port)), timeout=timeout) as sock:
             with context.wrap_socket(sock, server_hostname=host) as tls:
@@ -55,25 +57,34 @@ def check_tls(superlink: str, ca: Path, timeout: float = 10.0, client_tls: tuple
                         break
                     answer += more
     except ssl.SSLCertVerificationError as err:
-        raise FedtuneError(f"{ca}: the SuperLink at {superlink} presents a certificate this CA did not sign "
-                           f"({err.verify_message}); ask the coordinator for the right ca.pem") from None
+        raise FedtuneError(
+            f"{ca}: the SuperLink at {superlink} presents a certificate this CA did not sign "
+            f"({err.verify_message}); ask the coordinator for the right ca.pem"
+        ) from None
     except ssl.SSLError as err:
         if "CERTIFICATE" in str(err.reason or "").upper() and client_tls is not None:
-            raise FedtuneError(f"{client_tls[0]}: the proxy at {superlink} refused this site's client certificate "
-                               f"({err.reason}); ask the coordinator to sign this site's .csr") from None
+            raise FedtuneError(
+                f"{client_tls[0]}: the proxy at {superlink} refused this site's client certificate "
+                f"({err.reason}); ask the coordinator to sign this site's .csr"
+            ) from None
         raise FedtuneError(f"{superlink}: TLS handshake failed ({err.reason}); is it a TLS SuperLink?") from None
     except OSError as err:
         raise FedtuneError(f"{superlink}: cannot connect ({err.strerror or err})") from None
     if "No required SSL certificate" in answer:
-        raise FedtuneError(f"{superlink}: the coordinator's proxy requires a client certificate; run "
-                           f"`fedtune deploy site-key`, send the .csr, and pass --client-cert and --client-key")
+        raise FedtuneError(
+            f"{superlink}: the coordinator's proxy requires a client certificate; run "
+            f"`fedtune deploy site-key`, send the .csr, and pass --client-cert and --client-key"
+        )
     if "SSL certificate error" in answer:
-        raise FedtuneError(f"{superlink}: the coordinator's proxy refused this site's client certificate; ask "
-                           f"the coordinator to sign this site's .csr (fedtune deploy sign)")
+        raise FedtuneError(
+            f"{superlink}: the coordinator's proxy refused this site's client certificate; ask "
+            f"the coordinator to sign this site's .csr (fedtune deploy sign)"
+        )
 
 
-def check_site_data(data: Path, task: str, text_field: str, label_field: str, prompt_field: str,
-                    completion_field: str) -> int:
+def check_site_data(
+    data: Path, task: str, text_field: str, label_field: str, prompt_field: str, completion_field: str
+) -> int:
     """Validate the site's data file the way training will read it; returns its size."""
     if task == "seq-cls":
         return len(load_classification(data, text_field, label_field, None))
@@ -90,16 +101,27 @@ def site_keypair(folder: Path, site: str) -> tuple[Path, Path]:
     key = ec.generate_private_key(ec.SECP384R1())
     fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
-        handle.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                       serialization.NoEncryption()))
+        handle.write(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
+            )
+        )
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
     public_path.write_bytes(public + f" {site}\n".encode())
     return private_path, public_path
 
 
-def supernode_command(superlink: str, ca: Path, key: Path, port: int, node_config: str,
-                      max_retries: int | None = None, idle_poll: float = 3.0,
-                      client_tls: tuple[Path, Path] | None = None, allow_apps: Sequence[str] = ()) -> list[str]:
+def supernode_command(
+    superlink: str,
+    ca: Path,
+    key: Path,
+    port: int,
+    node_config: str,
+    max_retries: int | None = None,
+    idle_poll: float = 3.0,
+    client_tls: tuple[Path, Path] | None = None,
+    allow_apps: Sequence[str] = (),
+) -> list[str]:
     """`flower-supernode` with TLS, the site's key and node config, run through
     `supernode_launcher.py`: it logs the hash of every app the site is asked to run and
     refuses those not in `allow_apps` (when given), shortens Flower's 3 s idle poll, and
@@ -109,8 +131,20 @@ def supernode_command(superlink: str, ca: Path, key: Path, port: int, node_confi
         launcher += ["--client-cert", str(client_tls[0].resolve()), "--client-key", str(client_tls[1].resolve())]
     for digest in allow_apps:
         launcher += ["--allow-app", digest]
-    cmd = [*launcher, "--", "--superlink", superlink, "--root-certificates", str(ca),
-           "--auth-supernode-private-key", str(key), "--node-config", node_config, "--port", str(port)]
+    cmd = [
+        *launcher,
+        "--",
+        "--superlink",
+        superlink,
+        "--root-certificates",
+        str(ca),
+        "--auth-supernode-private-key",
+        str(key),
+        "--node-config",
+        node_config,
+        "--port",
+        str(port),
+    ]
     if max_retries is not None:
         cmd += ["--max-retries", str(max_retries)]
     return cmd
@@ -130,17 +164,35 @@ def in_process_node_config(policy: SitePolicy) -> str:
 
 def explain_supernode_exit(code: int, output: str, key: Path, superlink: str) -> str:
     if UNREGISTERED_KEY in output:
-        return (f"{key}: this site's key is not registered with the SuperLink at {superlink}; send "
-                f"{key.with_suffix('.pub').name} to the coordinator (fedtune deploy register)")
+        return (
+            f"{key}: this site's key is not registered with the SuperLink at {superlink}; send "
+            f"{key.with_suffix('.pub').name} to the coordinator (fedtune deploy register)"
+        )
     last = [line for line in output.splitlines() if line.strip()][-3:]
     return f"the SuperNode stopped with exit code {code}: {' / '.join(x.strip() for x in last)}"
 
 
-def worker_command(socket_path: Path, policy: SitePolicy, threads: int = 0, idle_timeout: float = 1800.0,
-                   socket_group: int | None = None, device: str = "auto") -> list[str]:
+def worker_command(
+    socket_path: Path,
+    policy: SitePolicy,
+    threads: int = 0,
+    idle_timeout: float = 1800.0,
+    socket_group: int | None = None,
+    device: str = "auto",
+) -> list[str]:
     """The site worker with the site's policy on its own command line (`fedtune deploy worker`)."""
-    cmd = [sys.executable, "-m", "fedtune.cli", "deploy", "worker", "--socket", str(socket_path),
-           "--idle-timeout", str(idle_timeout), *policy_arguments(policy)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "fedtune.cli",
+        "deploy",
+        "worker",
+        "--socket",
+        str(socket_path),
+        "--idle-timeout",
+        str(idle_timeout),
+        *policy_arguments(policy),
+    ]
     if threads:
         cmd += ["--threads", str(threads)]
     if socket_group is not None:
@@ -153,8 +205,16 @@ def worker_command(socket_path: Path, policy: SitePolicy, threads: int = 0, idle
 def policy_arguments(policy: SitePolicy) -> list[str]:
     """`deploy worker` flags that give a worker `policy`."""
     floor = policy.floor
-    args = ["--data", str(policy.data_path.resolve()), "--name", policy.name, "--state-dir",
-            str(policy.state_dir.resolve()), "--min-secagg-sites", str(policy.min_secagg_sites)]
+    args = [
+        "--data",
+        str(policy.data_path.resolve()),
+        "--name",
+        policy.name,
+        "--state-dir",
+        str(policy.state_dir.resolve()),
+        "--min-secagg-sites",
+        str(policy.min_secagg_sites),
+    ]
     if floor.require_secagg:
         args.append("--require-secagg")
     if floor.max_epsilon > 0:
@@ -177,7 +237,9 @@ def wait_for_worker(worker: Relay, socket_path: Path, timeout: float = 60.0) -> 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if worker.child.poll() is not None:
-            raise FedtuneError(f"the site worker stopped with exit code {worker.child.returncode}: {worker.last_lines()}")
+            raise FedtuneError(
+                f"the site worker stopped with exit code {worker.child.returncode}: {worker.last_lines()}"
+            )
         if socket_path.exists():
             try:
                 call_worker(socket_path, "status", {}, timeout=10.0, connect_timeout=1.0)
@@ -188,9 +250,16 @@ def wait_for_worker(worker: Relay, socket_path: Path, timeout: float = 60.0) -> 
     raise FedtuneError(f"the site worker did not open {socket_path} within {timeout:.0f} s")
 
 
-def run_site(supernode_cmd: list[str], key: Path, superlink: str, worker_cmd: list[str] | None = None,
-             socket_path: Path | None = None, max_restarts: int = 5,
-             supernode_user: tuple[int, int] | None = None, supernode_env: dict[str, str] | None = None) -> None:
+def run_site(
+    supernode_cmd: list[str],
+    key: Path,
+    superlink: str,
+    worker_cmd: list[str] | None = None,
+    socket_path: Path | None = None,
+    max_restarts: int = 5,
+    supernode_user: tuple[int, int] | None = None,
+    supernode_env: dict[str, str] | None = None,
+) -> None:
     """The site's one command: the worker (if any), then the SuperNode, in the foreground
     until the SuperNode exits or this process gets SIGTERM/SIGINT. A worker that dies is
     restarted (the next request waits for it); more than `max_restarts` deaths within a
@@ -225,8 +294,11 @@ def run_site(supernode_cmd: list[str], key: Path, superlink: str, worker_cmd: li
                     failure = f"the site worker died {len(deaths)} times within a minute; stopping the site"
                     request_stop()
                     break
-                print(f"site: the worker (pid {worker.child.pid}) exited with code {worker.child.returncode}; "
-                      f"restarting it", flush=True)
+                print(
+                    f"site: the worker (pid {worker.child.pid}) exited with code {worker.child.returncode}; "
+                    f"restarting it",
+                    flush=True,
+                )
                 worker = Relay(worker_cmd or [], "[worker] ")
         code = supernode.child.wait()
         supernode.reader.join(timeout=2)

@@ -73,15 +73,21 @@ def expected_batch(settings: RunSettings, num_examples: int) -> int:
 def checked_threshold(setup: SecAggSetup | None, site: str) -> int:
     """The threshold to size the noise share by; refuses a round the noise would not cover."""
     if setup is None:
-        raise FedtuneError(f"site {site}: dp-mode = distributed, but this round came without SecAgg+; its noise "
-                           f"share alone would be seen, so the site refuses to train")
+        raise FedtuneError(
+            f"site {site}: dp-mode = distributed, but this round came without SecAgg+; its noise "
+            f"share alone would be seen, so the site refuses to train"
+        )
     if setup.share_num < setup.sample_num:
-        raise FedtuneError(f"site {site}: dp-mode = distributed needs every site to share its secrets with every "
-                           f"other (secagg-num-shares = 1.0); this round shares with {setup.share_num} of "
-                           f"{setup.sample_num}")
+        raise FedtuneError(
+            f"site {site}: dp-mode = distributed needs every site to share its secrets with every "
+            f"other (secagg-num-shares = 1.0); this round shares with {setup.share_num} of "
+            f"{setup.sample_num}"
+        )
     if setup.threshold < 2:
-        raise FedtuneError(f"site {site}: SecAgg+ reconstruction threshold {setup.threshold} would let one site's "
-                           f"noise share be unmasked alone")
+        raise FedtuneError(
+            f"site {site}: SecAgg+ reconstruction threshold {setup.threshold} would let one site's "
+            f"noise share be unmasked alone"
+        )
     return setup.threshold
 
 
@@ -95,8 +101,9 @@ def own_noise_epsilon(settings: RunSettings, history: History, threshold: int) -
     return epsilon_of(accountant_for(settings, own_share_history(history, threshold)), settings.dp_delta)
 
 
-def epsilon_after_round(settings: RunSettings, num_rounds: int, history: History,
-                        own_shares_of: int = 0) -> tuple[float, float]:
+def epsilon_after_round(
+    settings: RunSettings, num_rounds: int, history: History, own_shares_of: int = 0
+) -> tuple[float, float]:
     """(ε spent so far, ε after one more round): what a site's ceiling is checked against.
     With `own_shares_of` = t, counting only the site's own shares (sigma / sqrt(t))."""
     noise = noise_multiplier_for(settings, settings.dp_sample_rate, num_rounds)
@@ -129,9 +136,13 @@ def train_head_distributed_dp(
     rng, noise_source = private_generators()
     gsm = GradSampleModule(work)
     # Plain SGD with rate 1 over the noisy sum / w_i: the site's update is the noisy gradient itself.
-    optimizer = DPOptimizer(torch.optim.SGD(work.parameters(), lr=1.0), noise_multiplier=share,
-                            max_grad_norm=settings.dp_max_grad_norm, expected_batch_size=weight,
-                            generator=noise_source)
+    optimizer = DPOptimizer(
+        torch.optim.SGD(work.parameters(), lr=1.0),
+        noise_multiplier=share,
+        max_grad_norm=settings.dp_max_grad_norm,
+        expected_batch_size=weight,
+        generator=noise_source,
+    )
     chosen = torch.from_numpy(rng.random(n) < q).nonzero().squeeze(-1)
     loss_value = float("nan")
     try:
@@ -157,8 +168,18 @@ def train_head_distributed_dp(
     accountant = accountant_for(settings, history)
     accountant.step(noise_multiplier=noise, sample_rate=q)
     report = DPReport(*epsilon_now_and_after(settings, accountant.history, noise, q, 1), noise, q)
-    log.info("%s round %d: distributed DP step on %d examples, noise share %.3f (sigma %.3f / sqrt %d), q %.4f, "
-             "epsilon %.3f (delta %g)", site, server_round, len(chosen), share, noise, threshold, q,
-             report.epsilon, settings.dp_delta)
+    log.info(
+        "%s round %d: distributed DP step on %d examples, noise share %.3f (sigma %.3f / sqrt %d), q %.4f, "
+        "epsilon %.3f (delta %g)",
+        site,
+        server_round,
+        len(chosen),
+        share,
+        noise,
+        threshold,
+        q,
+        report.epsilon,
+        settings.dp_delta,
+    )
     result = TrainResult(loss=loss_value, first_loss=loss_value, last_loss=loss_value, num_examples=weight, steps=1)
     return result, list(accountant.history), report, weight

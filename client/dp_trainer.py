@@ -58,8 +58,12 @@ class DPReport:
 
     def metrics(self) -> dict[str, float]:
         """The figures a site reports with its update."""
-        return {"dp_epsilon": self.epsilon, "dp_epsilon_next": self.epsilon_next_round,
-                "dp_noise_multiplier": self.noise_multiplier, "dp_sample_rate": self.sample_rate}
+        return {
+            "dp_epsilon": self.epsilon,
+            "dp_epsilon_next": self.epsilon_next_round,
+            "dp_noise_multiplier": self.noise_multiplier,
+            "dp_sample_rate": self.sample_rate,
+        }
 
 
 def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps: int) -> float:
@@ -69,8 +73,15 @@ def noise_multiplier_for(settings: RunSettings, sample_rate: float, total_steps:
         return settings.dp_noise_multiplier
     if settings.dp_target_epsilon <= 0:
         raise ConfigError("dp-target-epsilon", "set dp-noise-multiplier or dp-target-epsilon when dp is on")
-    return float(get_noise_multiplier(target_epsilon=settings.dp_target_epsilon, target_delta=settings.dp_delta,
-                                      sample_rate=sample_rate, steps=total_steps, accountant=settings.dp_accountant))
+    return float(
+        get_noise_multiplier(
+            target_epsilon=settings.dp_target_epsilon,
+            target_delta=settings.dp_delta,
+            sample_rate=sample_rate,
+            steps=total_steps,
+            accountant=settings.dp_accountant,
+        )
+    )
 
 
 def accountant_for(settings: RunSettings, history: History) -> IAccountant:
@@ -85,8 +96,9 @@ def epsilon_of(accountant: IAccountant, delta: float) -> float:
     return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
 
 
-def epsilon_now_and_after(settings: RunSettings, history: History, noise: float, sample_rate: float,
-                          steps: int) -> tuple[float, float]:
+def epsilon_now_and_after(
+    settings: RunSettings, history: History, noise: float, sample_rate: float, steps: int
+) -> tuple[float, float]:
     """(ε after `history`, ε after `steps` more steps at (noise, sample_rate))."""
     accountant = accountant_for(settings, history)
     now = epsilon_of(accountant, settings.dp_delta)
@@ -117,8 +129,15 @@ def dp_recipe(settings: RunSettings) -> RunSettings:
     )
 
 
-def dp_step(gsm: GradSampleModule, optimizer: DPOptimizer, encoder: Encoder, idx: list[int], lengths: list[int],
-            logit_mask: torch.Tensor | None, device: torch.device) -> float:
+def dp_step(
+    gsm: GradSampleModule,
+    optimizer: DPOptimizer,
+    encoder: Encoder,
+    idx: list[int],
+    lengths: list[int],
+    logit_mask: torch.Tensor | None,
+    device: torch.device,
+) -> float:
     """One DP-SGD step over the Poisson batch `idx`; returns its mean loss.
 
     The batch runs as physical batches of similar length (`fedtune.length_buckets`), so short
@@ -140,8 +159,9 @@ def dp_step(gsm: GradSampleModule, optimizer: DPOptimizer, encoder: Encoder, idx
     return total / len(idx)
 
 
-def dp_head_step(gsm: GradSampleModule, optimizer: DPOptimizer, features: Features, idx: list[int],
-                 logit_mask: torch.Tensor | None) -> float:
+def dp_head_step(
+    gsm: GradSampleModule, optimizer: DPOptimizer, features: Features, idx: list[int], logit_mask: torch.Tensor | None
+) -> float:
     """One DP-SGD step of the head alone over the cached features of the Poisson batch `idx`."""
     inputs, labels = features
     device = next(gsm.parameters()).device
@@ -155,7 +175,9 @@ def dp_head_step(gsm: GradSampleModule, optimizer: DPOptimizer, features: Featur
     return float(loss.detach())
 
 
-def epsilon_after_round(settings: RunSettings, num_examples: int, num_rounds: int, history: History) -> tuple[float, float]:
+def epsilon_after_round(
+    settings: RunSettings, num_examples: int, num_rounds: int, history: History
+) -> tuple[float, float]:
     """(ε spent so far, ε after one more round of this run's DP-SGD) by the site's own
     accountant, before training: what a site's privacy ceiling is checked against."""
     settings = dp_recipe(settings)
@@ -195,9 +217,13 @@ def train_local_dp(
     params = [p for p in work.parameters() if p.requires_grad]
     gsm = GradSampleModule(work)
     rng, noise_source = private_generators()
-    optimizer = DPOptimizer(torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay),
-                            noise_multiplier=noise, max_grad_norm=settings.dp_max_grad_norm,
-                            expected_batch_size=settings.batch_size, generator=noise_source)
+    optimizer = DPOptimizer(
+        torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay),
+        noise_multiplier=noise,
+        max_grad_norm=settings.dp_max_grad_norm,
+        expected_batch_size=settings.batch_size,
+        generator=noise_source,
+    )
     accountant = accountant_for(settings, history)
     logit_mask = absent_label_mask(model, encoder, device) if settings.restricted_softmax else None
     lengths = example_lengths(encoder)
@@ -221,6 +247,14 @@ def train_local_dp(
                 into.copy_(source.to(into.dtype))
     epsilon, epsilon_next = epsilon_now_and_after(settings, accountant.history, noise, sample_rate, steps)
     report = DPReport(epsilon, epsilon_next, noise, sample_rate)
-    log.info("%s round %d: DP-SGD %d steps, noise %.3f, q %.4f, epsilon %.3f (delta %g)",
-             site, server_round, steps, noise, sample_rate, epsilon, settings.dp_delta)
+    log.info(
+        "%s round %d: DP-SGD %d steps, noise %.3f, q %.4f, epsilon %.3f (delta %g)",
+        site,
+        server_round,
+        steps,
+        noise,
+        sample_rate,
+        epsilon,
+        settings.dp_delta,
+    )
     return summarize_losses(losses, n, steps), list(accountant.history), report

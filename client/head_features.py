@@ -36,8 +36,10 @@ def trainable_head(model: PeftModel) -> torch.nn.Linear:
         adapter = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapter[0]
         wrapper = copies[adapter]
     if not isinstance(wrapper, torch.nn.Linear):
-        raise FedtuneError(f"dp-head-only needs a seq-cls head that is one Linear layer; "
-                           f"{base.config.model_type} has {type(wrapper).__name__}")
+        raise FedtuneError(
+            f"dp-head-only needs a seq-cls head that is one Linear layer; "
+            f"{base.config.model_type} has {type(wrapper).__name__}"
+        )
     return wrapper
 
 

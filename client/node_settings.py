@@ -52,8 +52,9 @@ class NodeSettings:
     num_partitions: int = 0
 
     @classmethod
-    def from_node_config(cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None
-                         ) -> "NodeSettings":
+    def from_node_config(
+        cls, node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None
+    ) -> "NodeSettings":
         """The one parse. In simulation, the run config's `site-state-dir` and
         `site-worker-socket` are the virtual sites' `state-dir` and `worker-socket`."""
         run = run_config or {}
@@ -62,15 +63,26 @@ class NodeSettings:
         from .privacy_floor import PrivacyFloor  # not in worker mode: the worker holds the floor
 
         if _text(node_config, DATA_PATH):
-            return cls("deployed", data_path=_text(node_config, DATA_PATH), state_dir=_text(node_config, STATE_DIR),
-                       site_name=_text(node_config, SITE_NAME), floor=PrivacyFloor.from_node_config(node_config))
+            return cls(
+                "deployed",
+                data_path=_text(node_config, DATA_PATH),
+                state_dir=_text(node_config, STATE_DIR),
+                site_name=_text(node_config, SITE_NAME),
+                floor=PrivacyFloor.from_node_config(node_config),
+            )
         try:
             part, parts = int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 0))
         except (TypeError, ValueError):
             raise FedtuneError(f"node config {PARTITION_ID}/{NUM_PARTITIONS}: expected integers") from None
-        return cls("simulated", state_dir=_text(node_config, STATE_DIR) or str(run.get("site-state-dir", "") or ""),
-                   site_name=_text(node_config, SITE_NAME), worker_socket=str(run.get("site-worker-socket", "") or ""),
-                   floor=PrivacyFloor.from_node_config(node_config), partition_id=part, num_partitions=parts)
+        return cls(
+            "simulated",
+            state_dir=_text(node_config, STATE_DIR) or str(run.get("site-state-dir", "") or ""),
+            site_name=_text(node_config, SITE_NAME),
+            worker_socket=str(run.get("site-worker-socket", "") or ""),
+            floor=PrivacyFloor.from_node_config(node_config),
+            partition_id=part,
+            num_partitions=parts,
+        )
 
     def to_node_config(self) -> dict[str, Any]:
         """The one writer: the node-config keys these settings stand for (only those set)."""

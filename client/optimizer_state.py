@@ -47,7 +47,8 @@ class ContextOptimizerStore:
 
     def save(self, arrays: OptimizerArrays) -> None:
         self.context.state.array_records[STATE_KEY] = ArrayRecord(
-            array_dict={name: Array(value) for name, value in arrays.items()})
+            array_dict={name: Array(value) for name, value in arrays.items()}
+        )
 
 
 class MemoryOptimizerStore:
@@ -73,22 +74,33 @@ def optimizer_arrays(optimizer: torch.optim.Optimizer, params: Sequence[torch.Te
     return arrays
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], arrays: OptimizerArrays,
-                      site: str) -> bool:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, params: Sequence[torch.Tensor], arrays: OptimizerArrays, site: str
+) -> bool:
     """Put saved moments back into a fresh AdamW over the same parameters; False (and a log
     line) when they do not fit, e.g. another model or LoRA shape: training then starts afresh."""
     for i, param in enumerate(params):
         for name in MOMENTS[:2]:
             saved = arrays.get(f"{i}.{name}")
             if saved is None or tuple(saved.shape) != tuple(param.shape):
-                log.warning("%s: kept optimizer state does not fit this model (%s of parameter %d); starting AdamW "
-                            "afresh", site, name, i)
+                log.warning(
+                    "%s: kept optimizer state does not fit this model (%s of parameter %d); starting AdamW afresh",
+                    site,
+                    name,
+                    i,
+                )
                 return False
     if len(arrays) != len(MOMENTS) * len(params):
-        log.warning("%s: kept optimizer state has %d tensors for %d parameters; starting AdamW afresh",
-                    site, len(arrays), len(params))
+        log.warning(
+            "%s: kept optimizer state has %d tensors for %d parameters; starting AdamW afresh",
+            site,
+            len(arrays),
+            len(params),
+        )
         return False
     for i, param in enumerate(params):
-        optimizer.state[param] = {name: torch.as_tensor(arrays[f"{i}.{name}"]).to(
-            param.device if name != "step" else "cpu") for name in MOMENTS}
+        optimizer.state[param] = {
+            name: torch.as_tensor(arrays[f"{i}.{name}"]).to(param.device if name != "step" else "cpu")
+            for name in MOMENTS
+        }
     return True

@@ -33,10 +33,12 @@ class PrivacyFloor:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "PrivacyFloor":
         try:
-            return cls(require_secagg=_flag(node_config.get("require-secagg", False)),
-                       max_epsilon=float(node_config.get("max-epsilon", 0.0) or 0.0),
-                       max_delta=float(node_config.get("max-delta", 0.0) or 0.0),
-                       own_noise_only=_flag(node_config.get("own-noise-only", False)))
+            return cls(
+                require_secagg=_flag(node_config.get("require-secagg", False)),
+                max_epsilon=float(node_config.get("max-epsilon", 0.0) or 0.0),
+                max_delta=float(node_config.get("max-delta", 0.0) or 0.0),
+                own_noise_only=_flag(node_config.get("own-noise-only", False)),
+            )
         except ValueError as err:
             raise FedtuneError(f"node config: max-epsilon/max-delta must be numbers ({err})") from None
 
@@ -56,23 +58,36 @@ class PrivacyFloor:
     def check_run(self, settings: RunSettings, site: str) -> None:
         """Refuse a run whose settings ask for less than this site's floor."""
         if self.require_secagg and not settings.secagg:
-            raise PrivacyFloorError(f"site {site} requires SecAgg+ (node config require-secagg=true); "
-                                    f"the run has secagg=false")
+            raise PrivacyFloorError(
+                f"site {site} requires SecAgg+ (node config require-secagg=true); the run has secagg=false"
+            )
         if self.max_epsilon > 0 or self.max_delta > 0:
             if not settings.dp:
-                raise PrivacyFloorError(f"site {site} allows at most epsilon={self.max_epsilon:g} (node config "
-                                        f"max-epsilon); the run has dp=false")
+                raise PrivacyFloorError(
+                    f"site {site} allows at most epsilon={self.max_epsilon:g} (node config "
+                    f"max-epsilon); the run has dp=false"
+                )
             delta_limit = self.max_delta or 1e-5
             if settings.dp_delta > delta_limit:
-                raise PrivacyFloorError(f"site {site} allows at most delta={delta_limit:g} (node config max-delta); "
-                                        f"the run has dp-delta={settings.dp_delta:g}")
-            if self.max_epsilon > 0 and settings.dp_noise_multiplier <= 0 and settings.dp_target_epsilon > self.max_epsilon:
-                raise PrivacyFloorError(f"site {site} allows at most epsilon={self.max_epsilon:g} (node config "
-                                        f"max-epsilon); the run targets dp-target-epsilon={settings.dp_target_epsilon:g}")
+                raise PrivacyFloorError(
+                    f"site {site} allows at most delta={delta_limit:g} (node config max-delta); "
+                    f"the run has dp-delta={settings.dp_delta:g}"
+                )
+            if (
+                self.max_epsilon > 0
+                and settings.dp_noise_multiplier <= 0
+                and settings.dp_target_epsilon > self.max_epsilon
+            ):
+                raise PrivacyFloorError(
+                    f"site {site} allows at most epsilon={self.max_epsilon:g} (node config "
+                    f"max-epsilon); the run targets dp-target-epsilon={settings.dp_target_epsilon:g}"
+                )
 
     def check_round(self, epsilon_after: float, epsilon_now: float, server_round: int, site: str) -> None:
         """Stop before a round that would take the site's own ε past its ceiling."""
         if self.max_epsilon > 0 and epsilon_after > self.max_epsilon:
-            raise PrivacyFloorError(f"site {site} stops before round {server_round}: its epsilon would reach "
-                                    f"{epsilon_after:.3f}, above its ceiling {self.max_epsilon:g} (spent so far: "
-                                    f"{epsilon_now:.3f})")
+            raise PrivacyFloorError(
+                f"site {site} stops before round {server_round}: its epsilon would reach "
+                f"{epsilon_after:.3f}, above its ceiling {self.max_epsilon:g} (spent so far: "
+                f"{epsilon_now:.3f})"
+            )

@@ -47,16 +47,22 @@ def _check_setup(configs: ConfigRecord, min_sites: int, site: str) -> None:
     target, modulus = _int(configs, Key.TARGET_RANGE), _int(configs, Key.MOD_RANGE)
     clip = configs.get(Key.CLIPPING_RANGE)
     if threshold < min_sites:
-        raise SecAggRefused(f"site {site} refuses SecAgg+ with a reconstruction threshold of {threshold}: it takes "
-                            f"part only where at least {min_sites} sites' updates are summed (--min-secagg-sites)")
+        raise SecAggRefused(
+            f"site {site} refuses SecAgg+ with a reconstruction threshold of {threshold}: it takes "
+            f"part only where at least {min_sites} sites' updates are summed (--min-secagg-sites)"
+        )
     if not threshold <= shares <= sample:
-        raise SecAggRefused(f"site {site} refuses SecAgg+ with threshold {threshold}, {shares} shares and "
-                            f"{sample} sites: needs threshold <= shares <= sites")
+        raise SecAggRefused(
+            f"site {site} refuses SecAgg+ with threshold {threshold}, {shares} shares and "
+            f"{sample} sites: needs threshold <= shares <= sites"
+        )
     if not (isinstance(clip, float) and math.isfinite(clip) and clip > 0):
         raise SecAggRefused(f"site {site} refuses SecAgg+ with clipping range {clip!r}: needs a finite value > 0")
     if not 2 <= target < modulus <= MAX_MODULUS:
-        raise SecAggRefused(f"site {site} refuses SecAgg+ with quantization range {target} and modulus {modulus}: "
-                            f"needs 2 <= quantization range < modulus <= 2^32")
+        raise SecAggRefused(
+            f"site {site} refuses SecAgg+ with quantization range {target} and modulus {modulus}: "
+            f"needs 2 <= quantization range < modulus <= 2^32"
+        )
 
 
 def _check_unmask(configs: ConfigRecord, state: ConfigRecord | None, site: str) -> None:
@@ -66,13 +72,16 @@ def _check_unmask(configs: ConfigRecord, state: ConfigRecord | None, site: str) 
         raise SecAggRefused("SecAgg+ unmask: the lists of active and dropped sites are missing")
     if len(set(active)) != len(active) or len(set(dead)) != len(dead) or set(active) & set(dead):
         # Both shares of one node (its self-mask seed and its key) reveal its update in the clear.
-        raise SecAggRefused(f"site {site} refuses to unmask: the coordinator lists a site as both active and "
-                            f"dropped, or twice")
+        raise SecAggRefused(
+            f"site {site} refuses to unmask: the coordinator lists a site as both active and dropped, or twice"
+        )
     known = set(_neighbours(state))
     unknown = sorted((set(active) | set(dead)) - known)
     if unknown:
-        raise SecAggRefused(f"site {site} refuses to unmask: the coordinator asks for shares of sites this site "
-                            f"never exchanged keys with (nodes {unknown[:4]}; known {sorted(known)[:8]})")
+        raise SecAggRefused(
+            f"site {site} refuses to unmask: the coordinator asks for shares of sites this site "
+            f"never exchanged keys with (nodes {unknown[:4]}; known {sorted(known)[:8]})"
+        )
 
 
 def _neighbours(state: ConfigRecord | None) -> list[Any]:

@@ -13,6 +13,8 @@ from typing import Any, Mapping
 from flwr.common import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Stage
 
+from fedtune.internals import flower
+
 Scalar = bool | bytes | float | int | str
 # The train-config key the site's own ClientApp fills in; whatever the coordinator put under it is dropped.
 SETUP_KEY = "fedtune-secagg-setup"
@@ -37,6 +39,7 @@ def secagg_setup(context: Context) -> SecAggSetup | None:
 
     Training runs inside the mod's collect-masked-vectors stage, while the saved state still
     names the stage before it (share-keys); a state left by an earlier round names another."""
+    flower.require("secaggplus-state")
     record = context.state.config_records.get(RECORD_KEY_STATE)
     if record is None or record.get("current_stage") != Stage.SHARE_KEYS or int(record.get("threshold", 0) or 0) <= 0:
         return None

@@ -52,7 +52,9 @@ class SiteClient(NumPyClient):
         with errors_logged():
             return self.work.properties(config)
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         with errors_logged():
             return self.work.fit(parameters, with_secagg_setup(config, self.context))
 

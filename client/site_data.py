@@ -46,8 +46,9 @@ def load_site_data(settings: RunSettings, node: NodeSettings, labels: Sequence[s
     elif node.mode == "simulated" and node.num_partitions > 0:
         if not settings.data_path:
             raise DataError("<run config>", "simulation needs 'data-path' in the run config", field="data-path")
-        examples = site_partition(load_examples(settings.data_path, settings, labels), settings, node.partition_id,
-                                  node.num_partitions)
+        examples = site_partition(
+            load_examples(settings.data_path, settings, labels), settings, node.partition_id, node.num_partitions
+        )
         split_seed = settings.seed + node.partition_id
     else:
         raise DataError("<node config>", "set 'data-path' in the SuperNode's --node-config", field="data-path")

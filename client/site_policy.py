@@ -28,8 +28,10 @@ _RUN_SLUG = re.compile(r"[^a-z0-9]+")
 def check_site_name(name: str) -> str:
     """A site's name: letters, digits, '.', '_', '-' (it names files in its state folder)."""
     if not _SITE_NAME.match(name):
-        raise FedtuneError(f"site name {name!r}: use 1-{MAX_SITE_NAME} letters, digits, '.', '_' or '-', "
-                           f"starting with a letter or digit")
+        raise FedtuneError(
+            f"site name {name!r}: use 1-{MAX_SITE_NAME} letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit"
+        )
     return name
 
 
@@ -58,8 +60,10 @@ class SitePolicy:
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise FedtuneError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.min_secagg_sites < 2:
-            raise FedtuneError(f"--min-secagg-sites must be at least 2 (with 1 the coordinator could unmask this "
-                               f"site alone), got {self.min_secagg_sites}")
+            raise FedtuneError(
+                f"--min-secagg-sites must be at least 2 (with 1 the coordinator could unmask this "
+                f"site alone), got {self.min_secagg_sites}"
+            )
 
     def run_settings(self, settings: Any) -> Any:
         """The run's settings with what the site decides put over them (its validation split)."""
@@ -67,5 +71,10 @@ class SitePolicy:
 
     def node_settings(self) -> NodeSettings:
         """The node settings the site's work reads, from the policy (never from a message)."""
-        return NodeSettings("deployed", data_path=str(self.data_path), state_dir=str(self.state_dir),
-                            site_name=self.name, floor=self.floor)
+        return NodeSettings(
+            "deployed",
+            data_path=str(self.data_path),
+            state_dir=str(self.state_dir),
+            site_name=self.name,
+            floor=self.floor,
+        )

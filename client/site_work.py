@@ -21,11 +21,11 @@ from fedtune.evaluation import evaluate
 
 from .dp_history import HistoryStore, history_file
 from .model_cache import cached_lora_model, cached_tokenizer
-from .optimizer_state import MemoryOptimizerStore, OptimizerStore
 from .node_settings import NodeSettings
+from .optimizer_state import MemoryOptimizerStore, OptimizerStore
 from .privacy_floor import PrivacyFloor
-from .site_data import SiteData, load_site_data
 from .secagg_setup import setup_from_config
+from .site_data import SiteData, load_site_data
 from .trainer import TrainResult, train_local
 
 log = logging.getLogger("fedtune.site")
@@ -38,8 +38,13 @@ class SiteWork:
     """A site's part in one run: its settings, its data, its DP accountant store and where it
     keeps its optimizer moments (`keep-optimizer-state`)."""
 
-    def __init__(self, settings: RunSettings, node: NodeSettings, history: HistoryStore,
-                 optimizer_store: OptimizerStore | None = None) -> None:
+    def __init__(
+        self,
+        settings: RunSettings,
+        node: NodeSettings,
+        history: HistoryStore,
+        optimizer_store: OptimizerStore | None = None,
+    ) -> None:
         self.settings = settings
         self.lora = settings.lora_settings()  # what the model trains and what travels
         self.node = node
@@ -98,9 +103,17 @@ class SiteWork:
         if s.dp:
             result, dp_metrics = self._fit_dp(model, encoder, config, site.name, server_round, num_rounds)
         else:
-            result = train_local(model, encoder, s, server_round=server_round, num_rounds=num_rounds, site=site.name,
-                                 proximal_mu=float(config.get("proximal_mu", 0.0)), seed=seed,
-                                 optimizer_store=self.optimizer_store if s.keep_optimizer_state else None)
+            result = train_local(
+                model,
+                encoder,
+                s,
+                server_round=server_round,
+                num_rounds=num_rounds,
+                site=site.name,
+                proximal_mu=float(config.get("proximal_mu", 0.0)),
+                seed=seed,
+                optimizer_store=self.optimizer_store if s.keep_optimizer_state else None,
+            )
         arrays = get_adapter_arrays(model, self.lora)
         metrics: dict[str, Scalar] = {
             "site": site.name,
@@ -117,8 +130,9 @@ class SiteWork:
             metrics["secagg_clipped_values"] = int(sum(int((np.abs(a) > limit).sum()) for a in arrays))
         return arrays, result.num_examples, metrics
 
-    def _fit_dp(self, model: PeftModel, encoder: Encoder, config: Config, site: str, server_round: int,
-                num_rounds: int) -> tuple[TrainResult, dict[str, Scalar]]:
+    def _fit_dp(
+        self, model: PeftModel, encoder: Encoder, config: Config, site: str, server_round: int, num_rounds: int
+    ) -> tuple[TrainResult, dict[str, Scalar]]:
         """One DP round, per-site (`dp_trainer.py`) or distributed (`distributed_dp.py`): the
         accountant's history from the site's store, the site's ceiling checked before any
         privacy is spent, the history saved after."""
@@ -144,12 +158,16 @@ class SiteWork:
             assert features is not None  # config: distributed DP is head-only
             mask = absent_label_mask(model, encoder, next(model.parameters()).device) if s.restricted_softmax else None
             result, history, report, _ = distributed_dp.train_head_distributed_dp(
-                model, *features, s, server_round, num_rounds, threshold, spent, mask, site)
-            extra = {"dp_noise_shares": threshold,
-                     "dp_epsilon_own_noise": distributed_dp.own_noise_epsilon(s, history, threshold)}
+                model, *features, s, server_round, num_rounds, threshold, spent, mask, site
+            )
+            extra = {
+                "dp_noise_shares": threshold,
+                "dp_epsilon_own_noise": distributed_dp.own_noise_epsilon(s, history, threshold),
+            }
         else:
-            result, history, report = dp_trainer.train_local_dp(model, encoder, s, server_round, num_rounds, spent,
-                                                                site=site, features=features)
+            result, history, report = dp_trainer.train_local_dp(
+                model, encoder, s, server_round, num_rounds, spent, site=site, features=features
+            )
         self.history.save(state, history)
         return result, {**report.metrics(), **extra}
 

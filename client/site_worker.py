@@ -71,14 +71,17 @@ def prepare_socket_dir(path: Path, group: int | None = None) -> None:
     """The socket's directory: created 0700 if missing (0750 with `group`, the ClientApp
     account's, as its group); refused if another user owns it."""
     if len(os.fsencode(str(path))) > MAX_SOCKET_PATH:
-        raise FedtuneError(f"{path}: a Unix socket path must be at most {MAX_SOCKET_PATH} bytes; choose a shorter "
-                           f"--worker-socket")
+        raise FedtuneError(
+            f"{path}: a Unix socket path must be at most {MAX_SOCKET_PATH} bytes; choose a shorter --worker-socket"
+        )
     folder = path.parent
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     info = folder.stat()
     if info.st_uid != os.getuid():
-        raise FedtuneError(f"{folder}: owned by uid {info.st_uid}, not this user ({os.getuid()}); the worker's "
-                           f"socket needs a private directory")
+        raise FedtuneError(
+            f"{folder}: owned by uid {info.st_uid}, not this user ({os.getuid()}); the worker's "
+            f"socket needs a private directory"
+        )
     if group is not None:
         os.chown(folder, -1, group)
         folder.chmod(0o750)
@@ -95,9 +98,15 @@ def peer_uid(conn: socket.socket) -> tuple[int, int]:
 class SiteWorker:
     """Serves one site's training and evaluation requests with a model kept loaded."""
 
-    def __init__(self, socket_path: Path, policy: SitePolicy | None, idle_timeout: float = 1800.0,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, threads: int = 0,
-                 socket_group: int | None = None) -> None:
+    def __init__(
+        self,
+        socket_path: Path,
+        policy: SitePolicy | None,
+        idle_timeout: float = 1800.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        threads: int = 0,
+        socket_group: int | None = None,
+    ) -> None:
         self.path = socket_path
         self.policy = policy
         self.socket_group = socket_group
@@ -146,13 +155,21 @@ class SiteWorker:
             signal.signal(sig, lambda *_: self.stop.set())
         log.info("site worker: listening on %s (pid %d, %s v%d)", self.path, os.getpid(), PROTOCOL, VERSION)
         if self.policy is None:
-            log.warning("site worker: simulation mode: node settings come from each message; this protects "
-                        "nothing from the ClientApp (a deployed site starts the worker with --data)")
+            log.warning(
+                "site worker: simulation mode: node settings come from each message; this protects "
+                "nothing from the ClientApp (a deployed site starts the worker with --data)"
+            )
         else:
             p = self.policy
-            log.info("site worker: site %s, data %s, state %s, floor %s, SecAgg+ with at least %d sites, "
-                     "peers uid %s", p.name, p.data_path, p.state_dir, p.floor.to_node_config() or "none",
-                     p.min_secagg_sites, sorted(self.allowed_uids))
+            log.info(
+                "site worker: site %s, data %s, state %s, floor %s, SecAgg+ with at least %d sites, peers uid %s",
+                p.name,
+                p.data_path,
+                p.state_dir,
+                p.floor.to_node_config() or "none",
+                p.min_secagg_sites,
+                sorted(self.allowed_uids),
+            )
         try:
             while not self.stop.is_set():
                 self.drop_stale_runs()
@@ -218,8 +235,12 @@ class SiteWorker:
                 started = time.monotonic()
                 content = run.messages.handle(msg)
                 run.last_used = time.monotonic()
-            log.info("site worker: run %d %s in %.1f s", msg.metadata.run_id, msg.metadata.message_type,
-                     time.monotonic() - started)
+            log.info(
+                "site worker: run %d %s in %.1f s",
+                msg.metadata.run_id,
+                msg.metadata.message_type,
+                time.monotonic() - started,
+            )
             return {"ok": True, "seconds": time.monotonic() - started}, encode_content(content)
         except (FedtuneError, ProtocolError) as err:
             log.error("fedtune: error: %s", err)
@@ -247,8 +268,9 @@ class SiteWorker:
         state = self.runs.get(run_id)
         if state is None:
             if len(self.runs) >= MAX_RUN_STATES:
-                raise ProtocolError(f"this worker already keeps {MAX_RUN_STATES} runs' state; a new one is refused "
-                                    f"until one finishes")
+                raise ProtocolError(
+                    f"this worker already keeps {MAX_RUN_STATES} runs' state; a new one is refused until one finishes"
+                )
             from fedtune.config import RunSettings
 
             from .dp_history import MemoryHistory
@@ -293,7 +315,17 @@ class SiteWorker:
     def status(self) -> dict[str, Any]:
         cache = sys.modules.get(f"{__package__}.model_cache")  # imported with the first run, never here
         loads = cache.model_loads() if cache is not None else 0
-        return {"ok": True, "pid": os.getpid(), "protocol": PROTOCOL, "version": VERSION, "model_loads": loads,
-                "runs": [{"run": k[0], "node_config": json.loads(k[1]), "rounds": sorted(v.rounds), "finished": v.finished}
-                         for k, v in self.runs.items()],
-                "requests": self.requests, "refused": self.refused, "uptime": time.time() - self.started}
+        return {
+            "ok": True,
+            "pid": os.getpid(),
+            "protocol": PROTOCOL,
+            "version": VERSION,
+            "model_loads": loads,
+            "runs": [
+                {"run": k[0], "node_config": json.loads(k[1]), "rounds": sorted(v.rounds), "finished": v.finished}
+                for k, v in self.runs.items()
+            ],
+            "requests": self.requests,
+            "refused": self.refused,
+            "uptime": time.time() - self.started,
+        }

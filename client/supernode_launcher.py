@@ -32,15 +32,25 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import ssl
 import sys
 import time
 from typing import Any, Sequence
 
-FLOWER_IDLE_SLEEP = "time.sleep(3)"
 PIN_ENTITY = "fedtune-app-pin"  # the trusted-entities key that routes Flower's FAB check to the pin list
 PIN_VERDICT = "fedtune-app-pin"  # the FAB verification entry: "approved" or "refused"
+
+
+def _changed(internal: str) -> bool:
+    """Whether a Flower internal this launcher patches has changed (its one line goes to stderr)."""
+    from fedtune.internals import InternalsChanged, flower
+
+    try:
+        flower.require(internal)
+    except InternalsChanged as err:
+        print(f"fedtune: {err}", file=sys.stderr, flush=True)
+        return True
+    return False
 
 
 class _ShortSleepTime:
@@ -61,7 +71,7 @@ def shorten_idle_poll(limit: float) -> bool:
     is not the shape this was written for (then nothing is patched)."""
     from flwr.supernode import start_client_internal as module
 
-    if FLOWER_IDLE_SLEEP not in inspect.getsource(module) or getattr(module, "time", None) is not time:
+    if _changed("supernode-idle-poll"):
         return False
     module.time = _ShortSleepTime(limit)  # type: ignore[assignment]
     return True
@@ -72,14 +82,17 @@ def present_client_certificate(cert: str, key: str) -> bool:
     Flower's client is not the shape this was written for (then nothing is patched)."""
     from flwr.supercore.protobuf import client as module
 
-    original = module.ProtobufClient.__init__
-    if "verify" not in inspect.signature(original).parameters:
+    if _changed("client-certificate"):
         return False
+    original = module.ProtobufClient.__init__
 
     def with_client_certificate(self: Any, base_url: str, *args: Any, verify: Any = True, **kwargs: Any) -> None:
         if verify is not False and base_url.startswith("https://"):
-            context = verify if isinstance(verify, ssl.SSLContext) else ssl.create_default_context(
-                cafile=verify if isinstance(verify, str) else None)
+            context = (
+                verify
+                if isinstance(verify, ssl.SSLContext)
+                else ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+            )
             context.load_cert_chain(cert, key)
             verify = context
         original(self, base_url, *args, verify=verify, **kwargs)
@@ -99,14 +112,9 @@ def pin_apps(allowed: set[str]) -> bool:
     shape this was written for (then nothing is patched)."""
     from flwr.supernode import start_client_internal as module
 
-    pull = getattr(module, "_pull_and_store_message", None)
-    verify = getattr(module, "_verify_fab", None)
-    if pull is None or verify is None or not {"get_fab", "trusted_entities"} <= set(inspect.signature(pull).parameters):
+    if _changed("supernode-app-pinning"):
         return False
-    loop = inspect.getsource(module.start_client_internal)
-    if "get_fab=get_fab" not in loop or "trusted_entities=trusted_entities" not in loop \
-            or "_verify_fab(fab, trusted_entities)" not in inspect.getsource(pull):
-        return False
+    pull, verify = module._pull_and_store_message, module._verify_fab
 
     def audited(get_fab: Any) -> Any:
         def fetch(fab_hash: str, run_id: int) -> Any:
@@ -114,11 +122,19 @@ def pin_apps(allowed: set[str]) -> bool:
             digest = app_hash(fab.content)
             approved = not allowed or digest in allowed
             verdict = "approved" if approved else "REFUSED: not in --allow-app"
-            print(f"fedtune: site: run {run_id} asks this site to run app sha256:{digest} "
-                  f"({verdict if allowed else 'no --allow-app list'})", file=sys.stderr, flush=True)
-            fab.verifications = {**fab.verifications, "valid_license": "fedtune-pinned",
-                                 PIN_VERDICT: "approved" if approved else "refused"}
+            print(
+                f"fedtune: site: run {run_id} asks this site to run app sha256:{digest} "
+                f"({verdict if allowed else 'no --allow-app list'})",
+                file=sys.stderr,
+                flush=True,
+            )
+            fab.verifications = {
+                **fab.verifications,
+                "valid_license": "fedtune-pinned",
+                PIN_VERDICT: "approved" if approved else "refused",
+            }
             return fab
+
         return fetch
 
     def pull_pinned(*args: Any, **kwargs: Any) -> Any:
@@ -140,8 +156,11 @@ def pin_apps(allowed: set[str]) -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if "--" not in args:
-        print("usage: python -m fedtune.client.supernode_launcher --idle-poll SECONDS [--client-cert PEM "
-              "--client-key KEY] -- ARGS...", file=sys.stderr)
+        print(
+            "usage: python -m fedtune.client.supernode_launcher --idle-poll SECONDS [--client-cert PEM "
+            "--client-key KEY] -- ARGS...",
+            file=sys.stderr,
+        )
         return 2
     split = args.index("--")
     parser = argparse.ArgumentParser(prog="supernode_launcher")
@@ -152,19 +171,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     ours = parser.parse_args(args[:split])
     limit = ours.idle_poll
     if limit < 3.0 and not shorten_idle_poll(limit):
-        print("fedtune: this Flower's SuperNode has no 3 s idle sleep to shorten; running it as it is",
-              file=sys.stderr, flush=True)
+        print(
+            "fedtune: this Flower's SuperNode has no 3 s idle sleep to shorten; running it as it is",
+            file=sys.stderr,
+            flush=True,
+        )
     if ours.client_cert and not present_client_certificate(ours.client_cert, ours.client_key):
-        print("fedtune: this Flower's HTTP client cannot be given a client certificate; stopping",
-              file=sys.stderr, flush=True)
+        print(
+            "fedtune: this Flower's HTTP client cannot be given a client certificate; stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     if not pin_apps({h.lower().removeprefix("sha256:") for h in ours.allow_app}):
-        print("fedtune: this Flower's SuperNode loop cannot be given the app check (--allow-app, audit line); "
-              "stopping", file=sys.stderr, flush=True)
+        print(
+            "fedtune: this Flower's SuperNode loop cannot be given the app check (--allow-app, audit line); stopping",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     from flwr.supernode.cli import flower_supernode
 
-    sys.argv = ["flower-supernode", *args[split + 1:]]
+    sys.argv = ["flower-supernode", *args[split + 1 :]]
     return int(flower_supernode() or 0)
 
 

@@ -97,8 +97,14 @@ def train_local(
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if (step + 1) % report_every == 0 or step + 1 == steps:
-            log.info("%s round %d: step %d/%d loss %.4f", site, server_round, step + 1, steps,
-                     float(np.mean(losses[-report_every:])))
+            log.info(
+                "%s round %d: step %d/%d loss %.4f",
+                site,
+                server_round,
+                step + 1,
+                steps,
+                float(np.mean(losses[-report_every:])),
+            )
     if optimizer_store is not None:
         optimizer_store.save(optimizer_arrays(optimizer, params))
     return summarize_losses(losses, len(encoder), steps)
@@ -132,10 +138,12 @@ def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     pays for 49k-way logits at every prompt position."""
     targets = batch["labels"][:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   logits_to_keep=positions).logits.float()
-    return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), targets[:, positions].reshape(-1),
-                                             ignore_index=IGNORE_INDEX)
+    logits = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
+    ).logits.float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.size(-1)), targets[:, positions].reshape(-1), ignore_index=IGNORE_INDEX
+    )
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:

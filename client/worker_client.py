@@ -26,7 +26,6 @@ from .node_settings import NodeSettings
 from .worker_protocol import (
     PeerClosed,
     ProtocolError,
-    decode_scalars,
     encode_scalars,
     hello,
     recv_frame,
@@ -49,17 +48,25 @@ def connect(path: Path, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
         except (FileNotFoundError, ConnectionRefusedError) as err:
             sock.close()
             if time.monotonic() >= deadline:
-                raise FedtuneError(f"site worker at {path}: not running ({err.strerror}); start it with "
-                                   f"`fedtune deploy site` or `fedtune site worker`") from None
+                raise FedtuneError(
+                    f"site worker at {path}: not running ({err.strerror}); start it with "
+                    f"`fedtune deploy site` or `fedtune deploy worker`"
+                ) from None
             time.sleep(0.2)
         except OSError as err:
             sock.close()
             raise FedtuneError(f"site worker at {path}: cannot connect ({err.strerror or err})") from None
 
 
-def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.ndarray] | None = None,
-                timeout: float = 3600.0, connect_timeout: float = CONNECT_TIMEOUT, what: str = "",
-                ) -> tuple[dict[str, Any], list[np.ndarray]]:
+def call_worker(
+    path: Path,
+    op: str,
+    header: Mapping[str, Any],
+    arrays: list[np.ndarray] | None = None,
+    timeout: float = 3600.0,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    what: str = "",
+) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One request: hello, then `op` with its header and tensors; returns the reply. `what`
     names the request in errors (default: `op`)."""
     what = what or op
@@ -76,8 +83,9 @@ def call_worker(path: Path, op: str, header: Mapping[str, Any], arrays: list[np.
         send_frame(sock, {"op": op, **header}, arrays)
         reply, tensors = recv_frame(sock)
     except (PeerClosed, ConnectionResetError, BrokenPipeError):
-        raise FedtuneError(f"site worker at {path}: the worker stopped during '{what}' (it is restarted for the "
-                           f"next round)") from None
+        raise FedtuneError(
+            f"site worker at {path}: the worker stopped during '{what}' (it is restarted for the next round)"
+        ) from None
     except socket.timeout:
         raise FedtuneError(f"site worker at {path}: no answer to '{what}' within {timeout:.0f} s") from None
     except ProtocolError as err:
@@ -105,8 +113,11 @@ def relay_to_worker(msg: Message, ctxt: Context, call_next: ClientAppCallable) -
         return call_next(msg, ctxt)
     secagg = ctxt.run_config.get("secagg", True) is True
     timeout = float(ctxt.run_config.get("secagg-timeout", 600.0)) if secagg else 3600.0  # type: ignore[arg-type]
-    header = {"run": int(ctxt.run_id), "run_config": encode_scalars(ctxt.run_config),
-              "node_config": encode_scalars(ctxt.node_config)}
+    header = {
+        "run": int(ctxt.run_id),
+        "run_config": encode_scalars(ctxt.run_config),
+        "node_config": encode_scalars(ctxt.node_config),
+    }
     body = np.frombuffer(message_to_proto(msg).SerializeToString(), dtype=np.uint8)
     try:
         _, arrays = call_worker(path, "message", header, [body], timeout, what=str(msg.metadata.message_type))

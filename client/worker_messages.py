@@ -36,8 +36,9 @@ Scalar = bool | bytes | float | int | str
 
 # What a reply may carry: the metric names a site's work reports (exact names, or these
 # prefixes), scalars only; "site" is the only string. Anything else is dropped here.
-RELEASED_METRICS = frozenset({"site", "num_examples", "train_loss", "train_loss_first", "train_loss_last", "steps",
-                              "secagg_clipped_values"})
+RELEASED_METRICS = frozenset(
+    {"site", "num_examples", "train_loss", "train_loss_first", "train_loss_last", "steps", "secagg_clipped_values"}
+)
 RELEASED_PREFIXES = ("val_", "dp_")
 MAX_METRICS = 64
 
@@ -90,7 +91,9 @@ class _WorkClient(NumPyClient):
     def get_properties(self, config: dict[str, Scalar]) -> dict[str, Scalar]:
         return self.work.properties(config)
 
-    def fit(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+    def fit(
+        self, parameters: list[np.ndarray], config: dict[str, Scalar]
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         return self.work.fit(parameters, with_secagg_setup(config, self.context))
 
     def evaluate(self, parameters: list[np.ndarray], config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
@@ -101,12 +104,19 @@ class RunMessages:
     """One run's messages at one site: Flower's SecAgg+ client with state kept here, the
     site's work, and replies built and narrowed here."""
 
-    def __init__(self, work: Any, run_id: int, min_secagg_sites: int, on_fit: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, work: Any, run_id: int, min_secagg_sites: int, on_fit: Callable[[int], None] | None = None
+    ) -> None:
         self.work = work
         self.min_secagg_sites = min_secagg_sites
         self.on_fit = on_fit
-        self.context = Context(run_id=run_id, node_id=0, node_config=dict(work.node_config), state=RecordDict(),
-                               run_config=work.settings.to_run_config())
+        self.context = Context(
+            run_id=run_id,
+            node_id=0,
+            node_config=dict(work.node.to_node_config()),
+            state=RecordDict(),
+            run_config=work.settings.to_run_config(),
+        )
 
     def handle(self, msg: Message) -> RecordDict:
         kind = msg.metadata.message_type
@@ -114,17 +124,23 @@ class RunMessages:
         self.work.floor.check_run(self.work.settings, site)  # every message of a run below the floor is refused
         if kind == MessageType.TRAIN:
             if SECAGG_CONFIGS in msg.content.config_records:
-                check_stage_request(msg.content.config_records[SECAGG_CONFIGS], protocol_state(self.context.state),
-                                    self.min_secagg_sites, site)
+                check_stage_request(
+                    msg.content.config_records[SECAGG_CONFIGS],
+                    protocol_state(self.context.state),
+                    self.min_secagg_sites,
+                    site,
+                )
                 try:
                     reply = run_secaggplus(msg, self.context, self._legacy)
                 except (KeyError, TypeError, ValueError) as err:  # Flower's own protocol checks, one line
-                    raise RequestRefused(f"site {site}: SecAgg+ message refused ({type(err).__name__}: "
-                                         f"{str(err)[:200]})") from None
+                    raise RequestRefused(
+                        f"site {site}: SecAgg+ message refused ({type(err).__name__}: {str(err)[:200]})"
+                    ) from None
             else:
                 if self.work.settings.secagg or self.work.floor.require_secagg:
-                    raise RequestRefused(f"site {site} trains this run under SecAgg+ only: an unmasked training "
-                                         f"request is refused")
+                    raise RequestRefused(
+                        f"site {site} trains this run under SecAgg+ only: an unmasked training request is refused"
+                    )
                 forget_secagg_state(self.context)
                 reply = self._legacy(msg, self.context)
         elif kind in (MessageType.EVALUATE, MessageTypeLegacy.GET_PROPERTIES):

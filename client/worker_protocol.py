@@ -96,7 +96,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return b"".join(chunks)
 
 
-def recv_frame(sock: socket.socket, max_body: int = DEFAULT_MAX_MESSAGE_BYTES) -> tuple[dict[str, Any], list[np.ndarray]]:
+def recv_frame(
+    sock: socket.socket, max_body: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> tuple[dict[str, Any], list[np.ndarray]]:
     """One frame: (header, arrays). Refuses a bad magic or an oversize header/body before reading it."""
     magic, head_len, body_len = _PREFIX.unpack(_recv_exact(sock, _PREFIX.size))
     if magic != MAGIC:
@@ -123,4 +125,6 @@ def check_hello(header: Mapping[str, Any]) -> None:
     if header.get("op") != "hello" or header.get("protocol") != PROTOCOL:
         raise ProtocolError(f"expected a {PROTOCOL} hello")
     if header.get("version") != VERSION:
-        raise ProtocolError(f"protocol version {header.get('version')!r} is not supported (this worker speaks {VERSION})")
+        raise ProtocolError(
+            f"protocol version {header.get('version')!r} is not supported (this worker speaks {VERSION})"
+        )

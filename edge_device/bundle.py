@@ -115,8 +115,9 @@ def signed_manifest(bundle_dir: str | Path, trusted_key: str | Path | Ed25519Pub
         raise BundleError(str(err)) from None
     manifest = json.loads(raw)
     if manifest.get("format") != BUNDLE_FORMAT:
-        raise BundleError(f"{bundle / MANIFEST_FILE}: field 'format': expected {BUNDLE_FORMAT!r}, "
-                          f"got {manifest.get('format')!r}")
+        raise BundleError(
+            f"{bundle / MANIFEST_FILE}: field 'format': expected {BUNDLE_FORMAT!r}, got {manifest.get('format')!r}"
+        )
     return manifest, sha256_bytes(raw)
 
 
@@ -135,8 +136,10 @@ def copy_listed_files(bundle: Path, manifest: dict[str, Any], root: Path, chunk:
         target = root / name
         digest, size = hashlib.sha256(), 0
         try:
-            with open(bundle / name, "rb") as src, open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600),
-                                                        "wb") as dst:
+            with (
+                open(bundle / name, "rb") as src,
+                open(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst,
+            ):
                 while block := src.read(chunk):
                     digest.update(block)
                     size += len(block)
@@ -184,8 +187,10 @@ def lora_fit_problem(shapes: dict[str, Sequence[int]], lora_inputs: dict[str, li
     ({name: [rows, cols]} as built; A is rows x r, B is r x cols), or None when they fit."""
     missing, extra = sorted(set(lora_inputs) - set(shapes)), sorted(set(shapes) - set(lora_inputs))
     if missing or extra:
-        return (f"{len(missing)} of the base model's {len(lora_inputs)} LoRA inputs missing (e.g. {missing[:1]}), "
-                f"{len(extra)} unexpected (e.g. {extra[:1]})")
+        return (
+            f"{len(missing)} of the base model's {len(lora_inputs)} LoRA inputs missing (e.g. {missing[:1]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:1]})"
+        )
     for name, shape in shapes.items():
         rows, cols = lora_inputs[name]
         if len(shape) != 2 or (shape[0] != rows if ".lora_A." in name else shape[1] != cols):

@@ -58,8 +58,14 @@ class GenerationOptions:
 class GenerativeModel:
     """A verified INT4 causal-LM bundle (optionally with an adapter package), ready to generate."""
 
-    def __init__(self, bundle_dir: str | Path, trusted_key: str | Path, *, base: str | Path | None = None,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        bundle_dir: str | Path,
+        trusted_key: str | Path,
+        *,
+        base: str | Path | None = None,
+        threads: int | None = None,
+    ) -> None:
         self._private = Path(tempfile.mkdtemp(prefix="fedtune-device-"))  # 0700 by mkdtemp
         try:
             self._open(Path(bundle_dir), trusted_key, Path(base) if base else None, threads)
@@ -80,16 +86,23 @@ class GenerativeModel:
             siblings = sorted(p for p in bundle_dir.resolve().parent.iterdir() if p.is_dir())
             base_dir = find_base(wanted, [base] if base else siblings)
             if base_dir is None:
-                raise BundleError(f"{bundle_dir}: this adapter fits base bundle {wanted[:16]}, which is not "
-                                  f"{'at ' + str(base) if base else 'beside it'}; pull or pass that base bundle first")
+                raise BundleError(
+                    f"{bundle_dir}: this adapter fits base bundle {wanted[:16]}, which is not "
+                    f"{'at ' + str(base) if base else 'beside it'}; pull or pass that base bundle first"
+                )
             self.base = verify_bundle_into(base_dir, trusted_key, self._private / "model")
             if self.base.manifest_sha256 != wanted:
-                raise BundleError(f"{bundle_dir}: this adapter fits base bundle {wanted[:16]}, not {base_dir} "
-                                  f"({self.base.manifest_sha256[:16]})")
+                raise BundleError(
+                    f"{bundle_dir}: this adapter fits base bundle {wanted[:16]}, not {base_dir} "
+                    f"({self.base.manifest_sha256[:16]})"
+                )
         else:
             self.base = verify_bundle_into(bundle_dir, trusted_key, self._private / "model")
         self.manifest = (self.adapter or self.base).manifest
-        if self.manifest.get("task") != "causal-lm" or self.base.manifest.get("runtime", {}).get("engine") != "onnxruntime-genai":
+        if (
+            self.manifest.get("task") != "causal-lm"
+            or self.base.manifest.get("runtime", {}).get("engine") != "onnxruntime-genai"
+        ):
             raise BundleError(f"{bundle_dir}: not an onnxruntime-genai causal-lm bundle")
         runtime = self.manifest["runtime"]
         self.prompt_prefix = str(runtime.get("prompt_prefix", ""))
@@ -99,8 +112,17 @@ class GenerativeModel:
         config = og.Config(str(self._private / "model"))
         config.clear_providers()
         if threads:
-            config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-                "intra_op_num_threads": int(threads), "inter_op_num_threads": 1}}}}))
+            config.overlay(
+                json.dumps(
+                    {
+                        "model": {
+                            "decoder": {
+                                "session_options": {"intra_op_num_threads": int(threads), "inter_op_num_threads": 1}
+                            }
+                        }
+                    }
+                )
+            )
         self.model = og.Model(config)
         self.tokenizer = og.Tokenizer(self.model)
         genai = json.loads((self._private / "model" / "genai_config.json").read_text())
@@ -141,11 +163,15 @@ class GenerativeModel:
 
     def _generator(self, ids: Sequence[int], options: GenerationOptions) -> og.Generator:
         if len(ids) + 1 > self.context_length:
-            raise BundleError(f"prompt: {len(ids)} tokens (with the chat template) do not fit the model's context "
-                              f"of {self.context_length} tokens; shorten it")
+            raise BundleError(
+                f"prompt: {len(ids)} tokens (with the chat template) do not fit the model's context "
+                f"of {self.context_length} tokens; shorten it"
+            )
         params = og.GeneratorParams(self.model)
-        search: dict[str, object] = {"max_length": min(len(ids) + options.max_new_tokens, self.context_length),
-                                     "do_sample": options.do_sample}
+        search: dict[str, object] = {
+            "max_length": min(len(ids) + options.max_new_tokens, self.context_length),
+            "do_sample": options.do_sample,
+        }
         if options.do_sample:
             search.update(temperature=options.temperature, top_p=options.top_p, top_k=options.top_k)
             if options.seed is not None:

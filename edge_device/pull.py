@@ -23,13 +23,14 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+
+from fedtune.errors import FedtuneError
 from fedtune.registry.protocol import StoreError, check_name, open_channel
 from fedtune.registry.v1 import registry_pb2 as pb
 from fedtune.registry.v1 import registry_pb2_grpc as rpc
-
-from fedtune.errors import FedtuneError
 
 from .bundle import (
     MANIFEST_FILE,
@@ -67,8 +68,8 @@ class PullResult:
     model: str
     version: str
     path: Path
-    downloaded_bytes: int   # bytes received in this pull
-    resumed_bytes: int      # bytes already on disk from an earlier, interrupted pull
+    downloaded_bytes: int  # bytes received in this pull
+    resumed_bytes: int  # bytes already on disk from an earlier, interrupted pull
     activated: bool
 
 
@@ -77,9 +78,17 @@ def _rpc_error(registry: str, what: str, err: grpc.RpcError) -> PullError:
 
 
 def pull(
-    registry: str, model: str, trusted_key: str | Path, into: str | Path, *, version: str = "",
-    ca: bytes | None = None, cert: bytes | None = None, key: bytes | None = None,
-    timeout: float = 600.0, allow_rollback: bool = False,
+    registry: str,
+    model: str,
+    trusted_key: str | Path,
+    into: str | Path,
+    *,
+    version: str = "",
+    ca: bytes | None = None,
+    cert: bytes | None = None,
+    key: bytes | None = None,
+    timeout: float = 600.0,
+    allow_rollback: bool = False,
 ) -> PullResult:
     """Download `model` (`version`, or the latest), verify it, and make it current.
     A download that breaks off part-way keeps what it received and raises
@@ -100,8 +109,9 @@ def pull(
         what = f"{registry} {model} {reply.version}"
         verify(public_key, reply.manifest, reply.signature, f"{what} manifest")
         try:
-            release = parse_release(reply.release, reply.release_signature, public_key, sha256_bytes(reply.manifest),
-                                    what)
+            release = parse_release(
+                reply.release, reply.release_signature, public_key, sha256_bytes(reply.manifest), what
+            )
             check_release_fits(release, model, reply.version, what)
         except ReleaseError as err:
             raise PullError(f"refused: {err}") from None
@@ -145,14 +155,18 @@ def pull(
                             stream.cancel()
                             handle.close()
                             part.unlink()
-                            raise PullError(f"refused {model} {reply.version} from {registry}: {name}: the registry "
-                                            f"sent more than the signed manifest's {entry['bytes']} bytes")
+                            raise PullError(
+                                f"refused {model} {reply.version} from {registry}: {name}: the registry "
+                                f"sent more than the signed manifest's {entry['bytes']} bytes"
+                            )
                         handle.write(chunk.data)
                         received += len(chunk.data)
             except grpc.RpcError as err:
                 if received or resumed:
-                    raise PullInterrupted(f"{registry}: download of {model} {reply.version} cut after {received} bytes "
-                                          f"({err.code().name}); pull again to resume") from None
+                    raise PullInterrupted(
+                        f"{registry}: download of {model} {reply.version} cut after {received} bytes "
+                        f"({err.code().name}); pull again to resume"
+                    ) from None
                 raise _rpc_error(registry, f"download {name}", err) from None
     try:
         verify_bundle(incoming, trusted_key)
@@ -184,18 +198,22 @@ def _require_newer(root: Path, release: Release, public_key: object, allow_rollb
     active = active_release(root, public_key)
     if active is None or allow_rollback or release == active or release.sequence > active.sequence:
         return
-    raise PullError(f"refused {what}: release sequence {release.sequence} is not newer than the active "
-                    f"{active.version}'s {active.sequence} (a downgrade); pass --allow-rollback to go back on purpose")
+    raise PullError(
+        f"refused {what}: release sequence {release.sequence} is not newer than the active "
+        f"{active.version}'s {active.sequence} (a downgrade); pass --allow-rollback to go back on purpose"
+    )
 
 
-def _require_base(root: Path, manifest: dict, what: str) -> None:  # type: ignore[type-arg]
+def _require_base(root: Path, manifest: dict[str, Any], what: str) -> None:
     """An adapter update is refused before any download unless its base bundle is here."""
     versions = root / "versions"
     held = sorted(p for p in versions.iterdir() if p.is_dir()) if versions.is_dir() else []
     if find_base(manifest["base_bundle"]["manifest_sha256"], held) is None:
-        raise PullError(f"refused {what}: an adapter for base bundle "
-                        f"{manifest['base_bundle']['manifest_sha256'][:16]}, which this device does not hold; "
-                        "pull that base first")
+        raise PullError(
+            f"refused {what}: an adapter for base bundle "
+            f"{manifest['base_bundle']['manifest_sha256'][:16]}, which this device does not hold; "
+            "pull that base first"
+        )
 
 
 def _point(root: Path, link: str, version: str) -> None:

@@ -54,13 +54,16 @@ def check_release_names(model: str, version: str) -> None:
         raise ReleaseError(str(err)) from None
 
 
-def parse_release(raw: bytes, signature: bytes, public_key: Ed25519PublicKey, manifest_sha256: str,
-                  what: str) -> Release:
+def parse_release(
+    raw: bytes, signature: bytes, public_key: Ed25519PublicKey, manifest_sha256: str, what: str
+) -> Release:
     """The record in `raw`, once its signature checks out against `public_key` and it
     names the manifest whose sha256 is `manifest_sha256`. Raises ReleaseError."""
     if not raw:
-        raise ReleaseError(f"{what}: no signed release record (model, version, sequence); the coordinator "
-                           f"releases a bundle with `fedtune release` before publishing it")
+        raise ReleaseError(
+            f"{what}: no signed release record (model, version, sequence); the coordinator "
+            f"releases a bundle with `fedtune release` before publishing it"
+        )
     try:
         verify(public_key, raw, signature, f"{what} release record")
     except SignatureError as err:
@@ -69,13 +72,16 @@ def parse_release(raw: bytes, signature: bytes, public_key: Ed25519PublicKey, ma
         record = json.loads(raw)
         if record.get("format") != RELEASE_FORMAT:
             raise ValueError(f"field 'format': expected {RELEASE_FORMAT!r}, got {record.get('format')!r}")
-        release = Release(str(record["model"]), str(record["version"]), int(record["sequence"]),
-                          str(record["manifest_sha256"]))
+        release = Release(
+            str(record["model"]), str(record["version"]), int(record["sequence"]), str(record["manifest_sha256"])
+        )
     except (ValueError, KeyError, TypeError) as err:
         raise ReleaseError(f"{what}: release record malformed ({err})") from None
     if release.manifest_sha256 != manifest_sha256:
-        raise ReleaseError(f"{what}: the release record is for another manifest (sha256 "
-                           f"{release.manifest_sha256[:16]}, this one {manifest_sha256[:16]})")
+        raise ReleaseError(
+            f"{what}: the release record is for another manifest (sha256 "
+            f"{release.manifest_sha256[:16]}, this one {manifest_sha256[:16]})"
+        )
     return release
 
 
@@ -84,8 +90,9 @@ def check_release_fits(release: Release, model: str, version: str, what: str) ->
     if release.model != model:
         raise ReleaseError(f"{what}: signed for model {release.model!r}, not {model!r}")
     if release.version != version:
-        raise ReleaseError(f"{what}: signed as version {release.version!r} (sequence {release.sequence}), "
-                           f"served as {version!r}")
+        raise ReleaseError(
+            f"{what}: signed as version {release.version!r} (sequence {release.sequence}), served as {version!r}"
+        )
 
 
 def read_release(bundle: Path, public_key: Ed25519PublicKey, manifest_sha256: str) -> Release:

@@ -53,8 +53,9 @@ DEFAULT_BATCH_TOKENS = 256
 class EdgeModel:
     """A verified bundle, ready to run."""
 
-    def __init__(self, bundle: VerifiedBundle, threads: int | None = None,
-                 batch_tokens: int = DEFAULT_BATCH_TOKENS) -> None:
+    def __init__(
+        self, bundle: VerifiedBundle, threads: int | None = None, batch_tokens: int = DEFAULT_BATCH_TOKENS
+    ) -> None:
         self.bundle = bundle
         self.batch_tokens = batch_tokens
         self.manifest = bundle.manifest
@@ -64,8 +65,9 @@ class EdgeModel:
         self.max_length = int(runtime["max_length"])
         self.pad_id = int(runtime["pad_token_id"])
         self.tokenizer = load_tokenizer(bundle.files[self.manifest["tokenizer_file"]], self.max_length)
-        self.session = ort.InferenceSession(bundle.files[self.manifest["model_file"]], session_options(threads),
-                                            providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(
+            bundle.files[self.manifest["model_file"]], session_options(threads), providers=["CPUExecutionProvider"]
+        )
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -106,8 +108,10 @@ class EdgeModel:
         logits = self.logits(texts).astype(np.float64)
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
-        return [Prediction(self.labels[int(p.argmax())], {label: float(v) for label, v in zip(self.labels, p)})
-                for p in probs]
+        return [
+            Prediction(self.labels[int(p.argmax())], {label: float(v) for label, v in zip(self.labels, p)})
+            for p in probs
+        ]
 
     def _require(self, task: str) -> None:
         if self.task != task:

@@ -54,5 +54,6 @@ def verify(key: Ed25519PublicKey, data: bytes, signature: bytes, what: str) -> N
     try:
         key.verify(signature, data)
     except InvalidSignature:
-        raise SignatureError(f"{what}: signature does not verify against the trusted key "
-                             f"{fingerprint(key)[:16]}") from None
+        raise SignatureError(
+            f"{what}: signature does not verify against the trusted key {fingerprint(key)[:16]}"
+        ) from None

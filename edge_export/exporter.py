@@ -9,7 +9,6 @@ only when it passed the gate and is signed, so a failed export writes nothing.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedtune import __version__
 from fedtune.edge_device.bundle import (
     BUNDLE_FORMAT,
     MANIFEST_FILE,
@@ -28,9 +28,8 @@ from fedtune.edge_device.bundle import (
     sha256_file,
 )
 from fedtune.edge_device.signature import fingerprint
-
-from fedtune import __version__
 from fedtune.errors import FedtuneError
+from fedtune.run_folder import FinishedRun, read_finished_run
 
 from .signing import load_private_key, sign
 
@@ -43,43 +42,35 @@ class ExportGateError(FedtuneError):
     """The INT8 model lost more accuracy than allowed; no bundle was written."""
 
 
-def read_run(run_dir: Path) -> dict[str, Any]:
-    """run.json, summary.json, metrics.jsonl and the final adapter's metadata."""
-    for name in ("run.json", "metrics.jsonl", "final/adapter_model.safetensors", "final/fedtune.json"):
-        if not (run_dir / name).exists():
-            raise FedtuneError(f"{run_dir / name}: missing; is {run_dir} a finished fedtune run folder?")
-    summary_path = run_dir / "summary.json"
-    return {
-        "run": json.loads((run_dir / "run.json").read_text()),
-        "summary": json.loads(summary_path.read_text()) if summary_path.exists() else {},
-        "records": [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()],
-        "adapter_meta": json.loads((run_dir / "final" / "fedtune.json").read_text()),
-        "secagg": json.loads((run_dir / "secagg.json").read_text()) if (run_dir / "secagg.json").exists() else None,
-    }
-
-
-def federation_facts(info: dict[str, Any]) -> dict[str, Any]:
+def federation_facts(info: FinishedRun) -> dict[str, Any]:
     """What the manifest says about the federation that produced the adapter."""
-    settings = info["run"]["settings"]
-    records = info["records"]
-    done = [r for r in records if not r.get("skipped")]
-    last = done[-1] if done else {}
-    epsilons = [r["dp_epsilon_max"] for r in records if "dp_epsilon_max" in r]
+    settings = info.run.settings
+    records = info.records
+    done = [r for r in records if not r.skipped]
+    epsilons = [r.dp_epsilon_max for r in records if r.dp_epsilon_max is not None]
     return {
-        "run_id": info["run"]["run_id"],
+        "run_id": info.run.run_id,
         "rounds": len(done),
         "rounds_skipped": len(records) - len(done),
         "rounds_configured": settings["num-rounds"],
-        "sites": max((len(r.get("sites", {})) for r in records), default=0),
+        "sites": max((len(r.sites) for r in records), default=0),
         "strategy": settings["strategy"],
         "ffa_lora": settings["ffa-lora"],
-        "secagg": {"enabled": bool(settings["secagg"]),
-                   **({k: v for k, v in info["secagg"].items()} if info["secagg"] else {})},
-        "dp": {"enabled": bool(settings["dp"]), "epsilon": max(epsilons) if epsilons else None,
-               "delta": settings["dp-delta"] if settings["dp"] else None,
-               "max_grad_norm": settings["dp-max-grad-norm"] if settings["dp"] else None,
-               "scope": "sample-level DP-SGD at each site (worst site's epsilon)" if settings["dp"] else None},
-        "final_metrics": {"central": info["summary"].get("central"), "sites_mean": last.get("aggregate", {})},
+        "secagg": {
+            "enabled": bool(settings["secagg"]),
+            **(info.secagg or {}),
+        },
+        "dp": {
+            "enabled": bool(settings["dp"]),
+            "epsilon": max(epsilons) if epsilons else None,
+            "delta": settings["dp-delta"] if settings["dp"] else None,
+            "max_grad_norm": settings["dp-max-grad-norm"] if settings["dp"] else None,
+            "scope": "sample-level DP-SGD at each site (worst site's epsilon)" if settings["dp"] else None,
+        },
+        "final_metrics": {
+            "central": info.summary.central if info.summary else None,
+            "sites_mean": done[-1].aggregate if done else {},
+        },
     }
 
 
@@ -90,8 +81,9 @@ def prompt_format(tokenizer: Any, system_prompt: str = "") -> dict[str, Any]:
     if not getattr(tokenizer, "chat_template", None):
         return {"prompt_prefix": "", "prompt_suffix": "", "add_special_tokens": True}
     system = [{"role": "system", "content": system_prompt}] if system_prompt else []
-    text = tokenizer.apply_chat_template([*system, {"role": "user", "content": PROMPT_SENTINEL}],
-                                         add_generation_prompt=True, tokenize=False)
+    text = tokenizer.apply_chat_template(
+        [*system, {"role": "user", "content": PROMPT_SENTINEL}], add_generation_prompt=True, tokenize=False
+    )
     prefix, _, suffix = text.partition(PROMPT_SENTINEL)
     return {"prompt_prefix": prefix, "prompt_suffix": suffix, "add_special_tokens": False}
 
@@ -110,16 +102,25 @@ def held_out_file(settings: dict[str, Any], eval_path: str | Path | None, run_di
         return Path(eval_path)
     if settings.get("central-eval-path"):
         return Path(resolve_path(settings["central-eval-path"]))
-    raise FedtuneError(f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data for the parity gate")
+    raise FedtuneError(
+        f"{run_dir}: the run had no central-eval-path; pass --eval FILE with held-out data for the parity gate"
+    )
 
 
-def adapter_provenance(checkpoint: Path, info: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+def adapter_provenance(checkpoint: Path, info: FinishedRun, meta: dict[str, Any]) -> dict[str, Any]:
     """The manifest's `adapter`: which checkpoint, its hashes, round and LoRA settings."""
-    settings = info["run"]["settings"]
-    return {"checkpoint": checkpoint.name, "sha256": sha256_file(checkpoint / "adapter_model.safetensors"),
-            "config_sha256": sha256_file(checkpoint / "adapter_config.json"), "round": meta.get("round"),
-            "lora": {"r": settings["lora-r"], "alpha": settings["lora-alpha"],
-                     "target_modules": info["run"].get("adapter", {}).get("target_modules")}}
+    settings = info.run.settings
+    return {
+        "checkpoint": checkpoint.name,
+        "sha256": sha256_file(checkpoint / "adapter_model.safetensors"),
+        "config_sha256": sha256_file(checkpoint / "adapter_config.json"),
+        "round": meta.get("round"),
+        "lora": {
+            "r": settings["lora-r"],
+            "alpha": settings["lora-alpha"],
+            "target_modules": info.run.adapter.get("target_modules"),
+        },
+    }
 
 
 def seal(staging: Path, manifest: dict[str, Any], key: Any) -> None:
@@ -139,15 +140,24 @@ def move_into_place(staging: Path, out_dir: Path) -> None:
 
 
 def export_bundle(
-    run_dir: str | Path, out_dir: str | Path, signing_key: str | Path, *, eval_path: str | Path | None = None,
-    quantization: str | None = None, max_accuracy_drop_pt: float = 1.0, force: bool = False,
-    limit: int | None = None, opset: int | None = None, threads: int | None = None,
-    int4: Any = None, adapter_ready: bool = False, checkpoint: str = "final",
+    run_dir: str | Path,
+    out_dir: str | Path,
+    signing_key: str | Path,
+    *,
+    eval_path: str | Path | None = None,
+    quantization: str | None = None,
+    max_accuracy_drop_pt: float = 1.0,
+    force: bool = False,
+    limit: int | None = None,
+    opset: int | None = None,
+    threads: int | None = None,
+    int4: Any = None,
+    adapter_ready: bool = False,
+    checkpoint: str = "final",
 ) -> dict[str, Any]:
     """Build, gate, sign and write the bundle; returns the manifest."""
-    from fedtune.edge_device.runtime import EdgeModel
-
     from fedtune.data import load_classification
+    from fedtune.edge_device.runtime import EdgeModel
     from fedtune.model import resolve_model_path
 
     from . import graph_fusion, merge, onnx_export, parity, quantize
@@ -155,15 +165,25 @@ def export_bundle(
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     check_out_dir(out_dir)
     key = load_private_key(signing_key)
-    info = read_run(run_dir)
-    settings, meta = info["run"]["settings"], info["adapter_meta"]
+    info = read_finished_run(run_dir)
+    settings, meta = info.run.settings, info.adapter_meta
     task, labels = meta["task"], meta.get("labels") or []
     if task == "causal-lm":
         from .llm_export import export_llm_bundle
 
-        return export_llm_bundle(run_dir, out_dir, signing_key, options=int4, adapter_ready=adapter_ready,
-                                 checkpoint=checkpoint, eval_path=eval_path, max_drop_pt=max_accuracy_drop_pt,
-                                 force=force, limit=limit, threads=threads)
+        return export_llm_bundle(
+            run_dir,
+            out_dir,
+            signing_key,
+            options=int4,
+            adapter_ready=adapter_ready,
+            checkpoint=checkpoint,
+            eval_path=eval_path,
+            max_drop_pt=max_accuracy_drop_pt,
+            force=force,
+            limit=limit,
+            threads=threads,
+        )
     if quantization == "weight-only-int8" or adapter_ready or checkpoint != "final":
         raise FedtuneError("--quantization weight-only-int8, --adapter-ready and --checkpoint are for causal-lm runs")
     eval_file = held_out_file(settings, eval_path, run_dir)
@@ -189,13 +209,22 @@ def export_bundle(
             if (work / "merged" / name).exists():
                 shutil.copy2(work / "merged" / name, staging / name)
         if not (staging / "tokenizer.json").exists():
-            raise FedtuneError(f"{meta['base_model']}: no fast tokenizer (tokenizer.json); the device runtime needs one")
+            raise FedtuneError(
+                f"{meta['base_model']}: no fast tokenizer (tokenizer.json); the device runtime needs one"
+            )
         runtime = {"max_length": max_length, "pad_token_id": int(tokenizer.pad_token_id or 0)}
-        draft = {"task": task, "labels": labels, "runtime": runtime, "model_file": "model.onnx",
-                 "tokenizer_file": "tokenizer.json"}
+        draft = {
+            "task": task,
+            "labels": labels,
+            "runtime": runtime,
+            "model_file": "model.onnx",
+            "tokenizer_file": "tokenizer.json",
+        }
         files = {n: (staging / n).read_bytes() for n in ("model.onnx", "tokenizer.json")}
         edge = EdgeModel(VerifiedBundle(staging, draft, files), threads)
-        log.info("[4/5] parity gate: PyTorch fp32 vs INT8 ONNX on %d held-out examples from %s", len(examples), eval_file)
+        log.info(
+            "[4/5] parity gate: PyTorch fp32 vs INT8 ONNX on %d held-out examples from %s", len(examples), eval_file
+        )
         gate = parity.classification_parity(model, tokenizer, edge, examples, max_length)
         gate.update({"eval_file": str(eval_file), "max_accuracy_drop_pt": max_accuracy_drop_pt, "forced": False})
         log.info("parity: %s", ", ".join(f"{k} {v:.4g}" for k, v in gate.items() if isinstance(v, float)))
@@ -203,7 +232,8 @@ def export_bundle(
             if not force:
                 raise ExportGateError(
                     f"{run_dir}: INT8 accuracy drop {gate['accuracy_drop_pt']:.2f} pt exceeds the allowed "
-                    f"{max_accuracy_drop_pt:g} pt on {eval_file}; no bundle written (use --force to write it anyway)")
+                    f"{max_accuracy_drop_pt:g} pt on {eval_file}; no bundle written (use --force to write it anyway)"
+                )
             gate["forced"] = True
             log.warning("parity gate failed (%.2f pt) but --force was given", gate["accuracy_drop_pt"])
 
@@ -215,7 +245,11 @@ def export_bundle(
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "fedtune_version": __version__,
             **draft,
-            "base_model": {"name": meta["base_model"], "path": base_path, "sha256": merge.base_model_hash(meta["base_model"])},
+            "base_model": {
+                "name": meta["base_model"],
+                "path": base_path,
+                "sha256": merge.base_model_hash(meta["base_model"]),
+            },
             "adapter": adapter_provenance(run_dir / "final", info, meta),
             "federation": federation_facts(info),
             "quantization": quant,
@@ -224,8 +258,12 @@ def export_bundle(
         }
         seal(staging, manifest, key)
         move_into_place(staging, out_dir)
-        log.info("bundle: %s (%.1f MB, signed by key %s)", out_dir,
-                 sum(e["bytes"] for e in manifest["files"].values()) / 1e6, manifest["signing_key"][:16])
+        log.info(
+            "bundle: %s (%.1f MB, signed by key %s)",
+            out_dir,
+            sum(e["bytes"] for e in manifest["files"].values()) / 1e6,
+            manifest["signing_key"][:16],
+        )
         return manifest
     finally:
         shutil.rmtree(work, ignore_errors=True)

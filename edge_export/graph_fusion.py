@@ -31,8 +31,13 @@ def fuse_transformer_graph(fp32_path: str | Path, out_path: str | Path, model_co
     from onnxruntime.transformers.optimizer import optimize_model
 
     logging.getLogger("onnxruntime.transformers").setLevel(logging.WARNING)
-    fused = optimize_model(str(fp32_path), model_type="bert", num_heads=int(config["num_attention_heads"]),
-                           hidden_size=int(config["hidden_size"]), opt_level=0)
+    fused = optimize_model(
+        str(fp32_path),
+        model_type="bert",
+        num_heads=int(config["num_attention_heads"]),
+        hidden_size=int(config["hidden_size"]),
+        opt_level=0,
+    )
     fused.save_model_to_file(str(out_path))
     counts = {op: int(n) for op, n in fused.get_fused_operator_statistics().items() if n}
     return {"fusion": "onnxruntime.transformers bert", "fused_ops": counts}

@@ -31,9 +31,16 @@ MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 ALGOS = ("rtn", "k_quant", "k_quant_mixed", "default")
 # The decoder projections by the names peft and the CLI use, and where the builder puts them.
-PROJECTION_PATHS = {"q_proj": "attn/q_proj", "k_proj": "attn/k_proj", "v_proj": "attn/v_proj",
-                    "qkv_proj": "attn/qkv_proj", "o_proj": "attn/o_proj", "gate_proj": "mlp/gate_proj",
-                    "up_proj": "mlp/up_proj", "down_proj": "mlp/down_proj"}
+PROJECTION_PATHS = {
+    "q_proj": "attn/q_proj",
+    "k_proj": "attn/k_proj",
+    "v_proj": "attn/v_proj",
+    "qkv_proj": "attn/qkv_proj",
+    "o_proj": "attn/o_proj",
+    "gate_proj": "mlp/gate_proj",
+    "up_proj": "mlp/up_proj",
+    "down_proj": "mlp/down_proj",
+}
 PROJECTION_NAMES = tuple(PROJECTION_PATHS)
 DEFAULT_INT8_PROJECTIONS = ("gate_proj", "up_proj")
 
@@ -93,16 +100,24 @@ class Int4Options:
         unknown = [p for p in self.int8_projections if p not in PROJECTION_NAMES]
         if unknown:
             raise FedtuneError(f"--int4-int8-projections: {unknown[0]!r} is not one of {', '.join(PROJECTION_NAMES)}")
-        for flag, value in (("--int4-int8-last-layers", self.int8_last_layers),
-                            ("--int4-int8-projections", self.int8_projections)):
+        for flag, value in (
+            ("--int4-int8-last-layers", self.int8_last_layers),
+            ("--int4-int8-projections", self.int8_projections),
+        ):
             if value and self.algo == "default":
-                raise FedtuneError(f"{flag}: needs --int4-algo rtn, k_quant or k_quant_mixed "
-                                   "(the `default` quantiser takes no per-weight bits)")
+                raise FedtuneError(
+                    f"{flag}: needs --int4-algo rtn, k_quant or k_quant_mixed "
+                    "(the `default` quantiser takes no per-weight bits)"
+                )
 
     def builder_options(self) -> dict[str, Any]:
-        return {"int4_algo_config": self.algo, "int4_block_size": self.block_size,
-                "int4_accuracy_level": self.accuracy_level, "int4_is_symmetric": self.symmetric,
-                "shared_embeddings": self.shared_embeddings}
+        return {
+            "int4_algo_config": self.algo,
+            "int4_block_size": self.block_size,
+            "int4_accuracy_level": self.accuracy_level,
+            "int4_is_symmetric": self.symmetric,
+            "shared_embeddings": self.shared_embeddings,
+        }
 
 
 def builder_version() -> str:
@@ -111,8 +126,9 @@ def builder_version() -> str:
     return version("onnxruntime-genai")
 
 
-def build_int4(hf_dir: Path, out_dir: Path, options: Int4Options, cache_dir: Path,
-               adapter_dir: Path | None = None) -> dict[str, Any]:
+def build_int4(
+    hf_dir: Path, out_dir: Path, options: Int4Options, cache_dir: Path, adapter_dir: Path | None = None
+) -> dict[str, Any]:
     """Run the builder on `hf_dir` (a transformers folder with its tokenizer). With
     `adapter_dir` (a peft adapter of `hf_dir`), keep its LoRA projections out of INT4 and lift
     their weights to inputs. Returns what the manifest records."""
@@ -125,20 +141,31 @@ def build_int4(hf_dir: Path, out_dir: Path, options: Int4Options, cache_dir: Pat
         extra["int4_nodes_to_exclude"] = lora_node_names(adapter_dir)
     chatter = io.StringIO()  # the builder prints, and tqdm-s every tensor it saves
     try:
-        with contextlib.redirect_stdout(chatter), contextlib.redirect_stderr(chatter), \
-                _quiet("onnxruntime.quantization", "onnx_ir"), _eight_bit_weights(options):
+        with (
+            contextlib.redirect_stdout(chatter),
+            contextlib.redirect_stderr(chatter),
+            _quiet("onnxruntime.quantization", "onnx_ir"),
+            _eight_bit_weights(options),
+        ):
             create_model(str(hf_dir), str(hf_dir), str(out_dir), "int4", "cpu", str(cache_dir), **extra)
     except (ValueError, NotImplementedError, KeyError) as err:
         raise FedtuneError(f"{hf_dir}: onnxruntime-genai's builder cannot build this model: {err}") from None
     for name in (MODEL_FILE, DATA_FILE, "genai_config.json", "tokenizer.json"):
         if not (out_dir / name).exists():
-            raise FedtuneError(f"{out_dir / name}: the builder did not write it; its output:\n{chatter.getvalue()[-2000:]}")
+            raise FedtuneError(
+                f"{out_dir / name}: the builder did not write it; its output:\n{chatter.getvalue()[-2000:]}"
+            )
     if adapter_dir is not None:
         lora_inputs = lift_lora_inputs(out_dir)
-    return {"engine": "onnxruntime-genai model builder", "builder_version": builder_version(),
-            "precision": "int4", "execution_provider": "cpu", **asdict(options),
-            "layout": "adapter-ready" if adapter_dir is not None else "merged",
-            "lora_inputs": lora_inputs}
+    return {
+        "engine": "onnxruntime-genai model builder",
+        "builder_version": builder_version(),
+        "precision": "int4",
+        "execution_provider": "cpu",
+        **asdict(options),
+        "layout": "adapter-ready" if adapter_dir is not None else "merged",
+        "lora_inputs": lora_inputs,
+    }
 
 
 @contextlib.contextmanager
@@ -150,6 +177,10 @@ def _eight_bit_weights(options: Int4Options):  # type: ignore[no-untyped-def]
         yield
         return
     from onnxruntime_genai.models.builder import Model  # the builder imports its package as `builders`
+
+    from fedtune.internals import onnxruntime_genai
+
+    onnxruntime_genai.require("int4-algo-config")
 
     original = Model.make_int4_algo_config
 
@@ -196,8 +227,10 @@ def lift_lora_inputs(out_dir: Path) -> dict[str, list[int]]:
         raise FedtuneError(f"{out_dir / MODEL_FILE}: the builder wrote no LoRA weights; the adapter did not apply")
     quantised = [n.name for n in model.graph.node if "/lora_" in n.name and n.op_type != "MatMul"]
     if quantised:
-        raise FedtuneError(f"{out_dir / MODEL_FILE}: LoRA projections were quantised ({quantised[0]}); "
-                           "they must stay float MatMuls to take adapter weights")
+        raise FedtuneError(
+            f"{out_dir / MODEL_FILE}: LoRA projections were quantised ({quantised[0]}); "
+            "they must stay float MatMuls to take adapter weights"
+        )
     shapes: dict[str, list[int]] = {}
     for tensor in lora:
         rows, cols = (int(d) for d in tensor.dims)
@@ -208,6 +241,12 @@ def lift_lora_inputs(out_dir: Path) -> dict[str, list[int]]:
     del model.graph.initializer[:]
     model.graph.initializer.extend(keep)
     os.remove(out_dir / DATA_FILE)
-    onnx.save(model, str(out_dir / MODEL_FILE), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=DATA_FILE, size_threshold=0)
+    onnx.save(
+        model,
+        str(out_dir / MODEL_FILE),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=DATA_FILE,
+        size_threshold=0,
+    )
     return dict(sorted(shapes.items()))

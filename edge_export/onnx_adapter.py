@@ -26,8 +26,10 @@ _BLOCK = {"self_attn": "attn", "mlp": "mlp"}
 def _parts(key: str, where: Path) -> tuple[str, str, str, str]:
     match = _PEFT_KEY.match(key)
     if not match:
-        raise FedtuneError(f"{where}: adapter tensor {key!r} is not a LoRA weight of a decoder block; "
-                           "adapter files carry only q/k/v/o and MLP LoRA weights")
+        raise FedtuneError(
+            f"{where}: adapter tensor {key!r} is not a LoRA weight of a decoder block; "
+            "adapter files carry only q/k/v/o and MLP LoRA weights"
+        )
     layer, block, module, ab = match.groups()
     return layer, _BLOCK[block], module, ab
 
@@ -55,8 +57,9 @@ def lora_node_names(adapter_dir: Path) -> list[str]:
 def lora_scaling(adapter_dir: Path) -> float:
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise FedtuneError(f"{adapter_dir / 'adapter_config.json'}: rank_pattern/alpha_pattern are not supported "
-                           "in adapter files")
+        raise FedtuneError(
+            f"{adapter_dir / 'adapter_config.json'}: rank_pattern/alpha_pattern are not supported in adapter files"
+        )
     r, alpha = int(config["r"]), float(config["lora_alpha"])
     return alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
 
@@ -69,7 +72,9 @@ def adapter_arrays(adapter_dir: Path) -> dict[str, np.ndarray]:
     arrays = {}
     for key, value in load_file(str(adapter_dir / "adapter_model.safetensors")).items():
         value = value.astype(np.float32)
-        arrays[input_name(key, adapter_dir)] = np.ascontiguousarray(value.T if ".lora_A." in key else (scaling * value).T)
+        arrays[input_name(key, adapter_dir)] = np.ascontiguousarray(
+            value.T if ".lora_A." in key else (scaling * value).T
+        )
     return dict(sorted(arrays.items()))
 
 
@@ -79,8 +84,10 @@ def check_fits(arrays: dict[str, np.ndarray], lora_inputs: dict[str, list[int]],
 
     problem = lora_fit_problem({name: array.shape for name, array in arrays.items()}, lora_inputs)
     if problem:
-        raise FedtuneError(f"{where}: the adapter's LoRA weights do not fit the base model's inputs: {problem}; "
-                           "export the base with the same lora-target-modules and lora-top-layers")
+        raise FedtuneError(
+            f"{where}: the adapter's LoRA weights do not fit the base model's inputs: {problem}; "
+            "export the base with the same lora-target-modules and lora-top-layers"
+        )
 
 
 def write_adapter(arrays: dict[str, np.ndarray], path: Path) -> None:

@@ -17,8 +17,14 @@ def export_onnx(merged_dir: str | Path, out_dir: str | Path, task: str, opset: i
 
     logging.getLogger("optimum").setLevel(logging.WARNING)
     main_export(
-        str(merged_dir), output=str(out_dir), task=ONNX_TASKS[task], opset=opset, device="cpu",
-        local_files_only=True, do_validation=False, library_name="transformers",
+        str(merged_dir),
+        output=str(out_dir),
+        task=ONNX_TASKS[task],
+        opset=opset,
+        device="cpu",
+        local_files_only=True,
+        do_validation=False,
+        library_name="transformers",
     )
     return Path(out_dir) / "model.onnx"
 

@@ -12,12 +12,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from fedtune.edge_device.generative import GenerationOptions, GenerativeModel
-from fedtune.edge_device.runtime import EdgeModel
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from fedtune.data import ClassificationExample, CompletionExample
+from fedtune.edge_device.generative import GenerationOptions, GenerativeModel
+from fedtune.edge_device.runtime import EdgeModel
 from fedtune.encoding import CompletionEncoder
 from fedtune.generation import greedy_completions
 from fedtune.metrics import exact_match, normalize_answer
@@ -25,8 +25,12 @@ from fedtune.metrics import exact_match, normalize_answer
 
 @torch.no_grad()
 def classification_parity(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, edge: EdgeModel,
-    examples: Sequence[ClassificationExample], max_length: int, batch_size: int = 64,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    edge: EdgeModel,
+    examples: Sequence[ClassificationExample],
+    max_length: int,
+    batch_size: int = 64,
 ) -> dict[str, float]:
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].text))  # less padding, same result
     agree = torch_right = onnx_right = 0
@@ -54,8 +58,13 @@ def classification_parity(
 
 
 def generation_parity(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device_model: GenerativeModel,
-    examples: Sequence[CompletionExample], max_length: int, system_prompt: str, max_new_tokens: int,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    device_model: GenerativeModel,
+    examples: Sequence[CompletionExample],
+    max_length: int,
+    system_prompt: str,
+    max_new_tokens: int,
 ) -> dict[str, float]:
     """Greedy completions of PyTorch fp32 (transformers `generate`) and of the device runtime
     on the same prompts; exact match of each against the references, and how often the two
@@ -65,8 +74,10 @@ def generation_parity(
     mismatched = sum(device_model.prompt_ids(e.prompt) != ids for e, ids in zip(examples, prompts))
     reference = greedy_completions(model, tokenizer, prompts, max_new_tokens)
     options = GenerationOptions(max_new_tokens=max_new_tokens)
-    candidate = [device_model.generate(e.prompt, options).strip()
-                 for e in tqdm(examples, desc="parity", unit="prompt", leave=False)]
+    candidate = [
+        device_model.generate(e.prompt, options).strip()
+        for e in tqdm(examples, desc="parity", unit="prompt", leave=False)
+    ]
     gold = [e.completion for e in examples]
     torch_em, device_em = exact_match(reference, gold), exact_match(candidate, gold)
     agree = sum(normalize_answer(a) == normalize_answer(b) for a, b in zip(reference, candidate))

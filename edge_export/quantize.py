@@ -49,8 +49,11 @@ WEIGHT_ONLY_BLOCK = 32
 def head_nodes(model_path: str | Path) -> list[str]:
     """Names of the MatMul/Gemm nodes of the classifier or LM head."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
-    return [n.name for n in graph.node
-            if n.op_type in ("MatMul", "Gemm") and any(f"/{h}/" in n.name or n.name.startswith(h) for h in HEAD_NAMES)]
+    return [
+        n.name
+        for n in graph.node
+        if n.op_type in ("MatMul", "Gemm") and any(f"/{h}/" in n.name or n.name.startswith(h) for h in HEAD_NAMES)
+    ]
 
 
 def quantize_int8(fp32_path: str | Path, out_path: str | Path, mode: str = DEFAULT_MODE) -> dict[str, object]:
@@ -66,13 +69,22 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path, mode: str = DEFAU
     root.setLevel(logging.ERROR)  # the quantiser's "consider pre-processing" advice does not apply here
     try:
         quantize_dynamic(
-            str(fp32_path), str(out_path), per_channel=spec.per_channel, weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+            str(fp32_path),
+            str(out_path),
+            per_channel=spec.per_channel,
+            weight_type=QuantType.QInt8,
+            nodes_to_exclude=excluded,
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
     finally:
         root.setLevel(level)
-    return {"mode": spec.name, "method": "onnxruntime dynamic", "weight_type": "QInt8",
-            "per_channel": spec.per_channel, "fp32_nodes": excluded}
+    return {
+        "mode": spec.name,
+        "method": "onnxruntime dynamic",
+        "weight_type": "QInt8",
+        "per_channel": spec.per_channel,
+        "fp32_nodes": excluded,
+    }
 
 
 def _quantize_weight_only(fp32_path: Path, out_path: Path, spec: QuantMode) -> dict[str, object]:
@@ -82,8 +94,14 @@ def _quantize_weight_only(fp32_path: Path, out_path: Path, spec: QuantMode) -> d
 
     model = onnx.load(str(fp32_path))
     excluded = [n.name for n in model.graph.node if n.op_type == "MatMul" and "rotary_emb" in n.name]
-    quantizer = MatMulNBitsQuantizer(model, bits=spec.weight_only_bits, block_size=WEIGHT_ONLY_BLOCK, is_symmetric=True,
-                                     accuracy_level=4, nodes_to_exclude=excluded)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=spec.weight_only_bits,
+        block_size=WEIGHT_ONLY_BLOCK,
+        is_symmetric=True,
+        accuracy_level=4,
+        nodes_to_exclude=excluded,
+    )
     quant_logger = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
     level = quant_logger.level
     quant_logger.setLevel(logging.WARNING)  # it logs every node it visits at INFO
@@ -92,5 +110,12 @@ def _quantize_weight_only(fp32_path: Path, out_path: Path, spec: QuantMode) -> d
     finally:
         quant_logger.setLevel(level)
     quantizer.model.save_model_to_file(str(out_path), use_external_data_format=False)
-    return {"mode": spec.name, "method": "onnxruntime MatMulNBits (weight-only)", "weight_type": f"INT{spec.weight_only_bits}",
-            "block_size": WEIGHT_ONLY_BLOCK, "symmetric": True, "accuracy_level": 4, "fp32_nodes": excluded}
+    return {
+        "mode": spec.name,
+        "method": "onnxruntime MatMulNBits (weight-only)",
+        "weight_type": f"INT{spec.weight_only_bits}",
+        "block_size": WEIGHT_ONLY_BLOCK,
+        "symmetric": True,
+        "accuracy_level": 4,
+        "fp32_nodes": excluded,
+    }

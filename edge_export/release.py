@@ -25,8 +25,9 @@ def default_sequence() -> int:
     return int(time.time() * 1000)
 
 
-def release_bundle(bundle: str | Path, model: str, version: str, key_path: str | Path, out: str | Path,
-                   sequence: int | None = None) -> Release:
+def release_bundle(
+    bundle: str | Path, model: str, version: str, key_path: str | Path, out: str | Path, sequence: int | None = None
+) -> Release:
     """Check `bundle` against `key_path`'s public half, copy it to `out` (which must not
     exist) and add the signed release record. Returns the record."""
     source, target = Path(bundle), Path(out)

@@ -56,7 +56,9 @@ def set_adapter_arrays(model: PeftModel, arrays: Sequence[np.ndarray], lora: Lor
     set_peft_model_state_dict(model, new_state)
 
 
-def load_adapter_arrays(model: PeftModel, adapter_dir: str | Path, lora: LoraSettings | None = None) -> list[np.ndarray]:
+def load_adapter_arrays(
+    model: PeftModel, adapter_dir: str | Path, lora: LoraSettings | None = None
+) -> list[np.ndarray]:
     """Load a saved PEFT checkpoint into `model` (peft's own loader) and return the
     arrays that travel, in wire order."""
     from safetensors.torch import load_file

@@ -18,13 +18,20 @@ def stop_helpers(pid: int) -> None:
 class Relay:
     """Runs a child with its output relayed to this terminal (prefixed) and kept."""
 
-    def __init__(self, cmd: list[str], prefix: str = "", env: dict[str, str] | None = None,
-                 user: tuple[int, int] | None = None) -> None:
+    def __init__(
+        self, cmd: list[str], prefix: str = "", env: dict[str, str] | None = None, user: tuple[int, int] | None = None
+    ) -> None:
         """`user`: (uid, gid) to run the child as (no supplementary groups); needs root."""
         self.output: list[str] = []
         as_user: dict[str, object] = {"user": user[0], "group": user[1], "extra_groups": []} if user else {}
-        self.child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                      env=env if env is not None else child_env(), **as_user)  # type: ignore[call-overload]
+        self.child = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env if env is not None else child_env(),
+            **as_user,
+        )  # type: ignore[call-overload]
         # Read in a thread: Flower's detached helpers inherit the pipe and may hold it
         # open after the child itself has exited.
         self.reader = threading.Thread(target=self._relay, args=(prefix,), daemon=True)

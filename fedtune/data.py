@@ -143,14 +143,28 @@ def load_completions(path: str | Path, prompt_field: str, completion_field: str)
 def load_examples(path: str, settings: RunSettings, labels: Sequence[str]) -> list[Example]:
     """Read and validate one data file for the run's task."""
     resolved = str(resolve_path(path))
-    return list(_cached_examples(resolved, settings.task, settings.text_field, settings.label_field,
-                                 settings.prompt_field, settings.completion_field, tuple(labels)))
+    return list(
+        _cached_examples(
+            resolved,
+            settings.task,
+            settings.text_field,
+            settings.label_field,
+            settings.prompt_field,
+            settings.completion_field,
+            tuple(labels),
+        )
+    )
 
 
 @functools.lru_cache(maxsize=4)
 def _cached_examples(
-    path: str, task: str, text_field: str, label_field: str, prompt_field: str,
-    completion_field: str, labels: tuple[str, ...],
+    path: str,
+    task: str,
+    text_field: str,
+    label_field: str,
+    prompt_field: str,
+    completion_field: str,
+    labels: tuple[str, ...],
 ) -> tuple[Example, ...]:
     if task == "seq-cls":
         return tuple(load_classification(path, text_field, label_field, labels))

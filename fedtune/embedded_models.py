@@ -139,14 +139,18 @@ def _convert(gguf_path: Path, target: Path, gguf_sha: str) -> None:
         tokenizer = build_tokenizer(gguf_path)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         for config in (model.config, model.generation_config):
+            assert config is not None  # a causal LM loaded from GGUF has both
             config.bos_token_id = tokenizer.bos_token_id
             config.eos_token_id = tokenizer.eos_token_id
             config.pad_token_id = tokenizer.pad_token_id
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()}
-        (tmp / CACHE_MANIFEST).write_text(json.dumps({"gguf": gguf_path.name, "gguf_sha256": gguf_sha, "files": files},
-                                                     indent=2), encoding="utf-8")
+        files = {
+            p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)} for p in sorted(tmp.iterdir()) if p.is_file()
+        }
+        (tmp / CACHE_MANIFEST).write_text(
+            json.dumps({"gguf": gguf_path.name, "gguf_sha256": gguf_sha, "files": files}, indent=2), encoding="utf-8"
+        )
         os.rename(tmp, target)
     finally:
         if tmp.exists():

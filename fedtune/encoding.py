@@ -45,7 +45,10 @@ class CompletionEncoder:
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, examples: Sequence[CompletionExample], max_length: int,
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        examples: Sequence[CompletionExample],
+        max_length: int,
         system_prompt: str = "",
     ) -> None:
         self.tokenizer = tokenizer
@@ -88,11 +91,21 @@ class CompletionEncoder:
         if len(prompt) + len(completion) > max_length:
             where = example.source or "<examples>"
             if len(completion) >= max_length:
-                raise DataError(where, f"completion is {len(completion)} tokens, over max-length {max_length}; "
-                                "shorten it or raise max-length", line=example.line or None, field="completion")
-            raise DataError(where, f"prompt is {len(prompt)} tokens (with the chat template) and leaves "
-                            f"{max_length - len(prompt)} of max-length {max_length} for a {len(completion)}-token "
-                            "completion; shorten it or raise max-length", line=example.line or None, field="prompt")
+                raise DataError(
+                    where,
+                    f"completion is {len(completion)} tokens, over max-length {max_length}; "
+                    "shorten it or raise max-length",
+                    line=example.line or None,
+                    field="completion",
+                )
+            raise DataError(
+                where,
+                f"prompt is {len(prompt)} tokens (with the chat template) and leaves "
+                f"{max_length - len(prompt)} of max-length {max_length} for a {len(completion)}-token "
+                "completion; shorten it or raise max-length",
+                line=example.line or None,
+                field="prompt",
+            )
         return prompt + completion, len(prompt)
 
     def batch(self, indices: Sequence[int]) -> Batch:

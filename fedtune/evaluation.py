@@ -32,7 +32,10 @@ def _sorted_batches(encoder: Encoder, batch_size: int) -> list[list[int]]:
 
 @torch.no_grad()
 def evaluate(
-    model: PreTrainedModel, encoder: Encoder, batch_size: int = 64, max_new_tokens: int = 16,
+    model: PreTrainedModel,
+    encoder: Encoder,
+    batch_size: int = 64,
+    max_new_tokens: int = 16,
     max_generated: int = 0,
 ) -> dict[str, float]:
     """Aggregate metrics only; nothing per example is returned. For causal-LM, exact
@@ -91,9 +94,13 @@ def _evaluate_completion(
     return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "tokens": float(tokens)}
 
 
-def _exact_match(model: PreTrainedModel, encoder: CompletionEncoder, max_new_tokens: int, limit: int) -> dict[str, float]:
+def _exact_match(
+    model: PreTrainedModel, encoder: CompletionEncoder, max_new_tokens: int, limit: int
+) -> dict[str, float]:
     examples = encoder.examples[:limit] if limit > 0 else encoder.examples
     prompts = [encoder.prompt_ids(e.prompt)[-encoder.max_length :] for e in examples]
     completions = greedy_completions(model, encoder.tokenizer, prompts, max_new_tokens)
-    return {"exact_match": exact_match(completions, [e.completion for e in examples]),
-            "generated": float(len(examples))}
+    return {
+        "exact_match": exact_match(completions, [e.completion for e in examples]),
+        "generated": float(len(examples)),
+    }

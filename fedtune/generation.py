@@ -39,10 +39,17 @@ def greedy_completions(
                 ids[row, width - n :] = torch.tensor(list(prompts[i]), dtype=torch.long)
                 mask[row, width - n :] = 1
             with autocast_for(device):
-                generated = model.generate(
-                    input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
-                    do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad,
-                    temperature=None, top_p=None, top_k=None,
+                generated = model.generate(  # type: ignore[operator]
+                    input_ids=ids.to(device),
+                    attention_mask=mask.to(device),
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    num_beams=1,
+                    eos_token_id=eos,
+                    pad_token_id=pad,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
                 )
             for row, i in enumerate(idx):
                 out[i] = tokenizer.decode(generated[row, width:].tolist(), skip_special_tokens=True).strip()

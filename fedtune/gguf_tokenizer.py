@@ -37,14 +37,17 @@ def build_tokenizer(gguf_path: Path) -> Any:
     reader = gguf.GGUFReader(gguf_path)
     kind = _field(reader, "tokenizer.ggml.model")
     if kind != "gpt2":
-        raise ConfigError("model", f"{gguf_path.name}: tokenizer type {kind!r} is not supported (only gpt2 byte-level BPE)")
+        raise ConfigError(
+            "model", f"{gguf_path.name}: tokenizer type {kind!r} is not supported (only gpt2 byte-level BPE)"
+        )
     tokens: list[str] = list(_field(reader, "tokenizer.ggml.tokens"))
     types: list[int] = list(_field(reader, "tokenizer.ggml.token_type"))
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     bpe = models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False)
     backend = Tokenizer(bpe)
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=bool(_field(reader, "tokenizer.ggml.add_space_prefix", False)),
-                                          use_regex=True)
+    byte_level = pre_tokenizers.ByteLevel(
+        add_prefix_space=bool(_field(reader, "tokenizer.ggml.add_space_prefix", False)), use_regex=True
+    )
     if _field(reader, "tokenizer.ggml.pre", "") in _DIGIT_SPLIT_PRE:
         backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     else:

@@ -31,16 +31,26 @@ def label_name_text(label: str) -> str:
 
 
 @torch.no_grad()
-def label_name_features(base: PreTrainedModel, head: torch.nn.Linear, tokenizer: PreTrainedTokenizerBase,
-                        labels: Sequence[str], max_length: int = 64) -> torch.Tensor:
+def label_name_features(
+    base: PreTrainedModel,
+    head: torch.nn.Linear,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: Sequence[str],
+    max_length: int = 64,
+) -> torch.Tensor:
     """The head's input for each label name, [labels, in_features]."""
     captured: list[torch.Tensor] = []
     hook = head.register_forward_hook(lambda module, args, output: captured.append(args[0].detach()))
     was_training = base.training
     base.eval()
     try:
-        batch = tokenizer([label_name_text(label) for label in labels], padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt")
+        batch = tokenizer(
+            [label_name_text(label) for label in labels],
+            padding=True,
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
         batch = {k: v.to(head.weight.device) for k, v in batch.items()}
         base(**batch)
     finally:
@@ -53,8 +63,13 @@ def label_name_features(base: PreTrainedModel, head: torch.nn.Linear, tokenizer:
     return features
 
 
-def init_label_name_head(base: PreTrainedModel, head: torch.nn.Linear, tokenizer: PreTrainedTokenizerBase,
-                         labels: Sequence[str], max_length: int = 64) -> None:
+def init_label_name_head(
+    base: PreTrainedModel,
+    head: torch.nn.Linear,
+    tokenizer: PreTrainedTokenizerBase,
+    labels: Sequence[str],
+    max_length: int = 64,
+) -> None:
     """Overwrite `head` (in place) with the scaled, normalised label-name features."""
     features = label_name_features(base, head, tokenizer, labels, max_length)
     scale = LOGIT_SCALE / features.norm(dim=-1).mean().clamp_min(1e-6)

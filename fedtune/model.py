@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
@@ -26,7 +26,14 @@ from fedtune.label_head import init_label_name_head
 
 transformers_logging.set_verbosity_error()  # keep "newly initialized head" notices out of site logs
 
-__all__ = ["DEFAULT_MODEL", "LoraSettings", "build_lora_model", "load_base_model", "load_tokenizer", "resolve_model_path"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "LoraSettings",
+    "build_lora_model",
+    "load_base_model",
+    "load_tokenizer",
+    "resolve_model_path",
+]
 
 # Attention projections LoRA targets by default, per architecture family.
 _TARGETS_BY_MODEL_TYPE: dict[str, list[str]] = {
@@ -147,8 +154,11 @@ def label_name_head_module(base: PreTrainedModel) -> torch.nn.Linear:
     """The seq-cls head a label-name initialisation writes: one Linear layer."""
     name = linear_head_name(base)
     if name is None:
-        raise ConfigError("head-init", f"'label-names' needs a head that is one Linear layer; "
-                                       f"{base.config.model_type} has {_head_kind(base)}: set head-init = \"random\"")
+        raise ConfigError(
+            "head-init",
+            f"'label-names' needs a head that is one Linear layer; "
+            f'{base.config.model_type} has {_head_kind(base)}: set head-init = "random"',
+        )
     return getattr(base, name)
 
 
@@ -193,26 +203,30 @@ def pass_cls_state(base: PreTrainedModel) -> None:
             dense.bias.zero_()
 
 
-def lora_config(model_type: str, task: str, lora: LoraSettings, head: str = "", head_alpha: float = 0.0,
-                num_layers: int = 0) -> LoraConfig:
+def lora_config(
+    model_type: str, task: str, lora: LoraSettings, head: str = "", head_alpha: float = 0.0, num_layers: int = 0
+) -> LoraConfig:
     """The peft LoraConfig. For seq-cls peft trains the whole head (modules_to_save);
     with a low-rank head (`head` names it) the head is one more LoRA target of rank
     `lora.head_rank` and alpha `head_alpha`, and no task type is set, since peft's seq-cls wrapper
     would force the head into modules_to_save."""
     targets = list(lora.target_modules) or default_target_modules(model_type)
-    common: dict[str, object] = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
+    common: dict[str, Any] = {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout}
     if lora.top_layers and num_layers:
         common["layers_to_transform"] = list(range(max(0, num_layers - lora.top_layers), num_layers))
     if head:
-        return LoraConfig(**common, target_modules=[*targets, head], rank_pattern={head: lora.head_rank},
-                          alpha_pattern={head: head_alpha})
-    return LoraConfig(**common, target_modules=targets,
-                      task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM)
+        return LoraConfig(
+            **common,
+            target_modules=[*targets, head],
+            rank_pattern={head: lora.head_rank},
+            alpha_pattern={head: head_alpha},
+        )
+    return LoraConfig(
+        **common, target_modules=targets, task_type=TaskType.SEQ_CLS if task == "seq-cls" else TaskType.CAUSAL_LM
+    )
 
 
-def build_lora_model(
-    model: str, task: str, lora: LoraSettings, labels: Sequence[str] = (), seed: int = 0
-) -> PeftModel:
+def build_lora_model(model: str, task: str, lora: LoraSettings, labels: Sequence[str] = (), seed: int = 0) -> PeftModel:
     """Base model wrapped with LoRA; `seed` fixes the adapter and head initialisation,
     so every site and the coordinator build identical A matrices from the same seed."""
     config = AutoConfig.from_pretrained(resolve_model_path(model))
@@ -229,8 +243,10 @@ def build_lora_model(
     elif task == "seq-cls" and lora.head_init == "label-names":
         init_label_name_head(base, label_name_head_module(base), load_tokenizer(model), labels)
     try:
-        peft_model = get_peft_model(base, lora_config(model_type, task, lora, head, head_alpha,
-                                                      int(getattr(config, "num_hidden_layers", 0) or 0)))
+        peft_model = get_peft_model(
+            base,
+            lora_config(model_type, task, lora, head, head_alpha, int(getattr(config, "num_hidden_layers", 0) or 0)),
+        )
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError("lora-target-modules", str(err).splitlines()[0]) from None
     frozen = frozen_lora_parts(lora)

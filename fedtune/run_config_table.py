@@ -35,14 +35,18 @@ def flat_table(config: Mapping[str, Any]) -> str:
 
 def render_table() -> str:
     """pyproject's run-config table, every key with its default and help, in declaration order."""
-    lines = [TABLE,
-             "# Written from the declarations in fedtune/config.py by `fedtune settings --write-pyproject`:",
-             "# change a default or its help there (tests/test_config.py checks the two agree)."]
+    lines = [
+        TABLE,
+        "# Written from the declarations in fedtune/config.py by `fedtune settings --write-pyproject`:",
+        "# change a default or its help there (tests/test_config.py checks the two agree).",
+    ]
     for field in fields(RunSettings):
         if field.metadata.get(SECTION):
             lines.append(f"# {field.metadata[SECTION]}")
         assignment = f"{field.name.replace('_', '-')} = {toml_value(field.default)}"
-        help_lines = textwrap.wrap(field.metadata.get(HELP, ""), WIDTH - COMMENT_COLUMN - 2, break_on_hyphens=False) or [""]
+        help_lines = textwrap.wrap(
+            field.metadata.get(HELP, ""), WIDTH - COMMENT_COLUMN - 2, break_on_hyphens=False
+        ) or [""]
         lines.append(f"{assignment:<{COMMENT_COLUMN - 1}} # {help_lines[0]}".rstrip())
         lines.extend(f"{'':<{COMMENT_COLUMN - 1}} # {more}" for more in help_lines[1:])
     return "\n".join(lines) + "\n"
@@ -51,8 +55,10 @@ def render_table() -> str:
 def listing() -> str:
     """Every key, its default and its help, one per line: `fedtune settings` and the
     epilog of `fedtune simulate --help`."""
-    return "".join(f"  {f.name.replace('_', '-')} = {toml_value(f.default)}: {f.metadata.get(HELP, '')}\n"
-                   for f in fields(RunSettings))
+    return "".join(
+        f"  {f.name.replace('_', '-')} = {toml_value(f.default)}: {f.metadata.get(HELP, '')}\n"
+        for f in fields(RunSettings)
+    )
 
 
 def table_in(pyproject: Path) -> dict[str, Any]:
@@ -64,8 +70,11 @@ def table_in(pyproject: Path) -> dict[str, Any]:
 def differences(pyproject: Path) -> list[str]:
     """One line per key where the pyproject's table and the declarations disagree."""
     table, declared = table_in(pyproject), RunSettings().to_run_config()
-    out = [f"{key}: pyproject has {table[key]!r}, fedtune/config.py declares {declared[key]!r}"
-           for key in declared if key in table and table[key] != declared[key]]
+    out = [
+        f"{key}: pyproject has {table[key]!r}, fedtune/config.py declares {declared[key]!r}"
+        for key in declared
+        if key in table and table[key] != declared[key]
+    ]
     out += [f"{key}: declared in fedtune/config.py, missing from pyproject" for key in declared if key not in table]
     out += [f"{key}: in pyproject, not declared in fedtune/config.py" for key in table if key not in declared]
     return out
@@ -77,7 +86,7 @@ def write_table(pyproject: Path) -> None:
     start = text.find(f"\n{TABLE}\n")
     if start < 0:
         raise FedtuneError(f"{pyproject}: no {TABLE} table to replace")
-    rest = text[start + len(TABLE) + 2:]
+    rest = text[start + len(TABLE) + 2 :]
     if "\n[" in rest or rest.startswith("["):
         raise FedtuneError(f"{pyproject}: {TABLE} must be the file's last table")
-    pyproject.write_text(text[:start + 1] + render_table(), encoding="utf-8")
+    pyproject.write_text(text[: start + 1] + render_table(), encoding="utf-8")

@@ -41,19 +41,23 @@ def non_negative(v: float) -> str | None:
 
 def zero_or(meaning: str, rest: str = "a count") -> Check:
     """0 is a switch (`meaning`), anything else must be `rest`: "a count", "at least 1", "> 0"."""
+
     def check(v: float) -> str | None:
         if v == 0 or (v > 0 and (rest != "at least 1" or v >= 1)):
             return None
         return f"must be 0 ({meaning}) or {rest}, got {v}"
+
     return check
 
 
 def within(low: float, high: float, bounds: str = "[]", what: str = "must be") -> Check:
     """low..high with `bounds` two of "[(" and ")]", e.g. "[)" for 0 <= v < 1."""
+
     def check(v: float) -> str | None:
         above = v >= low if bounds[0] == "[" else v > low
         below = v <= high if bounds[1] == "]" else v < high
         return None if above and below else f"{what} in {bounds[0]}{low:g}, {high:g}{bounds[1]}, got {v}"
+
     return check
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
+
 from fedtune.edge_device.bundle import MANIFEST_FILE, SIGNATURE_FILE
 from fedtune.edge_device.release import RELEASE_FILE, RELEASE_SIGNATURE_FILE
-
 from fedtune.errors import FedtuneError
 
 from .protocol import CHUNK_BYTES, open_channel
@@ -33,8 +33,10 @@ def release_names(bundle: Path) -> tuple[str, str]:
         record = json.loads((bundle / RELEASE_FILE).read_bytes())
         return str(record["model"]), str(record["version"])
     except FileNotFoundError:
-        raise FedtuneError(f"{bundle / RELEASE_FILE}: missing; release the bundle first (fedtune release {bundle} "
-                           f"--model NAME --version V --key KEY)") from None
+        raise FedtuneError(
+            f"{bundle / RELEASE_FILE}: missing; release the bundle first (fedtune release {bundle} "
+            f"--model NAME --version V --key KEY)"
+        ) from None
     except (ValueError, KeyError, TypeError):
         raise FedtuneError(f"{bundle / RELEASE_FILE}: not a release record") from None
 
@@ -49,19 +51,33 @@ def _requests(bundle: Path, model: str, version: str, names: list[str]) -> Itera
                 offset += len(block)
 
 
-def publish(registry: str, bundle_dir: str | Path, model: str, version: str, token: str, ca: bytes | None,
-            cert: bytes | None = None, key: bytes | None = None, timeout: float = 600.0) -> pb.PublishResponse:
+def publish(
+    registry: str,
+    bundle_dir: str | Path,
+    model: str,
+    version: str,
+    token: str,
+    ca: bytes | None,
+    cert: bytes | None = None,
+    key: bytes | None = None,
+    timeout: float = 600.0,
+) -> pb.PublishResponse:
     bundle = Path(bundle_dir)
     released_model, released_version = release_names(bundle)
     model, version = model or released_model, version or released_version
     if (model, version) != (released_model, released_version):
-        raise FedtuneError(f"{bundle / RELEASE_FILE}: released as {released_model} {released_version}, not "
-                           f"{model} {version}; the registry and devices would refuse it")
+        raise FedtuneError(
+            f"{bundle / RELEASE_FILE}: released as {released_model} {released_version}, not "
+            f"{model} {version}; the registry and devices would refuse it"
+        )
     names = bundle_files(bundle)
     with open_channel(registry, ca, cert, key) as channel:
         stub = rpc.ModelRegistryStub(channel)
         try:
-            return stub.Publish(_requests(bundle, model, version, names), timeout=timeout,
-                                metadata=(("authorization", f"Bearer {token}"),))
+            return stub.Publish(
+                _requests(bundle, model, version, names),
+                timeout=timeout,
+                metadata=(("authorization", f"Bearer {token}"),),
+            )
         except grpc.RpcError as err:
             raise FedtuneError(f"{registry}: publish {model} {version}: {err.code().name}: {err.details()}") from None

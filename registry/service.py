@@ -59,18 +59,35 @@ class RegistryService(rpc.ModelRegistryServicer):
             entries = self.store.versions(request.model)
         except StoreError as err:
             _abort(context, err)
-        return pb.ListVersionsResponse(model=request.model, versions=[
-            pb.VersionInfo(version=e.version, published=e.published, total_bytes=e.total_bytes,
-                           manifest_sha256=e.manifest_sha256, sequence=e.sequence) for e in entries])
+        return pb.ListVersionsResponse(
+            model=request.model,
+            versions=[
+                pb.VersionInfo(
+                    version=e.version,
+                    published=e.published,
+                    total_bytes=e.total_bytes,
+                    manifest_sha256=e.manifest_sha256,
+                    sequence=e.sequence,
+                )
+                for e in entries
+            ],
+        )
 
     def GetManifest(self, request: pb.GetManifestRequest, context: grpc.ServicerContext) -> pb.GetManifestResponse:
         try:
-            version, manifest, signature, release, release_signature = self.store.manifest(request.model,
-                                                                                           request.version)
+            version, manifest, signature, release, release_signature = self.store.manifest(
+                request.model, request.version
+            )
         except StoreError as err:
             _abort(context, err)
-        return pb.GetManifestResponse(model=request.model, version=version, manifest=manifest, signature=signature,
-                                      release=release, release_signature=release_signature)
+        return pb.GetManifestResponse(
+            model=request.model,
+            version=version,
+            manifest=manifest,
+            signature=signature,
+            release=release,
+            release_signature=release_signature,
+        )
 
     def Download(self, request: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[pb.DownloadChunk]:
         try:
@@ -82,7 +99,9 @@ class RegistryService(rpc.ModelRegistryServicer):
         except StoreError as err:
             _abort(context, err)
 
-    def Publish(self, request_iterator: Iterator[pb.PublishRequest], context: grpc.ServicerContext) -> pb.PublishResponse:
+    def Publish(
+        self, request_iterator: Iterator[pb.PublishRequest], context: grpc.ServicerContext
+    ) -> pb.PublishResponse:
         self._authenticate(context)
         staging: Path | None = None
         try:
@@ -129,19 +148,27 @@ def _abort(context: grpc.ServicerContext, err: StoreError) -> None:
 
 
 def make_server(
-    store: ModelStore, address: str, cert_chain: bytes, private_key: bytes, publish_token: str,
-    client_ca: bytes | None = None, limits: ServerLimits = ServerLimits(),
+    store: ModelStore,
+    address: str,
+    cert_chain: bytes,
+    private_key: bytes,
+    publish_token: str,
+    client_ca: bytes | None = None,
+    limits: ServerLimits = ServerLimits(),
 ) -> tuple[grpc.Server, int]:
     """A started TLS server (mTLS when `client_ca` is given); returns it and its port."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=limits.max_workers),
         maximum_concurrent_rpcs=limits.max_concurrent_rpcs,
-        options=[("grpc.max_receive_message_length", limits.max_message_bytes),
-                 ("grpc.max_send_message_length", limits.max_message_bytes)],
+        options=[
+            ("grpc.max_receive_message_length", limits.max_message_bytes),
+            ("grpc.max_send_message_length", limits.max_message_bytes),
+        ],
     )
     rpc.add_ModelRegistryServicer_to_server(RegistryService(store, publish_token, limits), server)
-    credentials = grpc.ssl_server_credentials([(private_key, cert_chain)], root_certificates=client_ca,
-                                              require_client_auth=client_ca is not None)
+    credentials = grpc.ssl_server_credentials(
+        [(private_key, cert_chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
     port = server.add_secure_port(address, credentials)
     server.start()
     return server, port

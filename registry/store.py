@@ -93,9 +93,13 @@ class ModelStore:
         is empty for a version stored before releases existed."""
         folder = self.resolve(model, version)
         release = folder / RELEASE_FILE
-        return (folder.name, (folder / MANIFEST_FILE).read_bytes(), (folder / SIGNATURE_FILE).read_bytes(),
-                release.read_bytes() if release.exists() else b"",
-                (folder / RELEASE_SIGNATURE_FILE).read_bytes() if release.exists() else b"")
+        return (
+            folder.name,
+            (folder / MANIFEST_FILE).read_bytes(),
+            (folder / SIGNATURE_FILE).read_bytes(),
+            release.read_bytes() if release.exists() else b"",
+            (folder / RELEASE_SIGNATURE_FILE).read_bytes() if release.exists() else b"",
+        )
 
     def open_file(self, model: str, version: str, name: str) -> Path:
         folder = self.resolve(model, version)
@@ -134,9 +138,13 @@ class ModelStore:
             raw = (staging / MANIFEST_FILE).read_bytes()
             release = read_release(staging, load_public_key(self.trusted_key), sha256_bytes(raw))
             check_release_fits(release, model, version, "bundle")
-            entry = VersionEntry(version, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                 sum(p.stat().st_size for p in staging.iterdir()), sha256_bytes(raw),
-                                 release.sequence)
+            entry = VersionEntry(
+                version,
+                time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                sum(p.stat().st_size for p in staging.iterdir()),
+                sha256_bytes(raw),
+                release.sequence,
+            )
             with self._lock:
                 target = self.root / model / version
                 if target.exists():
@@ -145,8 +153,10 @@ class ModelStore:
                 earlier = [VersionEntry(**e) for e in json.loads(index.read_text())] if index.exists() else []
                 if earlier and release.sequence <= max(e.sequence for e in earlier):
                     newest = max(earlier, key=lambda e: e.sequence)
-                    raise Rejected(f"bundle refused: release sequence {release.sequence} is not above "
-                                   f"{newest.sequence} ({model} {newest.version}); sequences only grow")
+                    raise Rejected(
+                        f"bundle refused: release sequence {release.sequence} is not above "
+                        f"{newest.sequence} ({model} {newest.version}); sequences only grow"
+                    )
                 os.replace(staging, target)
                 index = self.root / model / INDEX_FILE
                 entries = json.loads(index.read_text()) if index.exists() else []
@@ -159,4 +169,3 @@ class ModelStore:
             raise Rejected(f"bundle refused: {err}") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-

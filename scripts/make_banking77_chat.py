@@ -20,14 +20,22 @@ def intent_words(label: str) -> str:
 def main() -> None:
     TARGET.mkdir(parents=True, exist_ok=True)
     for split in ("train", "test"):
-        rows = [json.loads(line) for line in (SOURCE / f"{split}.jsonl").read_text(encoding="utf-8").splitlines() if line]
+        rows = [
+            json.loads(line) for line in (SOURCE / f"{split}.jsonl").read_text(encoding="utf-8").splitlines() if line
+        ]
         with (TARGET / f"{split}.jsonl").open("w", encoding="utf-8") as out:
             for row in rows:
-                out.write(json.dumps({"prompt": row["text"].strip(), "completion": intent_words(row["label"])},
-                                     ensure_ascii=False) + "\n")
+                out.write(
+                    json.dumps(
+                        {"prompt": row["text"].strip(), "completion": intent_words(row["label"])}, ensure_ascii=False
+                    )
+                    + "\n"
+                )
         print(f"{TARGET / split}.jsonl: {len(rows)} rows")
     labels = json.loads((SOURCE / "labels.json").read_text(encoding="utf-8"))
-    (TARGET / "intents.json").write_text(json.dumps([intent_words(x) for x in labels], indent=0) + "\n", encoding="utf-8")
+    (TARGET / "intents.json").write_text(
+        json.dumps([intent_words(x) for x in labels], indent=0) + "\n", encoding="utf-8"
+    )
     shutil.copy2(SOURCE / "LICENSE-CC-BY-4.0.md", TARGET / "LICENSE-CC-BY-4.0.md")
 
 

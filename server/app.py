@@ -25,13 +25,15 @@ from fedtune.accelerator import pick_device
 from fedtune.adapter_io import adapter_keys, get_adapter_arrays, load_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.errors import FedtuneError
+from fedtune.internals import flower
 from fedtune.logs import setup_logging
 from fedtune.model import LoraSettings, build_lora_model, resolve_model_path
+from fedtune.run_folder import RUN_FILE, SECAGG_FILE, SUMMARY_FILE, RunRecord, Summary, read_run
 from fedtune.secagg.masks import install_csprng_masks
 
 from .central_eval import make_central_evaluator
 from .plots import save_plots
-from .polling_grid import PromptGrid
+from .polling_grid import FastPollingGrid
 from .preflight import check_run_inputs
 from .privacy_budget import EpsilonBudgetStrategy, resume_refusal
 from .recorder import RecordingStrategy
@@ -68,7 +70,7 @@ def new_run_id(settings: RunSettings) -> str:
     return settings.run_name or time.strftime("%Y%m%d-%H%M%S")
 
 
-def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
+def run_federation(grid: Grid, context: Context) -> Summary:
     """Run every round (or, with `resume`, the rounds after the last completed one),
     record it, and write the final adapter, plots and report."""
     started = time.monotonic()
@@ -80,6 +82,8 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     if settings.secagg:
         install_csprng_masks("server")  # refuses SecAgg+ before anything is written if Flower would not call them
         check_workflow_state()  # and if its workflow no longer looks as the dropout fix expects
+        flower.require("masked-vectors")
+    flower.require("failure-text")
     run_dir.create()
     log.info("fedtune %s: run %s -> %s", __version__, run_id, run_dir.path)
 
@@ -87,38 +91,46 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
     model = build_lora_model(settings.base_model, settings.task, lora, labels, settings.seed).to(pick_device())
     initial = get_adapter_arrays(model, lora)
     adapter_info = _adapter_info(model, initial, lora)
-    metadata = {
-        "fedtune_version": __version__,
-        "base_model": settings.base_model,
-        "base_model_path": resolve_model_path(settings.base_model),
-        "task": settings.task,
-        "system_prompt": settings.system_prompt,
-        "labels": labels,
-        "ffa_head_rank": settings.ffa_head_rank,
-        "head_input": lora.head_input,
-        "run_id": run_id,
-        "run_uid": uuid.uuid4().hex,  # kept across resumes; sites key their own state by it
-    }
+    run = RunRecord(
+        settings=settings.to_run_config(),
+        labels=list(labels),
+        run_id=run_id,
+        run_uid=uuid.uuid4().hex,  # kept across resumes; sites key their own state by it
+        fedtune_version=__version__,
+        base_model=settings.base_model,
+        base_model_path=resolve_model_path(settings.base_model),
+        task=settings.task,
+        system_prompt=settings.system_prompt,
+        ffa_head_rank=settings.ffa_head_rank,
+        head_input=lora.head_input,
+        adapter=adapter_info,
+    )
     num_rounds = settings.num_rounds
     done = 0
     if settings.resume:
-        done, initial = _resume_point(run_dir, settings, model, metadata)
+        done, initial, run = _resume_point(run_dir, settings, model, run)
     else:
-        run_dir.write_json("run.json", {**metadata, "settings": settings.to_run_config(), "adapter": adapter_info})
-        run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**metadata, "round": 0}, lora)
+        run_dir.write_json(RUN_FILE, run.to_json())
+        run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**run.metadata(), "round": 0}, lora)
+    metadata = run.metadata()
     evaluate_fn = make_central_evaluator(
         settings,
         model,
         labels,
-        should_run=lambda r: r > 0 and (r == num_rounds or (
-            settings.central_eval_every > 0 and r % settings.central_eval_every == 0)),
+        should_run=lambda r: (
+            r > 0 and (r == num_rounds or (settings.central_eval_every > 0 and r % settings.central_eval_every == 0))
+        ),
     )
     labels_json = json.dumps(labels)
 
     def fit_config(global_round: int) -> dict[str, Any]:
         # RecordingStrategy passes the run's global round, so LR schedules continue across a resume.
-        return {"server-round": global_round, "num-rounds": num_rounds, "labels": labels_json,
-                "run-id": f"{run_id}-{metadata['run_uid'][:12]}"}
+        return {
+            "server-round": global_round,
+            "num-rounds": num_rounds,
+            "labels": labels_json,
+            "run-id": f"{run_id}-{run.run_uid[:12]}",
+        }
 
     flower_strategy = build_strategy(settings, ndarrays_to_parameters(initial), evaluate_fn, fit_config, fit_config)
     check_strategy_state(flower_strategy)  # before round 1: Flower still keeps its state where we save it from
@@ -135,53 +147,67 @@ def run_federation(grid: Grid, context: Context) -> dict[str, Any]:
             log.info("resume: restored strategy state %s from round %d", ", ".join(restored), done)
     if settings.dp:
         inner = EpsilonBudgetStrategy(inner, settings.dp_epsilon_budget, settings.dp_delta)
-        inner.worst_epsilon = max((r.get("dp_epsilon_max", 0.0) for r in run_dir.read_metrics()), default=0.0)
-    metered = MeteredGrid(PromptGrid(grid))  # replies pulled every 0.1 s, stages timed
-    strategy = RecordingStrategy(inner, metered, run_dir.append_metrics, save_round, num_rounds - done,
-                                 round_offset=done)
+        inner.worst_epsilon = max((r.dp_epsilon_max or 0.0 for r in run_dir.read_rounds()), default=0.0)
+    metered = MeteredGrid(FastPollingGrid(grid))  # replies pulled every 0.1 s, stages timed
+    strategy = RecordingStrategy(inner, metered, run_dir.append_round, save_round, num_rounds - done, round_offset=done)
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds - done), strategy=strategy)
     fit_workflow = _secagg_fit_workflow(settings, metered, run_dir, strategy)
     DefaultWorkflow(fit_workflow=fit_workflow)(metered, legacy)  # type: ignore[arg-type]
     strategy.flush()
 
-    records = run_dir.read_metrics()
+    records = run_dir.read_rounds()
     final_arrays = [np.asarray(a) for a in _final_arrays(strategy, initial)]
-    run_dir.save_adapter(model, final_arrays, run_dir.final_dir, {**metadata, "round": records[-1]["round"] if records else 0}, lora)
-    central = next((r["central"] for r in reversed(records) if r.get("central")), None)
-    if central is None and evaluate_fn is not None and records and records[-1]["round"] < num_rounds:
+    run_dir.save_adapter(
+        model, final_arrays, run_dir.final_dir, {**metadata, "round": records[-1].round if records else 0}, lora
+    )
+    central = next((r.central for r in reversed(records) if r.central), None)
+    if central is None and evaluate_fn is not None and records and records[-1].round < num_rounds:
         # The run stopped early (DP budget): evaluate the final adapter now.
         result = evaluate_fn(num_rounds, final_arrays, {})
         central = {k: float(v) for k, v in result[1].items()} if result else None
-    summary = {
-        "run_id": run_id,
-        "run_dir": str(run_dir.path),
-        "rounds": len(records),
-        "central": central,
-        "site_validation": records[-1].get("aggregate", {}) if records else {},
-        "seconds": round(time.monotonic() - started, 2),
-    }
+    summary = Summary(
+        run_id=run_id,
+        run_dir=str(run_dir.path),
+        rounds=len(records),
+        central=central,
+        site_validation=records[-1].aggregate if records else {},
+        seconds=round(time.monotonic() - started, 2),
+    )
     plots = save_plots(records, run_dir.path, settings.task)
     write_report(run_dir.path / "report.md", settings, records, summary, plots, adapter_info)
-    run_dir.write_json("summary.json", summary)
+    run_dir.write_json(SUMMARY_FILE, summary.to_json())
     log.info(_summary_line(summary, settings.task))
     return summary
 
 
-def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: dict[str, Any]) -> tuple[int, list[np.ndarray]]:
-    """The last completed round and its global adapter; refuses a run whose model,
-    task, labels or LoRA settings differ from the ones being resumed."""
-    saved = json.loads((run_dir.path / "run.json").read_text())
+def _resume_point(
+    run_dir: RunDir, settings: RunSettings, model: Any, fresh: RunRecord
+) -> tuple[int, list[np.ndarray], RunRecord]:
+    """The last completed round, its global adapter and the run's record (its uid kept);
+    refuses a run whose model, task, labels or LoRA settings differ from the ones being
+    resumed. A key the saved run lacks (added to fedtune after it started) is compared
+    against the key's one declared default, the value that run used."""
+    saved = read_run(run_dir.path)
     now, defaults = settings.to_run_config(), RunSettings().to_run_config()
-    for key in ("model", "task", "lora-r", "lora-alpha", "lora-target-modules", "ffa-lora", "ffa-head-rank", "seed",
-                "num-rounds"):
-        was = saved["settings"].get(key, defaults[key])  # keys added after the run was saved: their default
+    for key in (
+        "model",
+        "task",
+        "lora-r",
+        "lora-alpha",
+        "lora-target-modules",
+        "ffa-lora",
+        "ffa-head-rank",
+        "seed",
+        "num-rounds",
+    ):
+        was = saved.settings.get(key, defaults[key])
         if was != now[key]:
             raise FedtuneError(f"cannot resume {run_dir.path}: '{key}' was {was!r}, now {now[key]!r}")
-    if saved["labels"] != metadata["labels"]:
+    if saved.labels != fresh.labels:
         raise FedtuneError(f"cannot resume {run_dir.path}: the label set differs from the run's")
-    metadata["run_uid"] = saved.get("run_uid", metadata["run_uid"])
-    records = run_dir.read_metrics()
-    done = records[-1]["round"] if records else 0
+    saved.run_uid = saved.run_uid or fresh.run_uid
+    records = run_dir.read_rounds()
+    done = records[-1].round if records else 0
     if done >= settings.num_rounds:
         raise FedtuneError(f"cannot resume {run_dir.path}: all {settings.num_rounds} rounds are already done")
     refusal = resume_refusal(run_dir.path, records, settings.dp, settings.dp_epsilon_budget)
@@ -189,12 +215,17 @@ def _resume_point(run_dir: RunDir, settings: RunSettings, model: Any, metadata: 
         raise FedtuneError(refusal)
     folder = run_dir.round_dir(done)
     arrays = load_adapter_arrays(model, folder, settings.lora_settings())
-    log.info("resume: run %s continues after round %d (rounds %d-%d to go), from %s",
-             run_dir.path.name, done, done + 1, settings.num_rounds, folder)
-    resumed = saved.setdefault("resumed", [])
-    resumed.append({"after_round": done, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
-    run_dir.write_json("run.json", saved)
-    return done, arrays
+    log.info(
+        "resume: run %s continues after round %d (rounds %d-%d to go), from %s",
+        run_dir.path.name,
+        done,
+        done + 1,
+        settings.num_rounds,
+        folder,
+    )
+    saved.resumed.append({"after_round": done, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    run_dir.write_json(RUN_FILE, saved.to_json())
+    return done, arrays, saved
 
 
 def _secagg_fit_workflow(settings: RunSettings, grid: MeteredGrid, run_dir: RunDir, strategy: RecordingStrategy) -> Any:
@@ -207,11 +238,16 @@ def _secagg_fit_workflow(settings: RunSettings, grid: MeteredGrid, run_dir: RunD
     census = secagg_census(grid, nodes, settings.secagg_timeout)
     strategy.leave_out(census.refused)
     max_weight = settings.secagg_max_weight or census.max_weight
-    run_dir.write_json("secagg.json", {
-        "sites_at_start": len(nodes), "max_weight": max_weight, "masks": "ChaCha20 keyed by SHA-256(shared secret)",
-        "refused_at_census": sorted(census.refused.values()),
-        **{k: v for k, v in settings.to_run_config().items() if k.startswith("secagg-")},
-    })
+    run_dir.write_json(
+        SECAGG_FILE,
+        {
+            "sites_at_start": len(nodes),
+            "max_weight": max_weight,
+            "masks": "ChaCha20 keyed by SHA-256(shared secret)",
+            "refused_at_census": sorted(census.refused.values()),
+            **{k: v for k, v in settings.to_run_config().items() if k.startswith("secagg-")},
+        },
+    )
     return build_secagg_workflow(settings, max_weight)
 
 
@@ -242,15 +278,17 @@ def _adapter_info(model: Any, arrays: list[np.ndarray], lora: LoraSettings) -> d
     }
 
 
-def _summary_line(summary: dict[str, Any], task: str) -> str:
-    central = summary.get("central") or {}
+def _summary_line(summary: Summary, task: str) -> str:
+    central = summary.central or {}
     if task == "seq-cls" and "accuracy" in central:
         result = f"test accuracy {central['accuracy']:.4f} (macro-F1 {central['macro_f1']:.4f})"
     elif "exact_match" in central:
-        result = (f"test exact match {central['exact_match']:.4f} ({int(central.get('generated', 0))} greedy completions), "
-                  f"perplexity {central['perplexity']:.3f}")
+        result = (
+            f"test exact match {central['exact_match']:.4f} ({int(central.get('generated', 0))} greedy completions), "
+            f"perplexity {central['perplexity']:.3f}"
+        )
     elif "perplexity" in central:
         result = f"test perplexity {central['perplexity']:.3f}"
     else:
         result = "no held-out evaluation"
-    return f"fedtune: done in {summary['seconds']:.0f}s, {summary['rounds']} rounds | {result} | run folder {summary['run_dir']}"
+    return f"fedtune: done in {summary.seconds:.0f}s, {summary.rounds} rounds | {result} | run folder {summary.run_dir}"

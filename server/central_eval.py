@@ -32,12 +32,15 @@ def make_central_evaluator(
         examples = load_examples(settings.central_eval_path, settings, labels)
         return make_encoder(load_tokenizer(settings.base_model), examples, settings.max_length, settings.system_prompt)
 
-    def evaluate_fn(server_round: int, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, dict[str, Scalar]] | None:
+    def evaluate_fn(
+        server_round: int, parameters: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]] | None:
         if not should_run(server_round):
             return None
         set_adapter_arrays(model, [np.asarray(p) for p in parameters], settings.lora_settings())
-        metrics = evaluate(model, encoder(), max_new_tokens=settings.eval_max_new_tokens,
-                           max_generated=settings.eval_max_examples)
+        metrics = evaluate(
+            model, encoder(), max_new_tokens=settings.eval_max_new_tokens, max_generated=settings.eval_max_examples
+        )
         return float(metrics["loss"]), {k: float(v) for k, v in metrics.items()}
 
     return evaluate_fn

@@ -37,8 +37,10 @@ def init_pki(deploy_dir: Path, hosts: Sequence[str]) -> tuple[Path, Path, Path]:
     that CA and certificate."""
     pki = deploy_dir / "pki"
     if (pki / "superlink.key").exists() or (pki / "ca.key").exists():
-        raise FedtuneError(f"{pki}: already holds this deployment's CA and SuperLink key, which the sites trust; "
-                           f"refusing to replace them (use another --dir for a new deployment)")
+        raise FedtuneError(
+            f"{pki}: already holds this deployment's CA and SuperLink key, which the sites trust; "
+            f"refusing to replace them (use another --dir for a new deployment)"
+        )
     ca = create_ca(pki, "fedtune deployment CA")
     names = list(dict.fromkeys([*hosts, "localhost", LOOPBACK]))
     cert, key = issue(pki, "superlink", names)
@@ -52,7 +54,8 @@ def write_connection(deploy_dir: Path, address: str) -> Path:
     ca = (deploy_dir / "pki" / "ca.pem").resolve()
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{address}"\n'
-        f'root-certificates = "{ca}"\n')
+        f'root-certificates = "{ca}"\n'
+    )
     return home
 
 
@@ -64,13 +67,19 @@ def register_site(deploy_dir: Path, public_key: Path, address: str) -> str:
     except OSError as err:
         raise FedtuneError(f"{public_key}: cannot read the site's public key ({err.strerror})") from None
     if "PRIVATE KEY" in text:
-        raise FedtuneError(f"{public_key}: this is a private key; a site sends only its .pub file, and keeps the "
-                           f".key to itself")
+        raise FedtuneError(
+            f"{public_key}: this is a private key; a site sends only its .pub file, and keeps the .key to itself"
+        )
     if not text.startswith("ecdsa-sha2-nistp384 "):
         raise FedtuneError(f"{public_key}: not an OpenSSH EC P-384 public key (fedtune deploy site-key makes one)")
     home = write_connection(deploy_dir, address)
-    out = subprocess.run([tool("flwr"), "supernode", "register", str(public_key), CONNECTION],
-                         capture_output=True, text=True, env=child_env(home), timeout=120)
+    out = subprocess.run(
+        [tool("flwr"), "supernode", "register", str(public_key), CONNECTION],
+        capture_output=True,
+        text=True,
+        env=child_env(home),
+        timeout=120,
+    )
     text = (out.stdout + out.stderr).strip()
     if out.returncode != 0 or "registered successfully" not in text:
         raise FedtuneError(f"{public_key}: registration with {address} failed: {flower_words(text)}")
@@ -90,9 +99,21 @@ def flower_words(text: str, lines: int = 2) -> str:
 def superlink_command(deploy_dir: Path, port: int, database: Path | None = None) -> list[str]:
     """The SuperLink on loopback only (TLS, SuperNode authentication, no runtime installs)."""
     pki = deploy_dir / "pki"
-    cmd = [tool("flower-superlink"), "--ssl-ca-certfile", str(pki / "ca.pem"), "--ssl-certfile",
-           str(pki / "superlink.pem"), "--ssl-keyfile", str(pki / "superlink.key"), "--enable-supernode-auth",
-           "--disable-runtime-dependency-installation", "--host", LOOPBACK, "--port", str(port)]
+    cmd = [
+        tool("flower-superlink"),
+        "--ssl-ca-certfile",
+        str(pki / "ca.pem"),
+        "--ssl-certfile",
+        str(pki / "superlink.pem"),
+        "--ssl-keyfile",
+        str(pki / "superlink.key"),
+        "--enable-supernode-auth",
+        "--disable-runtime-dependency-installation",
+        "--host",
+        LOOPBACK,
+        "--port",
+        str(port),
+    ]
     if database is not None:
         cmd += ["--database", str(database)]
     return cmd
@@ -112,8 +133,9 @@ def wait_for_listener(child: Relay, port: int, what: str, timeout: float = 60.0)
     raise FedtuneError(f"{what} did not listen on {LOOPBACK}:{port} within {timeout:.0f} s")
 
 
-def run_superlink(superlink_cmd: list[str], superlink_port: int, proxy_cmd: list[str] | None,
-                  proxy_port: int | None) -> None:
+def run_superlink(
+    superlink_cmd: list[str], superlink_port: int, proxy_cmd: list[str] | None, proxy_port: int | None
+) -> None:
     """The coordinator's one command: the SuperLink on loopback, then its reverse proxy,
     in the foreground until either exits or this process gets SIGTERM/SIGINT; both (and
     Flower's detached helpers) are stopped then. An unexpected exit is one line."""
@@ -129,8 +151,11 @@ def run_superlink(superlink_cmd: list[str], superlink_port: int, proxy_cmd: list
         if proxy_cmd is not None and proxy_port is not None:
             proxy = Relay(proxy_cmd, "[proxy] ")
             wait_for_listener(proxy, proxy_port, "the reverse proxy (nginx)")
-            print(f"superlink: sites connect to port {proxy_port} (Fleet API only, through nginx); Control and "
-                  f"ServerApp APIs on {LOOPBACK}:{superlink_port} only", flush=True)
+            print(
+                f"superlink: sites connect to port {proxy_port} (Fleet API only, through nginx); Control and "
+                f"ServerApp APIs on {LOOPBACK}:{superlink_port} only",
+                flush=True,
+            )
         while not stopping.is_set():
             for child, what in ((superlink, "the SuperLink"), (proxy, "the reverse proxy (nginx)")):
                 if child is not None and child.child.poll() is not None:
@@ -150,8 +175,10 @@ def run_superlink(superlink_cmd: list[str], superlink_port: int, proxy_cmd: list
 def check_connection(deploy_dir: Path) -> None:
     """The deployment folder has the `flwr` connection `register` writes."""
     if not (deploy_dir / "flwr-home" / "config.toml").is_file():
-        raise FedtuneError(f"--dir {deploy_dir}: no flwr-home/config.toml there; run `fedtune deploy init` and "
-                           f"`fedtune deploy register` with this --dir first")
+        raise FedtuneError(
+            f"--dir {deploy_dir}: no flwr-home/config.toml there; run `fedtune deploy init` and "
+            f"`fedtune deploy register` with this --dir first"
+        )
 
 
 def run_command(deploy_dir: Path, app_dir: Path, run_config: Sequence[str]) -> tuple[list[str], dict[str, str]]:

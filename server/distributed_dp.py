@@ -34,5 +34,11 @@ ADAM_TAU = 1e-8
 
 def distributed_dp_strategy(settings: RunSettings, **common: Any) -> FedAdam:
     """FedAdam stepping `dp-learning-rate` on each round's noisy mean gradient."""
-    return FedAdam(eta=settings.dp_peak_learning_rate, eta_l=1.0, beta_1=ADAM_BETAS[0],
-                   beta_2=ADAM_BETAS[1], tau=ADAM_TAU, **common)
+    return FedAdam(
+        eta=settings.dp_peak_learning_rate,
+        eta_l=1.0,
+        beta_1=ADAM_BETAS[0],
+        beta_2=ADAM_BETAS[1],
+        tau=ADAM_TAU,
+        **common,
+    )

@@ -39,7 +39,7 @@ class StageTiming:
     site_work: float | None
 
 
-class PromptGrid:
+class FastPollingGrid:
     """Delegates to a Flower Grid; `send_and_receive` polls every `poll_interval` s."""
 
     def __init__(self, grid: Any, poll_interval: float = 0.1) -> None:
@@ -105,5 +105,10 @@ def stage_timing(kind: str, pushed: float, reply: Message, received: float) -> S
     if record is None:
         return StageTiming(kind, seconds, None, None, None)
     start, begin, end = (float(record[k]) for k in ("process_start", "handler_start", "handler_end"))  # type: ignore[arg-type]
-    return StageTiming(kind, seconds, polling=max(0.0, start - pushed) + max(0.0, received - end),
-                       clientapp_start=max(0.0, begin - start), site_work=end - begin)
+    return StageTiming(
+        kind,
+        seconds,
+        polling=max(0.0, start - pushed) + max(0.0, received - end),
+        clientapp_start=max(0.0, begin - start),
+        site_work=end - begin,
+    )

@@ -8,12 +8,12 @@ Used by the launchers (`fedtune simulate`, `fedtune deploy run`) and by the Serv
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
 from fedtune.config import RunSettings, resolve_path
 from fedtune.errors import ConfigError, FedtuneError
+from fedtune.run_folder import METRICS_FILE, RUN_FILE, read_rounds
 
 from .privacy_budget import resume_refusal
 
@@ -39,16 +39,16 @@ def check_run_folder(settings: RunSettings) -> Path:
     """The run folder must be new, or (with `resume`) hold a run the budget did not stop."""
     run_path = Path(settings.output_dir).expanduser().resolve() / (settings.run_name or "-")
     if settings.resume:
-        if not (run_path / "run.json").exists():
-            raise FedtuneError(f"cannot resume: {run_path} holds no run (run.json missing)")
-        metrics = run_path / "metrics.jsonl"
-        records = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()] if metrics.exists() else []
-        refusal = resume_refusal(run_path, records, settings.dp, settings.dp_epsilon_budget)
+        if not (run_path / RUN_FILE).exists():
+            raise FedtuneError(f"cannot resume: {run_path} holds no run ({RUN_FILE} missing)")
+        refusal = resume_refusal(run_path, read_rounds(run_path), settings.dp, settings.dp_epsilon_budget)
         if refusal:
             raise FedtuneError(refusal)
-    elif settings.run_name and (run_path / "metrics.jsonl").exists():
-        raise FedtuneError(f"run folder {run_path} already holds a run; choose another run-name (--run-name), or "
-                           f"continue it (--resume)")
+    elif settings.run_name and (run_path / METRICS_FILE).exists():
+        raise FedtuneError(
+            f"run folder {run_path} already holds a run; choose another run-name (--run-name), or "
+            f"continue it (--resume)"
+        )
     check_writable(run_path.parent)
     return run_path
 
@@ -91,8 +91,11 @@ def check_model(settings: RunSettings) -> None:
     except Exception:  # a malformed id
         cached = None
     if not isinstance(cached, str):
-        raise ConfigError("model", f"{model!r} is neither a local folder nor a Hugging Face id in the local cache "
-                          f"(runs are offline: download it first, or pass a folder)")
+        raise ConfigError(
+            "model",
+            f"{model!r} is neither a local folder nor a Hugging Face id in the local cache "
+            f"(runs are offline: download it first, or pass a folder)",
+        )
 
 
 def _require_file(key: str, path: str) -> None:

@@ -7,25 +7,29 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from flwr.common import EvaluateIns, FitIns, FitRes, Parameters, Scalar
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from fedtune.run_folder import RoundRecord
+
 from .delegating_strategy import DelegatingStrategy
 
 log = logging.getLogger("fedtune.server")
 
 
-def resume_refusal(run_path: Path, records: Sequence[dict[str, Any]], dp: bool, budget: float) -> str | None:
+def resume_refusal(run_path: Path, records: Sequence[RoundRecord], dp: bool, budget: float) -> str | None:
     """Why a run may not be resumed under this budget: its last round already saw that
     one more round would pass it (the round record's `dp_epsilon_next_max`)."""
-    ahead = float(records[-1].get("dp_epsilon_next_max", 0.0)) if records else 0.0
+    ahead = float(records[-1].dp_epsilon_next_max or 0.0) if records else 0.0
     if dp and budget > 0 and ahead > budget:
-        return (f"cannot resume {run_path}: the DP budget stopped it after round {records[-1]['round']} (one more "
-                f"round would reach epsilon {ahead:.3f} > dp-epsilon-budget {budget:g})")
+        return (
+            f"cannot resume {run_path}: the DP budget stopped it after round {records[-1].round} (one more "
+            f"round would reach epsilon {ahead:.3f} > dp-epsilon-budget {budget:g})"
+        )
     return None
 
 
@@ -64,7 +68,12 @@ class EpsilonBudgetStrategy(DelegatingStrategy):
             self.stopped_after = server_round
             log.warning(
                 "DP budget: stopping after round %d: worst site epsilon %.3f; one more round would reach %.3f "
-                "> budget %.3f (delta %g)", server_round, self.worst_epsilon, max(ahead), self.budget, self.delta,
+                "> budget %.3f (delta %g)",
+                server_round,
+                self.worst_epsilon,
+                max(ahead),
+                self.budget,
+                self.delta,
             )
         return aggregated
 

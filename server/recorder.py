@@ -22,6 +22,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
 from fedtune.errors import FedtuneError
+from fedtune.run_folder import RoundRecord
 
 from .delegating_strategy import DelegatingStrategy
 from .polling_grid import one_line
@@ -39,7 +40,7 @@ class RecordingStrategy(DelegatingStrategy):
         self,
         inner: Strategy,
         grid: MeteredGrid,
-        append_record: Callable[[dict[str, Any]], None],
+        append_record: Callable[[RoundRecord], None],
         save_round: SaveFn,
         num_rounds: int,
         round_offset: int = 0,
@@ -52,7 +53,7 @@ class RecordingStrategy(DelegatingStrategy):
         self.round_offset = round_offset
         self.latest_parameters: Parameters | None = None
         self.completed_rounds: list[int] = []
-        self._pending: dict[str, Any] | None = None
+        self._pending: RoundRecord | None = None
         self._node_site: dict[int, str] = {}
         self._round_start = time.monotonic()
         self._configured_round: int | None = None
@@ -81,9 +82,11 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.flush()
         self._round_start = time.monotonic()
-        instructions = [(proxy, ins) for proxy, ins in
-                        self.inner.configure_fit(self.global_round(server_round), parameters, client_manager)
-                        if proxy.node_id not in self._left_out]
+        instructions = [
+            (proxy, ins)
+            for proxy, ins in self.inner.configure_fit(self.global_round(server_round), parameters, client_manager)
+            if proxy.node_id not in self._left_out
+        ]
         if instructions:  # an empty list is a deliberate stop (e.g. the DP budget), not a skip
             self._configured_round = self.global_round(server_round)
             self._configured_sites = len(instructions)
@@ -100,8 +103,9 @@ class RecordingStrategy(DelegatingStrategy):
         left_out = [f"node {node}: {reason}" for node, reason in sorted(self._left_out.items())]
         failed = list(dict.fromkeys(_failure_reason(f) for f in failures))
         reasons = list(dict.fromkeys([*failed, *self._refusals(rnd, set(failed)), *left_out]))
-        num_failed = (max(self._configured_sites - len(results), 0) if self._configured_sites else len(reasons)) \
-            + len(left_out)
+        num_failed = (max(self._configured_sites - len(results), 0) if self._configured_sites else len(reasons)) + len(
+            left_out
+        )
         for reason in reasons:
             log.warning("round %d: a site failed: %s", rnd, reason)
         if not results:
@@ -112,20 +116,17 @@ class RecordingStrategy(DelegatingStrategy):
             name = str(res.metrics.get("site", f"node-{proxy.node_id}"))
             self._node_site[proxy.node_id] = name
             sites[name] = {"node_id": proxy.node_id, **{k: v for k, v in res.metrics.items() if k != "site"}}
-        self._pending = {
-            "round": rnd,
-            "sites": sites,
-            "aggregate": {f"{k}": v for k, v in metrics.items()},
-            "failures": num_failed,
-            "failure_reasons": reasons,
-            "central": None,
-        }
         epsilons = [float(m["dp_epsilon"]) for m in sites.values() if "dp_epsilon" in m]
-        if epsilons:
-            self._pending["dp_epsilon_max"] = max(epsilons)
         ahead = [float(m["dp_epsilon_next"]) for m in sites.values() if "dp_epsilon_next" in m]
-        if ahead:
-            self._pending["dp_epsilon_next_max"] = max(ahead)  # a resume checks the budget against it
+        self._pending = RoundRecord(
+            round=rnd,
+            sites=sites,
+            aggregate=dict(metrics),
+            failures=num_failed,
+            failure_reasons=reasons,
+            dp_epsilon_max=max(epsilons) if epsilons else None,
+            dp_epsilon_next_max=max(ahead) if ahead else None,  # a resume checks the budget against it
+        )
         if params is not None:
             self.latest_parameters = params
             self.save_round(rnd, parameters_to_ndarrays(params))
@@ -135,9 +136,11 @@ class RecordingStrategy(DelegatingStrategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        return [(proxy, ins) for proxy, ins in
-                self.inner.configure_evaluate(self.global_round(server_round), parameters, client_manager)
-                if proxy.node_id not in self._left_out]
+        return [
+            (proxy, ins)
+            for proxy, ins in self.inner.configure_evaluate(self.global_round(server_round), parameters, client_manager)
+            if proxy.node_id not in self._left_out
+        ]
 
     def aggregate_evaluate(
         self,
@@ -149,17 +152,17 @@ class RecordingStrategy(DelegatingStrategy):
         if self._pending is not None:
             for proxy, res in results:
                 name = str(res.metrics.get("site", f"node-{proxy.node_id}"))
-                entry = self._pending["sites"].setdefault(name, {"node_id": proxy.node_id})
+                entry = self._pending.sites.setdefault(name, {"node_id": proxy.node_id})
                 entry.update({k: v for k, v in res.metrics.items() if k.startswith("val_")})
-            self._pending["aggregate"].update({k: v for k, v in metrics.items() if k.startswith("val_")})
+            self._pending.aggregate.update({k: v for k, v in metrics.items() if k.startswith("val_")})
             if loss is not None:
-                self._pending["aggregate"]["val_loss"] = loss
+                self._pending.aggregate["val_loss"] = loss
         return loss, metrics
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         result = self.inner.evaluate(self.global_round(server_round), parameters)
         if result is not None and self._pending is not None and server_round > 0:
-            self._pending["central"] = {k: float(v) for k, v in result[1].items()}
+            self._pending.central = {k: float(v) for k, v in result[1].items()}
         return result
 
     # -- recording --------------------------------------------------------------
@@ -172,36 +175,45 @@ class RecordingStrategy(DelegatingStrategy):
             return
         record = self._pending
         self._pending = None
-        round_key = str(record["round"] - self.round_offset)
-        for site in record["sites"].values():
+        round_key = str(record.round - self.round_offset)
+        for site in record.sites.values():
             site.update(self.grid.site_bytes(round_key, int(site["node_id"])))
-        record["bytes_down"] = sum(s["bytes_down"] for s in record["sites"].values())
-        record["bytes_up"] = sum(s["bytes_up"] for s in record["sites"].values())
-        record["round_seconds"] = round(time.monotonic() - self._round_start, 3)
+        record.bytes_down = sum(s["bytes_down"] for s in record.sites.values())
+        record.bytes_up = sum(s["bytes_up"] for s in record.sites.values())
+        record.round_seconds = round(time.monotonic() - self._round_start, 3)
         dispatch = self.grid.dispatch_seconds(round_key)
         if dispatch["stages"]:
-            record["dispatch"] = dispatch  # the round's stages: polling, ClientApp start-up, site work
+            record.dispatch = dispatch  # the round's stages: polling, ClientApp start-up, site work
         self.append_record(record)
-        self.completed_rounds.append(record["round"])
-        agg = record["aggregate"]
-        parts = [f"[round {record['round']}/{self.num_rounds + self.round_offset}]"]
+        self.completed_rounds.append(record.round)
+        agg = record.aggregate
+        parts = [f"[round {record.round}/{self.num_rounds + self.round_offset}]"]
         if "val_accuracy" in agg:
             parts.append(f"site-val acc {agg['val_accuracy']:.4f}")
         if "val_exact_match" in agg:
             parts.append(f"site-val exact match {agg['val_exact_match']:.4f}")
         if "val_loss" in agg:
             parts.append(f"site-val loss {agg['val_loss']:.4f}")
-        if record["central"]:
-            parts.append(" ".join(f"central {k} {v:.4f}" for k, v in record["central"].items() if k in ("accuracy", "exact_match", "loss", "perplexity")))
-        parts.append(f"up {record['bytes_up'] / 1e6:.2f} MB, {record['round_seconds']:.1f}s")
+        if record.central:
+            parts.append(
+                " ".join(
+                    f"central {k} {v:.4f}"
+                    for k, v in record.central.items()
+                    if k in ("accuracy", "exact_match", "loss", "perplexity")
+                )
+            )
+        parts.append(f"up {record.bytes_up / 1e6:.2f} MB, {record.round_seconds:.1f}s")
         log.info(" | ".join(parts))
 
     def _refusals(self, rnd: int, known: set[str] = frozenset()) -> list[str]:  # type: ignore[assignment]
         """What the sites that refused this round's messages said, one line each, by site;
         reasons already in `known` (Flower passed them as fit failures) are not repeated."""
         refused = getattr(self.grid, "refusals", {}).get(str(rnd - self.round_offset), {})
-        return [f"{self._node_site.get(node, f'node {node}')}: {reason}" for node, reason in sorted(refused.items())
-                if reason not in known]
+        return [
+            f"{self._node_site.get(node, f'node {node}')}: {reason}"
+            for node, reason in sorted(refused.items())
+            if reason not in known
+        ]
 
     def _record_skipped(self, rnd: int) -> None:
         """A round that produced no aggregate (SecAgg+ below its threshold): the global
@@ -209,12 +221,19 @@ class RecordingStrategy(DelegatingStrategy):
         refusals = [*self._refusals(rnd), *(f"node {n}: {r}" for n, r in sorted(self._left_out.items()))]
         log.warning(
             "[round %d/%d] skipped: too few sites completed secure aggregation (below the "
-            "reconstruction threshold); the global adapter is unchanged%s", rnd, self.num_rounds + self.round_offset,
+            "reconstruction threshold); the global adapter is unchanged%s",
+            rnd,
+            self.num_rounds + self.round_offset,
             "".join(f"\n  refused by {line}" for line in refusals),
         )
-        self.append_record({"round": rnd, "skipped": True, "sites": {}, "aggregate": {}, "central": None,
-                            "failure_reasons": refusals,
-                            "round_seconds": round(time.monotonic() - self._round_start, 3)})
+        self.append_record(
+            RoundRecord(
+                round=rnd,
+                skipped=True,
+                failure_reasons=refusals,
+                round_seconds=round(time.monotonic() - self._round_start, 3),
+            )
+        )
         self.completed_rounds.append(rnd)
 
     def _log_fit(self, rnd: int, sites: dict[str, dict[str, Any]], failures: int) -> None:

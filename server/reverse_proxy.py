@@ -19,8 +19,10 @@ from pathlib import Path
 
 from fedtune.errors import FedtuneError
 
-INSTALL_NGINX = ("nginx not found: install it (Debian/Ubuntu: sudo apt-get install nginx; macOS: brew install "
-                 "nginx), or run the SuperLink with --no-proxy (sites on this machine only)")
+INSTALL_NGINX = (
+    "nginx not found: install it (Debian/Ubuntu: sudo apt-get install nginx; macOS: brew install "
+    "nginx), or run the SuperLink with --no-proxy (sites on this machine only)"
+)
 FLEET_METHOD = r"^/v1/fleet/[a-z][a-z-]*$"  # every Fleet API call: POST, no query string
 UPSTREAM_NAME = "localhost"  # the name nginx checks on the SuperLink's certificate
 
@@ -50,8 +52,11 @@ def find_nginx() -> str:
 def nginx_config(settings: ProxySettings, folder: Path) -> str:
     """The whole nginx.conf: one server, Fleet API only, state and logs under `folder`."""
     listen = f"[{settings.listen_host}]" if ":" in settings.listen_host else settings.listen_host
-    client_cert = (f"        ssl_client_certificate {settings.ca};\n        ssl_verify_client on;\n"
-                   f"        ssl_verify_depth 1;\n" if settings.require_client_cert else "")
+    client_cert = (
+        f"        ssl_client_certificate {settings.ca};\n        ssl_verify_client on;\n        ssl_verify_depth 1;\n"
+        if settings.require_client_cert
+        else ""
+    )
     return f"""# Written by `fedtune deploy superlink`; rewritten at every start.
 worker_processes 1;
 pid {folder}/nginx.pid;

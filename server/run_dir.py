@@ -1,5 +1,6 @@
-"""The run folder `runs/<run-id>/`: per-round PEFT adapters, `metrics.jsonl`, the
-final adapter, plots and the report."""
+"""The run folder `runs/<run-id>/` on the coordinator: where its files go and how they are
+written (atomic JSON, fsynced round records, PEFT adapters). What the files hold is typed
+in `fedtune/run_folder.py`."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from peft import PeftModel
 
 from fedtune.adapter_io import save_adapter, set_adapter_arrays
 from fedtune.model import LoraSettings
+from fedtune.run_folder import FINAL_DIR, METRICS_FILE, RoundRecord, read_rounds, round_dir_name
 
 
 @dataclass
@@ -24,14 +26,14 @@ class RunDir:
 
     @property
     def metrics_file(self) -> Path:
-        return self.path / "metrics.jsonl"
+        return self.path / METRICS_FILE
 
     def round_dir(self, server_round: int) -> Path:
-        return self.path / f"round-{server_round:03d}"
+        return self.path / round_dir_name(server_round)
 
     @property
     def final_dir(self) -> Path:
-        return self.path / "final"
+        return self.path / FINAL_DIR
 
     def create(self) -> "RunDir":
         self.path.mkdir(parents=True, exist_ok=True)
@@ -45,20 +47,22 @@ class RunDir:
         os.replace(tmp, target)
         return target
 
-    def append_metrics(self, record: dict[str, Any]) -> None:
-        """Append one JSON line and flush it to disk."""
+    def append_round(self, record: RoundRecord) -> None:
+        """Append the round's record as one JSON line and flush it to disk."""
         with self.metrics_file.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, default=float) + "\n")
+            handle.write(json.dumps(record.to_json(), default=float) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics_file.exists():
-            return []
-        return [json.loads(line) for line in self.metrics_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    def read_rounds(self) -> list[RoundRecord]:
+        return read_rounds(self.path)
 
     def save_adapter(
-        self, model: PeftModel, arrays: Sequence[np.ndarray], out_dir: Path, metadata: dict[str, Any],
+        self,
+        model: PeftModel,
+        arrays: Sequence[np.ndarray],
+        out_dir: Path,
+        metadata: dict[str, Any],
         lora: LoraSettings | None = None,
     ) -> Path:
         """Load the global arrays into the template model and save it in PEFT format

@@ -36,8 +36,10 @@ def check_workflow_state() -> None:
     stages_ok = all(callable(getattr(SecAggPlusWorkflow, s, None)) for s in STAGES)
     unmask = inspect.getsource(SecAggPlusWorkflow.unmask_stage) if stages_ok else ""
     if not set(STATE_FIELDS) <= names or not stages_ok or "state.sampled_node_ids - active_nids" not in unmask:
-        raise FedtuneError("this Flower's SecAgg+ workflow no longer keeps sampled/active site sets as fedtune "
-                           "expects (verified on Flower 1.41); refusing SecAgg+ rather than losing rounds to dropouts")
+        raise FedtuneError(
+            "this Flower's SecAgg+ workflow no longer keeps sampled/active site sets as fedtune "
+            "expects (verified on Flower 1.41); refusing SecAgg+ rather than losing rounds to dropouts"
+        )
 
 
 class DropoutTolerantSecAggPlusWorkflow(SecAggPlusWorkflow):  # type: ignore[misc]

@@ -84,15 +84,20 @@ def secagg_census(grid: Any, nodes: list[int], timeout: float) -> Census:
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             refused[reply.metadata.src_node_id] = one_line(reply.error.reason)
-            log.warning("SecAgg+ census: node %d refused the run: %s", reply.metadata.src_node_id,
-                        refused[reply.metadata.src_node_id])
+            log.warning(
+                "SecAgg+ census: node %d refused the run: %s",
+                reply.metadata.src_node_id,
+                refused[reply.metadata.src_node_id],
+            )
         elif reply.has_content():
             res = compat.recorddict_to_getpropertiesres(reply.content)
             if "num_examples" in res.properties:
                 counts.append(int(res.properties["num_examples"]))
     if not counts:
-        raise FedtuneError("no site answered the SecAgg+ census of example counts"
-                           + (f" ({'; '.join(refused.values())})" if refused else ""))
+        raise FedtuneError(
+            "no site answered the SecAgg+ census of example counts"
+            + (f" ({'; '.join(refused.values())})" if refused else "")
+        )
     log.info("SecAgg+: %d sites, largest holds %d training examples (max_weight)", len(counts), max(counts))
     return Census(float(max(counts)), refused)
 

@@ -22,7 +22,9 @@ def weighted_metrics(results: list[tuple[int, Metrics]]) -> Metrics:
     if total == 0:
         return {}
     keys = {
-        k for _, m in results for k, v in m.items()
+        k
+        for _, m in results
+        for k, v in m.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("num_examples", "steps")
     }
     return {
@@ -66,8 +68,9 @@ def build_strategy(
     if name == "fedavg":
         return FedAvg(**common)
     if name == "fedavgm":
-        return FedAvgM(server_learning_rate=settings.server_learning_rate,
-                       server_momentum=settings.server_momentum, **common)
+        return FedAvgM(
+            server_learning_rate=settings.server_learning_rate, server_momentum=settings.server_momentum, **common
+        )
     if name == "fedprox":
         return FedProx(proximal_mu=settings.proximal_mu, **common)
     if name == "fedadam":

@@ -38,7 +38,8 @@ def check_strategy_state(strategy: Strategy) -> None:
     if missing:
         raise FedtuneError(
             f"{type(strategy).__name__} in Flower {flwr.__version__} has no {', '.join(missing)}: fedtune saves and "
-            "resumes the strategy's state from these attributes (verified on Flower 1.41.x); install that version")
+            "resumes the strategy's state from these attributes (verified on Flower 1.41.x); install that version"
+        )
 
 
 def save_strategy_state(strategy: Strategy, folder: Path) -> Path | None:

@@ -42,8 +42,14 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("tiny-bert")
     tok = _minilm_tokenizer()
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=128,
+    )
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -66,9 +72,18 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.chat_template = CHAT_TEMPLATE
     tok.eos_token = "[SEP]"
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
-                      pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, bos_token_id=tok.cls_token_id)
+    cfg = LlamaConfig(
+        vocab_size=tok.vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.sep_token_id,
+        bos_token_id=tok.cls_token_id,
+    )
     LlamaForCausalLM(cfg).save_pretrained(out)
     tok.save_pretrained(out)
     return out
@@ -122,12 +137,22 @@ def completion_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]
 def _federate(root: Path, name: str, overrides: dict[str, object]) -> Path:
     """One short real federation (2 sites, 1 round) into root/runs/name."""
     from fedtune.cli.simulation import run_simulation
-
     from fedtune.config import default_run_config
 
-    config = {**default_run_config(), "output-dir": str(root / "runs"), "run-name": name, "num-rounds": 1,
-              "local-steps": 12, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
-              "lr-schedule": "constant", "partitioning": "iid", "val-fraction": 0.2, **overrides}
+    config = {
+        **default_run_config(),
+        "output-dir": str(root / "runs"),
+        "run-name": name,
+        "num-rounds": 1,
+        "local-steps": 12,
+        "batch-size": 16,
+        "learning-rate": 0.05,
+        "warmup-fraction": 0.0,
+        "lr-schedule": "constant",
+        "partitioning": "iid",
+        "val-fraction": 0.2,
+        **overrides,
+    }
     run_simulation(config, num_sites=2)
     return root / "runs" / name
 
@@ -150,15 +175,27 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def bert_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_bert_dir: Path, sentiment_data: dict[str, Path],
-                keys: dict[str, Path]) -> tuple[Path, Path, dict]:
+def bert_bundle(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_bert_dir: Path,
+    sentiment_data: dict[str, Path],
+    keys: dict[str, Path],
+) -> tuple[Path, Path, dict]:
     """A tiny BERT federated with SecAgg+ and exported to a signed INT8 bundle."""
     from fedtune.edge_export.exporter import export_bundle
 
     root = tmp_path_factory.mktemp("bert-export")
-    run_dir = _federate(root, "bert", {"model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
-                                      "labels-file": str(sentiment_data["labels"]),
-                                      "central-eval-path": str(sentiment_data["test"]), "secagg": True})
+    run_dir = _federate(
+        root,
+        "bert",
+        {
+            "model": str(tiny_bert_dir),
+            "data-path": str(sentiment_data["train"]),
+            "labels-file": str(sentiment_data["labels"]),
+            "central-eval-path": str(sentiment_data["test"]),
+            "secagg": True,
+        },
+    )
     manifest = export_bundle(run_dir, root / "bundle", keys["private"], max_accuracy_drop_pt=100.0)
     return run_dir, root / "bundle", manifest
 

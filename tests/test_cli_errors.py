@@ -51,8 +51,18 @@ def test_bad_certificate_and_unreachable_registry_are_one_line(tmp_path: Path, k
 
 
 def test_site_floor_flags_are_checked_before_anything_is_dialled(tmp_path: Path) -> None:
-    site = ["deploy", "site", "--superlink", f"127.0.0.1:{free_port()}", "--ca", str(tmp_path / "ca.pem"),
-            "--key", str(tmp_path / "site.key"), "--data", str(tmp_path / "site.jsonl")]
+    site = [
+        "deploy",
+        "site",
+        "--superlink",
+        f"127.0.0.1:{free_port()}",
+        "--ca",
+        str(tmp_path / "ca.pem"),
+        "--key",
+        str(tmp_path / "site.key"),
+        "--data",
+        str(tmp_path / "site.jsonl"),
+    ]
     line = one_line_error(fedtune(*site, "--own-noise-only"))
     assert line == "fedtune: error: --own-noise-only applies to --max-epsilon: set both"
     line = one_line_error(fedtune(*site, "--max-epsilon", "0"))
@@ -63,8 +73,15 @@ def test_site_floor_flags_are_checked_before_anything_is_dialled(tmp_path: Path)
 def test_bench_llm_federated_config_bad_key_names_its_flag() -> None:
     """bench/llm.py's --federated-config is checked before any model loads: one line naming the flag."""
     bench = Path(__file__).resolve().parent.parent / "bench" / "llm.py"
-    run = subprocess.run([sys.executable, str(bench), "--federated-config", "keep-optimiser-state=true"],
-                         capture_output=True, text=True, env=child_env(), timeout=120)
+    run = subprocess.run(
+        [sys.executable, str(bench), "--federated-config", "keep-optimiser-state=true"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=120,
+    )
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert run.stderr.splitlines()[-1] == ("llm.py: error: --federated-config 'keep-optimiser-state=true': "
-                                           "unknown key 'keep-optimiser-state'; did you mean 'keep-optimizer-state'?")
+    assert run.stderr.splitlines()[-1] == (
+        "llm.py: error: --federated-config 'keep-optimiser-state=true': "
+        "unknown key 'keep-optimiser-state'; did you mean 'keep-optimizer-state'?"
+    )

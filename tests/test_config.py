@@ -6,14 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedtune.server.strategies import build_strategy, weighted_metrics
 from flwr.common import ndarrays_to_parameters
 from flwr.server.strategy import FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
 
 from fedtune.config import RunSettings, default_run_config
 from fedtune.errors import ConfigError
 from fedtune.schedule import lr_factor, round_progress
-
+from fedtune.server.strategies import build_strategy, weighted_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,7 +24,7 @@ def test_pyproject_table_is_the_declarations_written_out() -> None:
 
     assert differences(REPO / "pyproject.toml") == []
     text = (REPO / "pyproject.toml").read_text()
-    assert text[text.index(TABLE):] == render_table()
+    assert text[text.index(TABLE) :] == render_table()
 
 
 def test_one_default_changed_in_one_place_shows_everywhere(tmp_path: Path) -> None:
@@ -47,11 +46,14 @@ def test_one_default_changed_in_one_place_shows_everywhere(tmp_path: Path) -> No
 
     def run(code: str) -> subprocess.CompletedProcess[str]:
         env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path)}
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
-                              timeout=120)
+        return subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120
+        )
 
-    probe = run("import fedtune.config as c; from fedtune.config import RunSettings; print(c.__file__); "
-                "print(RunSettings().lora_r)")
+    probe = run(
+        "import fedtune.config as c; from fedtune.config import RunSettings; print(c.__file__); "
+        "print(RunSettings().lora_r)"
+    )
     assert probe.stdout.split() == [str(config), "12"], probe.stderr[-2000:]
     cli = "import sys; from fedtune.cli import main; sys.exit(main(sys.argv[1:]))"
     help_text = run(f"import sys; sys.argv[1:] = ['simulate', '--help']; {cli}")
@@ -64,7 +66,9 @@ def test_one_default_changed_in_one_place_shows_everywhere(tmp_path: Path) -> No
     import tomllib
 
     assert tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]["lora-r"] == 12
-    assert run(f"import sys; sys.argv[1:] = ['settings', '--check-pyproject', {str(pyproject)!r}]; {cli}").returncode == 0
+    assert (
+        run(f"import sys; sys.argv[1:] = ['settings', '--check-pyproject', {str(pyproject)!r}]; {cli}").returncode == 0
+    )
 
 
 def test_pyproject_defaults_parse() -> None:
@@ -117,7 +121,8 @@ def test_label_list_from_string_and_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "cls"), [("fedavg", FedAvg), ("fedavgm", FedAvgM), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)]
+    ("name", "cls"),
+    [("fedavg", FedAvg), ("fedavgm", FedAvgM), ("fedprox", FedProx), ("fedadam", FedAdam), ("fedyogi", FedYogi)],
 )
 def test_strategy_by_name(name: str, cls: type) -> None:
     params = ndarrays_to_parameters([np.zeros(3, np.float32)])
@@ -125,8 +130,30 @@ def test_strategy_by_name(name: str, cls: type) -> None:
     assert type(strategy) is cls
 
 
+@pytest.mark.parametrize(
+    ("name", "run", "attributes"),
+    [
+        (
+            "fedavgm",
+            {"server-learning-rate": 0.7, "server-momentum": 0.9},
+            {"server_learning_rate": 0.7, "server_momentum": 0.9},
+        ),
+        ("fedprox", {"proximal-mu": 0.25}, {"proximal_mu": 0.25}),
+        ("fedadam", {"fedopt-eta": 0.03, "fedopt-tau": 0.002}, {"eta": 0.03, "tau": 0.002}),
+        ("fedyogi", {"fedopt-eta": 0.04, "fedopt-tau": 0.005}, {"eta": 0.04, "tau": 0.005}),
+    ],
+)
+def test_strategy_settings_reach_flowers_strategy(name: str, run: dict, attributes: dict) -> None:
+    params = ndarrays_to_parameters([np.zeros(3, np.float32)])
+    settings = RunSettings.from_run_config({**default_run_config(), "strategy": name, **run})
+    strategy = build_strategy(settings, params, None, lambda r: {}, lambda r: {})
+    assert {k: getattr(strategy, k) for k in attributes} == attributes
+
+
 def test_weighted_metrics_weights_by_examples() -> None:
-    out = weighted_metrics([(1, {"acc": 1.0, "site": "a", "num_examples": 1}), (3, {"acc": 0.0, "site": "b", "num_examples": 3})])
+    out = weighted_metrics(
+        [(1, {"acc": 1.0, "site": "a", "num_examples": 1}), (3, {"acc": 0.0, "site": "b", "num_examples": 3})]
+    )
     assert out == {"acc": 0.25}
 
 
@@ -146,8 +173,16 @@ def test_low_rank_head_refuses_a_head_with_hidden_layers(tmp_path: Path) -> None
 
     from fedtune.model import LoraSettings, build_lora_model
 
-    RobertaModel(RobertaConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=40)).save_pretrained(tmp_path)
+    RobertaModel(
+        RobertaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=40,
+        )
+    ).save_pretrained(tmp_path)
     with pytest.raises(ConfigError) as info:
         build_lora_model(str(tmp_path), "seq-cls", LoraSettings(freeze_a=True, head_rank=4), ["a", "b"])
     assert str(info.value).startswith("config 'ffa-head-rank':") and "RobertaClassificationHead" in str(info.value)

@@ -70,7 +70,9 @@ def test_completion_file_errors(name: str) -> None:
 
 
 def _fedtune(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 @pytest.mark.parametrize("name", ["bad_json.jsonl", "missing_text.jsonl", "unknown_label.jsonl", "empty_cell.csv"])
@@ -93,15 +95,28 @@ def test_cli_check_data_accepts_good_file(sentiment_data: dict[str, Path]) -> No
     assert "OK, 240 examples, 2 of 2 labels present" in proc.stdout
 
 
-def test_cli_simulate_bad_data_fails_early_and_keeps_existing_run(tmp_path: Path, sentiment_data: dict[str, Path]) -> None:
+def test_cli_simulate_bad_data_fails_early_and_keeps_existing_run(
+    tmp_path: Path, sentiment_data: dict[str, Path]
+) -> None:
     runs = tmp_path / "runs"
     existing = runs / "earlier"
     existing.mkdir(parents=True)
     (existing / "metrics.jsonl").write_text('{"round": 1}\n')
     before = (existing / "metrics.jsonl").read_bytes()
     # A bad data file: one line, exit 1, Ray never starts.
-    proc = _fedtune("simulate", "--sites", "2", "--data", str(BAD / "unknown_label.jsonl"),
-                    "--set", f"labels-file={sentiment_data['labels']}", "--output-dir", str(runs), "--run-name", "new")
+    proc = _fedtune(
+        "simulate",
+        "--sites",
+        "2",
+        "--data",
+        str(BAD / "unknown_label.jsonl"),
+        "--set",
+        f"labels-file={sentiment_data['labels']}",
+        "--output-dir",
+        str(runs),
+        "--run-name",
+        "new",
+    )
     assert proc.returncode == 1
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines() == [
@@ -110,9 +125,21 @@ def test_cli_simulate_bad_data_fails_early_and_keeps_existing_run(tmp_path: Path
     ]
     assert not (runs / "new").exists()
     # Reusing an existing run's name is refused, and the earlier run is untouched.
-    proc = _fedtune("simulate", "--sites", "2", "--data", str(sentiment_data["train"]),
-                    "--set", f"labels-file={sentiment_data['labels']}", "--set", f"central-eval-path={sentiment_data['test']}",
-                    "--output-dir", str(runs), "--run-name", "earlier")
+    proc = _fedtune(
+        "simulate",
+        "--sites",
+        "2",
+        "--data",
+        str(sentiment_data["train"]),
+        "--set",
+        f"labels-file={sentiment_data['labels']}",
+        "--set",
+        f"central-eval-path={sentiment_data['test']}",
+        "--output-dir",
+        str(runs),
+        "--run-name",
+        "earlier",
+    )
     assert proc.returncode == 1
     assert "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
     assert (existing / "metrics.jsonl").read_bytes() == before

@@ -26,9 +26,19 @@ SIGMA, CLIP, THRESHOLD, SITES = 1.5, 0.5, 3, 5
 
 
 def _settings(tiny_bert_dir: Path, noise: float) -> RunSettings:
-    return RunSettings.from_run_config({
-        "model": str(tiny_bert_dir), "labels": "pos,neg", "dp": True, "secagg": True, "dp-mode": "distributed",
-        "dp-head-only": True, "dp-noise-multiplier": noise, "dp-max-grad-norm": CLIP, "dp-sample-rate": 1.0})
+    return RunSettings.from_run_config(
+        {
+            "model": str(tiny_bert_dir),
+            "labels": "pos,neg",
+            "dp": True,
+            "secagg": True,
+            "dp-mode": "distributed",
+            "dp-head-only": True,
+            "dp-noise-multiplier": noise,
+            "dp-max-grad-norm": CLIP,
+            "dp-sample-rate": 1.0,
+        }
+    )
 
 
 def test_noise_shares_add_up_to_the_configured_total_for_any_surviving_set(tiny_bert_dir: Path) -> None:
@@ -60,8 +70,13 @@ def test_noise_shares_add_up_to_the_configured_total_for_any_surviving_set(tiny_
 
 
 def _context(stage: str, sample: int = 3, share: int = 3, threshold: int = 2) -> Context:
-    state = RecordDict({RECORD_KEY_STATE: ConfigRecord({"current_stage": stage, "sample_num": sample,
-                                                        "share_num": share, "threshold": threshold})})
+    state = RecordDict(
+        {
+            RECORD_KEY_STATE: ConfigRecord(
+                {"current_stage": stage, "sample_num": sample, "share_num": share, "threshold": threshold}
+            )
+        }
+    )
     return Context(run_id=1, node_id=1, node_config={}, state=state, run_config={})
 
 
@@ -79,9 +94,11 @@ def test_the_threshold_comes_from_the_protocol_state_not_the_coordinator() -> No
         checked_threshold(SecAggSetup(7, 3, 2), "bank-a")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_distributed_dp_federation_accounts_epsilon_and_stops_at_budget(
-        tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]) -> None:
+    tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
     noise, rate, delta = 1.0, 0.5, 1e-5
 
     def epsilon(rounds: int, multiplier: float = noise) -> float:
@@ -91,12 +108,27 @@ def test_distributed_dp_federation_accounts_epsilon_and_stops_at_budget(
         return acc.get_epsilon(delta)
 
     budget = (epsilon(2) + epsilon(3)) / 2
-    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
-              "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
-              "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "secagg": True, "dp": True,
-              "dp-mode": "distributed", "dp-noise-multiplier": noise, "dp-sample-rate": rate, "dp-delta": delta,
-              "dp-learning-rate": 0.05, "dp-epsilon-budget": budget, "output-dir": str(tmp_path / "runs"),
-              "run-name": "ddp", "site-state-dir": str(tmp_path / "site-state")}
+    config = {
+        **default_run_config(),
+        "model": str(tiny_bert_dir),
+        "data-path": str(sentiment_data["train"]),
+        "labels-file": str(sentiment_data["labels"]),
+        "central-eval-path": str(sentiment_data["test"]),
+        "partitioning": "iid",
+        "val-fraction": 0.2,
+        "num-rounds": 4,
+        "secagg": True,
+        "dp": True,
+        "dp-mode": "distributed",
+        "dp-noise-multiplier": noise,
+        "dp-sample-rate": rate,
+        "dp-delta": delta,
+        "dp-learning-rate": 0.05,
+        "dp-epsilon-budget": budget,
+        "output-dir": str(tmp_path / "runs"),
+        "run-name": "ddp",
+        "site-state-dir": str(tmp_path / "site-state"),
+    }
     run_simulation(config, num_sites=2)
     run_dir = tmp_path / "runs" / "ddp"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -134,8 +166,9 @@ def test_the_site_accountant_is_opacus_own(name: str) -> None:
             reference.step(noise_multiplier=noise, sample_rate=rate)
     assert epsilon_of(accountant_for(settings, history), 1e-5) == pytest.approx(reference.get_epsilon(1e-5), rel=1e-3)
     sigma = noise_multiplier_for(settings, 0.2, 100)
-    assert sigma == get_noise_multiplier(target_epsilon=4.0, target_delta=1e-5, sample_rate=0.2, steps=100,
-                                         accountant=name)
+    assert sigma == get_noise_multiplier(
+        target_epsilon=4.0, target_delta=1e-5, sample_rate=0.2, steps=100, accountant=name
+    )
     if name == "prv":
         rdp = RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 4.0, "dp-accountant": "rdp"})
         assert sigma < noise_multiplier_for(rdp, 0.2, 100)

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedtune.cli.simulation import run_simulation
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
+from fedtune.cli.simulation import run_simulation
 from fedtune.config import default_run_config
 from fedtune.errors import FedtuneError
 from fedtune.length_buckets import length_buckets
@@ -27,16 +27,34 @@ def _epsilon_after(rounds: int) -> float:
     return acc.get_epsilon(DELTA)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]) -> None:
+def test_dp_epsilon_grows_and_run_stops_at_budget(
+    tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
     budget = (_epsilon_after(2) + _epsilon_after(3)) / 2  # rounds 1-2 fit, a 3rd would not
-    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
-              "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
-              "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "local-steps": STEPS, "batch-size": 4 * BATCH,
-              "learning-rate": 0.05, "dp": True, "dp-batch-size": BATCH, "dp-learning-rate": 0.02,
-              "dp-noise-multiplier": NOISE, "dp-delta": DELTA,
-              "dp-epsilon-budget": budget, "output-dir": str(tmp_path / "runs"), "run-name": "dp",
-              "site-state-dir": str(tmp_path / "site-state")}
+    config = {
+        **default_run_config(),
+        "model": str(tiny_bert_dir),
+        "data-path": str(sentiment_data["train"]),
+        "labels-file": str(sentiment_data["labels"]),
+        "central-eval-path": str(sentiment_data["test"]),
+        "partitioning": "iid",
+        "val-fraction": 0.2,
+        "num-rounds": 4,
+        "local-steps": STEPS,
+        "batch-size": 4 * BATCH,
+        "learning-rate": 0.05,
+        "dp": True,
+        "dp-batch-size": BATCH,
+        "dp-learning-rate": 0.02,
+        "dp-noise-multiplier": NOISE,
+        "dp-delta": DELTA,
+        "dp-epsilon-budget": budget,
+        "output-dir": str(tmp_path / "runs"),
+        "run-name": "dp",
+        "site-state-dir": str(tmp_path / "site-state"),
+    }
     run_simulation(config, num_sites=2)
     run_dir = tmp_path / "runs" / "dp"
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -65,16 +83,18 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(tmp_path: Path, tiny_bert_dir:
     assert ((run_dir / "metrics.jsonl").read_text(), (run_dir / "run.json").read_text()) == before
 
 
-def test_dp_step_in_length_buckets_equals_one_padded_batch(tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_dp_step_in_length_buckets_equals_one_padded_batch(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Splitting a Poisson batch into physical batches of similar length changes nothing:
     per-example clipping sees the same per-example gradients, and noise is added once."""
     import copy
 
-    from fedtune.client import dp_trainer
     from opacus import GradSampleModule
     from opacus.optimizers import DPOptimizer
     from transformers import AutoTokenizer
 
+    from fedtune.client import dp_trainer
     from fedtune.data import ClassificationExample
     from fedtune.encoding import ClassificationEncoder, example_lengths
     from fedtune.model import LoraSettings, build_lora_model
@@ -96,8 +116,9 @@ def test_dp_step_in_length_buckets_equals_one_padded_batch(tiny_bert_dir: Path, 
         model = copy.deepcopy(base)
         params = [p for p in model.parameters() if p.requires_grad]
         gsm = GradSampleModule(model)
-        optimizer = DPOptimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05,
-                                expected_batch_size=len(texts))
+        optimizer = DPOptimizer(
+            torch.optim.SGD(params, lr=1.0), noise_multiplier=0.0, max_grad_norm=0.05, expected_batch_size=len(texts)
+        )
         loss = dp_trainer.dp_step(gsm, optimizer, encoder, list(range(len(texts))), lengths, None, torch.device("cpu"))
         gsm.remove_hooks()
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}, loss
@@ -112,4 +133,3 @@ def test_dp_step_in_length_buckets_equals_one_padded_batch(tiny_bert_dir: Path, 
     assert float(d_whole.norm()) > 0  # the step did update the adapter
     # Same update up to float rounding (a wrong scale, e.g. dividing by the number of passes, is off by 50 %+).
     assert float((d_split - d_whole).norm() / d_whole.norm()) < 1e-4
-

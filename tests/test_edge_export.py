@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import tomllib
+
 from fedtune.edge_device.bundle import MANIFEST_FILE, BundleError
 from fedtune.edge_device.runtime import EdgeModel
 from fedtune.edge_export.exporter import ExportGateError, export_bundle
@@ -21,9 +22,11 @@ from fedtune.edge_export.exporter import ExportGateError, export_bundle
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_bert_bundle_int8_parity_manifest_and_prediction(bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path],
-                                                         sentiment_data: dict[str, Path]) -> None:
+def test_bert_bundle_int8_parity_manifest_and_prediction(
+    bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], sentiment_data: dict[str, Path]
+) -> None:
     run_dir, bundle, manifest = bert_bundle
     run = json.loads((run_dir / "run.json").read_text())
     # Provenance, privacy and quantisation are in the signed manifest.
@@ -31,14 +34,20 @@ def test_bert_bundle_int8_parity_manifest_and_prediction(bert_bundle: tuple[Path
     assert len(manifest["base_model"]["sha256"]) == 64 and len(manifest["adapter"]["sha256"]) == 64
     fed = manifest["federation"]
     assert fed["rounds"] == 1 and fed["sites"] == 2 and fed["secagg"]["enabled"] is True
-    assert fed["dp"]["enabled"] is False and fed["final_metrics"]["central"]["accuracy"] >= 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert fed["dp"]["enabled"] is False and fed["final_metrics"]["central"] == summary["central"]
+    assert 0.0 <= summary["central"]["accuracy"] <= 1.0
     assert manifest["quantization"]["weight_type"] == "QInt8" and manifest["quantization"]["opset"] >= 11
-    assert set(manifest["files"]) == {"model.onnx", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert set(manifest["files"]) == {
+        "model.onnx",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     gate = manifest["parity"]
     assert gate["examples"] > 0 and 0.0 <= gate["top1_agreement"] <= 1.0 and gate["max_abs_logit_delta"] < 1.0
     assert gate["accuracy_drop_pt"] == pytest.approx(100 * (gate["torch_accuracy"] - gate["onnx_accuracy"]))
     # The INT8 graph really is quantised and smaller than the fp32 weights.
-    import onnx
 
     graph = onnx.load(str(bundle / "model.onnx")).graph
     assert any(n.op_type in ("DynamicQuantizeLinear", "MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
@@ -52,8 +61,23 @@ def test_bert_bundle_int8_parity_manifest_and_prediction(bert_bundle: tuple[Path
     assert all(p.label in manifest["labels"] for p in preds)
     assert all(abs(sum(p.probabilities.values()) - 1.0) < 1e-5 for p in preds)
     # The CLI prints the label in one line.
-    out = subprocess.run([sys.executable, "-m", "fedtune.cli", "edge", "predict", str(bundle), "good great",
-                          "--trust-key", str(keys["public"]), "--json"], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            "edge",
+            "predict",
+            str(bundle),
+            "good great",
+            "--trust-key",
+            str(keys["public"]),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["label"] in manifest["labels"]
 
@@ -65,8 +89,9 @@ def _flip_byte(path: Path, offset: int) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_runtime_refuses_altered_or_foreign_bundles(bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path],
-                                                    tmp_path: Path) -> None:
+def test_runtime_refuses_altered_or_foreign_bundles(
+    bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     import shutil
 
     _, bundle, _ = bert_bundle
@@ -92,8 +117,22 @@ def test_runtime_refuses_altered_or_foreign_bundles(bert_bundle: tuple[Path, Pat
     # ...while the intruder's own key accepts its bundle: the check is the key, not the format.
     assert EdgeModel.load(cases["foreign"], keys["other_public"]).task == "seq-cls"
     # The CLI: one line, exit 1, no traceback.
-    out = subprocess.run([sys.executable, "-m", "fedtune.cli", "edge", "predict", str(cases["model"]), "good",
-                          "--trust-key", str(keys["public"])], capture_output=True, text=True, cwd=REPO)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fedtune.cli",
+            "edge",
+            "predict",
+            str(cases["model"]),
+            "good",
+            "--trust-key",
+            str(keys["public"]),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip().count("\n") == 0 and "model.onnx" in out.stderr
 
@@ -112,7 +151,7 @@ class Block:
 sys.meta_path.insert(0, Block())
 from fedtune.cli import main
 import fedtune.edge_device.pull  # the device's registry client too
-rc = main(['edge', 'predict', {str(bundle)!r}, 'good great', '--trust-key', {str(keys['public'])!r}])
+rc = main(['edge', 'predict', {str(bundle)!r}, 'good great', '--trust-key', {str(keys["public"])!r}])
 assert rc == 0
 loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers', 'peft', 'optimum', 'flwr', 'onnx'))
 assert not loaded, loaded
@@ -125,16 +164,19 @@ print('OK no torch')
 
 def test_edge_extra_holds_only_the_runtime() -> None:
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    names = {d.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("~")[0].strip().lower()
-             for d in project["dependencies"] + project["optional-dependencies"]["edge"]}
+    names = {
+        d.split(";")[0].split("[")[0].split("<")[0].split(">")[0].split("=")[0].split("~")[0].strip().lower()
+        for d in project["dependencies"] + project["optional-dependencies"]["edge"]
+    }
     # numpy + onnxruntime + tokenizers run classifiers, onnxruntime-genai runs LLMs,
     # cryptography checks signatures, grpcio + protobuf pull bundles from the registry.
     assert names == {"numpy", "onnxruntime", "onnxruntime-genai", "tokenizers", "cryptography", "grpcio", "protobuf"}
 
 
 @pytest.mark.timeout(900)
-def test_parity_gate_refuses_and_writes_nothing_unless_forced(bert_bundle: tuple[Path, Path, dict],
-                                                              keys: dict[str, Path], tmp_path: Path) -> None:
+def test_parity_gate_refuses_and_writes_nothing_unless_forced(
+    bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     run_dir, _, _ = bert_bundle
     out = tmp_path / "exports" / "gated"
     with pytest.raises(ExportGateError, match="no bundle written"):

@@ -47,12 +47,27 @@ def llm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pairs when tried; with 10 steps on q/v of 2 blocks it stayed chatty, at 0.0)."""
     tmp = tmp_path_factory.mktemp("edge-llm-run")
     data = _subset(tmp)
-    config = {**default_run_config(), "task": "causal-lm", "model": "default", "data-path": str(data["train"]),
-              "central-eval-path": str(data["test"]), "output-dir": str(tmp / "runs"), "run-name": "edge-llm",
-              "num-rounds": 1, "local-steps": 15, "batch-size": 8, "learning-rate": 1e-2, "max-length": 128,
-              "lora-target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-              "system-prompt": "Name the banking intent.", "lora-top-layers": 4, "eval-max-new-tokens": 8,
-              "eval-max-examples": 8, "val-fraction": 0.1, "secagg": False}
+    config = {
+        **default_run_config(),
+        "task": "causal-lm",
+        "model": "default",
+        "data-path": str(data["train"]),
+        "central-eval-path": str(data["test"]),
+        "output-dir": str(tmp / "runs"),
+        "run-name": "edge-llm",
+        "num-rounds": 1,
+        "local-steps": 15,
+        "batch-size": 8,
+        "learning-rate": 1e-2,
+        "max-length": 128,
+        "lora-target-modules": "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+        "system-prompt": "Name the banking intent.",
+        "lora-top-layers": 4,
+        "eval-max-new-tokens": 8,
+        "eval-max-examples": 8,
+        "val-fraction": 0.1,
+        "secagg": False,
+    }
     run_simulation(config, num_sites=2)
     return tmp / "runs" / "edge-llm"
 
@@ -119,23 +134,28 @@ def _one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> 
     assert expected in lines[0], lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_merged_int4_bundle_is_small_signed_gated_and_lists_every_file(llm_run: Path, keys: dict[str, Path],
-                                                                     tmp_path: Path) -> None:
+def test_merged_int4_bundle_is_small_signed_gated_and_lists_every_file(
+    llm_run: Path, keys: dict[str, Path], tmp_path: Path
+) -> None:
     import onnx
 
     from fedtune.edge_device.generative import GenerativeModel
     from fedtune.edge_export.exporter import export_bundle
     from fedtune.edge_export.int4_build import Int4Options
 
-    manifest = export_bundle(llm_run, tmp_path / "bundle", keys["private"], limit=4, force=True,
-                             int4=Int4Options(int8_last_layers=2))
+    manifest = export_bundle(
+        llm_run, tmp_path / "bundle", keys["private"], limit=4, force=True, int4=Int4Options(int8_last_layers=2)
+    )
     quant, gate = manifest["quantization"], manifest["parity"]
     assert quant["precision"] == "int4" and quant["layout"] == "merged" and quant["builder_version"] == "0.11.4"
     assert {"algo", "block_size", "accuracy_level", "symmetric", "shared_embeddings"} <= set(quant)
     assert quant["int8_last_layers"] == 2 and list(quant["int8_projections"]) == ["gate_proj", "up_proj"]  # the default
     graph = onnx.load(str(tmp_path / "bundle" / "model.onnx"), load_external_data=False).graph
-    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"}
+    bits = {
+        n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node if n.op_type == "MatMulNBits"
+    }
     assert all(bits[f"/model/layers.{i}/mlp/{p}_proj/MatMul_Q8"] == 8 for i in range(30) for p in ("gate", "up"))
     assert all(bits[f"/model/layers.{i}/attn/o_proj/MatMul_Q8"] == 8 for i in (28, 29))  # SmolLM2: 30 blocks
     assert all(bits[f"/model/layers.{i}/attn/o_proj/MatMul_Q4"] == 4 for i in range(28))  # below: 4 bits,
@@ -152,14 +172,17 @@ def test_merged_int4_bundle_is_small_signed_gated_and_lists_every_file(llm_run: 
         assert model.adapters is None and isinstance(model.generate(PROMPTS[0]), str)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_device_runtime_runs_without_torch_or_transformers(update: Path, base_bundle: Path, keys: dict[str, Path]) -> None:
+def test_device_runtime_runs_without_torch_or_transformers(
+    update: Path, base_bundle: Path, keys: dict[str, Path]
+) -> None:
     script = f"""
 import json, sys
 for name in ("torch", "transformers", "peft", "flwr", "optimum", "onnx"):
     sys.modules[name] = None  # any import of them now fails
 from fedtune.edge_device.generative import GenerationOptions, GenerativeModel
-with GenerativeModel({str(update)!r}, {str(keys['public'])!r}, base={str(base_bundle)!r}, threads=2) as m:
+with GenerativeModel({str(update)!r}, {str(keys["public"])!r}, base={str(base_bundle)!r}, threads=2) as m:
     text = m.generate({PROMPTS[0]!r}, GenerationOptions(max_new_tokens=6))
 print(json.dumps({{"text": text, "loaded": sorted(k for k in ("torch", "transformers", "peft", "flwr")
                                                   if sys.modules.get(k) is not None)}}))
@@ -176,19 +199,26 @@ def test_streaming_yields_the_same_text_as_one_shot_generation(update: Path, key
 
     with GenerativeModel(update, keys["public"]) as model:
         for prompt in PROMPTS:
-            for options in (GenerationOptions(max_new_tokens=24),
-                            GenerationOptions(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.9,
-                                              top_k=20, seed=7)):
+            for options in (
+                GenerationOptions(max_new_tokens=24),
+                GenerationOptions(max_new_tokens=24, do_sample=True, temperature=0.9, top_p=0.9, top_k=20, seed=7),
+            ):
                 pieces = list(model.stream(prompt, options))
                 assert "".join(pieces) == model.generate(prompt, options)
         greedy = GenerationOptions(max_new_tokens=24)
         assert len(list(model.stream("Tell me about my account.", greedy))) > 1  # tokens arrive one by one
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_adapter_update_over_the_registry_changes_answers_and_rollback_restores(
-    llm_run: Path, base_bundle: Path, update: Path, held_out: list[str], torch_answers: list[str],
-    keys: dict[str, Path], tmp_path: Path,
+    llm_run: Path,
+    base_bundle: Path,
+    update: Path,
+    held_out: list[str],
+    torch_answers: list[str],
+    keys: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     from fedtune.edge_device.pull import active_version, pull, rollback
 
@@ -230,7 +260,9 @@ def _resign(folder: Path, key: Path, change: Any) -> None:
 
 
 @pytest.fixture()
-def device_with_update(base_bundle: Path, update: Path, keys: dict[str, Path], tmp_path: Path) -> Iterator[tuple[Registry, Path]]:
+def device_with_update(
+    base_bundle: Path, update: Path, keys: dict[str, Path], tmp_path: Path
+) -> Iterator[tuple[Registry, Path]]:
     from fedtune.edge_device.pull import pull
 
     reg = Registry(tmp_path, make_pki(tmp_path / "pki"), keys)
@@ -245,27 +277,37 @@ def device_with_update(base_bundle: Path, update: Path, keys: dict[str, Path], t
 
 @pytest.mark.timeout(900)
 def test_bad_adapters_bundles_and_prompts_are_refused_in_one_line(
-    base_bundle: Path, update: Path, keys: dict[str, Path], tmp_path: Path,
+    base_bundle: Path,
+    update: Path,
+    keys: dict[str, Path],
+    tmp_path: Path,
     device_with_update: tuple[Registry, Path],
 ) -> None:
     from fedtune.edge_device.pull import PullError, active_version, pull
 
     trust = ["--trust-key", str(keys["public"])]
     # a truncated and a tampered adapter file: the hash check stops both before any session
-    for name, damage in (("truncated", lambda b: b[: len(b) // 2]), ("tampered", lambda b: b[:-1] + bytes([b[-1] ^ 1]))):
+    for name, damage in (
+        ("truncated", lambda b: b[: len(b) // 2]),
+        ("tampered", lambda b: b[:-1] + bytes([b[-1] ^ 1])),
+    ):
         bad = tmp_path / name
         shutil.copytree(update, bad)
         path = bad / "adapter.onnx_adapter"
         path.write_bytes(damage(path.read_bytes()))
-        _one_line_error(_cli("edge", "predict", str(bad), "Where is my card?", "--base", str(base_bundle), *trust),
-                        "adapter.onnx_adapter: sha256 does not match the signed manifest")
+        _one_line_error(
+            _cli("edge", "predict", str(bad), "Where is my card?", "--base", str(base_bundle), *trust),
+            "adapter.onnx_adapter: sha256 does not match the signed manifest",
+        )
 
     # a validly signed adapter for another base: refused by the runtime and by pull, before download
     foreign = tmp_path / "foreign"
     shutil.copytree(update, foreign)
     _resign(foreign, keys["private"], lambda m: m["base_bundle"].update(manifest_sha256="ab" * 32))
-    _one_line_error(_cli("edge", "predict", str(foreign), "Where is my card?", "--base", str(base_bundle), *trust),
-                    "this adapter fits base bundle abababababababab")
+    _one_line_error(
+        _cli("edge", "predict", str(foreign), "Where is my card?", "--base", str(base_bundle), *trust),
+        "this adapter fits base bundle abababababababab",
+    )
     reg, device = device_with_update
     reg.publish(foreign, "banking-llm", "v3", 3)
     with pytest.raises(PullError, match="an adapter for base bundle abababababababab, which this device does not hold"):
@@ -276,14 +318,20 @@ def test_bad_adapters_bundles_and_prompts_are_refused_in_one_line(
     hollow = tmp_path / "hollow"
     shutil.copytree(base_bundle, hollow)
     (hollow / "model.onnx.data").unlink()
-    _one_line_error(_cli("edge", "predict", str(hollow), "Where is my card?", *trust),
-                    "model.onnx.data: listed in the manifest but missing")
+    _one_line_error(
+        _cli("edge", "predict", str(hollow), "Where is my card?", *trust),
+        "model.onnx.data: listed in the manifest but missing",
+    )
 
     # a prompt longer than the model's context (8,192 tokens), and a bad sampling option
-    _one_line_error(_cli("edge", "predict", str(device / "current"), "card " * 9000, *trust),
-                    "do not fit the model's context of 8192 tokens")
-    _one_line_error(_cli("edge", "predict", str(device / "current"), "hi", "--sample", "--top-p", "1.5", *trust),
-                    "--top-p: 1.5 must be in (0, 1]")
+    _one_line_error(
+        _cli("edge", "predict", str(device / "current"), "card " * 9000, *trust),
+        "do not fit the model's context of 8192 tokens",
+    )
+    _one_line_error(
+        _cli("edge", "predict", str(device / "current"), "hi", "--sample", "--top-p", "1.5", *trust),
+        "--top-p: 1.5 must be in (0, 1]",
+    )
     # and the device still answers with its active version, streamed by the CLI
     ok = _cli("edge", "predict", str(device / "current"), PROMPTS[0], "--max-new-tokens", "6", *trust)
     assert ok.returncode == 0 and ok.stdout.strip(), ok.stderr
@@ -291,7 +339,10 @@ def test_bad_adapters_bundles_and_prompts_are_refused_in_one_line(
 
 @pytest.mark.timeout(600)
 def test_export_refuses_an_adapter_that_fails_the_gate_or_does_not_fit(
-    llm_run: Path, base_bundle: Path, keys: dict[str, Path], tmp_path: Path,
+    llm_run: Path,
+    base_bundle: Path,
+    keys: dict[str, Path],
+    tmp_path: Path,
 ) -> None:
     from fedtune.edge_export.exporter import ExportGateError
     from fedtune.edge_export.llm_export import export_adapter_update
@@ -309,16 +360,23 @@ def test_export_refuses_an_adapter_that_fails_the_gate_or_does_not_fit(
         export_adapter_update(llm_run, merged, tmp_path / "y", keys["private"], limit=2)
 
 
-@pytest.mark.parametrize("flags, expected", [
-    (["--int4-block-size", "24"], "--int4-block-size: 24 is not one of 16, 32, 64, 128, 256"),
-    (["--int4-accuracy-level", "7"], "--int4-accuracy-level: 7 is not 0-4"),
-    (["--int4-int8-last-layers", "-1"], "--int4-int8-last-layers: -1 is negative"),
-    (["--int4-int8-last-layers", "4", "--int4-algo", "default"], "--int4-int8-last-layers: needs --int4-algo rtn"),
-    (["--int4-int8-projections", "gate,up_proj"], "--int4-int8-projections: 'gate' is not one of q_proj"),
-    (["--int4-int8-projections", "up_proj", "--int4-algo", "default"], "--int4-int8-projections: needs --int4-algo"),
-])
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--int4-block-size", "24"], "--int4-block-size: 24 is not one of 16, 32, 64, 128, 256"),
+        (["--int4-accuracy-level", "7"], "--int4-accuracy-level: 7 is not 0-4"),
+        (["--int4-int8-last-layers", "-1"], "--int4-int8-last-layers: -1 is negative"),
+        (["--int4-int8-last-layers", "4", "--int4-algo", "default"], "--int4-int8-last-layers: needs --int4-algo rtn"),
+        (["--int4-int8-projections", "gate,up_proj"], "--int4-int8-projections: 'gate' is not one of q_proj"),
+        (
+            ["--int4-int8-projections", "up_proj", "--int4-algo", "default"],
+            "--int4-int8-projections: needs --int4-algo",
+        ),
+    ],
+)
 def test_bad_int4_flags_are_one_line_before_any_work(tmp_path: Path, flags: list[str], expected: str) -> None:
-    result = _cli("export", str(tmp_path / "no-run"), "--out", str(tmp_path / "out"), "--key", str(tmp_path / "k"),
-                  *flags)
+    result = _cli(
+        "export", str(tmp_path / "no-run"), "--out", str(tmp_path / "out"), "--key", str(tmp_path / "k"), *flags
+    )
     _one_line_error(result, expected)
     assert not (tmp_path / "out").exists()

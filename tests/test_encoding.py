@@ -16,7 +16,9 @@ from fedtune.model import load_tokenizer
 def test_labels_cover_completion_only_with_chat_template(tiny_llama_dir: Path) -> None:
     tok = load_tokenizer(str(tiny_llama_dir))
     assert tok.chat_template
-    enc = CompletionEncoder(tok, [CompletionExample("name a red fruit", "apple"), CompletionExample("hi", "hello there")], 64)
+    enc = CompletionEncoder(
+        tok, [CompletionExample("name a red fruit", "apple"), CompletionExample("hi", "hello there")], 64
+    )
     batch = enc.batch([0, 1])
     ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
     prompt_ids = enc.prompt_ids("name a red fruit")

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fedtune.cli.simulation import run_simulation
 from flwr.common import Message, bytes_to_ndarray
 from safetensors.numpy import load_file
 from support.wire import observe_messages
 
 from fedtune.adapter_io import load_adapter_model, read_metadata
+from fedtune.cli.simulation import run_simulation
 from fedtune.config import default_run_config
 
 
@@ -30,13 +30,28 @@ def _run(tmp_path: Path, overrides: dict[str, Any]) -> tuple[Path, list[tuple[st
     def observe(direction: str, msg: Message) -> None:
         if msg.has_content():
             # Legacy fit/evaluate records carry each tensor as serialized numpy bytes.
-            shapes = [tuple(bytes_to_ndarray(a.data).shape) if a.stype == "numpy.ndarray" else tuple(a.shape)
-                      for rec in msg.content.array_records.values() for a in rec.values()]
+            shapes = [
+                tuple(bytes_to_ndarray(a.data).shape) if a.stype == "numpy.ndarray" else tuple(a.shape)
+                for rec in msg.content.array_records.values()
+                for a in rec.values()
+            ]
             seen.append((direction, msg.metadata.message_type, shapes))
 
-    config = {**default_run_config(), "output-dir": str(tmp_path / "runs"), "run-name": "t", "secagg": False, "num-rounds": 2,
-              "local-steps": 16, "batch-size": 16, "learning-rate": 0.05, "warmup-fraction": 0.0,
-              "lr-schedule": "constant", "val-fraction": 0.2, "central-eval-every": 1, **overrides}
+    config = {
+        **default_run_config(),
+        "output-dir": str(tmp_path / "runs"),
+        "run-name": "t",
+        "secagg": False,
+        "num-rounds": 2,
+        "local-steps": 16,
+        "batch-size": 16,
+        "learning-rate": 0.05,
+        "warmup-fraction": 0.0,
+        "lr-schedule": "constant",
+        "val-fraction": 0.2,
+        "central-eval-every": 1,
+        **overrides,
+    }
     with pytest.MonkeyPatch.context() as monkeypatch:
         observe_messages(monkeypatch, observe)
         before = _ray_pids()
@@ -103,13 +118,21 @@ def _check_common(run_dir: Path, seen: list[tuple[str, str, list[tuple[int, ...]
     return records
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_tiny_bert_seq_cls_federation(tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]) -> None:
-    run_dir, seen = _run(tmp_path, {
-        "model": str(tiny_bert_dir), "task": "seq-cls", "data-path": str(sentiment_data["train"]),
-        "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
-        "partitioning": "dirichlet", "dirichlet-alpha": 1.0,
-    })
+    run_dir, seen = _run(
+        tmp_path,
+        {
+            "model": str(tiny_bert_dir),
+            "task": "seq-cls",
+            "data-path": str(sentiment_data["train"]),
+            "labels-file": str(sentiment_data["labels"]),
+            "central-eval-path": str(sentiment_data["test"]),
+            "partitioning": "dirichlet",
+            "dirichlet-alpha": 1.0,
+        },
+    )
     records = _check_common(run_dir, seen)
     # The loss fell: held-out loss after round 2 below round 1, and site training loss fell.
     assert records[1]["central"]["loss"] < records[0]["central"]["loss"]
@@ -120,12 +143,22 @@ def test_tiny_bert_seq_cls_federation(tmp_path: Path, tiny_bert_dir: Path, senti
     assert meta["labels"] == ["pos", "neg"] and meta["task"] == "seq-cls"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_tiny_llama_causal_lm_federation(tmp_path: Path, tiny_llama_dir: Path, completion_data: dict[str, Path]) -> None:
-    run_dir, seen = _run(tmp_path, {
-        "model": str(tiny_llama_dir), "task": "causal-lm", "data-path": str(completion_data["train"]),
-        "central-eval-path": str(completion_data["test"]), "partitioning": "iid", "labels-file": "",
-    })
+def test_tiny_llama_causal_lm_federation(
+    tmp_path: Path, tiny_llama_dir: Path, completion_data: dict[str, Path]
+) -> None:
+    run_dir, seen = _run(
+        tmp_path,
+        {
+            "model": str(tiny_llama_dir),
+            "task": "causal-lm",
+            "data-path": str(completion_data["train"]),
+            "central-eval-path": str(completion_data["test"]),
+            "partitioning": "iid",
+            "labels-file": "",
+        },
+    )
     records = _check_common(run_dir, seen)
     assert records[1]["central"]["loss"] < records[0]["central"]["loss"]
     assert records[1]["aggregate"]["val_perplexity"] < records[0]["aggregate"]["val_perplexity"]
@@ -138,10 +171,9 @@ def test_tiny_llama_causal_lm_federation(tmp_path: Path, tiny_llama_dir: Path, c
 def test_saved_round_adapter_reloads_with_identical_logits(tmp_path: Path, tiny_bert_dir: Path) -> None:
     """A checkpoint written by the server's writer reloads via PeftModel.from_pretrained
     and reproduces the in-memory model's logits exactly."""
-    from fedtune.server.run_dir import RunDir
-
     from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
     from fedtune.model import LoraSettings, build_lora_model, load_tokenizer
+    from fedtune.server.run_dir import RunDir
 
     model = build_lora_model(str(tiny_bert_dir), "seq-cls", LoraSettings(), ["pos", "neg"], seed=3)
     rng = np.random.default_rng(0)

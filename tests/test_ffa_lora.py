@@ -9,19 +9,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedtune.cli.simulation import run_simulation
 from flwr.common import Message, bytes_to_ndarray
 from safetensors.numpy import load_file
 from support.site_hooks import AuditUpdates, client_app_with
 from support.wire import observe_messages
 
+from fedtune.cli.simulation import run_simulation
 from fedtune.config import default_run_config
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("head_rank", [0, 3])
 def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    tiny_bert_dir: Path,
+    sentiment_data: dict[str, Path],
     head_rank: int,
 ) -> None:
     audit = tmp_path / "audit"
@@ -29,14 +33,31 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
 
     def observe(direction: str, msg: Message) -> None:
         if msg.has_content() and msg.metadata.message_type == "train":
-            shapes.append([tuple(bytes_to_ndarray(a.data).shape) for rec in msg.content.array_records.values()
-                           for a in rec.values()])
+            shapes.append(
+                [
+                    tuple(bytes_to_ndarray(a.data).shape)
+                    for rec in msg.content.array_records.values()
+                    for a in rec.values()
+                ]
+            )
 
-    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
-              "labels-file": str(sentiment_data["labels"]), "central-eval-path": "", "partitioning": "iid",
-              "num-rounds": 2, "local-steps": 4, "batch-size": 16, "learning-rate": 0.05, "ffa-lora": True,
-              "ffa-head-rank": head_rank, "output-dir": str(tmp_path / "runs"), "run-name": "ffa",
-              "secagg": False}  # plain FedAvg: the wire shapes and the exact mean are visible
+    config = {
+        **default_run_config(),
+        "model": str(tiny_bert_dir),
+        "data-path": str(sentiment_data["train"]),
+        "labels-file": str(sentiment_data["labels"]),
+        "central-eval-path": "",
+        "partitioning": "iid",
+        "num-rounds": 2,
+        "local-steps": 4,
+        "batch-size": 16,
+        "learning-rate": 0.05,
+        "ffa-lora": True,
+        "ffa-head-rank": head_rank,
+        "output-dir": str(tmp_path / "runs"),
+        "run-name": "ffa",
+        "secagg": False,
+    }  # plain FedAvg: the wire shapes and the exact mean are visible
     observe_messages(monkeypatch, observe)
     run_simulation(config, num_sites=2, client_app=client_app_with(inner=[AuditUpdates(str(audit))]))
     run_dir = tmp_path / "runs" / "ffa"

@@ -29,7 +29,7 @@ def _flower_module(role: str) -> Any:
 @pytest.mark.parametrize("role", ["server", "client"])
 def test_installed_masks_pass_the_check(role: str) -> None:
     masks.install_csprng_masks(role)
-    assert getattr(_flower_module(role).pseudo_rand_gen, "__name__") == f"csprng_rand_gen[{role}]"
+    assert _flower_module(role).pseudo_rand_gen.__name__ == f"csprng_rand_gen[{role}]"
 
 
 @pytest.mark.parametrize("role", ["server", "client"])
@@ -79,10 +79,20 @@ def test_coordinator_refuses_secagg_before_round_one_when_the_patch_fails(
     written, and the error says why."""
     monkeypatch.setattr(_flower_module("server"), "pseudo_rand_gen", FLOWER_NUMPY_GENERATOR)
     monkeypatch.setattr(masks, "_generator_for", lambda _role: FLOWER_NUMPY_GENERATOR)
-    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
-              "labels-file": str(sentiment_data["labels"]), "central-eval-path": "", "partitioning": "iid",
-              "num-rounds": 1, "local-steps": 2, "batch-size": 16, "output-dir": str(tmp_path / "runs"),
-              "run-name": "refused", "secagg": True}
+    config = {
+        **default_run_config(),
+        "model": str(tiny_bert_dir),
+        "data-path": str(sentiment_data["train"]),
+        "labels-file": str(sentiment_data["labels"]),
+        "central-eval-path": "",
+        "partitioning": "iid",
+        "num-rounds": 1,
+        "local-steps": 2,
+        "batch-size": 16,
+        "output-dir": str(tmp_path / "runs"),
+        "run-name": "refused",
+        "secagg": True,
+    }
     with pytest.raises(masks.SecAggSetupError, match="SecAgg\\+ refused on the server side: .*not the CSPRNG"):
         run_simulation(config, num_sites=2)
     assert not (tmp_path / "runs" / "refused").exists()
@@ -121,3 +131,76 @@ def test_the_secagg_dropout_fix_refuses_a_flower_workflow_that_changed(monkeypat
     monkeypatch.setattr(secaggplus_workflow, "WorkflowState", Moved)
     with pytest.raises(FedtuneError, match="refusing SecAgg\\+ rather than losing rounds"):
         check_workflow_state()
+
+
+def _break(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Simulate the change of a dependency release that would break the internal `name`."""
+    import dataclasses
+
+    if name == "run-simulation":
+        module = importlib.import_module("flwr.simulation.run_simulation")
+        monkeypatch.setattr(module, "_run_simulation", lambda num_supernodes, client_app, server_app: None)
+    elif name == "task-identity":
+        monkeypatch.setattr(importlib.import_module("flwr.supercore.task_identity"), "TaskIdentity", type("T", (), {}))
+    elif name == "secaggplus-state":
+        mod = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+        monkeypatch.setattr(mod, "SecAggPlusState", dataclasses.make_dataclass("S", ["current_stage", "sample_num"]))
+    elif name == "masked-vectors":
+        constants = importlib.import_module("flwr.common.secure_aggregation.secaggplus_constants")
+        monkeypatch.setattr(constants, "Key", type("Key", (), {}))
+    elif name == "failure-text":
+        client_app = importlib.import_module("flwr.clientapp.client_app")
+        monkeypatch.setattr(client_app, "ClientAppException", RuntimeError)
+    elif name == "supernode-app-pinning":
+        monkeypatch.delattr(importlib.import_module("flwr.supernode.start_client_internal"), "_verify_fab")
+    elif name == "supernode-idle-poll":
+        monkeypatch.setattr(importlib.import_module("flwr.supernode.start_client_internal"), "time", object())
+    elif name == "client-certificate":
+        client = importlib.import_module("flwr.supercore.protobuf.client").ProtobufClient
+        monkeypatch.setattr(client, "__init__", lambda self, base_url: None)
+    elif name == "int4-algo-config":
+        from onnxruntime_genai.models.builder import Model
+
+        monkeypatch.setattr(Model, "make_int4_algo_config", lambda self, quant_method, bits: None)
+    else:
+        raise AssertionError(f"no breaker for {name}: add one when you list an internal")
+
+
+def _all_internals() -> list[tuple[Any, str]]:
+    from fedtune.internals import flower, onnxruntime_genai
+
+    return [(module, name) for module in (flower, onnxruntime_genai) for name in module.INTERNALS]
+
+
+@pytest.mark.parametrize(("module", "name"), _all_internals(), ids=lambda x: x if isinstance(x, str) else "")
+def test_every_listed_internal_holds_here_and_a_change_is_one_line(
+    module: Any, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each private use passes its check on the installed versions; after a simulated change
+    it fails with one line naming the internal, its user and the verified version."""
+    import fedtune.internals as internals
+    from fedtune.internals import InternalsChanged
+
+    monkeypatch.setattr(internals, "_PASSED", set())
+    module.require(name)
+    internals._PASSED.clear()
+    _break(monkeypatch, name)
+    with pytest.raises(InternalsChanged) as info:
+        module.require(name)
+    line = str(info.value)
+    distribution = {"flower": "flwr", "onnxruntime_genai": "onnxruntime-genai"}[module.__name__.rsplit(".", 1)[1]]
+    assert "\n" not in line and f"(verified with {distribution} {module.VERIFIED}; pin that version)" in line
+    assert module.INTERNALS[name].user in line and module.VERIFIED in line
+
+
+def test_the_supernode_launcher_stops_in_one_line_when_pinning_changed(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import fedtune.internals as internals
+    from fedtune.client.supernode_launcher import pin_apps
+
+    monkeypatch.setattr(internals, "_PASSED", set())
+    _break(monkeypatch, "supernode-app-pinning")
+    assert pin_apps({"0" * 64}) is False
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--allow-app" in err and "verified with flwr 1.41.0" in err

@@ -15,12 +15,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from fedtune.client.deployment import site_keypair
-from fedtune.server.deployment import init_pki, register_site
 from support.processes import ManagedProcesses, free_port
 from test_deploy import FEDTUNE, REPO, processes, start_superlink, wait_for_log  # noqa: F401 (fixture)
 
+from fedtune.client.deployment import site_keypair
 from fedtune.flower_env import child_env
+from fedtune.server.deployment import init_pki, register_site
 
 CANARY = "CANARY-PATIENT-4711"  # in every row of the sites' data: nothing holding it may reach the coordinator
 SITES = ("bank-a", "bank-b")
@@ -39,19 +39,32 @@ def hostile_copy(dest: Path, targets: dict[str, object]) -> Path:
 
 
 def app_hash(app: Path) -> str:
-    out = subprocess.run([FEDTUNE, "deploy", "app-hash", "--app", str(app)], capture_output=True, text=True,
-                         env=child_env(), timeout=120)
+    out = subprocess.run(
+        [FEDTUNE, "deploy", "app-hash", "--app", str(app)], capture_output=True, text=True, env=child_env(), timeout=120
+    )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
 
 
 def launch(deploy: Path, app: Path, run_config: str, cwd: Path, timeout: int = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([FEDTUNE, "deploy", "run", "--dir", str(deploy), "--app", str(app), "--run-config", run_config],
-                          capture_output=True, text=True, cwd=cwd, env=child_env(), timeout=timeout)
+    return subprocess.run(
+        [FEDTUNE, "deploy", "run", "--dir", str(deploy), "--app", str(app), "--run-config", run_config],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=child_env(),
+        timeout=timeout,
+    )
 
 
-def start_federation(tmp_path: Path, processes: ManagedProcesses, app_user, app_homes: Path,
-                     sentiment_data: dict[str, Path], sites: dict[str, list[str]]) -> tuple[Path, dict[str, Path]]:
+def start_federation(
+    tmp_path: Path,
+    processes: ManagedProcesses,
+    app_user,
+    app_homes: Path,
+    sentiment_data: dict[str, Path],
+    sites: dict[str, list[str]],
+) -> tuple[Path, dict[str, Path]]:
     """CA, SuperLink behind nginx, registered sites with `--require-secagg --max-epsilon 50` and
     their own extra flags."""
     deploy = tmp_path / "deploy"
@@ -63,32 +76,67 @@ def start_federation(tmp_path: Path, processes: ManagedProcesses, app_user, app_
         private, public = site_keypair(tmp_path / "sites" / site, site)
         register_site(deploy, public, loopback)
         data[site] = tmp_path / "sites" / site / f"{site}.jsonl"
-        data[site].write_text("".join(json.dumps({**r, "text": f"{r['text']} {CANARY}"}) + "\n"
-                                      for r in rows[i::len(sites)]))
-        processes.start(site, [FEDTUNE, "deploy", "site", "--superlink", address, "--ca", str(ca), "--key",
-                               str(private), "--data", str(data[site]), "--port", str(free_port()), "--state-dir",
-                               str(tmp_path / "state" / site), "--app-user", app_user.name, "--app-home",
-                               str(app_homes / site), "--require-secagg", "--max-epsilon", "50", *extra])
+        data[site].write_text(
+            "".join(json.dumps({**r, "text": f"{r['text']} {CANARY}"}) + "\n" for r in rows[i :: len(sites)])
+        )
+        processes.start(
+            site,
+            [
+                FEDTUNE,
+                "deploy",
+                "site",
+                "--superlink",
+                address,
+                "--ca",
+                str(ca),
+                "--key",
+                str(private),
+                "--data",
+                str(data[site]),
+                "--port",
+                str(free_port()),
+                "--state-dir",
+                str(tmp_path / "state" / site),
+                "--app-user",
+                app_user.name,
+                "--app-home",
+                str(app_homes / site),
+                "--require-secagg",
+                "--max-epsilon",
+                "50",
+                *extra,
+            ],
+        )
     for site in sites:
         wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")
     return deploy, data
 
 
 def run_config(tiny_bert_dir: Path, sentiment_data: dict[str, Path], name: str) -> str:
-    return (f'model="{tiny_bert_dir}" labels-file="{sentiment_data["labels"]}" central-eval-path="{sentiment_data["test"]}" '
-            f'num-rounds=1 local-steps=2 batch-size=16 val-fraction=0.2 secagg=true min-sites=2 secagg-timeout=300.0 '
-            f'dp=true dp-noise-multiplier=1.0 run-name="{name}"')
+    return (
+        f'model="{tiny_bert_dir}" labels-file="{sentiment_data["labels"]}" central-eval-path="{sentiment_data["test"]}" '
+        f"num-rounds=1 local-steps=2 batch-size=16 val-fraction=0.2 secagg=true min-sites=2 secagg-timeout=300.0 "
+        f'dp=true dp-noise-multiplier=1.0 run-name="{name}"'
+    )
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_a_hostile_clientapp_gets_nothing_and_lowers_nothing(
-    tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path], app_user,
-    app_homes: Path
+    tmp_path: Path,
+    processes: ManagedProcesses,
+    tiny_bert_dir: Path,
+    sentiment_data: dict[str, Path],
+    app_user,
+    app_homes: Path,
 ) -> None:
     deploy, data = start_federation(tmp_path, processes, app_user, app_homes, sentiment_data, {s: [] for s in SITES})
     outside = tmp_path / "outside"
-    targets = {"data": [str(p) for p in data.values()], "state": [str(tmp_path / "state" / s) for s in SITES],
-               "run_id": "../" * 16 + str(outside / "escape").lstrip("/")}
+    targets = {
+        "data": [str(p) for p in data.values()],
+        "state": [str(tmp_path / "state" / s) for s in SITES],
+        "run_id": "../" * 16 + str(outside / "escape").lstrip("/"),
+    }
     app = hostile_copy(tmp_path / "hostile-app", targets)
     operator = tmp_path / "operator"
     operator.mkdir()
@@ -134,10 +182,15 @@ def test_a_hostile_clientapp_gets_nothing_and_lowers_nothing(
     assert len(written) == 2 and all(p.parts[0] == "state" and len(p.parts) == 4 for p in written), written
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_app_pinning_refuses_the_hostile_app_before_it_starts_and_runs_the_approved_one(
-    tmp_path: Path, processes: ManagedProcesses, tiny_bert_dir: Path, sentiment_data: dict[str, Path], app_user,
-    app_homes: Path
+    tmp_path: Path,
+    processes: ManagedProcesses,
+    tiny_bert_dir: Path,
+    sentiment_data: dict[str, Path],
+    app_user,
+    app_homes: Path,
 ) -> None:
     honest_hash = app_hash(REPO)
     hostile = hostile_copy(tmp_path / "hostile-app", {"data": [], "state": [], "run_id": "x"})
@@ -145,8 +198,14 @@ def test_app_pinning_refuses_the_hostile_app_before_it_starts_and_runs_the_appro
     assert honest_hash != hostile_hash and honest_hash.startswith("sha256:")
     # bank-c's floor allows a smaller DP delta than the runs use: it refuses them, and says why.
     pinned = ["--allow-app", honest_hash]
-    deploy, _ = start_federation(tmp_path, processes, app_user, app_homes, sentiment_data,
-                                 {"bank-a": pinned, "bank-b": pinned, "bank-c": [*pinned, "--max-delta", "1e-7"]})
+    deploy, _ = start_federation(
+        tmp_path,
+        processes,
+        app_user,
+        app_homes,
+        sentiment_data,
+        {"bank-a": pinned, "bank-b": pinned, "bank-c": [*pinned, "--max-delta", "1e-7"]},
+    )
     operator = tmp_path / "operator"
     operator.mkdir()
 

@@ -27,8 +27,9 @@ def test_label_names_read_as_words() -> None:
     assert label_name_text("top-up  failed") == "top up failed"
 
 
-def test_head_comes_from_label_names_without_reading_any_data(tiny_bert_dir: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_head_comes_from_label_names_without_reading_any_data(
+    tiny_bert_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     def no_data(*args: object, **kwargs: object) -> None:
         raise AssertionError("the label-name head read a data file")
 
@@ -55,7 +56,9 @@ def test_label_name_head_classifies_banking77_zero_shot(tmp_path: Path) -> None:
     sample = tmp_path / "test-sample.jsonl"
     sample.write_text("\n".join(rows) + "\n")
     examples = load_examples(str(sample), settings, labels)
-    accuracy = evaluate(model, make_encoder(load_tokenizer(settings.base_model), examples, settings.max_length))["accuracy"]
+    accuracy = evaluate(model, make_encoder(load_tokenizer(settings.base_model), examples, settings.max_length))[
+        "accuracy"
+    ]
     assert accuracy > 0.30  # 77 intents: chance is 0.013; the whole test split gives 0.466 (docs/benchmarks.md)
 
 
@@ -91,9 +94,12 @@ def test_cls_head_input_feeds_the_head_the_cls_state_and_survives_a_reload(tiny_
     with torch.no_grad():
         states = load_base_model(str(tiny_bert_dir), "seq-cls", labels).bert(**batch).last_hidden_state
     assert torch.allclose(head_input(model, batch), torch.tanh(states[:, 0]), atol=1e-6)
-    pooled = build_lora_model(str(tiny_bert_dir), "seq-cls", LoraSettings(r=4, alpha=8, head_init="label-names"),
-                              labels, seed=1)
-    assert not torch.allclose(head_input(pooled, batch), torch.tanh(states[:, 0]), atol=1e-3)  # the pooler's dense layer
+    pooled = build_lora_model(
+        str(tiny_bert_dir), "seq-cls", LoraSettings(r=4, alpha=8, head_init="label-names"), labels, seed=1
+    )
+    assert not torch.allclose(
+        head_input(pooled, batch), torch.tanh(states[:, 0]), atol=1e-3
+    )  # the pooler's dense layer
 
     # The label-name head is computed on the same input: unit cosine with tanh(h_[CLS]) of the names.
     names = dict(tokenizer([label_name_text(x) for x in labels], padding=True, return_tensors="pt"))
@@ -106,16 +112,29 @@ def test_cls_head_input_feeds_the_head_the_cls_state_and_survives_a_reload(tiny_
     with torch.no_grad():
         head_weight(model).add_(0.1)
         expected = model(**batch).logits
-    save_adapter(model, tmp_path / "final", {"base_model": str(tiny_bert_dir), "task": "seq-cls", "labels": labels,
-                                             "head_input": "cls"})
+    save_adapter(
+        model,
+        tmp_path / "final",
+        {"base_model": str(tiny_bert_dir), "task": "seq-cls", "labels": labels, "head_input": "cls"},
+    )
     reloaded = load_adapter_model(tmp_path / "final").eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(**batch).logits, expected, atol=1e-5)
 
 
 def test_head_input_auto_is_cls_for_the_dp_head_only_recipe_only() -> None:
-    assert RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 8.0, "dp-head-only": True}).lora_settings().head_input == "cls"
-    assert RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 8.0, "dp-head-only": False}).lora_settings().head_input == "pooler"
+    assert (
+        RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 8.0, "dp-head-only": True})
+        .lora_settings()
+        .head_input
+        == "cls"
+    )
+    assert (
+        RunSettings.from_run_config({"dp": True, "dp-target-epsilon": 8.0, "dp-head-only": False})
+        .lora_settings()
+        .head_input
+        == "pooler"
+    )
     assert RunSettings.from_run_config({}).lora_settings().head_input == "pooler"
     assert RunSettings.from_run_config({"head-input": "cls"}).lora_settings().head_input == "cls"
     with pytest.raises(ConfigError, match="config 'head-input': must be one of"):

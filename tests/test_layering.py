@@ -22,18 +22,22 @@ import ast
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 REPO = Path(__file__).resolve().parent.parent
 SETUPTOOLS = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
 FOLDERS = {"fedtune": "fedtune", **SETUPTOOLS["package-dir"]}  # package -> folder
 
 STAGES = {  # stage -> package prefix
-    "site": "fedtune.client", "coordinator": "fedtune.server", "export": "fedtune.edge_export",
-    "device": "fedtune.edge_device", "registry": "fedtune.registry", "roots": "fedtune.cli",
+    "site": "fedtune.client",
+    "coordinator": "fedtune.server",
+    "export": "fedtune.edge_export",
+    "device": "fedtune.edge_device",
+    "registry": "fedtune.registry",
+    "roots": "fedtune.cli",
 }
 PROTOCOL = ("fedtune.registry.protocol", "fedtune.registry.v1")  # the registry's wire contract
 ALLOWED = {  # stage -> stages it may import (besides itself)
@@ -85,7 +89,7 @@ def imports_of(name: str, path: Path, module_level_only: bool = False) -> set[st
     is_package = path.name == "__init__.py"
     found: set[str] = set()
     tree = ast.parse(path.read_text(), str(path))
-    for node in (tree.body if module_level_only else ast.walk(tree)):
+    for node in tree.body if module_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -176,11 +180,17 @@ def test_one_installed_top_level_name() -> None:
 
 
 def test_test_hooks_live_in_tests_only() -> None:
-    files = subprocess.run(["git", "ls-files", "*.py", "*.sh", "Makefile", "*.toml"], cwd=REPO, capture_output=True,
-                           text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "*.py", "*.sh", "Makefile", "*.toml"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split()
     pattern = re.compile(r"test_hooks|os\._exit|FEDTUNE_TEST|FEDTUNE_MASK_AUDIT|stop_after_bytes|MESSAGE_OBSERVERS")
-    bad = [f"{f}:{i}" for f in files if not f.startswith("tests/")
-           for i, line in enumerate((REPO / f).read_text().splitlines(), 1) if pattern.search(line)]
+    bad = [
+        f"{f}:{i}"
+        for f in files
+        if not f.startswith("tests/")
+        for i, line in enumerate((REPO / f).read_text().splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not bad, bad
 
 
@@ -200,13 +210,23 @@ def test_every_module_has_one_import_name() -> None:
         body = [n for n in tree.body if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]
         assert isinstance(body[0], ast.ImportFrom) and body[0].module == f"fedtune.{entry.split('/')[0]}.app", entry
     bad = []
-    files = [p for d in ("fedtune", *sorted(FOLDER_NAMES), "tests", "bench", "scripts") for p in (REPO / d).rglob("*.py")]
+    files = [
+        p for d in ("fedtune", *sorted(FOLDER_NAMES), "tests", "bench", "scripts") for p in (REPO / d).rglob("*.py")
+    ]
     for path in files:
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            bad += [f"{path.relative_to(REPO)}:{node.lineno}: {n}" for n in names
-                    if n.split(".")[0] in FOLDER_NAMES and str(path.relative_to(REPO)) not in FLOWER_ENTRIES]
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and not node.level
+                else []
+            )
+            bad += [
+                f"{path.relative_to(REPO)}:{node.lineno}: {n}"
+                for n in names
+                if n.split(".")[0] in FOLDER_NAMES and str(path.relative_to(REPO)) not in FLOWER_ENTRIES
+            ]
     assert not bad, bad
 
 
@@ -215,11 +235,13 @@ def test_flower_loading_by_folder_brings_no_second_copy(folder: str) -> None:
     """Loading the app as Flower does (the app folder first on sys.path) gives the installed
     package's app object, with no module of the stage loaded under its folder name besides the
     entry itself, and no other stage pulled in."""
-    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); import {folder}.flower_app as a; "
-            f"import fedtune.{folder}.app as b; print(type(a.app).__name__, a.app is b.app); "
-            f"print(sorted(m for m in sys.modules if m.split('.')[0] == {folder!r})); "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'fedtune' and m.count('.') >= 1 "
-            f"and m.split('.')[1] in {tuple(sorted(FOLDER_NAMES - {folder}))!r}))")
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); import {folder}.flower_app as a; "
+        f"import fedtune.{folder}.app as b; print(type(a.app).__name__, a.app is b.app); "
+        f"print(sorted(m for m in sys.modules if m.split('.')[0] == {folder!r})); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'fedtune' and m.count('.') >= 1 "
+        f"and m.split('.')[1] in {tuple(sorted(FOLDER_NAMES - {folder}))!r}))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.split("\n")
@@ -228,8 +250,14 @@ def test_flower_loading_by_folder_brings_no_second_copy(folder: str) -> None:
 
 
 # What a site enforces: only its worker (the site's own installation) may import these.
-SITE_ENFORCEMENT = {"fedtune.client.site_policy", "fedtune.client.privacy_floor", "fedtune.client.secagg_guard",
-                    "fedtune.client.worker_messages", "fedtune.client.site_worker", "fedtune.client.app_account"}
+SITE_ENFORCEMENT = {
+    "fedtune.client.site_policy",
+    "fedtune.client.privacy_floor",
+    "fedtune.client.secagg_guard",
+    "fedtune.client.worker_messages",
+    "fedtune.client.site_worker",
+    "fedtune.client.app_account",
+}
 
 
 def module_level_imports(name: str, path: Path) -> set[str]:

@@ -39,6 +39,7 @@ def smollm2_dir() -> Path:
     return Path(embedded_path(EMBEDDED_SMOLLM2))
 
 
+@pytest.mark.slow
 def test_tokenizer_round_trip_matches_transformers_gguf_tokenizer(smollm2_dir: Path) -> None:
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
@@ -57,8 +58,11 @@ def test_tokenizer_round_trip_matches_transformers_gguf_tokenizer(smollm2_dir: P
         assert raw.encode(text).ids == ids
         assert ours.decode(ids) == text
         assert raw.decode(ids) == text  # the byte-level decoder: no Ġ / Ċ
-    chat = [{"role": "system", "content": "Name the banking intent."}, {"role": "user", "content": TEXTS[0]},
-            {"role": "assistant", "content": "card arrival"}]
+    chat = [
+        {"role": "system", "content": "Name the banking intent."},
+        {"role": "user", "content": TEXTS[0]},
+        {"role": "assistant", "content": "card arrival"},
+    ]
     rendered = ours.apply_chat_template(chat, tokenize=False)
     assert ours.apply_chat_template(chat, tokenize=True) == reference.apply_chat_template(chat, tokenize=True)
     encoded = raw.encode(rendered)
@@ -70,8 +74,10 @@ def test_tokenizer_round_trip_matches_transformers_gguf_tokenizer(smollm2_dir: P
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
 
 
-def test_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                             caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.slow
+def test_cache_is_built_once_reused_and_rebuilt_when_corrupt(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     monkeypatch.setenv("FEDTUNE_CACHE_DIR", str(tmp_path / "cache"))
     caplog.set_level(logging.INFO, logger="fedtune.models")
     folder = converted_gguf_model(smollm2_gguf(), "smollm2-135m-instruct")
@@ -83,10 +89,17 @@ def test_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path: Path, mon
     stamp = weights.stat().st_mtime_ns
 
     # Another process reuses it without converting (no log line, same file).
-    code = ("import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
-            "from fedtune.embedded_models import embedded_path; print(embedded_path('embedded:smollm2'))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "FEDTUNE_CACHE_DIR": str(tmp_path / "cache")}).stdout
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stdout);"
+        "from fedtune.embedded_models import embedded_path; print(embedded_path('embedded:smollm2'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "FEDTUNE_CACHE_DIR": str(tmp_path / "cache")},
+    ).stdout
     assert "converting" not in out and out.strip().endswith(folder.name)
     assert weights.stat().st_mtime_ns == stamp
     assert not [p for p in folder.parent.iterdir() if p.is_dir() and p != folder]  # no temp folder left behind
@@ -105,6 +118,7 @@ def test_cache_is_built_once_reused_and_rebuilt_when_corrupt(tmp_path: Path, mon
 
 def _chat_subset(tmp_path: Path, intents: int = 4, per_intent: int = 12, test_per_intent: int = 3) -> dict[str, Path]:
     """A few Banking77 intents from the shipped prompt/completion files."""
+
     def pick(name: str, each: int) -> list[dict[str, Any]]:
         rows = [json.loads(line) for line in (CHAT_DATA / name).read_text(encoding="utf-8").splitlines()]
         wanted = sorted({r["completion"] for r in rows})[:intents]
@@ -120,16 +134,33 @@ def _chat_subset(tmp_path: Path, intents: int = 4, per_intent: int = 12, test_pe
 
 def _llm_federation(tmp_path: Path, name: str, overrides: dict[str, Any]) -> tuple[Path, dict[str, Any]]:
     data = _chat_subset(tmp_path)
-    config = {**default_run_config(), "task": "causal-lm", "model": "default", "data-path": str(data["train"]),
-              "central-eval-path": str(data["test"]), "output-dir": str(tmp_path / "runs"), "run-name": name,
-              "num-rounds": 1, "local-steps": 2, "batch-size": 8, "learning-rate": 2e-3, "max-length": 128,
-              "system-prompt": "Name the banking intent.", "lora-top-layers": 2, "eval-max-new-tokens": 6,
-              "eval-max-examples": 6, "val-fraction": 0.25, "secagg": True, **overrides}
+    config = {
+        **default_run_config(),
+        "task": "causal-lm",
+        "model": "default",
+        "data-path": str(data["train"]),
+        "central-eval-path": str(data["test"]),
+        "output-dir": str(tmp_path / "runs"),
+        "run-name": name,
+        "num-rounds": 1,
+        "local-steps": 2,
+        "batch-size": 8,
+        "learning-rate": 2e-3,
+        "max-length": 128,
+        "system-prompt": "Name the banking intent.",
+        "lora-top-layers": 2,
+        "eval-max-new-tokens": 6,
+        "eval-max-examples": 6,
+        "val-fraction": 0.25,
+        "secagg": True,
+        **overrides,
+    }
     run_simulation(config, num_sites=2)
     run_dir = tmp_path / "runs" / name
     return run_dir, json.loads((run_dir / "summary.json").read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_short_federation_on_smollm2_with_secagg_reports_exact_match(tmp_path: Path, smollm2_dir: Path) -> None:
     from fedtune.adapter_io import read_metadata
@@ -140,7 +171,9 @@ def test_short_federation_on_smollm2_with_secagg_reports_exact_match(tmp_path: P
     assert 0.0 <= central["exact_match"] <= 1.0 and central["perplexity"] > 1.0
     record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
     sites = record["sites"]
-    assert len(sites) == 2 and all(0.0 <= s["val_exact_match"] <= 1.0 and s["val_generated"] >= 1 for s in sites.values())
+    assert len(sites) == 2 and all(
+        0.0 <= s["val_exact_match"] <= 1.0 and s["val_generated"] >= 1 for s in sites.values()
+    )
     assert 0.0 <= summary["site_validation"]["val_exact_match"] <= 1.0
     assert (run_dir / "exact_match.png").stat().st_size > 0
     assert "central exact match" in (run_dir / "report.md").read_text()
@@ -153,11 +186,21 @@ def test_short_federation_on_smollm2_with_secagg_reports_exact_match(tmp_path: P
     # Its export to an INT4 device bundle is tested in test_edge_llm.py.
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_ffa_lora_and_dp_sgd_federation_on_smollm2(tmp_path: Path, smollm2_dir: Path) -> None:
-    run_dir, summary = _llm_federation(tmp_path, "llm-ffa-dp", {
-        "ffa-lora": True, "dp": True, "dp-noise-multiplier": 1.0, "dp-batch-size": 8, "dp-max-grad-norm": 1.0,
-        "dp-learning-rate": 2e-3})
+    run_dir, summary = _llm_federation(
+        tmp_path,
+        "llm-ffa-dp",
+        {
+            "ffa-lora": True,
+            "dp": True,
+            "dp-noise-multiplier": 1.0,
+            "dp-batch-size": 8,
+            "dp-max-grad-norm": 1.0,
+            "dp-learning-rate": 2e-3,
+        },
+    )
     sites = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["sites"]
     assert all(s["dp_epsilon"] > 0 for s in sites.values())
     assert summary["central"]["generated"] == 6.0
@@ -174,12 +217,17 @@ def test_ffa_lora_and_dp_sgd_federation_on_smollm2(tmp_path: Path, smollm2_dir: 
     ],
     ids=["missing-field", "empty-completion", "over-long-prompt"],
 )
-def test_bad_prompt_completion_file_is_one_clear_line(tmp_path: Path, smollm2_dir: Path, row: dict[str, str],
-                                                      expected: str) -> None:
+@pytest.mark.slow
+def test_bad_prompt_completion_file_is_one_clear_line(
+    tmp_path: Path, smollm2_dir: Path, row: dict[str, str], expected: str
+) -> None:
     path = tmp_path / "site.jsonl"
     path.write_text(json.dumps({"prompt": "Hi", "completion": "card arrival"}) + "\n" + json.dumps(row) + "\n")
-    result = subprocess.run([sys.executable, "-m", "fedtune.cli", "check-data", str(path), "--task", "causal-lm",
-                             "--set", "max-length=64"], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedtune.cli", "check-data", str(path), "--task", "causal-lm", "--set", "max-length=64"],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr

@@ -9,7 +9,6 @@ from fedtune.client.dp_trainer import dp_recipe
 from fedtune.client.node_settings import NodeSettings
 from fedtune.client.site_data import load_site_data
 from fedtune.client.trainer import steps_for_round
-
 from fedtune.config import RunSettings, default_run_config
 
 
@@ -39,8 +38,9 @@ def test_the_demo_sites_are_above_the_floor_so_the_demo_trains_as_before() -> No
 
 
 def test_dp_sgd_local_work_ignores_the_floor_because_each_step_spends_privacy() -> None:
-    settings = dataclasses.replace(demo_settings(), dp=True, dp_target_epsilon=8.0, dp_batch_size=128,
-                                   dp_local_epochs=0.5)
+    settings = dataclasses.replace(
+        demo_settings(), dp=True, dp_target_epsilon=8.0, dp_batch_size=128, dp_local_epochs=0.5
+    )
     recipe = dp_recipe(settings)
     assert recipe.min_local_steps == 0 and recipe.batch_size == 128
     assert steps_for_round(recipe, 200) == math.ceil(0.5 * 200 / 128) == 1

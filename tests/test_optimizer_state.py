@@ -11,24 +11,35 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from fedtune.client.optimizer_state import STATE_KEY, ContextOptimizerStore, restore_optimizer
-from fedtune.client.site_client import SiteClient
 from flwr.app import Context, RecordDict
 
+from fedtune.client.optimizer_state import STATE_KEY, ContextOptimizerStore, restore_optimizer
+from fedtune.client.site_client import SiteClient
 from fedtune.config import RunSettings, default_run_config
 from fedtune.errors import ConfigError
 
 
 def run_config(tiny_llama_dir: Path, completion_data: dict[str, Path], **run: Any) -> dict[str, Any]:
-    return {**default_run_config(), "task": "causal-lm", "model": str(tiny_llama_dir),
-            "data-path": str(completion_data["train"]), "central-eval-path": "", "partitioning": "iid",
-            "local-steps": 3, "batch-size": 8, "val-fraction": 0.2, "secagg": False, "lora-target-modules": "",
-            **run}
+    return {
+        **default_run_config(),
+        "task": "causal-lm",
+        "model": str(tiny_llama_dir),
+        "data-path": str(completion_data["train"]),
+        "central-eval-path": "",
+        "partitioning": "iid",
+        "local-steps": 3,
+        "batch-size": 8,
+        "val-fraction": 0.2,
+        "secagg": False,
+        "lora-target-modules": "",
+        **run,
+    }
 
 
 def new_context(config: dict[str, Any]) -> Context:
-    return Context(run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
-                   run_config=config)
+    return Context(
+        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config=config
+    )
 
 
 def steps_kept(context: Context) -> list[float]:
@@ -37,8 +48,9 @@ def steps_kept(context: Context) -> list[float]:
     return [float(v) for k, v in kept.items() if k.endswith(".step")]
 
 
-def test_site_keeps_adam_moments_in_the_run_context_across_rounds(tiny_llama_dir: Path,
-                                                                  completion_data: dict[str, Path]) -> None:
+def test_site_keeps_adam_moments_in_the_run_context_across_rounds(
+    tiny_llama_dir: Path, completion_data: dict[str, Path]
+) -> None:
     config = run_config(tiny_llama_dir, completion_data, **{"keep-optimizer-state": True})
     settings, context = RunSettings.from_run_config(config), new_context(config)
     client = SiteClient(settings, context)
@@ -69,8 +81,11 @@ def test_off_by_default_nothing_is_kept(tiny_llama_dir: Path, completion_data: d
 def test_kept_moments_that_do_not_fit_start_adam_afresh(caplog: pytest.LogCaptureFixture) -> None:
     params = [torch.nn.Parameter(torch.zeros(4, 2)), torch.nn.Parameter(torch.zeros(3))]
     optimizer = torch.optim.AdamW(params)
-    wrong = {"0.exp_avg": np.zeros((2, 4), np.float32), "0.exp_avg_sq": np.zeros((2, 4), np.float32),
-             "0.step": np.array(1.0, np.float32)}
+    wrong = {
+        "0.exp_avg": np.zeros((2, 4), np.float32),
+        "0.exp_avg_sq": np.zeros((2, 4), np.float32),
+        "0.step": np.array(1.0, np.float32),
+    }
     with caplog.at_level(logging.WARNING, logger="fedtune.site"):
         assert not restore_optimizer(optimizer, params, wrong, "site-0")
     assert "site-0: kept optimizer state does not fit this model" in caplog.text
@@ -79,5 +94,6 @@ def test_kept_moments_that_do_not_fit_start_adam_afresh(caplog: pytest.LogCaptur
 
 def test_keep_optimizer_state_with_dp_is_refused() -> None:
     with pytest.raises(ConfigError, match="keep-optimizer-state"):
-        RunSettings.from_run_config({**default_run_config(), "keep-optimizer-state": True, "dp": True,
-                                     "dp-noise-multiplier": 1.0})
+        RunSettings.from_run_config(
+            {**default_run_config(), "keep-optimizer-state": True, "dp": True, "dp-noise-multiplier": 1.0}
+        )

@@ -33,18 +33,24 @@ def operator_dir(tmp_path: Path, sentiment_data: dict[str, Path]) -> Path:
 
 
 BAD = {
-    "labels outside the label set": ('central-eval-path="other-labels.jsonl"',
-                                     "other-labels.jsonl:1: field 'label': label 'card_arrival' is not in the "
-                                     "coordinator's label set (2 labels)"),
+    "labels outside the label set": (
+        'central-eval-path="other-labels.jsonl"',
+        "other-labels.jsonl:1: field 'label': label 'card_arrival' is not in the coordinator's label set (2 labels)",
+    ),
     "missing held-out file": ('central-eval-path="missing.jsonl"', "config 'central-eval-path': "),
     "missing labels file": ('labels-file="nope.json"', "config 'labels-file': "),
-    "server momentum out of range": ('strategy="fedavgm" server-momentum=1.5',
-                                     "config 'server-momentum': must be in [0, 1), got 1.5"),
+    "server momentum out of range": (
+        'strategy="fedavgm" server-momentum=1.5',
+        "config 'server-momentum': must be in [0, 1), got 1.5",
+    ),
     "FedAdam without a step": ('strategy="fedadam" fedopt-eta=0.0', "config 'fedopt-eta': must be > 0, got 0.0"),
     "DP without noise": ("dp=true", "config 'dp': dp = true needs dp-noise-multiplier or dp-target-epsilon"),
-    "model not offline": ('model="no-such-org/no-such-model"', "config 'model': 'no-such-org/no-such-model' is "
-                                                             "neither a local folder nor a Hugging Face id in the "
-                                                             "local cache"),
+    "model not offline": (
+        'model="no-such-org/no-such-model"',
+        "config 'model': 'no-such-org/no-such-model' is "
+        "neither a local folder nor a Hugging Face id in the "
+        "local cache",
+    ),
 }
 
 
@@ -56,39 +62,88 @@ def _one_line(out: subprocess.CompletedProcess[str], expected: str, where: Path)
     assert not (where / "runs").exists()  # no run folder, no round folder
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_deploy_run_refuses_bad_settings_before_launching(case: str, operator_dir: Path, tmp_path: Path,
-                                                          tiny_bert_dir: Path) -> None:
+def test_deploy_run_refuses_bad_settings_before_launching(
+    case: str, operator_dir: Path, tmp_path: Path, tiny_bert_dir: Path
+) -> None:
     setting, expected = BAD[case]
     config = f'model="{tiny_bert_dir}" labels-file="labels.json" central-eval-path="held-out.jsonl" run-name="bad"'
     deploy = tmp_path / "deploy"
-    out = subprocess.run([FEDTUNE, "deploy", "run", "--dir", str(deploy), "--app", str(REPO), "--run-config", config,
-                          "--run-config", setting],  # the later --run-config wins, as with flwr run
-                         capture_output=True, text=True, cwd=operator_dir, env=child_env(), timeout=300)
+    out = subprocess.run(
+        [
+            FEDTUNE,
+            "deploy",
+            "run",
+            "--dir",
+            str(deploy),
+            "--app",
+            str(REPO),
+            "--run-config",
+            config,
+            "--run-config",
+            setting,
+        ],  # the later --run-config wins, as with flwr run
+        capture_output=True,
+        text=True,
+        cwd=operator_dir,
+        env=child_env(),
+        timeout=300,
+    )
     _one_line(out, expected, operator_dir)
     assert not deploy.exists()  # nothing launched, nothing recorded
 
 
-@pytest.mark.parametrize("case", ["labels outside the label set", "missing held-out file", "server momentum out of range"])
-def test_simulate_refuses_bad_settings_before_round_one(case: str, operator_dir: Path, tiny_bert_dir: Path,
-                                                        sentiment_data: dict[str, Path]) -> None:
+@pytest.mark.parametrize(
+    "case", ["labels outside the label set", "missing held-out file", "server momentum out of range"]
+)
+def test_simulate_refuses_bad_settings_before_round_one(
+    case: str, operator_dir: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
     setting, expected = BAD[case]
-    sets = [f"model={tiny_bert_dir}", "labels-file=labels.json", "central-eval-path=held-out.jsonl",
-            f"data-path={sentiment_data['train']}", *setting.split(" ")]
-    out = subprocess.run([FEDTUNE, "simulate", "--sites", "2", "--rounds", "1", "--run-name", "bad",
-                          *[x for s in sets for x in ("--set", s)]],
-                         capture_output=True, text=True, cwd=operator_dir, env=child_env(), timeout=300)
+    sets = [
+        f"model={tiny_bert_dir}",
+        "labels-file=labels.json",
+        "central-eval-path=held-out.jsonl",
+        f"data-path={sentiment_data['train']}",
+        *setting.split(" "),
+    ]
+    out = subprocess.run(
+        [
+            FEDTUNE,
+            "simulate",
+            "--sites",
+            "2",
+            "--rounds",
+            "1",
+            "--run-name",
+            "bad",
+            *[x for s in sets for x in ("--set", s)],
+        ],
+        capture_output=True,
+        text=True,
+        cwd=operator_dir,
+        env=child_env(),
+        timeout=300,
+    )
     _one_line(out, expected, operator_dir)
 
 
-def test_deploy_run_pins_relative_paths_to_the_launching_directory(operator_dir: Path, tmp_path: Path,
-                                                                   tiny_bert_dir: Path) -> None:
+def test_deploy_run_pins_relative_paths_to_the_launching_directory(
+    operator_dir: Path, tmp_path: Path, tiny_bert_dir: Path
+) -> None:
     """With no SuperLink to reach, `flwr run` fails; the launched record shows what the
     installed app copy would have been given."""
     deploy = tmp_path / "deploy"
     config = f'model="{tiny_bert_dir}" labels-file="labels.json" central-eval-path="held-out.jsonl" run-name="rel"'
-    subprocess.run([FEDTUNE, "deploy", "run", "--dir", str(deploy), "--app", str(REPO), "--run-config", config],
-                   capture_output=True, text=True, cwd=operator_dir, env=child_env(), timeout=300)
+    subprocess.run(
+        [FEDTUNE, "deploy", "run", "--dir", str(deploy), "--app", str(REPO), "--run-config", config],
+        capture_output=True,
+        text=True,
+        cwd=operator_dir,
+        env=child_env(),
+        timeout=300,
+    )
     import tomllib
 
     launched = tomllib.loads((deploy / "launched" / "rel.toml").read_text())

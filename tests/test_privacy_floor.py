@@ -9,34 +9,55 @@ import json
 from pathlib import Path
 
 import pytest
-from fedtune.client.dp_history import MemoryHistory, history_file
-from fedtune.client.privacy_floor import PrivacyFloorError
-from fedtune.client.site_work import SiteWork
 
 from fedtune.adapter_io import get_adapter_arrays
+from fedtune.client.dp_history import MemoryHistory, history_file
 from fedtune.client.node_settings import NodeSettings
+from fedtune.client.privacy_floor import PrivacyFloorError
+from fedtune.client.site_work import SiteWork
 from fedtune.config import RunSettings, default_run_config
 
 
 def work(tiny_bert_dir: Path, data: dict[str, Path], tmp_path: Path, node: dict, **run: object) -> SiteWork:
-    config = {**default_run_config(), "model": str(tiny_bert_dir), "data-path": str(data["train"]),
-              "labels-file": str(data["labels"]), "partitioning": "iid", "local-steps": 3, "batch-size": 16,
-              "val-fraction": 0.2, **run}
+    config = {
+        **default_run_config(),
+        "model": str(tiny_bert_dir),
+        "data-path": str(data["train"]),
+        "labels-file": str(data["labels"]),
+        "partitioning": "iid",
+        "local-steps": 3,
+        "batch-size": 16,
+        "val-fraction": 0.2,
+        **run,
+    }
     node = {"partition-id": 0, "num-partitions": 2, "state-dir": str(tmp_path / "state"), **node}
     return SiteWork(RunSettings.from_run_config(config), NodeSettings.from_node_config(node), MemoryHistory())
 
 
-def test_runs_asking_less_than_the_floor_are_refused(tiny_bert_dir: Path, sentiment_data: dict[str, Path],
-                                                     tmp_path: Path) -> None:
+def test_runs_asking_less_than_the_floor_are_refused(
+    tiny_bert_dir: Path, sentiment_data: dict[str, Path], tmp_path: Path
+) -> None:
     cases = [
-        ({"require-secagg": True}, {"secagg": False}, "site site-0 requires SecAgg+ (node config require-secagg=true); "
-                                                      "the run has secagg=false"),
-        ({"max-epsilon": 8.0}, {"dp": False}, "site site-0 allows at most epsilon=8 (node config max-epsilon); "
-                                              "the run has dp=false"),
-        ({"max-epsilon": 8.0, "max-delta": 1e-6}, {"dp": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-5},
-         "site site-0 allows at most delta=1e-06 (node config max-delta); the run has dp-delta=1e-05"),
-        ({"max-epsilon": 2.0}, {"dp": True, "dp-target-epsilon": 6.0},
-         "site site-0 allows at most epsilon=2 (node config max-epsilon); the run targets dp-target-epsilon=6"),
+        (
+            {"require-secagg": True},
+            {"secagg": False},
+            "site site-0 requires SecAgg+ (node config require-secagg=true); the run has secagg=false",
+        ),
+        (
+            {"max-epsilon": 8.0},
+            {"dp": False},
+            "site site-0 allows at most epsilon=8 (node config max-epsilon); the run has dp=false",
+        ),
+        (
+            {"max-epsilon": 8.0, "max-delta": 1e-6},
+            {"dp": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-5},
+            "site site-0 allows at most delta=1e-06 (node config max-delta); the run has dp-delta=1e-05",
+        ),
+        (
+            {"max-epsilon": 2.0},
+            {"dp": True, "dp-target-epsilon": 6.0},
+            "site site-0 allows at most epsilon=2 (node config max-epsilon); the run targets dp-target-epsilon=6",
+        ),
     ]
     for node, run, message in cases:
         site = work(tiny_bert_dir, sentiment_data, tmp_path, node, **run)
@@ -54,8 +75,9 @@ def test_runs_asking_less_than_the_floor_are_refused(tiny_bert_dir: Path, sentim
     assert n > 0
 
 
-def test_site_stops_at_its_own_epsilon_ceiling(tiny_bert_dir: Path, sentiment_data: dict[str, Path],
-                                               tmp_path: Path) -> None:
+def test_site_stops_at_its_own_epsilon_ceiling(
+    tiny_bert_dir: Path, sentiment_data: dict[str, Path], tmp_path: Path
+) -> None:
     from fedtune.client.dp_trainer import epsilon_after_round
 
     run = {"dp": True, "dp-noise-multiplier": 1.0, "dp-delta": 1e-5, "secagg": False}
@@ -75,14 +97,21 @@ def test_site_stops_at_its_own_epsilon_ceiling(tiny_bert_dir: Path, sentiment_da
 
 
 def test_distributed_dp_ceiling_counts_all_shares_or_only_the_sites_own(
-        tiny_bert_dir: Path, sentiment_data: dict[str, Path], tmp_path: Path) -> None:
+    tiny_bert_dir: Path, sentiment_data: dict[str, Path], tmp_path: Path
+) -> None:
     """Under distributed DP the ceiling applies to the summed shares' epsilon; with
     own-noise-only it applies to the site's own shares (sigma / sqrt(t)), a stricter stop."""
     from fedtune.client.distributed_dp import epsilon_after_round
     from fedtune.client.secagg_setup import SETUP_KEY, SecAggSetup
 
-    run = {"dp": True, "dp-noise-multiplier": 2.0, "dp-delta": 1e-5, "secagg": True, "dp-mode": "distributed",
-           "dp-sample-rate": 0.5}
+    run = {
+        "dp": True,
+        "dp-noise-multiplier": 2.0,
+        "dp-delta": 1e-5,
+        "secagg": True,
+        "dp-mode": "distributed",
+        "dp-sample-rate": 0.5,
+    }
     probe = work(tiny_bert_dir, sentiment_data, tmp_path, {}, **run)
     _, all_shares = epsilon_after_round(probe.settings, 5, [])
     _, own_shares = epsilon_after_round(probe.settings, 5, [], own_shares_of=2)

@@ -18,6 +18,8 @@ from typing import Iterator
 
 import grpc
 import pytest
+from support.registry_server import TOKEN, Registry, make_pki
+
 from fedtune.edge_device import pull as device_pull
 from fedtune.edge_device.pull import (
     PullError,
@@ -29,8 +31,6 @@ from fedtune.edge_device.pull import (
 from fedtune.edge_device.runtime import EdgeModel
 from fedtune.registry.publisher import publish
 from fedtune.registry.v1 import registry_pb2 as pb
-from fedtune.registry.v1 import registry_pb2_grpc as rpc
-from support.registry_server import TOKEN, Registry, make_pki
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -50,15 +50,22 @@ def registry(tmp_path: Path, pki: dict[str, bytes], keys: dict[str, Path]) -> It
 SEQUENCE = itertools.count(1)
 
 
-def _publish(reg: Registry, bundle: Path, version: str, model: str = "banking", key: Path | None = None,
-             sequence: int | None = None) -> Path:
+def _publish(
+    reg: Registry,
+    bundle: Path,
+    version: str,
+    model: str = "banking",
+    key: Path | None = None,
+    sequence: int | None = None,
+) -> Path:
     """Release `bundle` as `model` `version` (by default with the next sequence number) and publish it."""
     return reg.publish(bundle, model, version, next(SEQUENCE) if sequence is None else sequence, key)
 
 
 @pytest.mark.timeout(900)
-def test_publish_pull_predict_and_rollback(registry: Registry, bert_bundle: tuple[Path, Path, dict],
-                                           keys: dict[str, Path], tmp_path: Path) -> None:
+def test_publish_pull_predict_and_rollback(
+    registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     _, bundle, manifest = bert_bundle
     _publish(registry, bundle, "v1")
     listing = registry.stub().ListModels(pb.ListModelsRequest())
@@ -101,6 +108,7 @@ def _connection_cut_after(limit: int) -> Iterator[None]:
                         received += len(chunk.data)
                         if received >= limit:
                             call.cancel()
+
                 return chunks()
 
             self.Download = download
@@ -113,8 +121,9 @@ def _connection_cut_after(limit: int) -> Iterator[None]:
 
 
 @pytest.mark.timeout(900)
-def test_cut_download_resumes_and_verifies(registry: Registry, bert_bundle: tuple[Path, Path, dict],
-                                           keys: dict[str, Path], tmp_path: Path) -> None:
+def test_cut_download_resumes_and_verifies(
+    registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     _, bundle, manifest = bert_bundle
     _publish(registry, bundle, "v1")
     total = sum(e["bytes"] for e in manifest["files"].values())
@@ -128,8 +137,9 @@ def test_cut_download_resumes_and_verifies(registry: Registry, bert_bundle: tupl
     EdgeModel.load(device / "current", keys["public"])  # verified again on load
 
 
-def _device_on_v1_with_v2_published(registry: Registry, bundle: Path, keys: dict[str, Path],
-                                    tmp_path: Path) -> tuple[Path, Path]:
+def _device_on_v1_with_v2_published(
+    registry: Registry, bundle: Path, keys: dict[str, Path], tmp_path: Path
+) -> tuple[Path, Path]:
     """A device holding v1 as current, and v2 published: (device folder, v2's stored model.onnx)."""
     _publish(registry, bundle, "v1")
     device = tmp_path / "device"
@@ -139,8 +149,9 @@ def _device_on_v1_with_v2_published(registry: Registry, bundle: Path, keys: dict
 
 
 @pytest.mark.timeout(900)
-def test_tampered_store_is_refused_and_current_version_stays(registry: Registry, bert_bundle: tuple[Path, Path, dict],
-                                                             keys: dict[str, Path], tmp_path: Path) -> None:
+def test_tampered_store_is_refused_and_current_version_stays(
+    registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     device, stored = _device_on_v1_with_v2_published(registry, bert_bundle[1], keys, tmp_path)
     data = bytearray(stored.read_bytes())
     data[len(data) // 3] ^= 0xFF
@@ -154,13 +165,17 @@ def test_tampered_store_is_refused_and_current_version_stays(registry: Registry,
 
 @pytest.mark.timeout(900)
 def test_a_file_stream_longer_than_the_manifest_says_is_cut_and_refused(
-        registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path) -> None:
+    registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     manifest = bert_bundle[2]
     device, stored = _device_on_v1_with_v2_published(registry, bert_bundle[1], keys, tmp_path)
     with open(stored, "ab") as handle:  # the registry's disk now holds 5 MiB more than was signed
         handle.write(bytes(5 << 20))
-    with pytest.raises(PullError, match=rf"refused banking v2 .*model.onnx: the registry sent more than the signed "
-                                        rf"manifest's {manifest['files']['model.onnx']['bytes']} bytes"):
+    with pytest.raises(
+        PullError,
+        match=rf"refused banking v2 .*model.onnx: the registry sent more than the signed "
+        rf"manifest's {manifest['files']['model.onnx']['bytes']} bytes",
+    ):
         pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
     assert active_version(device) == "v1" and not (device / "versions" / "v2").exists()
     partial = device / ".incoming" / "v2" / "model.onnx"
@@ -173,15 +188,17 @@ def _serve_as(reg: Registry, source: tuple[str, str], target: tuple[str, str], l
     shutil.copytree(reg.store_dir / source[0] / source[1], reg.store_dir / target[0] / target[1])
     index = reg.store_dir / target[0] / "versions.json"
     entries = json.loads(index.read_text())
-    entry = next(e for e in json.loads((reg.store_dir / source[0] / "versions.json").read_text())
-                 if e["version"] == source[1])
+    entry = next(
+        e for e in json.loads((reg.store_dir / source[0] / "versions.json").read_text()) if e["version"] == source[1]
+    )
     entries.append({**entry, "version": target[1]})
     index.write_text(json.dumps(entries))
 
 
 @pytest.mark.timeout(900)
 def test_downgrades_and_bundles_of_other_models_are_refused_and_the_active_version_stays(
-        registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path) -> None:
+    registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     bundle = bert_bundle[1]
     _publish(registry, bundle, "v1", sequence=10)
     v2 = _publish(registry, bundle, "v2", sequence=20)
@@ -225,13 +242,17 @@ def _raw_publish(reg: Registry, folder: Path, model: str, version: str) -> None:
     """Publish a folder's files as `model` `version` with the token, bypassing the publisher's own check."""
     from fedtune.registry.publisher import _requests, bundle_files
 
-    reg.stub().Publish(_requests(folder, model, version, bundle_files(folder)), timeout=60,
-                       metadata=(("authorization", f"Bearer {TOKEN}"),))
+    reg.stub().Publish(
+        _requests(folder, model, version, bundle_files(folder)),
+        timeout=60,
+        metadata=(("authorization", f"Bearer {TOKEN}"),),
+    )
 
 
 @pytest.mark.timeout(900)
-def test_bad_names_unknown_models_and_credentials(registry: Registry, bert_bundle: tuple[Path, Path, dict],
-                                                  keys: dict[str, Path]) -> None:
+def test_bad_names_unknown_models_and_credentials(
+    registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path]
+) -> None:
     _, bundle, _ = bert_bundle
     _publish(registry, bundle, "v1")
     stub = registry.stub()
@@ -242,20 +263,36 @@ def test_bad_names_unknown_models_and_credentials(registry: Registry, bert_bundl
         return info.value.code()
 
     assert code(lambda: stub.GetManifest(pb.GetManifestRequest(model="nope"))) == grpc.StatusCode.NOT_FOUND
-    assert code(lambda: stub.GetManifest(pb.GetManifestRequest(model="banking", version="v9"))) == grpc.StatusCode.NOT_FOUND
-    assert code(lambda: list(stub.Download(pb.DownloadRequest(model="banking", version="v1", file="nothere.bin")))) \
+    assert (
+        code(lambda: stub.GetManifest(pb.GetManifestRequest(model="banking", version="v9")))
         == grpc.StatusCode.NOT_FOUND
-    for model, version, file in (("../banking", "v1", "model.onnx"), ("banking", "../v1", "model.onnx"),
-                                 ("banking", "v1", "../../banking/v1/model.onnx"), ("a/b", "", ""), ("..", "v1", "x")):
-        assert code(lambda: list(stub.Download(pb.DownloadRequest(model=model, version=version, file=file or "x")))) \
-            == grpc.StatusCode.INVALID_ARGUMENT, (model, version, file)
-    assert code(lambda: stub.GetManifest(pb.GetManifestRequest(model="banking", version="v1/../v1"))) \
+    )
+    assert (
+        code(lambda: list(stub.Download(pb.DownloadRequest(model="banking", version="v1", file="nothere.bin"))))
+        == grpc.StatusCode.NOT_FOUND
+    )
+    for model, version, file in (
+        ("../banking", "v1", "model.onnx"),
+        ("banking", "../v1", "model.onnx"),
+        ("banking", "v1", "../../banking/v1/model.onnx"),
+        ("a/b", "", ""),
+        ("..", "v1", "x"),
+    ):
+        assert (
+            code(lambda: list(stub.Download(pb.DownloadRequest(model=model, version=version, file=file or "x"))))
+            == grpc.StatusCode.INVALID_ARGUMENT
+        ), (model, version, file)
+    assert (
+        code(lambda: stub.GetManifest(pb.GetManifestRequest(model="banking", version="v1/../v1")))
         == grpc.StatusCode.INVALID_ARGUMENT
+    )
     # Publishing: no token, a wrong token -> UNAUTHENTICATED; nothing is stored.
     header = [pb.PublishRequest(header=pb.PublishHeader(model="banking", version="v2"))]
     assert code(lambda: stub.Publish(iter(header))) == grpc.StatusCode.UNAUTHENTICATED
-    assert code(lambda: stub.Publish(iter(header), metadata=(("authorization", "Bearer wrong"),))) \
+    assert (
+        code(lambda: stub.Publish(iter(header), metadata=(("authorization", "Bearer wrong"),)))
         == grpc.StatusCode.UNAUTHENTICATED
+    )
     assert not (registry.store_dir / "banking" / "v2").exists()
     # A bundle signed by another key is refused by a registry that trusts the coordinator's key.
     with pytest.raises(Exception, match="FAILED_PRECONDITION"):
@@ -271,19 +308,23 @@ def _publish_foreign(reg: Registry, bundle: Path, keys: dict[str, Path]) -> None
     foreign = bundle.parent / "foreign-bundle"
     shutil.rmtree(foreign, ignore_errors=True)
     shutil.copytree(bundle, foreign)
-    (foreign / "manifest.sig").write_bytes(sign(load_private_key(keys["other_private"]), (foreign / "manifest.json").read_bytes()))
+    (foreign / "manifest.sig").write_bytes(
+        sign(load_private_key(keys["other_private"]), (foreign / "manifest.json").read_bytes())
+    )
     _publish(reg, foreign, "v-foreign", key=keys["other_private"])
 
 
 @pytest.mark.timeout(900)
-def test_twenty_concurrent_pulls_all_verify(registry: Registry, bert_bundle: tuple[Path, Path, dict],
-                                            keys: dict[str, Path], tmp_path: Path) -> None:
+def test_twenty_concurrent_pulls_all_verify(
+    registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     _, bundle, _ = bert_bundle
     _publish(registry, bundle, "v1")
     devices = [tmp_path / f"device-{i:02d}" for i in range(20)]
     with ThreadPoolExecutor(max_workers=20) as pool:
-        results = list(pool.map(lambda d: pull(registry.address, "banking", keys["public"], d, ca=registry.pki["ca"]),
-                                devices))
+        results = list(
+            pool.map(lambda d: pull(registry.address, "banking", keys["public"], d, ca=registry.pki["ca"]), devices)
+        )
     assert all(r.version == "v1" for r in results)
     for device in devices:
         assert active_version(device) == "v1"
@@ -291,8 +332,9 @@ def test_twenty_concurrent_pulls_all_verify(registry: Registry, bert_bundle: tup
 
 
 @pytest.mark.timeout(900)
-def test_mtls_requires_a_device_certificate(tmp_path: Path, pki: dict[str, bytes], keys: dict[str, Path],
-                                            bert_bundle: tuple[Path, Path, dict]) -> None:
+def test_mtls_requires_a_device_certificate(
+    tmp_path: Path, pki: dict[str, bytes], keys: dict[str, Path], bert_bundle: tuple[Path, Path, dict]
+) -> None:
     reg = Registry(tmp_path, pki, keys, mtls=True)
     try:
         with pytest.raises(PullError, match="UNAVAILABLE"):
@@ -308,8 +350,16 @@ def test_mtls_requires_a_device_certificate(tmp_path: Path, pki: dict[str, bytes
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     from grpc_tools import protoc
 
-    rc = protoc.main(["protoc", f"-I{REPO / 'protos'}", f"--python_out={tmp_path}", f"--grpc_python_out={tmp_path}",
-                      f"--pyi_out={tmp_path}", str(REPO / "protos/fedtune/registry/v1/registry.proto")])
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{REPO / 'protos'}",
+            f"--python_out={tmp_path}",
+            f"--grpc_python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(REPO / "protos/fedtune/registry/v1/registry.proto"),
+        ]
+    )
     assert rc == 0
     for name in ("registry_pb2.py", "registry_pb2_grpc.py", "registry_pb2.pyi"):
         fresh = (tmp_path / "fedtune/registry/v1" / name).read_text()
@@ -317,14 +367,23 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_registry_demo_script_stops_its_server(bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path],
-                                               tmp_path: Path) -> None:
+def test_registry_demo_script_stops_its_server(
+    bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path
+) -> None:
     """The CLI path `make demo` uses: serve, publish, pull, predict, then the server is stopped."""
     _, bundle, _ = bert_bundle
-    out = subprocess.run(["bash", str(REPO / "scripts/registry_demo.sh"), str(bundle), str(keys["public"]), "good great"],
-                         capture_output=True, text=True, cwd=REPO, timeout=600,
-                         env={**__import__("os").environ, "FEDTUNE_BIN": str(Path(sys.executable).parent / "fedtune"),
-                              "REGISTRY_WORK": str(tmp_path / "work")})
+    out = subprocess.run(
+        ["bash", str(REPO / "scripts/registry_demo.sh"), str(bundle), str(keys["public"]), "good great"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=600,
+        env={
+            **__import__("os").environ,
+            "FEDTUNE_BIN": str(Path(sys.executable).parent / "fedtune"),
+            "REGISTRY_WORK": str(tmp_path / "work"),
+        },
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "published" in out.stdout and "current ->" in out.stdout
     pid = int((tmp_path / "work" / "registry.pid").read_text())

@@ -21,15 +21,21 @@ REPO = Path(__file__).resolve().parent.parent
 CRASHING_COORDINATOR = REPO / "tests" / "support" / "crashing_coordinator.py"
 
 
-def _simulate(out: Path, run: str, sets: dict[str, object], crash_after: int = 0, resume: bool = False,
-              ) -> subprocess.CompletedProcess[str]:
+def _simulate(
+    out: Path,
+    run: str,
+    sets: dict[str, object],
+    crash_after: int = 0,
+    resume: bool = False,
+) -> subprocess.CompletedProcess[str]:
     launcher = ["-m", "fedtune.cli"] if not crash_after else [str(CRASHING_COORDINATOR), str(crash_after)]
     args = [sys.executable, *launcher, "simulate", "--sites", "2", "--output-dir", str(out), "--run-name", run]
     args += [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]
     if resume:
         args.append("--resume")
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True
+    )
     try:
         stdout, _ = proc.communicate(timeout=900)
     finally:
@@ -45,12 +51,22 @@ def _rounds(run_dir: Path) -> list[int]:
 
 
 def _base(tiny_bert_dir: Path, sentiment_data: dict[str, Path], tmp_path: Path) -> dict[str, object]:
-    return {"model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]),
-            "labels-file": str(sentiment_data["labels"]), "central-eval-path": str(sentiment_data["test"]),
-            "partitioning": "iid", "val-fraction": 0.2, "num-rounds": 4, "local-steps": 4, "batch-size": 16,
-            "learning-rate": 0.05, "site-state-dir": str(tmp_path / "site-state")}
+    return {
+        "model": str(tiny_bert_dir),
+        "data-path": str(sentiment_data["train"]),
+        "labels-file": str(sentiment_data["labels"]),
+        "central-eval-path": str(sentiment_data["test"]),
+        "partitioning": "iid",
+        "val-fraction": 0.2,
+        "num-rounds": 4,
+        "local-steps": 4,
+        "batch-size": 16,
+        "learning-rate": 0.05,
+        "site-state-dir": str(tmp_path / "site-state"),
+    }
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 def test_resume_after_coordinator_crash_equals_uninterrupted_run(
     tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
@@ -58,8 +74,12 @@ def test_resume_after_coordinator_crash_equals_uninterrupted_run(
     # SecAgg+ off here: Flower's SecAgg+ quantises with stochastic rounding (unseeded), so two
     # SecAgg+ runs differ by up to one quantisation step per value, which FedAdam then
     # rescales; without it the resumed run must match the uninterrupted one to float precision.
-    sets = {**_base(tiny_bert_dir, sentiment_data, tmp_path), "strategy": "fedadam", "fedopt-eta": 0.05,
-            "secagg": False}
+    sets = {
+        **_base(tiny_bert_dir, sentiment_data, tmp_path),
+        "strategy": "fedadam",
+        "fedopt-eta": 0.05,
+        "secagg": False,
+    }
     out = tmp_path / "runs"
     full = _simulate(out, "full", sets)
     assert full.returncode == 0, full.stdout[-3000:]
@@ -86,20 +106,27 @@ def test_resume_after_coordinator_crash_equals_uninterrupted_run(
     full_metrics = [json.loads(x) for x in (out / "full" / "metrics.jsonl").read_text().splitlines()]
     crash_metrics = [json.loads(x) for x in (out / "crash" / "metrics.jsonl").read_text().splitlines()]
     assert [r["aggregate"].get("train_loss") for r in crash_metrics] == pytest.approx(
-        [r["aggregate"].get("train_loss") for r in full_metrics], abs=1e-6)  # same LR schedule, same steps
+        [r["aggregate"].get("train_loss") for r in full_metrics], abs=1e-6
+    )  # same LR schedule, same steps
     assert json.loads((out / "crash" / "run.json").read_text())["resumed"][0]["after_round"] == 2
     # A finished run cannot be resumed again.
     done = _simulate(out, "crash", sets, resume=True)
     assert done.returncode == 1 and "already done" in done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1200)
 @pytest.mark.parametrize("mode", ["local", "distributed"])
-def test_resume_keeps_the_sites_dp_accountant(tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path],
-                                              mode: str) -> None:
+def test_resume_keeps_the_sites_dp_accountant(
+    tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path], mode: str
+) -> None:
     noise, batch, steps, site_train = 1.0, 16, 4, 96  # 240 rows, IID over 2 sites, 20 % held out
-    sets = {**_base(tiny_bert_dir, sentiment_data, tmp_path), "dp": True, "dp-noise-multiplier": noise,
-            "dp-batch-size": batch}
+    sets = {
+        **_base(tiny_bert_dir, sentiment_data, tmp_path),
+        "dp": True,
+        "dp-noise-multiplier": noise,
+        "dp-batch-size": batch,
+    }
     if mode == "distributed":  # one step a round at q = 16/96, the server's Adam state restored from round 2
         sets.update({"dp-mode": "distributed", "secagg": True, "dp-sample-rate": batch / site_train})
         steps = 1

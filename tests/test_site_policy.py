@@ -56,11 +56,26 @@ def test_a_site_policy_needs_at_least_two_sites_per_secagg_sum(tmp_path: Path) -
         SitePolicy("bank-a", tmp_path / "d.jsonl", tmp_path, min_secagg_sites=1)
 
 
-def setup(sample: int = 3, shares: int = 3, threshold: int = 2, clip: float = 4.0, target: int = 1 << 22,
-          modulus: int = 1 << 32) -> ConfigRecord:
-    return ConfigRecord({Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: sample, Key.SHARE_NUMBER: shares,
-                         Key.THRESHOLD: threshold, Key.CLIPPING_RANGE: clip, Key.TARGET_RANGE: target,
-                         Key.MOD_RANGE: modulus, Key.MAX_WEIGHT: 100.0})
+def setup(
+    sample: int = 3,
+    shares: int = 3,
+    threshold: int = 2,
+    clip: float = 4.0,
+    target: int = 1 << 22,
+    modulus: int = 1 << 32,
+) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            Key.STAGE: Stage.SETUP,
+            Key.SAMPLE_NUMBER: sample,
+            Key.SHARE_NUMBER: shares,
+            Key.THRESHOLD: threshold,
+            Key.CLIPPING_RANGE: clip,
+            Key.TARGET_RANGE: target,
+            Key.MOD_RANGE: modulus,
+            Key.MAX_WEIGHT: 100.0,
+        }
+    )
 
 
 def test_secagg_setups_below_the_sites_minimum_are_refused() -> None:
@@ -93,8 +108,19 @@ def test_an_unmask_request_that_would_reveal_one_site_is_refused() -> None:
 
 
 def test_a_reply_carries_only_the_named_scalars_the_site_releases() -> None:
-    out = released_metrics({"site": "forged", "train_loss": 0.5, "val_accuracy": 0.9, "dp_epsilon": 1.0,
-                            "raw": b"data", "loot": "text", "val_note": "text", "steps": float("nan")}, "bank-a")
+    out = released_metrics(
+        {
+            "site": "forged",
+            "train_loss": 0.5,
+            "val_accuracy": 0.9,
+            "dp_epsilon": 1.0,
+            "raw": b"data",
+            "loot": "text",
+            "val_note": "text",
+            "steps": float("nan"),
+        },
+        "bank-a",
+    )
     assert out == {"site": "bank-a", "train_loss": 0.5, "val_accuracy": 0.9, "dp_epsilon": 1.0}
 
 
@@ -102,17 +128,43 @@ def fedtune(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([FEDTUNE, *args], capture_output=True, text=True, env=child_env(), timeout=120)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["deploy", "site", "--superlink", "coordinator", "--ca", "x", "--key", "y", "--data", "z"],
-     "--superlink coordinator: expected HOST:PORT"),
-    (["deploy", "site", "--superlink", "h:1", "--ca", "x", "--key", "y", "--data", "z", "--max-delta", "5"],
-     "--max-delta is a probability: it must be < 1, got 5.0"),
-    (["deploy", "site", "--superlink", "h:1", "--ca", "x", "--key", "y", "--data", "z", "--allow-app", "abc"],
-     "--allow-app abc: expected an app's SHA-256"),
-    (["deploy", "worker", "--socket", "/tmp/w.sock"], "a site's worker needs --data"),
-    (["registry", "serve", "--address", "127.0.0.1", "--store", "s", "--cert", "c", "--key", "k",
-      "--token-file", "t", "--trust-key", "p"], "--address 127.0.0.1: expected HOST:PORT"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["deploy", "site", "--superlink", "coordinator", "--ca", "x", "--key", "y", "--data", "z"],
+            "--superlink coordinator: expected HOST:PORT",
+        ),
+        (
+            ["deploy", "site", "--superlink", "h:1", "--ca", "x", "--key", "y", "--data", "z", "--max-delta", "5"],
+            "--max-delta is a probability: it must be < 1, got 5.0",
+        ),
+        (
+            ["deploy", "site", "--superlink", "h:1", "--ca", "x", "--key", "y", "--data", "z", "--allow-app", "abc"],
+            "--allow-app abc: expected an app's SHA-256",
+        ),
+        (["deploy", "worker", "--socket", "/tmp/w.sock"], "a site's worker needs --data"),
+        (
+            [
+                "registry",
+                "serve",
+                "--address",
+                "127.0.0.1",
+                "--store",
+                "s",
+                "--cert",
+                "c",
+                "--key",
+                "k",
+                "--token-file",
+                "t",
+                "--trust-key",
+                "p",
+            ],
+            "--address 127.0.0.1: expected HOST:PORT",
+        ),
+    ],
+)
 def test_bad_site_flags_are_one_line(args: list[str], message: str) -> None:
     out = fedtune(*args)
     assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
@@ -131,9 +183,12 @@ def test_deploy_run_without_a_registered_connection_is_one_line(tmp_path: Path) 
     assert out.returncode == 1 and "no flwr-home/config.toml" in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.slow
 def test_the_app_hash_is_what_flwr_run_ships_and_stable() -> None:
     first, second = fedtune("deploy", "app-hash", "--app", str(REPO)), fedtune("deploy", "app-hash", "--app", str(REPO))
-    assert first.returncode == 0 and re.fullmatch(r"sha256:[0-9a-f]{64}\n", first.stdout) and first.stdout == second.stdout
+    assert (
+        first.returncode == 0 and re.fullmatch(r"sha256:[0-9a-f]{64}\n", first.stdout) and first.stdout == second.stdout
+    )
 
 
 def test_a_port_in_use_is_one_line() -> None:

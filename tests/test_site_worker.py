@@ -19,9 +19,9 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
 from fedtune.client import worker_protocol as wire
 from fedtune.client.worker_client import call_worker
-
 from fedtune.errors import FedtuneError
 from fedtune.flower_env import child_env
 
@@ -37,9 +37,12 @@ def worker(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     base.chmod(0o711)
     path = base / "w" / "worker.sock"
     log = open(tmp_path / "worker.log", "wb")
-    proc = subprocess.Popen([FEDTUNE, "deploy", "worker", "--socket", str(path), "--max-message-mb", "1",
-                             "--simulation"],
-                            stdout=log, stderr=subprocess.STDOUT, env=child_env())
+    proc = subprocess.Popen(
+        [FEDTUNE, "deploy", "worker", "--socket", str(path), "--max-message-mb", "1", "--simulation"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=child_env(),
+    )
     try:
         deadline = time.time() + 60
         while not path.exists():
@@ -124,7 +127,8 @@ def _connect_as(uid: int, path: Path) -> str:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to connect as another uid")
 def test_another_uid_is_refused_by_the_directory_and_by_peer_credentials(
-        worker: tuple[Path, subprocess.Popen[bytes]]) -> None:
+    worker: tuple[Path, subprocess.Popen[bytes]],
+) -> None:
     path, _ = worker
     # As the worker leaves it, another user cannot even reach the socket (0700 directory, 0600 socket).
     assert _connect_as(NOBODY, path) == "permission-denied"
@@ -144,28 +148,55 @@ def test_worker_that_is_down_is_one_line_in_time(tmp_path: Path) -> None:
 
 def test_a_socket_path_too_long_for_unix_sockets_is_one_line(tmp_path: Path) -> None:
     long = tmp_path / ("x" * 120) / "worker.sock"
-    run = subprocess.run([FEDTUNE, "deploy", "worker", "--socket", str(long), "--simulation"], capture_output=True, text=True,
-                         env=child_env(), timeout=60)
+    run = subprocess.run(
+        [FEDTUNE, "deploy", "worker", "--socket", str(long), "--simulation"],
+        capture_output=True,
+        text=True,
+        env=child_env(),
+        timeout=60,
+    )
     assert run.returncode == 1 and "at most 107 bytes" in run.stderr and "Traceback" not in run.stderr
 
 
 def test_the_thin_clientapp_imports_no_torch() -> None:
-    probe = ("import sys; import client.flower_app; "
-             "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parent.parent, env=child_env())
+    probe = (
+        "import sys; import client.flower_app; "
+        "print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        env=child_env(),
+    )
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_simulation_with_one_worker_serving_every_virtual_site(
-        worker: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path, federate, tiny_bert_dir: Path,
-        sentiment_data: dict[str, Path]) -> None:
+    worker: tuple[Path, subprocess.Popen[bytes]],
+    tmp_path: Path,
+    federate,
+    tiny_bert_dir: Path,
+    sentiment_data: dict[str, Path],
+) -> None:
     path, _ = worker
-    run_dir = federate(tmp_path, "via-worker", {
-        "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]), "labels-file": str(sentiment_data["labels"]),
-        "central-eval-path": str(sentiment_data["test"]), "secagg": True, "num-rounds": 2,
-        "site-worker-socket": str(path)})
+    run_dir = federate(
+        tmp_path,
+        "via-worker",
+        {
+            "model": str(tiny_bert_dir),
+            "data-path": str(sentiment_data["train"]),
+            "labels-file": str(sentiment_data["labels"]),
+            "central-eval-path": str(sentiment_data["test"]),
+            "secagg": True,
+            "num-rounds": 2,
+            "site-worker-socket": str(path),
+        },
+    )
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2] and all(len(r["sites"]) == 2 for r in records)
     status, _ = call_worker(path, "status", {})
@@ -173,18 +204,35 @@ def test_simulation_with_one_worker_serving_every_virtual_site(
     assert sorted((r["node_config"]["partition-id"], r["rounds"]) for r in status["runs"]) == [(0, [1, 2]), (1, [1, 2])]
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_distributed_dp_through_the_worker_sizes_its_share_from_the_protocol(
-        worker: tuple[Path, subprocess.Popen[bytes]], tmp_path: Path, federate, tiny_bert_dir: Path,
-        sentiment_data: dict[str, Path]) -> None:
+    worker: tuple[Path, subprocess.Popen[bytes]],
+    tmp_path: Path,
+    federate,
+    tiny_bert_dir: Path,
+    sentiment_data: dict[str, Path],
+) -> None:
     """The thin ClientApp reads SecAgg+'s threshold from its own protocol state and hands it
     to the worker with the train config: the worker's noise share follows it."""
     path, _ = worker
-    run_dir = federate(tmp_path, "ddp-via-worker", {
-        "model": str(tiny_bert_dir), "data-path": str(sentiment_data["train"]), "labels-file": str(sentiment_data["labels"]),
-        "central-eval-path": str(sentiment_data["test"]), "secagg": True, "num-rounds": 2, "dp": True,
-        "dp-mode": "distributed", "dp-noise-multiplier": 1.0, "site-worker-socket": str(path),
-        "site-state-dir": str(tmp_path / "state")})
+    run_dir = federate(
+        tmp_path,
+        "ddp-via-worker",
+        {
+            "model": str(tiny_bert_dir),
+            "data-path": str(sentiment_data["train"]),
+            "labels-file": str(sentiment_data["labels"]),
+            "central-eval-path": str(sentiment_data["test"]),
+            "secagg": True,
+            "num-rounds": 2,
+            "dp": True,
+            "dp-mode": "distributed",
+            "dp-noise-multiplier": 1.0,
+            "site-worker-socket": str(path),
+            "site-state-dir": str(tmp_path / "state"),
+        },
+    )
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == [1, 2]
     sites = [s for r in records for s in r["sites"].values()]

@@ -101,7 +101,7 @@ def install_csprng_masks(role: str) -> None:
     check that Flower will call them; raises SecAggSetupError otherwise."""
     module = _flower_module(role)
     if getattr(module.pseudo_rand_gen, _MARK, None) != role:
-        module.pseudo_rand_gen = _generator_for(role)
+        module.pseudo_rand_gen = _generator_for(role)  # type: ignore[attr-defined]
     verify_csprng_masks(role)
 
 
@@ -134,20 +134,27 @@ def verify_csprng_masks(role: str) -> None:
     hint = f"fedtune verified its SecAgg+ mask patch on Flower {VERIFIED_FLOWER}.x; install that version"
     installed = getattr(module, "pseudo_rand_gen", None)
     if getattr(installed, _MARK, None) != role:
-        raise SecAggSetupError(f"SecAgg+ refused on the {role} side: {where} would draw masks with "
-                               f"{getattr(installed, '__module__', '?')}.{getattr(installed, '__name__', installed)!s}, "
-                               f"not the CSPRNG generator; {hint}")
+        raise SecAggSetupError(
+            f"SecAgg+ refused on the {role} side: {where} would draw masks with "
+            f"{getattr(installed, '__module__', '?')}.{getattr(installed, '__name__', installed)!s}, "
+            f"not the CSPRNG generator; {hint}"
+        )
     for dotted in MASK_CALLERS[role][1]:
         func = _lookup(module, dotted)
         code = getattr(func, "__code__", None)
         if code is None:
-            raise SecAggSetupError(f"SecAgg+ refused on the {role} side: {where} has no {dotted}, which draws "
-                                   f"the masks; {hint}")
+            raise SecAggSetupError(
+                f"SecAgg+ refused on the {role} side: {where} has no {dotted}, which draws the masks; {hint}"
+            )
         if not any(_loads_global(c, "pseudo_rand_gen") for c in _code_objects(code)):
-            raise SecAggSetupError(f"SecAgg+ refused on the {role} side: {where} {dotted} no longer calls "
-                                   f"pseudo_rand_gen, so the CSPRNG masks would not be used; {hint}")
+            raise SecAggSetupError(
+                f"SecAgg+ refused on the {role} side: {where} {dotted} no longer calls "
+                f"pseudo_rand_gen, so the CSPRNG masks would not be used; {hint}"
+            )
     flower_generator = getattr(importlib.import_module(FLOWER_GENERATOR[0]), FLOWER_GENERATOR[1])
     aliases = [name for name, value in vars(module).items() if value is flower_generator]
     if aliases:
-        raise SecAggSetupError(f"SecAgg+ refused on the {role} side: {where} holds Flower's numpy mask generator "
-                               f"as {', '.join(aliases)}; {hint}")
+        raise SecAggSetupError(
+            f"SecAgg+ refused on the {role} side: {where} holds Flower's numpy mask generator "
+            f"as {', '.join(aliases)}; {hint}"
+        )

@@ -13,10 +13,13 @@ import numpy as np
 from flwr.common import Message, bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
+from fedtune.internals import flower
+
 UINT32_LIMIT = 1 << 32
 
 
 def _masked(msg: Message) -> list[bytes] | None:
+    flower.require("masked-vectors")
     if not msg.has_content() or RECORD_KEY_CONFIGS not in msg.content.config_records:
         return None
     record = msg.content.config_records[RECORD_KEY_CONFIGS]

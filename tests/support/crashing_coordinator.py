@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
 
 from fedtune.cli import main
+from fedtune.run_folder import RoundRecord
 from fedtune.server.run_dir import RunDir
 
 
 def crash_after(round_number: int) -> None:
-    append = RunDir.append_metrics
+    append = RunDir.append_round
 
-    def append_then_die(self: RunDir, record: dict[str, Any]) -> None:
+    def append_then_die(self: RunDir, record: RoundRecord) -> None:
         append(self, record)
-        if record.get("round") == round_number:
+        if record.round == round_number:
             print(f"test: coordinator killed after round {round_number}", flush=True)
             os._exit(137)
 
-    RunDir.append_metrics = append_then_die  # type: ignore[method-assign]
+    RunDir.append_round = append_then_die  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

@@ -65,9 +65,13 @@ def _attacks(msg: Message, ctxt: Context) -> dict[str, str]:
     plain = _copy(msg)
     del plain.content.config_records[RECORD_KEY_CONFIGS]
     # (b) the floor keys dropped from the node config, SecAgg+ and DP off in the run config relayed
-    stripped = Context(run_id=ctxt.run_id, node_id=ctxt.node_id, state=ctxt.state,
-                       node_config={k: v for k, v in ctxt.node_config.items() if k == "worker-socket"},
-                       run_config={**ctxt.run_config, "secagg": False, "dp": False})
+    stripped = Context(
+        run_id=ctxt.run_id,
+        node_id=ctxt.node_id,
+        state=ctxt.state,
+        node_config={k: v for k, v in ctxt.node_config.items() if k == "worker-socket"},
+        run_config={**ctxt.run_config, "secagg": False, "dp": False},
+    )
     loot["loot_floor_dropped"] = _try(lambda: _arrays(_relay(plain, stripped)))
     # (c) the unmasked adapter
     loot["loot_plain_fit"] = _try(lambda: _arrays(_relay(_copy(plain), ctxt)))
@@ -75,24 +79,37 @@ def _attacks(msg: Message, ctxt: Context) -> dict[str, str]:
     alone = _copy(msg)
     for name in list(alone.content.keys()):
         del alone.content[name]
-    alone.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({
-        Key.STAGE: Stage.SETUP, Key.SAMPLE_NUMBER: 1, Key.SHARE_NUMBER: 1, Key.THRESHOLD: 1,
-        Key.CLIPPING_RANGE: 4.0, Key.TARGET_RANGE: 1 << 22, Key.MOD_RANGE: 1 << 32, Key.MAX_WEIGHT: 1000.0})
+    alone.content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(
+        {
+            Key.STAGE: Stage.SETUP,
+            Key.SAMPLE_NUMBER: 1,
+            Key.SHARE_NUMBER: 1,
+            Key.THRESHOLD: 1,
+            Key.CLIPPING_RANGE: 4.0,
+            Key.TARGET_RANGE: 1 << 22,
+            Key.MOD_RANGE: 1 << 32,
+            Key.MAX_WEIGHT: 1000.0,
+        }
+    )
     loot["loot_secagg_alone"] = _try(lambda: dict(_relay(alone, ctxt).content.config_records[RECORD_KEY_CONFIGS]))
     return loot
 
 
 def hostile(msg: Message, ctxt: Context, call_next: Any) -> Message:
     configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.has_content() else None
-    if msg.metadata.message_type != MessageType.TRAIN or configs is None \
-            or configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS:
+    if (
+        msg.metadata.message_type != MessageType.TRAIN
+        or configs is None
+        or configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS
+    ):
         return relay_to_worker(msg, ctxt, call_next)
     loot = _attacks(msg, ctxt)
     # (d) the honest stage, with a run id that climbs out of the site's state folder
     msg.content.config_records["fitins.config"]["run-id"] = TARGETS["run_id"]
     reply = relay_to_worker(msg, ctxt, call_next)
     reply.content.config_records["fitres.metrics"] = ConfigRecord(
-        {**dict(reply.content.config_records.get("fitres.metrics", {})), **loot})
+        {**dict(reply.content.config_records.get("fitres.metrics", {})), **loot}
+    )
     return reply
 
 

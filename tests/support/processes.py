@@ -26,8 +26,9 @@ class ManagedProcesses:
 
     def start(self, name: str, cmd: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.logs / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd, env=env or child_env(),
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=self.cwd, env=env or child_env(), start_new_session=True
+        )
         self.started.append(proc)
         return proc
 
@@ -80,6 +81,8 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: 
             return
         except OSError:
             if proc.poll() is not None:
-                raise FedtuneError(f"process exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
+                raise FedtuneError(
+                    f"process exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}"
+                ) from None
             time.sleep(0.3)
     raise FedtuneError(f"port {port} never opened: {log.read_text(errors='replace')[-2000:]}")

@@ -10,7 +10,6 @@ from fedtune.registry.publisher import publish
 from fedtune.registry.service import ServerLimits, make_server
 from fedtune.registry.store import ModelStore
 from fedtune.registry.v1 import registry_pb2_grpc as rpc
-
 from fedtune.tls import create_ca, issue
 
 TOKEN = "coordinator-secret-token"
@@ -24,8 +23,13 @@ class Registry:
         self.pki = pki
         self.keys = keys
         self.server, port = make_server(
-            ModelStore(self.store_dir, trusted_key=keys["public"]), "127.0.0.1:0", pki["server_cert"],
-            pki["server_key"], TOKEN, client_ca=pki["ca"] if mtls else None, limits=ServerLimits(max_workers=24),
+            ModelStore(self.store_dir, trusted_key=keys["public"]),
+            "127.0.0.1:0",
+            pki["server_cert"],
+            pki["server_key"],
+            TOKEN,
+            client_ca=pki["ca"] if mtls else None,
+            limits=ServerLimits(max_workers=24),
         )
         self.address = f"127.0.0.1:{port}"
 
@@ -46,6 +50,10 @@ def make_pki(root: Path) -> dict[str, bytes]:
     create_ca(root)
     server_cert, server_key = issue(root, "server", ["127.0.0.1", "localhost"])
     device_cert, device_key = issue(root, "device-1", client=True)
-    return {"ca": (root / "ca.pem").read_bytes(), "server_cert": server_cert.read_bytes(),
-            "server_key": server_key.read_bytes(), "device_cert": device_cert.read_bytes(),
-            "device_key": device_key.read_bytes()}
+    return {
+        "ca": (root / "ca.pem").read_bytes(),
+        "server_cert": server_cert.read_bytes(),
+        "server_key": server_key.read_bytes(),
+        "device_cert": device_cert.read_bytes(),
+        "device_key": device_key.read_bytes(),
+    }

@@ -28,11 +28,12 @@ import numpy as np
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common import Context, Message, MessageType, parameters_to_ndarrays
-from fedtune.client.node_settings import NodeSettings
 from flwr.compat.common.recorddict_compat import (
     recorddict_to_fitins,
     recorddict_to_fitres,
 )
+
+from fedtune.client.node_settings import NodeSettings
 
 TESTS_DIR = Path(__file__).resolve().parent.parent
 Mod = Callable[[Message, Context, ClientAppCallable], Message]
@@ -102,9 +103,8 @@ class AuditUpdates:
         reply = call_next(msg, ctxt)
         if not _is_fit(msg) or reply.has_error():
             return reply
-        from fedtune.client.model_cache import cached_lora_model
-
         from fedtune.adapter_io import get_adapter_arrays
+        from fedtune.client.model_cache import cached_lora_model
         from fedtune.config import RunSettings
 
         fitins = recorddict_to_fitins(msg.content, keep_input=True)
@@ -116,9 +116,12 @@ class AuditUpdates:
         site, server_round = fitres.metrics["site"], int(fitins.config["server-round"])
         path = Path(self.folder)
         path.mkdir(parents=True, exist_ok=True)
-        np.savez(path / f"{site}-round{server_round:03d}.npz", num_examples=fitres.num_examples,
-                 **{f"a{i:04d}": a for i, a in enumerate(arrays)},
-                 **{f"full{i:04d}": a for i, a in enumerate(get_adapter_arrays(model))})
+        np.savez(
+            path / f"{site}-round{server_round:03d}.npz",
+            num_examples=fitres.num_examples,
+            **{f"a{i:04d}": a for i, a in enumerate(arrays)},
+            **{f"full{i:04d}": a for i, a in enumerate(get_adapter_arrays(model))},
+        )
         return reply
 
 

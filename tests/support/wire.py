@@ -7,8 +7,9 @@ from __future__ import annotations
 from typing import Callable
 
 import pytest
-from fedtune.server import traffic
 from flwr.common import Message
+
+from fedtune.server import traffic
 
 
 def observe_messages(monkeypatch: pytest.MonkeyPatch, observe: Callable[[str, Message], None]) -> None:
