@@ -5,12 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedtune-installed
-export HF_HUB_OFFLINE := 1
-export TRANSFORMERS_OFFLINE := 1
-export FLWR_TELEMETRY_ENABLED := 0
-export FLWR_DISABLE_UPDATE_CHECK := 1
-export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
-export RAY_USAGE_STATS_ENABLED := 0
+# Offline and quiet (no telemetry, no downloads): the CLI, the tests and the benchmarks set
+# the one list in fedtune/flower_env.py (QUIET_ENV) themselves.
 
 .PHONY: demo demo-llm test test-fast lint bench bench-llm bench-edge-llm flwr-run protos clean
 

@@ -37,7 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # sup
 
 from results import update_results  # noqa: E402
 from support.app_accounts import app_home_root, grant_traverse  # noqa: E402
-from support.processes import ManagedProcesses, free_port, wait_for_port  # noqa: E402
+from support.processes import ManagedProcesses, free_port, site_command, wait_for_port  # noqa: E402
+from support.tiny_models import save_tiny_bert  # noqa: E402
 
 from fedtune.cli.simulation import run_simulation  # noqa: E402
 from fedtune.client.app_account import AppAccount, app_account  # noqa: E402
@@ -55,25 +56,8 @@ APP_HOMES = Path("/nonexistent")
 
 def tiny_workload(root: Path) -> dict[str, Any]:
     """A tiny BERT from a config plus a 2-label task: 2 site files, their union, a test file."""
-    import torch
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    from fedtune.model import resolve_model_path
-
     model_dir = root / "tiny-bert"
-    tok = AutoTokenizer.from_pretrained(resolve_model_path("default"))
-    torch.manual_seed(0)
-    BertModel(
-        BertConfig(
-            vocab_size=tok.vocab_size,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=128,
-        )
-    ).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    save_tiny_bert(model_dir)
     rng = random.Random(0)
     words = {"pos": ["good", "great", "excellent", "happy"], "neg": ["bad", "awful", "terrible", "sad"]}
 
@@ -188,24 +172,9 @@ def deploy(
             # Sites go through the reverse proxy, as in a real deployment.
             procs.start(
                 site,
-                [
-                    FEDTUNE,
-                    "deploy",
-                    "site",
-                    "--superlink",
-                    f"127.0.0.1:{public_port}",
-                    "--ca",
-                    str(pki / "pki" / "ca.pem"),
-                    "--key",
-                    str(private),
-                    "--data",
-                    str(data),
-                    "--port",
-                    str(free_port()),
-                    "--state-dir",
-                    str(work / "state" / site),
-                    *extra,
-                ],
+                site_command(
+                    f"127.0.0.1:{public_port}", pki / "pki" / "ca.pem", private, data, work / "state" / site, *extra
+                ),
                 env,
             )
         deadline = time.time() + 120

@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedtune.flower_env import apply_env
+
+apply_env()  # every benchmark imports this module: offline and quiet, as the CLI runs
+
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 JSON_PATH = DOCS / "benchmarks.json"
 MD_PATH = DOCS / "benchmarks.md"

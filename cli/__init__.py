@@ -16,8 +16,11 @@ import sys
 from typing import Sequence
 
 from fedtune.errors import FedtuneError
+from fedtune.flower_env import apply_env
 
-from . import deploy, edge, export, registry, run
+apply_env()  # offline and quiet before any Hugging Face or Flower module is imported
+
+from . import deploy, edge, export, registry, run  # noqa: E402
 
 TRAIN_ONLY_MODULES = {"torch", "transformers", "peft", "flwr", "optimum", "onnx", "opacus", "ray", "safetensors"}
 

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from fedtune.config import TASKS
 from fedtune.errors import FedtuneError
 
 if TYPE_CHECKING:
@@ -436,7 +437,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     d_site.add_argument(
         "--port", type=int, default=9094, help="local port for this SuperNode's app API (default: 9094)"
     )
-    d_site.add_argument("--task", choices=["seq-cls", "causal-lm"], default="seq-cls")
+    d_site.add_argument("--task", choices=TASKS, default="seq-cls")
     d_site.add_argument("--text-field", default="text")
     d_site.add_argument("--label-field", default="label")
     d_site.add_argument("--prompt-field", default="prompt")

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import argparse
 
+from fedtune.config import STRATEGIES, TASKS
 from fedtune.errors import FedtuneError
 
 from .common import absolute_paths, parse_overrides, read_run_config_file
-
-STRATEGIES = ["fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi"]
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -143,7 +142,7 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         description="Read and validate a JSONL or CSV data file the way a site would before training.",
     )
     chk.add_argument("file", help="the site's JSONL or CSV file")
-    chk.add_argument("--task", choices=["seq-cls", "causal-lm"], help="the task (default: the run config's, seq-cls)")
+    chk.add_argument("--task", choices=TASKS, help="the task (default: the run config's, seq-cls)")
     chk.add_argument("--run-config", metavar="FILE", help="a TOML file of run-config keys (model, max-length, ...)")
     chk.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a run-config key, e.g. labels-file=..."

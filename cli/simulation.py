@@ -10,20 +10,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 from fedtune.config import RunSettings, default_run_config
+from fedtune.flower_env import SIMULATION_ENV, apply_env
 from fedtune.run_config_table import flat_table
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
-
-FLOWER_QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_DEDUP_LOGS": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-}
 
 
 def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
@@ -52,8 +43,7 @@ def run_simulation(
     Overrides are validated first, so a bad value fails before Ray starts. `client_app`
     defaults to the product's; tests pass one wrapped with their own mods.
     """
-    for key, value in FLOWER_QUIET_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_env(SIMULATION_ENV)
     config = {**default_run_config(), **overrides}
     settings = RunSettings.from_run_config(config)
     _check_inputs(settings, num_sites)

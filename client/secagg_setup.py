@@ -15,7 +15,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 
 from fedtune.internals import flower
 
-Scalar = bool | bytes | float | int | str
+from .worker_protocol import Scalar
+
 # The train-config key the site's own ClientApp fills in; whatever the coordinator put under it is dropped.
 SETUP_KEY = "fedtune-secagg-setup"
 

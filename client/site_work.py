@@ -27,10 +27,10 @@ from .privacy_floor import PrivacyFloor
 from .secagg_setup import setup_from_config
 from .site_data import SiteData, load_site_data
 from .trainer import TrainResult, train_local
+from .worker_protocol import Scalar
 
 log = logging.getLogger("fedtune.site")
 
-Scalar = bool | bytes | float | int | str
 Config = Mapping[str, Scalar]
 
 

@@ -33,7 +33,6 @@ from .worker_protocol import (
 )
 
 log = logging.getLogger("fedtune.site")
-Scalar = bool | bytes | float | int | str
 CONNECT_TIMEOUT = 60.0  # seconds to wait for a (re)starting worker's socket
 
 

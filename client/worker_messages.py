@@ -30,9 +30,9 @@ from fedtune.errors import FedtuneError
 
 from .secagg_guard import check_stage_request, protocol_state
 from .secagg_setup import forget_secagg_state, run_secaggplus, with_secagg_setup
+from .worker_protocol import Scalar
 
 log = logging.getLogger("fedtune.site")
-Scalar = bool | bytes | float | int | str
 
 # What a reply may carry: the metric names a site's work reports (exact names, or these
 # prefixes), scalars only; "site" is the only string. Anything else is dropped here.

@@ -20,6 +20,7 @@ import numpy as np
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
+Scalar = bool | bytes | float | int | str  # a record value, as Flower's flwr.common.Scalar
 PROTOCOL = "fedtune-site-worker"
 VERSION = 1
 MAGIC = b"FTSW"
@@ -49,7 +50,7 @@ def encode_scalars(values: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def decode_scalars(values: Mapping[str, Any]) -> dict[str, bool | bytes | float | int | str]:
+def decode_scalars(values: Mapping[str, Any]) -> dict[str, Scalar]:
     out: dict[str, bool | bytes | float | int | str] = {}
     for key, value in values.items():
         if isinstance(value, dict) and set(value) == {"$bytes"}:

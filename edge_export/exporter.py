@@ -42,6 +42,23 @@ class ExportGateError(FedtuneError):
     """The INT8 model lost more accuracy than allowed; no bundle was written."""
 
 
+def apply_gate(gate: dict[str, Any], max_drop_pt: float, force: bool, eval_file: Path, what: str) -> dict[str, Any]:
+    """The parity gate's decision, for every export: the measured drop (`accuracy_drop_pt`,
+    points of accuracy or exact match against PyTorch fp32) within `max_drop_pt`, or
+    ExportGateError naming `what` dropped; `force` writes it anyway and says so in the gate."""
+    gate.update({"eval_file": str(eval_file), "max_accuracy_drop_pt": max_drop_pt, "forced": False})
+    log.info("parity: %s", ", ".join(f"{k} {v:.4g}" for k, v in gate.items() if isinstance(v, float)))
+    if gate["accuracy_drop_pt"] > max_drop_pt:
+        if not force:
+            raise ExportGateError(
+                f"{what} {gate['accuracy_drop_pt']:.2f} pt against PyTorch fp32, over the allowed "
+                f"{max_drop_pt:g} pt on {eval_file}; nothing written (use --force to write it anyway)"
+            )
+        gate["forced"] = True
+        log.warning("parity gate failed (%.2f pt) but --force was given", gate["accuracy_drop_pt"])
+    return gate
+
+
 def federation_facts(info: FinishedRun) -> dict[str, Any]:
     """What the manifest says about the federation that produced the adapter."""
     settings = info.run.settings
@@ -226,16 +243,7 @@ def export_bundle(
             "[4/5] parity gate: PyTorch fp32 vs INT8 ONNX on %d held-out examples from %s", len(examples), eval_file
         )
         gate = parity.classification_parity(model, tokenizer, edge, examples, max_length)
-        gate.update({"eval_file": str(eval_file), "max_accuracy_drop_pt": max_accuracy_drop_pt, "forced": False})
-        log.info("parity: %s", ", ".join(f"{k} {v:.4g}" for k, v in gate.items() if isinstance(v, float)))
-        if gate["accuracy_drop_pt"] > max_accuracy_drop_pt:
-            if not force:
-                raise ExportGateError(
-                    f"{run_dir}: INT8 accuracy drop {gate['accuracy_drop_pt']:.2f} pt exceeds the allowed "
-                    f"{max_accuracy_drop_pt:g} pt on {eval_file}; no bundle written (use --force to write it anyway)"
-                )
-            gate["forced"] = True
-            log.warning("parity gate failed (%.2f pt) but --force was given", gate["accuracy_drop_pt"])
+        apply_gate(gate, max_accuracy_drop_pt, force, eval_file, f"{run_dir}: INT8 accuracy drops")
 
         log.info("[5/5] writing the manifest and signing it")
         base_path = resolve_model_path(meta["base_model"])

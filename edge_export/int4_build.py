@@ -49,10 +49,9 @@ DEFAULT_INT8_PROJECTIONS = ("gate_proj", "up_proj")
 class Int4Options:
     """The builder's INT4 choices; the defaults are what `bench/edge_llm.py` picked on a
     fine-tuned SmolLM2-135M (exact match and agreement with fp32, size, decode speed; see
-    docs/benchmarks.md). INT4 is hard on a 135M model: on the federated SmolLM2 of `bench/llm.py`
-    (300 held-out prompts, fp32 exact match 0.850) `k_quant_mixed` alone dropped 2.3 points and
-    agreed with fp32 on 92 % of prompts, plain `rtn` 7.0 points (87 %); with the gate and up
-    projections at 8 bits 1.0 point (95 %), with every decoder weight at 8 bits 0.3 (99 %).
+    docs/benchmarks.md, "Edge LLM", whose table of settings is the measured case for them).
+    INT4 is hard on a 135M model: keeping some projections at 8 bits is what brings the exact
+    match back within the gate there.
 
     - `algo`: `rtn` (round to nearest), `k_quant` (llama.cpp-style, LM head at 8 bits),
       `k_quant_mixed` (also some attention/MLP weights at 8 bits), `default` (onnxruntime's
@@ -63,7 +62,7 @@ class Int4Options:
     - `symmetric`: no zero points (the builder 0.11.4 writes shared embeddings that refer to zero
       points it did not save when this is on with `rtn`, so the default is asymmetric);
     - `shared_embeddings`: the token embedding reads the quantised LM head (tied models), instead
-      of a separate fp32 table (113 MB of SmolLM2's 200 MB otherwise);
+      of a separate fp32 table (for a small tied model, most of the bundle otherwise);
     - `int8_projections`: these projections (`gate_proj`, `up_proj`, ...) at 8 bits in every decoder
       block, the rest at 4 (mixed precision, as llama.cpp's Q4_K_M keeps some tensors at 6 bits).
       The default keeps the MLP's gate and up projections at 8 bits: on the federated SmolLM2 of

@@ -30,8 +30,8 @@ from fedtune.errors import FedtuneError
 from fedtune.run_folder import ADAPTER_META_FILE, FinishedRun, read_finished_run, read_json_file
 
 from .exporter import (
-    ExportGateError,
     adapter_provenance,
+    apply_gate,
     check_out_dir,
     held_out_file,
     move_into_place,
@@ -64,21 +64,6 @@ def held_out_completions(
     if limit is None and int(settings.get("eval-max-examples") or 0) > 0:
         limit = int(settings["eval-max-examples"])
     return eval_file, examples[:limit] if limit else examples
-
-
-def _gate(gate: dict[str, Any], max_drop_pt: float, force: bool, what: str, eval_file: Path) -> dict[str, Any]:
-    gate.update({"eval_file": str(eval_file), "max_accuracy_drop_pt": max_drop_pt, "forced": False})
-    log.info("parity: %s", ", ".join(f"{k} {v:.4g}" for k, v in gate.items() if isinstance(v, float)))
-    if gate["accuracy_drop_pt"] > max_drop_pt:
-        if not force:
-            raise ExportGateError(
-                f"{what}: INT4 exact match drops {gate['accuracy_drop_pt']:.2f} pt against PyTorch "
-                f"fp32, over the allowed {max_drop_pt:g} pt on {eval_file}; nothing written "
-                "(use --force to write it anyway)"
-            )
-        gate["forced"] = True
-        log.warning("parity gate failed (%.2f pt) but --force was given", gate["accuracy_drop_pt"])
-    return gate
 
 
 def _public_pem(key: Any, folder: Path) -> Path:
@@ -219,7 +204,7 @@ def export_llm_bundle(
             eval_file,
         )
         gate = _device_parity(run, staging, _public_pem(key, work), model, tokenizer, examples, threads)
-        manifest["parity"] = _gate(gate, max_drop_pt, force, str(run_dir), eval_file)
+        manifest["parity"] = apply_gate(gate, max_drop_pt, force, eval_file, f"{run_dir}: INT4 exact match drops")
         log.info("[4/4] writing the manifest and signing it")
         seal(staging, manifest, key)
         move_into_place(staging, out_dir)
@@ -306,7 +291,7 @@ def export_adapter_update(
             "[2/3] parity gate on %s + this adapter, %d held-out prompts from %s", base_bundle, len(examples), eval_file
         )
         gate = _device_parity(run, staging, public_key, model, tokenizer, examples, threads, base=base_bundle)
-        manifest["parity"] = _gate(gate, max_drop_pt, force, str(run_dir), eval_file)
+        manifest["parity"] = apply_gate(gate, max_drop_pt, force, eval_file, f"{run_dir}: INT4 exact match drops")
         log.info("[3/3] writing the manifest and signing it")
         seal(staging, manifest, key)
         move_into_place(staging, out_dir)

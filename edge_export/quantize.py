@@ -9,10 +9,10 @@ Modes (weights INT8, activations quantised on the fly):
 - `weight-only-int8` (the default for causal LMs): INT8 weights in blocks of 32 with one fp32
   scale each (onnxruntime's `MatMulNBitsQuantizer`, `MatMulNBits` kernels), activations stay
   fp32. Dynamic quantisation quantises activations per tensor, which SmolLM2's outlier
-  activations do not survive: on a merged SmolLM2-135M its greedy next token agreed with
-  PyTorch at 0 % of positions (|Δlogit| up to 47), with the LM head or any one block type
-  left in fp32 at most 26 %; weight-only INT8 agreed at 100 % (|Δlogit| 2.8).
-`bench/edge.py` measures the encoder modes side by side; the default is the one that won there.
+  activations do not survive (its greedy next token stops agreeing with PyTorch's), while
+  weight-only INT8 keeps it (found by hand on a merged SmolLM2-135M; no benchmark repeats it).
+`bench/edge.py` measures the encoder modes side by side (docs/benchmarks.md); the default is
+the one that won there.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ class RunSettings:
         "Hugging Face id",
         section="Model and task",
     )
-    task: str = setting("seq-cls", "seq-cls | causal-lm", one_of(TASKS))
+    task: str = setting("seq-cls", " | ".join(TASKS), one_of(TASKS))
     text_field: str = setting("text", "seq-cls: the text column of the data files")
     label_field: str = setting("label", "seq-cls: the label column")
     prompt_field: str = setting("prompt", "causal-lm: the prompt column")
@@ -127,7 +127,7 @@ class RunSettings:
         "context / site worker) instead of restarting Adam each round",
     )
     num_rounds: int = setting(16, "federated rounds", at_least(1), section="Federation")
-    strategy: str = setting("fedavg", "fedavg | fedavgm | fedprox | fedadam | fedyogi", one_of(STRATEGIES))
+    strategy: str = setting("fedavg", " | ".join(STRATEGIES), one_of(STRATEGIES))
     proximal_mu: float = setting(0.01, "fedprox: weight of the proximal term", non_negative)
     server_learning_rate: float = setting(1.0, "fedavgm: step on the mean update", positive)
     server_momentum: float = setting(0.0, "fedavgm: momentum", within(0, 1, "[)"))

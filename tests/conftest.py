@@ -9,13 +9,12 @@ import random
 from pathlib import Path
 
 import pytest
+from support.run_configs import sentiment_config
+from support.tiny_models import save_tiny_bert, save_tiny_llama
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+from fedtune.flower_env import apply_env
+
+apply_env()  # the one quiet, offline list (fedtune/flower_env.py)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -25,68 +24,16 @@ def _flwr_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["FLWR_HOME"] = str(tmp_path_factory.mktemp("flwr-home"))
 
 
-def _minilm_tokenizer():  # type: ignore[no-untyped-def]
-    from transformers import AutoTokenizer
-
-    from fedtune.model import resolve_model_path
-
-    return AutoTokenizer.from_pretrained(resolve_model_path("default"))
-
-
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer BERT with random weights and the MiniLM tokenizer."""
-    import torch
-    from transformers import BertConfig, BertModel
-
-    out = tmp_path_factory.mktemp("tiny-bert")
-    tok = _minilm_tokenizer()
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-    )
-    BertModel(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} [SEP] {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
-)
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer Llama with random weights; MiniLM tokenizer plus a chat template."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny-llama")
-    tok = _minilm_tokenizer()
-    tok.chat_template = CHAT_TEMPLATE
-    tok.eos_token = "[SEP]"
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        pad_token_id=tok.pad_token_id,
-        eos_token_id=tok.sep_token_id,
-        bos_token_id=tok.cls_token_id,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
 POS = ["good", "great", "excellent", "happy", "lovely", "superb"]
@@ -189,10 +136,7 @@ def bert_bundle(
         root,
         "bert",
         {
-            "model": str(tiny_bert_dir),
-            "data-path": str(sentiment_data["train"]),
-            "labels-file": str(sentiment_data["labels"]),
-            "central-eval-path": str(sentiment_data["test"]),
+            **sentiment_config(tiny_bert_dir, sentiment_data),
             "secagg": True,
         },
     )

@@ -28,7 +28,7 @@ from typing import Iterator
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
-from support.processes import ManagedProcesses, free_port, wait_for_port
+from support.processes import ManagedProcesses, free_port, site_command, wait_for_port
 
 from fedtune.client.deployment import site_keypair
 from fedtune.client.worker_client import call_worker
@@ -220,28 +220,10 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
     assert "/v1/control/list-runs" in (deploy / "proxy" / "access.log").read_text()
 
     def site_cmd(site: str, key: Path, data_file: Path, ca_file: Path = ca, *extra: str) -> list[str]:
-        return [
-            FEDTUNE,
-            "deploy",
-            "site",
-            "--superlink",
-            address,
-            "--ca",
-            str(ca_file),
-            "--key",
-            str(key),
-            "--data",
-            str(data_file),
-            "--port",
-            str(free_port()),
-            "--state-dir",
-            str(tmp_path / "state" / site),
-            "--app-user",
-            app_user.name,
-            "--app-home",
-            str(app_homes / site),
-            *extra,
-        ]
+        return site_command(
+            address, ca_file, key, data_file, tmp_path / "state" / site,
+            "--app-user", app_user.name, "--app-home", str(app_homes / site), *extra,
+        )  # fmt: skip
 
     for site in ("bank-a", "bank-b"):
         processes.start(site, site_cmd(site, keys[site][0], data[site]))
@@ -372,25 +354,7 @@ def test_proxy_requiring_client_certificates_admits_only_sites_the_ca_signed(
     data.write_text(sentiment_data["train"].read_text())
 
     def site(*extra: str) -> list[str]:
-        return [
-            FEDTUNE,
-            "deploy",
-            "site",
-            "--superlink",
-            address,
-            "--ca",
-            str(ca),
-            "--key",
-            str(private),
-            "--data",
-            str(data),
-            "--port",
-            str(free_port()),
-            "--state-dir",
-            str(tmp_path / "state"),
-            "--no-worker",
-            *extra,
-        ]
+        return site_command(address, ca, private, data, tmp_path / "state", "--no-worker", *extra)
 
     without = subprocess.run(site(), capture_output=True, text=True, env=child_env(), timeout=120)
     assert without.returncode == 1 and "requires a client certificate" in without.stderr, without.stderr
@@ -447,27 +411,17 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
         data.write_text("\n".join(rows[i::3]) + "\n")
         processes.start(
             site,
-            [
-                FEDTUNE,
-                "deploy",
-                "site",
-                "--superlink",
+            site_command(
                 address,
-                "--ca",
-                str(ca),
-                "--key",
-                str(private),
-                "--data",
-                str(data),
-                "--port",
-                str(free_port()),
-                "--state-dir",
-                str(tmp_path / "state" / site),
+                ca,
+                private,
+                data,
+                tmp_path / "state" / site,
                 "--app-user",
                 app_user.name,
                 "--app-home",
                 str(app_homes / site),
-            ],
+            ),  # fmt: skip
         )
     for site in sites:
         wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")

@@ -13,6 +13,7 @@ import torch
 from flwr.common import ConfigRecord, Context, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Stage
 from opacus.accountants import RDPAccountant
+from support.run_configs import sentiment_config
 
 from fedtune.cli.simulation import run_simulation
 from fedtune.client.distributed_dp import checked_threshold, noise_share_multiplier, train_head_distributed_dp
@@ -110,10 +111,7 @@ def test_distributed_dp_federation_accounts_epsilon_and_stops_at_budget(
     budget = (epsilon(2) + epsilon(3)) / 2
     config = {
         **default_run_config(),
-        "model": str(tiny_bert_dir),
-        "data-path": str(sentiment_data["train"]),
-        "labels-file": str(sentiment_data["labels"]),
-        "central-eval-path": str(sentiment_data["test"]),
+        **sentiment_config(tiny_bert_dir, sentiment_data),
         "partitioning": "iid",
         "val-fraction": 0.2,
         "num-rounds": 4,

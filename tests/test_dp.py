@@ -10,6 +10,7 @@ import pytest
 import torch
 from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
+from support.run_configs import sentiment_config
 
 from fedtune.cli.simulation import run_simulation
 from fedtune.config import default_run_config
@@ -35,10 +36,7 @@ def test_dp_epsilon_grows_and_run_stops_at_budget(
     budget = (_epsilon_after(2) + _epsilon_after(3)) / 2  # rounds 1-2 fit, a 3rd would not
     config = {
         **default_run_config(),
-        "model": str(tiny_bert_dir),
-        "data-path": str(sentiment_data["train"]),
-        "labels-file": str(sentiment_data["labels"]),
-        "central-eval-path": str(sentiment_data["test"]),
+        **sentiment_config(tiny_bert_dir, sentiment_data),
         "partitioning": "iid",
         "val-fraction": 0.2,
         "num-rounds": 4,

@@ -179,7 +179,7 @@ def test_parity_gate_refuses_and_writes_nothing_unless_forced(
 ) -> None:
     run_dir, _, _ = bert_bundle
     out = tmp_path / "exports" / "gated"
-    with pytest.raises(ExportGateError, match="no bundle written"):
+    with pytest.raises(ExportGateError, match="nothing written"):
         export_bundle(run_dir, out, keys["private"], max_accuracy_drop_pt=-101.0, limit=16)
     assert not out.exists() and list((tmp_path / "exports").iterdir()) == []  # no temp folders left
     manifest = export_bundle(run_dir, out, keys["private"], max_accuracy_drop_pt=-101.0, limit=16, force=True)

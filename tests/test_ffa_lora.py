@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flwr.common import Message, bytes_to_ndarray
 from safetensors.numpy import load_file
+from support.run_configs import sentiment_config
 from support.site_hooks import AuditUpdates, client_app_with
 from support.wire import observe_messages
 
@@ -43,9 +44,7 @@ def test_ffa_lora_shares_a_sends_b_and_averages_delta_w_exactly(
 
     config = {
         **default_run_config(),
-        "model": str(tiny_bert_dir),
-        "data-path": str(sentiment_data["train"]),
-        "labels-file": str(sentiment_data["labels"]),
+        **sentiment_config(tiny_bert_dir, sentiment_data),
         "central-eval-path": "",
         "partitioning": "iid",
         "num-rounds": 2,

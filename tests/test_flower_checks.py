@@ -12,6 +12,7 @@ import pytest
 from flwr.common import ndarrays_to_parameters
 from flwr.common.secure_aggregation import secaggplus_utils
 from flwr.server.strategy import FedAdam, FedAvgM
+from support.run_configs import sentiment_config
 
 from fedtune.cli.simulation import run_simulation
 from fedtune.config import default_run_config
@@ -81,9 +82,7 @@ def test_coordinator_refuses_secagg_before_round_one_when_the_patch_fails(
     monkeypatch.setattr(masks, "_generator_for", lambda _role: FLOWER_NUMPY_GENERATOR)
     config = {
         **default_run_config(),
-        "model": str(tiny_bert_dir),
-        "data-path": str(sentiment_data["train"]),
-        "labels-file": str(sentiment_data["labels"]),
+        **sentiment_config(tiny_bert_dir, sentiment_data),
         "central-eval-path": "",
         "partitioning": "iid",
         "num-rounds": 1,

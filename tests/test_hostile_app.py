@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from support.processes import ManagedProcesses, free_port
+from support.processes import ManagedProcesses, site_command
 from test_deploy import FEDTUNE, REPO, processes, start_superlink, wait_for_log  # noqa: F401 (fixture)
 
 from fedtune.client.deployment import site_keypair
@@ -81,22 +81,12 @@ def start_federation(
         )
         processes.start(
             site,
-            [
-                FEDTUNE,
-                "deploy",
-                "site",
-                "--superlink",
+            site_command(
                 address,
-                "--ca",
-                str(ca),
-                "--key",
-                str(private),
-                "--data",
-                str(data[site]),
-                "--port",
-                str(free_port()),
-                "--state-dir",
-                str(tmp_path / "state" / site),
+                ca,
+                private,
+                data[site],
+                tmp_path / "state" / site,
                 "--app-user",
                 app_user.name,
                 "--app-home",
@@ -105,7 +95,7 @@ def start_federation(
                 "--max-epsilon",
                 "50",
                 *extra,
-            ],
+            ),  # fmt: skip
         )
     for site in sites:
         wait_for_log(tmp_path / f"{site}.log", "SuperNode ID")

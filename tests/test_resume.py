@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
+from support.run_configs import sentiment_config
 
 REPO = Path(__file__).resolve().parent.parent
 CRASHING_COORDINATOR = REPO / "tests" / "support" / "crashing_coordinator.py"
@@ -52,10 +53,7 @@ def _rounds(run_dir: Path) -> list[int]:
 
 def _base(tiny_bert_dir: Path, sentiment_data: dict[str, Path], tmp_path: Path) -> dict[str, object]:
     return {
-        "model": str(tiny_bert_dir),
-        "data-path": str(sentiment_data["train"]),
-        "labels-file": str(sentiment_data["labels"]),
-        "central-eval-path": str(sentiment_data["test"]),
+        **sentiment_config(tiny_bert_dir, sentiment_data),
         "partitioning": "iid",
         "val-fraction": 0.2,
         "num-rounds": 4,

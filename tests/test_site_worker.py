@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+from support.run_configs import sentiment_config
 
 from fedtune.client import worker_protocol as wire
 from fedtune.client.worker_client import call_worker
@@ -188,10 +189,7 @@ def test_simulation_with_one_worker_serving_every_virtual_site(
         tmp_path,
         "via-worker",
         {
-            "model": str(tiny_bert_dir),
-            "data-path": str(sentiment_data["train"]),
-            "labels-file": str(sentiment_data["labels"]),
-            "central-eval-path": str(sentiment_data["test"]),
+            **sentiment_config(tiny_bert_dir, sentiment_data),
             "secagg": True,
             "num-rounds": 2,
             "site-worker-socket": str(path),
@@ -220,10 +218,7 @@ def test_distributed_dp_through_the_worker_sizes_its_share_from_the_protocol(
         tmp_path,
         "ddp-via-worker",
         {
-            "model": str(tiny_bert_dir),
-            "data-path": str(sentiment_data["train"]),
-            "labels-file": str(sentiment_data["labels"]),
-            "central-eval-path": str(sentiment_data["test"]),
+            **sentiment_config(tiny_bert_dir, sentiment_data),
             "secagg": True,
             "num-rounds": 2,
             "dp": True,

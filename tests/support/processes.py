@@ -8,6 +8,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -86,3 +87,13 @@ def wait_for_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: 
                 ) from None
             time.sleep(0.3)
     raise FedtuneError(f"port {port} never opened: {log.read_text(errors='replace')[-2000:]}")
+
+
+def site_command(superlink: str, ca: Path, key: Path, data: Path, state_dir: Path, *extra: str) -> list[str]:
+    """`fedtune deploy site` as a site operator types it: the SuperLink, the CA, the site's
+    key, its data and its state folder, on a free port; `extra` adds the site's own flags."""
+    fedtune = str(Path(sys.executable).parent / "fedtune")
+    return [
+        fedtune, "deploy", "site", "--superlink", superlink, "--ca", str(ca), "--key", str(key),
+        "--data", str(data), "--port", str(free_port()), "--state-dir", str(state_dir), *extra,
+    ]  # fmt: skip
