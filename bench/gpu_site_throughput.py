@@ -81,9 +81,13 @@ def fedtune_site(settings: RunSettings, examples: list[Any], warmup: int) -> dic
     from fedtune.client.trainer import train_local
     from fedtune.encoding import CompletionEncoder
     from fedtune.model import build_lora_model, load_tokenizer
+    from fedtune.precision import resolve_precision
 
-    model = build_lora_model(settings.base_model, "causal-lm", settings.lora_settings(), (), settings.seed)
-    model = model.to(pick_device())
+    device = pick_device()  # the base in bf16 on GPUs that support it (base-dtype = auto), as a site loads it
+    precision = resolve_precision(settings.base_dtype, settings.quantize_base, False, device)
+    model = build_lora_model(
+        settings.base_model, "causal-lm", settings.lora_settings(), (), settings.seed, precision, device
+    )
     encoder = CompletionEncoder(
         load_tokenizer(settings.base_model), examples, settings.max_length, settings.system_prompt
     )

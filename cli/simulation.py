@@ -4,7 +4,9 @@ Engine (Ray) on one machine, N virtual sites, each one partition of the data set
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -48,8 +50,6 @@ def run_simulation(
     settings = RunSettings.from_run_config(config)
     _check_inputs(settings, num_sites)
 
-    import logging
-
     from flwr.app import Context, RecordDict
     from flwr.common.constant import (
         RUN_ID_NUM_BYTES,
@@ -72,7 +72,9 @@ def run_simulation(
     from fedtune.server.app import app as server_app
 
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr_log = logging.getLogger("flwr")
+        flwr_log.setLevel(logging.WARNING)
+        flwr_log.addFilter(SiteRefusalFilter())
     full_config = settings.to_run_config()
     cpus = os.cpu_count() or 1
     gpus = _gpu_count()
@@ -110,6 +112,21 @@ def run_simulation(
             verbose_logging=verbose,
         )
     return settings
+
+
+class SiteRefusalFilter(logging.Filter):
+    """Keeps a simulated site's refusal (a fedtune error: its privacy floor, its memory plan,
+    its data) to the one line the site and the coordinator already log: drops the Simulation
+    Engine's generic "exception ... by RayBackend" line and its copies of the remote traceback
+    when they end in a fedtune error. Any other exception keeps its traceback."""
+
+    FEDTUNE_ERROR = re.compile(r"\bfedtune\.[\w.]*Error: ")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("An exception was raised when processing a message by"):
+            return False
+        return not ("ClientAppException" in text and self.FEDTUNE_ERROR.search(text))
 
 
 def _gpu_count() -> int:

@@ -14,13 +14,24 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from peft import PeftModel
 
+from fedtune.accelerator import pick_device
 from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.encoding import Encoder, make_encoder
 from fedtune.evaluation import evaluate
+from fedtune.memory_plan import (
+    MemoryPlan,
+    MemoryPlanError,
+    check_fits,
+    free_memory,
+    gib,
+    model_shape,
+    resolve_checkpointing,
+)
+from fedtune.precision import BasePrecision, resolve_precision
 
 from .dp_history import HistoryStore, history_file
-from .model_cache import cached_lora_model, cached_tokenizer
+from .model_cache import cached_lora_model, cached_tokenizer, held_model_bytes
 from .node_settings import NodeSettings
 from .optimizer_state import MemoryOptimizerStore, OptimizerStore
 from .privacy_floor import PrivacyFloor
@@ -32,6 +43,7 @@ from .worker_protocol import Scalar
 log = logging.getLogger("fedtune.site")
 
 Config = Mapping[str, Scalar]
+_PLANS_LOGGED: set[tuple[object, ...]] = set()
 
 
 class SiteWork:
@@ -53,6 +65,7 @@ class SiteWork:
         self.floor = node.floor or PrivacyFloor()
         self._site: tuple[tuple[str, ...], SiteData] | None = None
         self._encoders: dict[tuple[str, int], Encoder] = {}
+        self._plan: tuple[BasePrecision, MemoryPlan] | None = None
 
     def site_name(self) -> str:
         return self.node.name
@@ -64,7 +77,31 @@ class SiteWork:
 
     def model(self, labels: Sequence[str]) -> PeftModel:
         s = self.settings
-        return cached_lora_model(s.base_model, s.task, self.lora, tuple(labels), s.seed)
+        precision, _ = self.plan(labels)  # refuses a step this device cannot hold, before the weights load
+        return cached_lora_model(s.base_model, s.task, self.lora, tuple(labels), s.seed, precision, pick_device())
+
+    def plan(self, labels: Sequence[str]) -> tuple[BasePrecision, MemoryPlan]:
+        """The base's precision on this site's device and the training step's memory plan,
+        resolved once per run; a MemoryPlanError (one line) when the device cannot hold it."""
+        if self._plan is None:
+            s = self.settings
+            device = pick_device()
+            precision = resolve_precision(s.base_dtype, s.quantize_base, False, device)
+            shape = model_shape(s.base_model, s.task, s, labels)
+            budget = free_memory(device) + held_model_bytes(device)  # a model this process holds is reused or replaced
+            checkpointing = resolve_checkpointing(s.gradient_checkpointing, shape, s, precision, budget)
+            precision = resolve_precision(s.base_dtype, s.quantize_base, checkpointing, device)
+            name = self.site(labels).name
+            try:
+                plan = check_fits(shape, s, precision, device, budget)
+            except MemoryPlanError as err:
+                raise MemoryPlanError(f"site {name}: {err}") from None
+            said = (name, precision, device)
+            if said not in _PLANS_LOGGED:  # once per process, not every round's message
+                _PLANS_LOGGED.add(said)
+                log.info("%s: %s on %s, memory plan %s", name, precision.describe(), device, gib(plan.total))
+            self._plan = (precision, plan)
+        return self._plan
 
     def site(self, labels: Sequence[str]) -> SiteData:
         """The site's examples, read and split once per run (and label set)."""
@@ -83,9 +120,12 @@ class SiteWork:
         return self._encoders[key]
 
     def properties(self, config: Config) -> dict[str, Scalar]:
-        """Answers the SecAgg+ census: the site's training-example count only."""
-        site = self.site(self.labels(config))
+        """Answers the SecAgg+ census: the site's training-example count only, once the
+        run passes its privacy floor and its memory plan fits this site's device."""
+        labels = self.labels(config)
+        site = self.site(labels)
         self.floor.check_run(self.settings, site.name)
+        self.plan(labels)
         return {"site": site.name, "num_examples": len(site.train)}
 
     def fit(self, parameters: list[np.ndarray], config: Config) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from peft import PeftModel
 
-from fedtune.accelerator import autocast_for
+from fedtune.chunked_loss import chunked_completion_loss, lm_parts
 from fedtune.config import RunSettings
 from fedtune.encoding import (
     IGNORE_INDEX,
@@ -23,6 +23,7 @@ from fedtune.encoding import (
     example_lengths,
     length_grouped_batches,
 )
+from fedtune.precision import autocast_for, compute_dtype
 from fedtune.schedule import lr_factor, round_progress
 
 from .optimizer_state import OptimizerStore, optimizer_arrays, restore_optimizer
@@ -121,7 +122,7 @@ def training_loss(
 ) -> torch.Tensor:
     """The model's own loss, cross-entropy over the restricted softmax when a mask is set,
     or, for causal LMs, the completion loss from logits at the labelled positions only."""
-    with autocast_for(device):
+    with autocast_for(device, compute_dtype(model)):
         if batch["labels"].dim() == 2 and accepts_logits_to_keep(model):
             return completion_loss(model, batch)
         if logit_mask is None:
@@ -132,10 +133,17 @@ def training_loss(
 
 
 def completion_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean next-token cross-entropy over completion tokens, as the model's own loss,
-    but the LM head runs only at positions that predict a labelled token in some row
-    (`logits_to_keep`): a completion of a few tokens after a 30-token prompt no longer
-    pays for 49k-way logits at every prompt position."""
+    """Mean next-token cross-entropy over completion tokens, as the model's own loss, with
+    the LM head run only where a token is labelled: chunk by chunk, each chunk's logits
+    recomputed in the backward pass (`fedtune/chunked_loss.py`), for the causal LMs whose head
+    is plain; otherwise at the positions that predict a labelled token in some row
+    (`logits_to_keep`). Either way a completion of a few tokens after a 30-token prompt no
+    longer pays for 49k-way logits at every prompt position."""
+    parts = lm_parts(model)
+    if parts is not None:
+        return chunked_completion_loss(
+            *parts, batch["input_ids"], batch["attention_mask"], batch["labels"], IGNORE_INDEX
+        )
     targets = batch["labels"][:, 1:]
     positions = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)
     logits = model(

@@ -42,16 +42,35 @@ class ExportGateError(FedtuneError):
     """The INT8 model lost more accuracy than allowed; no bundle was written."""
 
 
-def apply_gate(gate: dict[str, Any], max_drop_pt: float, force: bool, eval_file: Path, what: str) -> dict[str, Any]:
+def parity_reference(settings: dict[str, Any]) -> str:
+    """The model the parity gate compares the device model with, in words: always the
+    adapter merged into the fp32 base (never onto 4-bit or 16-bit weights), and the base
+    precision the sites trained on when that differed."""
+    trained = [
+        f"{key} {settings[key]}"
+        for key, plain in (("base-dtype", ("auto", "fp32")), ("quantize-base", ("none",)))
+        if settings.get(key, plain[0]) not in plain
+    ]
+    return "PyTorch fp32 (adapter merged into the fp32 base" + (
+        f"; the sites trained with {', '.join(trained)})" if trained else ")"
+    )
+
+
+def apply_gate(
+    gate: dict[str, Any], max_drop_pt: float, force: bool, eval_file: Path, what: str, reference: str
+) -> dict[str, Any]:
     """The parity gate's decision, for every export: the measured drop (`accuracy_drop_pt`,
-    points of accuracy or exact match against PyTorch fp32) within `max_drop_pt`, or
-    ExportGateError naming `what` dropped; `force` writes it anyway and says so in the gate."""
-    gate.update({"eval_file": str(eval_file), "max_accuracy_drop_pt": max_drop_pt, "forced": False})
+    points of accuracy or exact match against `reference`, the merged PyTorch model) within
+    `max_drop_pt`, or ExportGateError naming `what` dropped; `force` writes it anyway and
+    says so in the gate."""
+    gate.update(
+        {"eval_file": str(eval_file), "max_accuracy_drop_pt": max_drop_pt, "forced": False, "reference": reference}
+    )
     log.info("parity: %s", ", ".join(f"{k} {v:.4g}" for k, v in gate.items() if isinstance(v, float)))
     if gate["accuracy_drop_pt"] > max_drop_pt:
         if not force:
             raise ExportGateError(
-                f"{what} {gate['accuracy_drop_pt']:.2f} pt against PyTorch fp32, over the allowed "
+                f"{what} {gate['accuracy_drop_pt']:.2f} pt against {reference}, over the allowed "
                 f"{max_drop_pt:g} pt on {eval_file}; nothing written (use --force to write it anyway)"
             )
         gate["forced"] = True
@@ -136,6 +155,10 @@ def adapter_provenance(checkpoint: Path, info: FinishedRun, meta: dict[str, Any]
             "r": settings["lora-r"],
             "alpha": settings["lora-alpha"],
             "target_modules": info.run.adapter.get("target_modules"),
+        },
+        # the base precision the sites trained on; the export merges onto the fp32 base whatever it was
+        "trained_on": {
+            key: settings.get(key, default) for key, default in (("base-dtype", "auto"), ("quantize-base", "none"))
         },
     }
 
@@ -239,11 +262,12 @@ def export_bundle(
         }
         files = {n: (staging / n).read_bytes() for n in ("model.onnx", "tokenizer.json")}
         edge = EdgeModel(VerifiedBundle(staging, draft, files), threads)
+        reference = parity_reference(settings)
         log.info(
-            "[4/5] parity gate: PyTorch fp32 vs INT8 ONNX on %d held-out examples from %s", len(examples), eval_file
+            "[4/5] parity gate: %s vs INT8 ONNX on %d held-out examples from %s", reference, len(examples), eval_file
         )
         gate = parity.classification_parity(model, tokenizer, edge, examples, max_length)
-        apply_gate(gate, max_accuracy_drop_pt, force, eval_file, f"{run_dir}: INT8 accuracy drops")
+        apply_gate(gate, max_accuracy_drop_pt, force, eval_file, f"{run_dir}: INT8 accuracy drops", reference)
 
         log.info("[5/5] writing the manifest and signing it")
         base_path = resolve_model_path(meta["base_model"])

@@ -35,6 +35,7 @@ from .exporter import (
     check_out_dir,
     held_out_file,
     move_into_place,
+    parity_reference,
     seal,
 )
 from .signing import load_private_key
@@ -197,14 +198,17 @@ def export_llm_bundle(
         if adapter_ready:
             manifest.update(lora_inputs=quant["lora_inputs"], adapter_file=ADAPTER_FILE)
         seal(staging, manifest, key)  # provisional: the gate loads the bundle the way a device does
+        reference = parity_reference(settings)
         log.info(
-            "[3/4] parity gate: PyTorch fp32 vs INT4 on the device runtime, greedy exact match on %d "
-            "held-out prompts from %s",
+            "[3/4] parity gate: %s vs INT4 on the device runtime, greedy exact match on %d held-out prompts from %s",
+            reference,
             len(examples),
             eval_file,
         )
         gate = _device_parity(run, staging, _public_pem(key, work), model, tokenizer, examples, threads)
-        manifest["parity"] = apply_gate(gate, max_drop_pt, force, eval_file, f"{run_dir}: INT4 exact match drops")
+        manifest["parity"] = apply_gate(
+            gate, max_drop_pt, force, eval_file, f"{run_dir}: INT4 exact match drops", reference
+        )
         log.info("[4/4] writing the manifest and signing it")
         seal(staging, manifest, key)
         move_into_place(staging, out_dir)
@@ -291,7 +295,9 @@ def export_adapter_update(
             "[2/3] parity gate on %s + this adapter, %d held-out prompts from %s", base_bundle, len(examples), eval_file
         )
         gate = _device_parity(run, staging, public_key, model, tokenizer, examples, threads, base=base_bundle)
-        manifest["parity"] = apply_gate(gate, max_drop_pt, force, eval_file, f"{run_dir}: INT4 exact match drops")
+        manifest["parity"] = apply_gate(
+            gate, max_drop_pt, force, eval_file, f"{run_dir}: INT4 exact match drops", parity_reference(run.settings)
+        )
         log.info("[3/3] writing the manifest and signing it")
         seal(staging, manifest, key)
         move_into_place(staging, out_dir)

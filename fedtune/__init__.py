@@ -12,4 +12,11 @@ has a folder of its own, installed under this name (see pyproject.toml):
     cli/          fedtune.cli          the composition roots: the CLI and the simulation launcher
 """
 
+import logging
+
 __version__ = "0.1.0"
+
+# bitsandbytes (imported by peft whenever it is installed) warns on CPUs with AVX512-BF16
+# that it could not fetch an optional kernel from the Hugging Face hub; fedtune runs
+# offline and bitsandbytes' own 4-bit kernels serve. Set here, before any import of peft.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

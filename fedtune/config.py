@@ -34,6 +34,9 @@ HEAD_INITS = ("auto", "random", "label-names")
 HEAD_INPUTS = ("auto", "pooler", "cls")
 DP_MODES = ("local", "distributed")
 DP_ACCOUNTANTS = ("rdp", "prv")
+BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE_BASES = ("none", "nf4", "int8")
+CHECKPOINTING = ("auto", "on", "off")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a folder name under output-dir, never a path
 
 
@@ -104,6 +107,25 @@ class RunSettings:
         'seq-cls: "cls" feeds the head tanh([CLS] state), "pooler" the model\'s '
         "own; auto: cls for the DP head-only recipe, else pooler",
         one_of(HEAD_INPUTS),
+    )
+    base_dtype: str = setting(
+        "auto",
+        "the frozen base's weights: auto (bf16 on GPUs that support it, else fp32) | fp32 | bf16 | fp16; "
+        "LoRA weights, optimizer state and what travels stay fp32",
+        one_of(BASE_DTYPES),
+        section="Base model at the sites: precision and memory",
+    )
+    quantize_base: str = setting(
+        "none",
+        "causal-lm: none | nf4 | int8, the frozen base in 4 or 8 bits (bitsandbytes; QLoRA); "
+        "the export merges onto the full-precision base",
+        one_of(QUANTIZE_BASES),
+    )
+    gradient_checkpointing: str = setting(
+        "auto",
+        "recompute each block's activations in the backward pass: auto (on with a quantised "
+        "base, or when the memory plan does not fit the site's device without it) | on | off",
+        one_of(CHECKPOINTING),
     )
     local_epochs: float = setting(
         0.5, "local epochs per round (when local-steps is 0)", non_negative, section="Local training"
@@ -269,6 +291,19 @@ class RunSettings:
                 "applies to plain training only (DP-SGD's optimizer restarts "
                 "every round): set keep-optimizer-state = false or dp = false",
             )
+        if self.quantize_base != "none" and self.task != "causal-lm":
+            raise ConfigError("quantize-base", 'applies to task = "causal-lm": set quantize-base = "none"')
+        if self.dp:
+            for key, value, plain in (
+                ("base-dtype", self.base_dtype, ("auto", "fp32")),
+                ("quantize-base", self.quantize_base, ("none",)),
+                ("gradient-checkpointing", self.gradient_checkpointing, ("auto", "off")),
+            ):
+                if value not in plain:
+                    raise ConfigError(
+                        key,
+                        f'DP-SGD trains on an fp32 base without recomputation: set {key} = "{plain[0]}" or dp = false',
+                    )
         if self.secagg_quantization_range >= self.secagg_modulus_range:
             raise ConfigError(
                 "secagg-quantization-range",

@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from fedtune.accelerator import autocast_for
 from fedtune.encoding import (
     IGNORE_INDEX,
     ClassificationEncoder,
@@ -21,6 +20,7 @@ from fedtune.encoding import (
 )
 from fedtune.generation import greedy_completions
 from fedtune.metrics import classification_metrics, exact_match
+from fedtune.precision import autocast_for, compute_dtype
 
 
 def _sorted_batches(encoder: Encoder, batch_size: int) -> list[list[int]]:
@@ -61,7 +61,7 @@ def _evaluate_classification(
     preds, golds, loss_sum = [], [], 0.0
     for idx in _sorted_batches(encoder, batch_size):
         batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
-        with autocast_for(device):
+        with autocast_for(device, compute_dtype(model)):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
         loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
         preds.append(logits.argmax(-1).cpu().numpy())
@@ -78,7 +78,7 @@ def _evaluate_completion(
     nll, tokens = 0.0, 0
     for idx in _sorted_batches(encoder, batch_size):
         batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
-        with autocast_for(device):
+        with autocast_for(device, compute_dtype(model)):
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         targets = batch["labels"][:, 1:]
         nll += float(

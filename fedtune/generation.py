@@ -8,7 +8,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedtune.accelerator import autocast_for
+from fedtune.precision import autocast_for, compute_dtype
 
 
 @torch.no_grad()
@@ -38,7 +38,7 @@ def greedy_completions(
                 n = len(prompts[i])
                 ids[row, width - n :] = torch.tensor(list(prompts[i]), dtype=torch.long)
                 mask[row, width - n :] = 1
-            with autocast_for(device):
+            with autocast_for(device, compute_dtype(model)):
                 generated = model.generate(  # type: ignore[operator]
                     input_ids=ids.to(device),
                     attention_mask=mask.to(device),

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -23,6 +24,7 @@ from fedtune.config import RunSettings
 from fedtune.embedded_models import DEFAULT_MODEL, embedded_path, is_embedded
 from fedtune.errors import ConfigError
 from fedtune.label_head import init_label_name_head
+from fedtune.precision import BasePrecision, quantization_config
 
 transformers_logging.set_verbosity_error()  # keep "newly initialized head" notices out of site logs
 
@@ -47,6 +49,7 @@ _TARGETS_BY_MODEL_TYPE: dict[str, list[str]] = {
 _LLAMA_LIKE_TARGETS = ["q_proj", "v_proj"]
 
 
+FULL_PRECISION = BasePrecision()  # fp32, unquantised, no checkpointing: the export's and the coordinator's
 _DEFAULTS = RunSettings()  # LoRA defaults are the run's declared ones (fedtune/config.py), resolved
 
 
@@ -91,24 +94,51 @@ def load_tokenizer(model: str) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_base_model(model: str, task: str, labels: Sequence[str] = ()) -> PreTrainedModel:
-    """Load the frozen base model for a task (fp32, low CPU memory)."""
+def load_base_model(
+    model: str,
+    task: str,
+    labels: Sequence[str] = (),
+    precision: BasePrecision = FULL_PRECISION,
+    device: torch.device | None = None,
+) -> PreTrainedModel:
+    """Load the frozen base model for a task, its weights in `precision` (fp32 unless a run
+    asks otherwise; the export always loads fp32), on `device` (CPU when None)."""
     path = resolve_model_path(model)
     if not Path(path).exists() and "/" not in path:
         raise ConfigError("model", f"{model!r} is neither a local folder nor a Hugging Face id")
+    target = device or torch.device("cpu")
+    quantization = quantization_config(precision)
+    placement: dict[str, Any] = (
+        {"quantization_config": quantization, "device_map": {"": target}} if quantization else {}
+    )
     if task == "seq-cls":
-        return AutoModelForSequenceClassification.from_pretrained(
+        base = AutoModelForSequenceClassification.from_pretrained(
             path,
             num_labels=len(labels),
             id2label=dict(enumerate(labels)),
             label2id={name: i for i, name in enumerate(labels)},
-            dtype=torch.float32,
+            dtype=precision.torch_dtype,
             low_cpu_mem_usage=True,
+            **placement,
         )
-    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, low_cpu_mem_usage=True)
-    if base.config.pad_token_id is None:
-        base.config.pad_token_id = base.config.eos_token_id
-    return base
+    else:
+        base = AutoModelForCausalLM.from_pretrained(
+            path, dtype=precision.torch_dtype, low_cpu_mem_usage=True, **placement
+        )
+        if base.config.pad_token_id is None:
+            base.config.pad_token_id = base.config.eos_token_id
+    if quantization:
+        # peft's k-bit preparation: freezes the base, casts its unquantised weights to fp32
+        # for stable training and turns on checkpointing when asked.
+        base = prepare_model_for_kbit_training(
+            base,
+            use_gradient_checkpointing=precision.checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+        return base
+    if precision.checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return base.to(target)
 
 
 def linear_head_name(base: PreTrainedModel) -> str | None:
@@ -226,13 +256,48 @@ def lora_config(
     )
 
 
-def build_lora_model(model: str, task: str, lora: LoraSettings, labels: Sequence[str] = (), seed: int = 0) -> PeftModel:
-    """Base model wrapped with LoRA; `seed` fixes the adapter and head initialisation,
-    so every site and the coordinator build identical A matrices from the same seed."""
+@contextlib.contextmanager
+def adapters_drawn_in_fp32(precision: BasePrecision) -> Iterator[None]:
+    """While peft wraps a 16-bit or quantised base, its new LoRA layers stay in the fp32
+    they are drawn in instead of being moved to the base's dtype (peft would round the
+    seeded A to 16 bits, then cast it back): A is then the same at every site and at the
+    coordinator whatever their bases (FFA-LoRA never sends A). A no-op for an fp32 base."""
+    if precision.dtype == "fp32" and precision.quantize == "none":
+        yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from fedtune.internals import peft as peft_internals
+
+    peft_internals.require("adapter-dtype")
+    original = BaseTunerLayer._get_base_layer_device_and_dtype
+
+    def device_only(self: Any, base_layer: Any) -> tuple[Any, None]:
+        return original(self, base_layer)[0], None
+
+    BaseTunerLayer._get_base_layer_device_and_dtype = device_only  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        BaseTunerLayer._get_base_layer_device_and_dtype = original  # type: ignore[method-assign]
+
+
+def build_lora_model(
+    model: str,
+    task: str,
+    lora: LoraSettings,
+    labels: Sequence[str] = (),
+    seed: int = 0,
+    precision: BasePrecision = FULL_PRECISION,
+    device: torch.device | None = None,
+) -> PeftModel:
+    """Base model wrapped with LoRA, on `device` (CPU when None); `seed` fixes the adapter
+    and head initialisation, so every site and the coordinator build identical A matrices
+    from the same seed, whatever the base's precision: what trains is fp32 always."""
     config = AutoConfig.from_pretrained(resolve_model_path(model))
     model_type = config.model_type
     torch.manual_seed(seed)
-    base = load_base_model(model, task, labels)
+    base = load_base_model(model, task, labels, precision, device)
     if task == "seq-cls" and lora.head_input == "cls":
         pass_cls_state(base)
     head, head_alpha = "", 0.0
@@ -243,14 +308,28 @@ def build_lora_model(model: str, task: str, lora: LoraSettings, labels: Sequence
     elif task == "seq-cls" and lora.head_init == "label-names":
         init_label_name_head(base, label_name_head_module(base), load_tokenizer(model), labels)
     try:
-        peft_model = get_peft_model(
-            base,
-            lora_config(model_type, task, lora, head, head_alpha, int(getattr(config, "num_hidden_layers", 0) or 0)),
-        )
+        with adapters_drawn_in_fp32(precision):
+            peft_model = get_peft_model(
+                base,
+                lora_config(
+                    model_type, task, lora, head, head_alpha, int(getattr(config, "num_hidden_layers", 0) or 0)
+                ),
+            )
     except ValueError as err:  # e.g. target modules not found in the model
         raise ConfigError("lora-target-modules", str(err).splitlines()[0]) from None
+    if precision.checkpointing:
+        # Non-reentrant checkpointing needs no gradient at the embeddings' output. peft (and its
+        # k-bit preparation) hook one in for the reentrant kind, which would recompute and
+        # backpropagate through every block below the lowest adapted one (lora-top-layers).
+        inner: Any = peft_model.get_base_model()
+        try:
+            inner.disable_input_require_grads()
+        except AttributeError:  # no such hook was added
+            pass
     frozen = frozen_lora_parts(lora)
     for name, param in peft_model.named_parameters():
         if any(part in name for part in frozen):
             param.requires_grad_(False)
+        elif param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()  # a 16-bit base's head copy (modules_to_save) trains in fp32
     return peft_model

@@ -44,7 +44,8 @@ def _subset(tmp: Path, intents: int = 4, per_intent: int = 16, test_per_intent: 
 def llm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One round, two sites, four intents: enough steps at a high learning rate that the
     adapter turns SmolLM2's chatty answers into intent names (exact match 0.75 on the held-out
-    pairs when tried; with 10 steps on q/v of 2 blocks it stayed chatty, at 0.0)."""
+    pairs when tried; with 10 steps on q/v of 2 blocks it stayed chatty, at 0.0). The sites
+    hold the base in bf16 (`base-dtype`): every export below merges onto the fp32 base."""
     tmp = tmp_path_factory.mktemp("edge-llm-run")
     data = _subset(tmp)
     config = {
@@ -67,6 +68,7 @@ def llm_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "eval-max-examples": 8,
         "val-fraction": 0.1,
         "secagg": False,
+        "base-dtype": "bf16",
     }
     run_simulation(config, num_sites=2)
     return tmp / "runs" / "edge-llm"
@@ -168,6 +170,11 @@ def test_merged_int4_bundle_is_small_signed_gated_and_lists_every_file(
     assert gate["accuracy_drop_pt"] == pytest.approx(100 * (gate["torch_exact_match"] - gate["device_exact_match"]))
     assert gate["forced"] == (gate["accuracy_drop_pt"] > 1.0) and 0.0 <= gate["completion_agreement"] <= 1.0
     assert manifest["runtime"]["engine"] == "onnxruntime-genai"
+    # trained on a bf16 base, merged onto and gated against the fp32 one, and the bundle says so
+    assert (
+        gate["reference"] == "PyTorch fp32 (adapter merged into the fp32 base; the sites trained with base-dtype bf16)"
+    )
+    assert manifest["adapter"]["trained_on"] == {"base-dtype": "bf16", "quantize-base": "none"}
     with GenerativeModel(tmp_path / "bundle", keys["public"]) as model:
         assert model.adapters is None and isinstance(model.generate(PROMPTS[0]), str)
 

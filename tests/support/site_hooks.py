@@ -18,7 +18,6 @@ Ray runs the sites in worker processes; the mods travel there by reference, so
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,14 +103,12 @@ class AuditUpdates:
         if not _is_fit(msg) or reply.has_error():
             return reply
         from fedtune.adapter_io import get_adapter_arrays
-        from fedtune.client.model_cache import cached_lora_model
-        from fedtune.config import RunSettings
+        from fedtune.client.model_cache import held_model
 
         fitins = recorddict_to_fitins(msg.content, keep_input=True)
         fitres = recorddict_to_fitres(reply.content, keep_input=True)
-        settings = RunSettings.from_run_config(ctxt.run_config)
-        labels = tuple(json.loads(str(fitins.config["labels"])))
-        model = cached_lora_model(settings.model, settings.task, settings.lora_settings(), labels, settings.seed)
+        model = held_model()  # the one the site just trained
+        assert model is not None
         arrays = parameters_to_ndarrays(fitres.parameters)
         site, server_round = fitres.metrics["site"], int(fitins.config["server-round"])
         path = Path(self.folder)
