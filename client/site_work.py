@@ -99,7 +99,9 @@ class SiteWork:
             said = (name, precision, device)
             if said not in _PLANS_LOGGED:  # once per process, not every round's message
                 _PLANS_LOGGED.add(said)
-                log.info("%s: %s on %s, memory plan %s", name, precision.describe(), device, gib(plan.total))
+                # a real site says what it loads; virtual sites on one machine keep the demo's output as it was
+                level = logging.DEBUG if self.node.mode == "simulated" else logging.INFO
+                log.log(level, "%s: %s on %s, memory plan %s", name, precision.describe(), device, gib(plan.total))
             self._plan = (precision, plan)
         return self._plan
 
