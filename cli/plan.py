@@ -50,7 +50,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.device_memory:
         budget, where = args.device_memory, f"--device-memory {gib(args.device_memory)}"
     elif local:
-        budget, where = free_memory(device), f"{device} has {gib(free_memory(device))} free"
+        budget = free_memory(device)
+        where = f"{device} has {gib(budget)} free"
     else:
         budget, where = 0, ""
     if settings.base_dtype == "auto":  # a GPU elsewhere is assumed to be one that computes in bf16

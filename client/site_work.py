@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
+from dataclasses import replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -90,7 +91,7 @@ class SiteWork:
             shape = model_shape(s.base_model, s.task, s, labels)
             budget = free_memory(device) + held_model_bytes(device)  # a model this process holds is reused or replaced
             checkpointing = resolve_checkpointing(s.gradient_checkpointing, shape, s, precision, budget)
-            precision = resolve_precision(s.base_dtype, s.quantize_base, checkpointing, device)
+            precision = replace(precision, checkpointing=checkpointing)
             name = self.site(labels).name
             try:
                 plan = check_fits(shape, s, precision, device, budget)

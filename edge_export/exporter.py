@@ -42,15 +42,19 @@ class ExportGateError(FedtuneError):
     """The INT8 model lost more accuracy than allowed; no bundle was written."""
 
 
+def trained_on(settings: dict[str, Any]) -> dict[str, str]:
+    """The base precision the sites trained on (runs from before these keys: the defaults)."""
+    return {
+        key: str(settings.get(key, default)) for key, default in (("base-dtype", "auto"), ("quantize-base", "none"))
+    }
+
+
 def parity_reference(settings: dict[str, Any]) -> str:
     """The model the parity gate compares the device model with, in words: always the
     adapter merged into the fp32 base (never onto 4-bit or 16-bit weights), and the base
     precision the sites trained on when that differed."""
-    trained = [
-        f"{key} {settings[key]}"
-        for key, plain in (("base-dtype", ("auto", "fp32")), ("quantize-base", ("none",)))
-        if settings.get(key, plain[0]) not in plain
-    ]
+    plain = {"base-dtype": ("auto", "fp32"), "quantize-base": ("none",)}
+    trained = [f"{key} {value}" for key, value in trained_on(settings).items() if value not in plain[key]]
     return "PyTorch fp32 (adapter merged into the fp32 base" + (
         f"; the sites trained with {', '.join(trained)})" if trained else ")"
     )
@@ -156,10 +160,7 @@ def adapter_provenance(checkpoint: Path, info: FinishedRun, meta: dict[str, Any]
             "alpha": settings["lora-alpha"],
             "target_modules": info.run.adapter.get("target_modules"),
         },
-        # the base precision the sites trained on; the export merges onto the fp32 base whatever it was
-        "trained_on": {
-            key: settings.get(key, default) for key, default in (("base-dtype", "auto"), ("quantize-base", "none"))
-        },
+        "trained_on": trained_on(settings),  # the export merges onto the fp32 base whatever it was
     }
 
 
