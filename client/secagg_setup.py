@@ -7,14 +7,17 @@ noise share from it. Imports no torch, so the thin ClientApp can call it."""
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 from flwr.common import Context, Message
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Stage
 
 from fedtune.internals import flower
 
+from .node_settings import NodeSettings
 from .worker_protocol import Scalar
 
 # The train-config key the site's own ClientApp fills in; whatever the coordinator put under it is dropped.
@@ -71,7 +74,8 @@ def run_secaggplus(msg: Message, ctxt: Context, call_next: Any) -> Message:
     from fedtune.secagg.wire_codec import narrow_masked_reply
 
     install_csprng_masks("client")
-    reply = secaggplus_mod(msg, ctxt, call_next)
+    with _rounding_seeded(_simulated_rounding_seed(msg, ctxt)):
+        reply = secaggplus_mod(msg, ctxt, call_next)
     narrow_masked_reply(reply)  # uint32 on the wire: half of Flower's int64
     return reply
 
@@ -80,3 +84,32 @@ def forget_secagg_state(context: Context) -> None:
     """Drop the protocol state an earlier (finished or aborted) SecAgg+ round left, before a
     plain train message: so a stale setup is never read for it."""
     context.state.config_records.pop(RECORD_KEY_STATE, None)
+
+
+def _simulated_rounding_seed(msg: Message, ctxt: Context) -> int | None:
+    """At a virtual site, a seed for Flower's stochastic rounding of the update before it is
+    masked (`quantize` draws from NumPy's global generator), from the run's seed, the site's
+    partition and the round: so one seed gives one result. None at a real site, which keeps
+    drawing from the unseeded generator: the coordinator knows the run's seed."""
+    node = NodeSettings.from_node_config(ctxt.node_config, ctxt.run_config)
+    if node.on_a_supernode:
+        return None
+    try:
+        seed, server_round = int(ctxt.run_config.get("seed", 0)), int(msg.metadata.group_id or 0)
+    except (TypeError, ValueError):
+        return None
+    return int(np.random.SeedSequence([seed, node.partition_id, server_round]).generate_state(1)[0])
+
+
+@contextmanager
+def _rounding_seeded(seed: int | None) -> Iterator[None]:
+    """NumPy's global generator seeded with `seed` inside, and put back as it was after."""
+    if seed is None:
+        yield
+        return
+    saved = np.random.get_state()
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        np.random.set_state(saved)

@@ -213,3 +213,34 @@ def test_csprng_masks_are_deterministic_uniform_and_use_the_full_secret() -> Non
     big = csprng_rand_gen(b"seed" * 8, 2**32, [(200_000,)])[0]
     assert big.min() >= 0 and big.max() <= 2**32 - 2
     assert abs(big.mean() / 2**32 - 0.5) < 0.005
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_secagg_aggregate_is_the_same_for_the_same_seed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    """Flower rounds each update stochastically before masking it; virtual sites seed that
+    rounding from (run seed, site, round), so one seed gives one aggregate, bit for bit."""
+    first, _, _ = _run_secagg(tmp_path / "a", monkeypatch, tiny_bert_dir, sentiment_data, sites=2, rounds=1)
+    second, _, _ = _run_secagg(tmp_path / "b", monkeypatch, tiny_bert_dir, sentiment_data, sites=2, rounds=1)
+    for a, b in zip(_global_arrays(first, 1), _global_arrays(second, 1), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_only_virtual_sites_seed_the_rounding() -> None:
+    """A real site's rounding stays unseeded: the coordinator knows the run's seed."""
+    from flwr.common import Context, RecordDict
+
+    from fedtune.client.secagg_setup import _simulated_rounding_seed
+
+    msg = Message(RecordDict(), dst_node_id=1, message_type="train", group_id="3")
+    run = {"seed": 7}
+
+    def seed(node_config: dict[str, Any]) -> int | None:
+        return _simulated_rounding_seed(msg, Context(1, 1, node_config, RecordDict(), run))
+
+    assert seed({"partition-id": 0, "num-partitions": 2}) == seed({"partition-id": 0, "num-partitions": 2})
+    assert seed({"partition-id": 0, "num-partitions": 2}) != seed({"partition-id": 1, "num-partitions": 2})
+    assert seed({"data-path": "/data/site.jsonl"}) is None
+    assert seed({"worker-socket": "/run/site.sock"}) is None
