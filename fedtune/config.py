@@ -157,7 +157,9 @@ class RunSettings:
     fedopt_tau: float = setting(0.001, "fedadam, fedyogi: adaptivity", positive)
     fraction_train: float = setting(1.0, "share of the sites asked to train each round", within(0, 1, "(]"))
     fraction_evaluate: float = setting(1.0, "share of the sites asked to evaluate each round", within(0, 1, "[]"))
-    min_sites: int = setting(2, "sites that must be connected before round 1", at_least(1))
+    min_sites: int = setting(
+        2, "sites connected before round 1; later rounds go on with those left (2+ under SecAgg+)", at_least(1)
+    )
     dp: bool = setting(
         False,
         "sample-level DP-SGD at each site (Opacus, RDP accountant)",
@@ -220,7 +222,12 @@ class RunSettings:
     secagg_reconstruction_threshold: float = setting(
         0.67, "fraction of the shares needed to unmask", within(0, 1, "(]", "is a fraction of the shares")
     )
-    secagg_timeout: float = setting(600.0, "seconds per SecAgg+ stage", positive)
+    secagg_timeout: float = setting(
+        7200.0,
+        "seconds a SecAgg+ stage waits past its last reply (sites in turn each get it; a dead site is dropped "
+        "when its heartbeats lapse)",
+        positive,
+    )
     central_eval_path: str = setting(
         "data/banking77/test.jsonl", 'the coordinator\'s held-out file ("": none)', section="Outputs"
     )

@@ -149,7 +149,15 @@ def run_federation(grid: Grid, context: Context) -> Summary:
         inner = EpsilonBudgetStrategy(inner, settings.dp_epsilon_budget, settings.dp_delta)
         inner.worst_epsilon = max((r.dp_epsilon_max or 0.0 for r in run_dir.read_rounds()), default=0.0)
     metered = MeteredGrid(FastPollingGrid(grid))  # replies pulled every 0.1 s, stages timed
-    strategy = RecordingStrategy(inner, metered, run_dir.append_round, save_round, num_rounds - done, round_offset=done)
+    strategy = RecordingStrategy(
+        inner,
+        metered,
+        run_dir.append_round,
+        save_round,
+        num_rounds - done,
+        round_offset=done,
+        surviving_sites_floor=2 if settings.secagg else 1,
+    )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds - done), strategy=strategy)
     fit_workflow = _secagg_fit_workflow(settings, metered, run_dir, strategy)
     DefaultWorkflow(fit_workflow=fit_workflow)(metered, legacy)  # type: ignore[arg-type]

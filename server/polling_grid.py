@@ -12,6 +12,14 @@ stage's wall time splits into
   site work    = handler end - handler start,
 taken from the reply that arrived last (the one the stage waited for).
 
+A stage's deadline follows the work, not the clock: `timeout` is how long the stage
+waits after its last sign of progress (the push, then each reply), so sites that run one
+after another (the Simulation Engine's virtual sites) each get the whole `timeout`, and a
+deployed site that is still working is waited for up to `timeout` past its peers. A site
+that died does not hold the stage for that long: the SuperLink answers a message to a node
+whose heartbeats lapsed (Flower's default: 2 x 30 s) with a "node unavailable" error, and
+a site whose ClientApp or worker died answers with an error at once; either ends its wait.
+
 It also keeps, per stage group, the one-line reason of every error reply (a site that
 refused: its privacy floor, its SecAgg+ minimum, an app it does not run), so the round's
 record and the log can name the site and what it said.
@@ -64,6 +72,8 @@ class FastPollingGrid:
         while waiting and (timeout is None or time.monotonic() < end):
             got = list(self._grid.pull_messages(waiting))
             now = time.time()
+            if got and timeout is not None:
+                end = time.monotonic() + timeout  # progress: the clock starts again for the rest
             for reply in got:
                 waiting.discard(reply.metadata.reply_to_message_id)
                 last = (reply, now)

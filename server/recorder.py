@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 from flwr.common import (
     EvaluateIns,
@@ -26,6 +26,7 @@ from fedtune.run_folder import RoundRecord
 
 from .delegating_strategy import DelegatingStrategy
 from .polling_grid import one_line
+from .surviving_sites import SurvivingSitesClientManager
 from .traffic import MeteredGrid
 
 log = logging.getLogger("fedtune.server")
@@ -44,8 +45,10 @@ class RecordingStrategy(DelegatingStrategy):
         save_round: SaveFn,
         num_rounds: int,
         round_offset: int = 0,
+        surviving_sites_floor: int = 1,
     ) -> None:
         super().__init__(inner)
+        self.surviving_sites_floor = surviving_sites_floor
         self.grid = grid
         self.append_record = append_record
         self.save_round = save_round
@@ -82,6 +85,8 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         self.flush()
         self._round_start = time.monotonic()
+        if server_round > 1:  # round 1 waits for min-sites; later rounds go on with the sites left
+            client_manager = self._survivors(client_manager)
         instructions = [
             (proxy, ins)
             for proxy, ins in self.inner.configure_fit(self.global_round(server_round), parameters, client_manager)
@@ -138,9 +143,14 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
         return [
             (proxy, ins)
-            for proxy, ins in self.inner.configure_evaluate(self.global_round(server_round), parameters, client_manager)
+            for proxy, ins in self.inner.configure_evaluate(
+                self.global_round(server_round), parameters, self._survivors(client_manager)
+            )
             if proxy.node_id not in self._left_out
         ]
+
+    def _survivors(self, client_manager: ClientManager) -> ClientManager:
+        return cast(ClientManager, SurvivingSitesClientManager(client_manager, self.surviving_sites_floor))
 
     def aggregate_evaluate(
         self,

@@ -12,7 +12,8 @@ Parameter choices (run config keys `secagg-*`):
   floor, an app they do not run): those are left out of every round with their reason,
   since Flower's SecAgg+ cannot recover from a site that drops before the key exchange.
 - `reconstruction-threshold` (fraction of shares) and `num-shares` (fraction of sites).
-- `timeout` (seconds per stage) must exceed cold start plus local training.
+- `timeout`: how long a stage waits past its last reply (`polling_grid.py`): it must exceed
+  one site's cold start plus local training; a dead site is dropped sooner.
 
 Error bound. With stochastic rounding each site's quantisation error is below one
 step 2C/Q per value, so for the aggregate of n surviving sites, per value,

@@ -391,7 +391,7 @@ def listening_backlog(path: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_worker(
+def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_worker_then_a_dead_site_is_dropped_fast(
     tmp_path: Path,
     processes: ManagedProcesses,
     tiny_bert_dir: Path,
@@ -404,12 +404,13 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     sites = ("bank-a", "bank-b", "bank-c")
     rows = sentiment_data["train"].read_text().splitlines()
     address, loopback = start_superlink(processes, deploy, tmp_path, "--no-proxy")  # all sites on this machine
+    site_procs: dict[str, subprocess.Popen[bytes]] = {}
     for i, site in enumerate(sites):
         private, public = site_keypair(tmp_path / "sites" / site, site)
         register_site(deploy, public, loopback)
         data = tmp_path / f"{site}.jsonl"
         data.write_text("\n".join(rows[i::3]) + "\n")
-        processes.start(
+        site_procs[site] = processes.start(
             site,
             site_command(
                 address,
@@ -428,10 +429,10 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     run_dir = tmp_path / "runs" / "killed"
     run_config = (
         f'model="{tiny_bert_dir}" labels-file="{sentiment_data["labels"]}" '
-        f'central-eval-path="{sentiment_data["test"]}" num-rounds=3 local-steps=4 batch-size=16 '
-        f"val-fraction=0.2 secagg=true min-sites=3 secagg-timeout=300.0 "
+        f'central-eval-path="{sentiment_data["test"]}" num-rounds=4 local-steps=4 batch-size=16 '
+        f"val-fraction=0.2 secagg=true min-sites=3 secagg-timeout=3600.0 "
         f'output-dir="{tmp_path / "runs"}" run-name="killed"'
-    )
+    )  # an hour's patience for a site at work: a dead one must not cost it
     cmd, env = run_command(deploy, REPO, [run_config])
     run = processes.start("run", cmd, env)
 
@@ -453,10 +454,22 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
         assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
         time.sleep(0.1)
     os.kill(old_pid, signal.SIGKILL)
+    # Once round 3 is recorded, bank-c's whole site (SuperNode, worker, ClientApps) dies at
+    # once, as when its machine goes down: nothing says goodbye, its heartbeats just stop.
+    while len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
+        time.sleep(0.1)
+    status = call_worker(victim, "status", {})[0]
+    assert status["pid"] != old_pid and status["model_loads"] == 1  # the restart cost one model load
+    assert [run["rounds"][:1] for run in status["runs"]] == [[3]]
+    os.killpg(site_procs["bank-c"].pid, signal.SIGKILL)
+    killed_at = time.time()
     assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-3000:]
+    # Dropped when its heartbeats lapsed (Flower: 2 x 30 s), not after secagg-timeout (an hour).
+    assert time.time() - killed_at < 180
 
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in records] == [1, 2, 3]
+    assert [r["round"] for r in records] == [1, 2, 3, 4]
 
     def trained(record: dict) -> list[str]:
         return sorted(name for name, site in record["sites"].items() if "train_loss" in site)
@@ -468,6 +481,5 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     # ... and round 3 trained all three, bank-c on its restarted worker.
     assert trained(records[2]) == list(sites) and records[2]["failures"] == 0
     assert "stopped during 'train'" in (tmp_path / "bank-c.log").read_text(errors="replace")
-    status = call_worker(victim, "status", {})[0]
-    assert status["pid"] != old_pid and status["model_loads"] == 1  # the restart cost one model load
-    assert [run["rounds"] for run in status["runs"]] == [[3]]
+    # ... and round 4 aggregated the two survivors of bank-c's death.
+    assert not records[3].get("skipped") and trained(records[3]) == ["bank-a", "bank-b"]

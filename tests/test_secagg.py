@@ -14,7 +14,7 @@ from flwr.common import Message, bytes_to_ndarray
 from flwr.common.secure_aggregation.secaggplus_constants import Key
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
 from safetensors.numpy import load_file
-from support.site_hooks import AuditUpdates, CountMaskDraws, FailAt, FailStage, client_app_with
+from support.site_hooks import AuditUpdates, CountMaskDraws, FailAt, FailStage, SlowFit, client_app_with
 from support.wire import observe_messages
 
 from fedtune.cli.simulation import run_simulation
@@ -33,6 +33,8 @@ def _run_secagg(
     rounds: int,
     fail_at: str = "",
     fail_stage: str = "",
+    slow_fit: float = 0.0,
+    timeout: float = 300.0,
 ) -> tuple[Path, list[np.ndarray], Path]:
     audit = tmp_path / "site-audit"
     masks_log = tmp_path / "mask-calls.txt"
@@ -59,7 +61,7 @@ def _run_secagg(
         "run-name": "s",
         "secagg": True,
         "min-sites": sites,
-        "secagg-timeout": 300.0,
+        "secagg-timeout": timeout,
     }
     observe_messages(monkeypatch, observe)
     draw = masks.csprng_rand_gen
@@ -72,7 +74,8 @@ def _run_secagg(
     monkeypatch.setattr(masks, "csprng_rand_gen", count_server_draws)
     fail = FailAt(frozenset(x for x in fail_at.split(",") if x))
     stage = FailStage(frozenset(x for x in fail_stage.split(",") if x))
-    app = client_app_with(outer=[CountMaskDraws(str(masks_log)), stage], inner=[fail, AuditUpdates(str(audit))])
+    slow = [SlowFit(slow_fit)] if slow_fit else []
+    app = client_app_with(outer=[CountMaskDraws(str(masks_log)), stage], inner=[fail, *slow, AuditUpdates(str(audit))])
     run_simulation(config, num_sites=sites, client_app=app)
     return tmp_path / "runs" / "s", masked, audit
 
@@ -226,6 +229,27 @@ def test_secagg_aggregate_is_the_same_for_the_same_seed(
     second, _, _ = _run_secagg(tmp_path / "b", monkeypatch, tiny_bert_dir, sentiment_data, sites=2, rounds=1)
     for a, b in zip(_global_arrays(first, 1), _global_arrays(second, 1), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_secagg_stage_longer_than_the_timeout_counts_when_sites_keep_answering(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    """Virtual sites train one after another inside one SecAgg+ stage: three sites of 12 s
+    each make a 36 s stage, three times `secagg-timeout` (20 s). The stage's clock starts
+    again at each reply, so the round counts with every site (a fixed 20 s deadline skipped it)."""
+    run_dir, _, _ = _run_secagg(
+        tmp_path, monkeypatch, tiny_bert_dir, sentiment_data, sites=3, rounds=1, slow_fit=12.0, timeout=20.0
+    )
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert not record.get("skipped"), record
+    assert sorted(name for name, site in record["sites"].items() if "train_loss" in site) == [
+        "site-0",
+        "site-1",
+        "site-2",
+    ]
+    assert record["dispatch"]["stage_seconds"] > 36.0, record["dispatch"]
 
 
 def test_only_virtual_sites_seed_the_rounding() -> None:

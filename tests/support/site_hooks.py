@@ -9,6 +9,7 @@ it to the simulation launcher:
   so a test can compare what SecAgg+ delivered with what the sites sent.
 - `FailAt({"site-2@1"})`, inside SecAgg+'s mod: that site raises in that round's training.
 - `FailStage({"site-2@1:setup"})`, outside it: that site raises on that round's SecAgg+ stage.
+- `SlowFit(seconds)`, inside SecAgg+'s mod: every site's training takes `seconds` longer.
 - `CountMaskDraws(log)`, outside SecAgg+'s mod: appends "client <pid>" to `log` every
   time that process draws a CSPRNG mask.
 
@@ -89,6 +90,20 @@ class FailStage:
             target = f"{_site_name(ctxt)}@{msg.metadata.group_id}:{configs.get('stage')}"
             if target in self.targets:
                 raise RuntimeError(f"test hook: {target} fails")
+        return call_next(msg, ctxt)
+
+
+@dataclass(frozen=True)
+class SlowFit:
+    """Every site's training takes `seconds` longer (a large model's round, in small)."""
+
+    seconds: float
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if _is_fit(msg):
+            import time
+
+            time.sleep(self.seconds)
         return call_next(msg, ctxt)
 
 
