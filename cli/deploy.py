@@ -133,6 +133,7 @@ def cmd_deploy_worker(args: argparse.Namespace) -> int:
         if not Path(args.data).is_file():
             raise FedtuneError(f"--data {args.data}: file not found")
         policy = site_policy(args, tuple(args.allow_uid))
+    check_rank_flags(args)
     if args.device != "auto":  # before torch is imported: the worker sees only the device the site chose
         os.environ["CUDA_VISIBLE_DEVICES"] = "" if args.device == "cpu" else args.device.removeprefix("cuda:")
     setup_logging()
@@ -143,8 +144,22 @@ def cmd_deploy_worker(args: argparse.Namespace) -> int:
         max_message_bytes=int(args.max_message_mb * 2**20),
         threads=args.threads,
         socket_group=args.socket_group,
+        devices=args.devices,
     ).serve()
     return 0
+
+
+def check_rank_flags(args: argparse.Namespace) -> None:
+    """--devices N: a count, not combined with one named --device, and only with a site worker."""
+    if args.devices < 1:
+        raise FedtuneError(f"--devices must be at least 1, got {args.devices}")
+    if args.devices > 1 and args.device != "auto":
+        raise FedtuneError(
+            f"--device {args.device} names one device; --devices {args.devices} trains on cuda:0..{args.devices - 1} "
+            "(or CPU ranks): give one of the two"
+        )
+    if args.devices > 1 and getattr(args, "no_worker", False):
+        raise FedtuneError("--devices needs the site worker: the ranks live next to it (drop --no-worker)")
 
 
 def privacy_floor(args: argparse.Namespace) -> "PrivacyFloor":
@@ -181,6 +196,7 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
     from fedtune.client.site_worker import prepare_socket_dir
     from fedtune.flower_env import child_env
 
+    check_rank_flags(args)
     data, ca, key = Path(args.data), Path(args.ca), Path(args.key)
     from fedtune.cli.common import check_address
 
@@ -255,7 +271,9 @@ def cmd_deploy_site(args: argparse.Namespace) -> int:
         group = account.gid if account is not None else None
         prepare_socket_dir(socket_path, group)
         node_config = worker_node_config(socket_path)
-        worker = worker_command(socket_path, policy, args.worker_threads, socket_group=group, device=args.device)
+        worker = worker_command(
+            socket_path, policy, args.worker_threads, socket_group=group, device=args.device, devices=args.devices
+        )
     else:
         node_config = in_process_node_config(policy)
     cmd = supernode_command(
@@ -588,6 +606,13 @@ def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -
         default="auto",
         type=check_device,
         help="the device the site worker trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="train on N ranks at this site (torch.distributed: one process per GPU, cuda:0..N-1; "
+        "gloo ranks sharing the CPU without GPUs); each trains on its slice of every batch (default: 1)",
     )
     parser.add_argument(
         "--min-secagg-sites",

@@ -179,6 +179,7 @@ def worker_command(
     idle_timeout: float = 1800.0,
     socket_group: int | None = None,
     device: str = "auto",
+    devices: int = 1,
 ) -> list[str]:
     """The site worker with the site's policy on its own command line (`fedtune deploy worker`)."""
     cmd = [
@@ -199,6 +200,8 @@ def worker_command(
         cmd += ["--socket-group", str(socket_group)]
     if device != "auto":
         cmd += ["--device", device]
+    if devices > 1:
+        cmd += ["--devices", str(devices)]
     return cmd
 
 

@@ -19,6 +19,7 @@ from fedtune.accelerator import pick_device
 from fedtune.adapter_io import get_adapter_arrays, set_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.encoding import Encoder, make_encoder
+from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate
 from fedtune.memory_plan import (
     MemoryPlan,
@@ -38,6 +39,7 @@ from .optimizer_state import MemoryOptimizerStore, OptimizerStore
 from .privacy_floor import PrivacyFloor
 from .secagg_setup import setup_from_config
 from .site_data import SiteData, load_site_data
+from .site_ranks import RankGroup, RankShard, rank_device
 from .trainer import TrainResult, train_local
 from .worker_protocol import Scalar
 
@@ -57,8 +59,15 @@ class SiteWork:
         node: NodeSettings,
         history: HistoryStore,
         optimizer_store: OptimizerStore | None = None,
+        ranks: RankGroup | RankShard | None = None,
     ) -> None:
+        """`ranks`: the site's rank group (rank 0, the worker) or this process's shard (ranks 1..N-1)."""
+        if ranks is not None and settings.dp:
+            raise FedtuneError("DP training runs on one device per site: start the site without --devices")
         self.settings = settings
+        self.ranks = ranks
+        self.shard = ranks.shard if isinstance(ranks, RankGroup) else ranks
+        self.device = rank_device(self.shard.rank) if self.shard is not None else pick_device()
         self.lora = settings.lora_settings()  # what the model trains and what travels
         self.node = node
         self.history = history
@@ -79,14 +88,14 @@ class SiteWork:
     def model(self, labels: Sequence[str]) -> PeftModel:
         s = self.settings
         precision, _ = self.plan(labels)  # refuses a step this device cannot hold, before the weights load
-        return cached_lora_model(s.base_model, s.task, self.lora, tuple(labels), s.seed, precision, pick_device())
+        return cached_lora_model(s.base_model, s.task, self.lora, tuple(labels), s.seed, precision, self.device)
 
     def plan(self, labels: Sequence[str]) -> tuple[BasePrecision, MemoryPlan]:
         """The base's precision on this site's device and the training step's memory plan,
         resolved once per run; a MemoryPlanError (one line) when the device cannot hold it."""
         if self._plan is None:
             s = self.settings
-            device = pick_device()
+            device = self.device
             precision = resolve_precision(s.base_dtype, s.quantize_base, False, device)
             shape = model_shape(s.base_model, s.task, s, labels)
             budget = free_memory(device) + held_model_bytes(device)  # a model this process holds is reused or replaced
@@ -143,6 +152,8 @@ class SiteWork:
         encoder = self.encoder("train", site.train)
         seed = s.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
+        if isinstance(self.ranks, RankGroup):  # the site's other ranks train this round with this process
+            self.ranks.start_fit(s.to_run_config(), self.node.to_node_config(), parameters, config)
         if s.dp:
             result, dp_metrics = self._fit_dp(model, encoder, config, site.name, server_round, num_rounds)
         else:
@@ -156,6 +167,7 @@ class SiteWork:
                 proximal_mu=float(config.get("proximal_mu", 0.0)),
                 seed=seed,
                 optimizer_store=self.optimizer_store if s.keep_optimizer_state else None,
+                shard=self.shard,
             )
         arrays = get_adapter_arrays(model, self.lora)
         metrics: dict[str, Scalar] = {

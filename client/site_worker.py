@@ -106,8 +106,11 @@ class SiteWorker:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         threads: int = 0,
         socket_group: int | None = None,
+        devices: int = 1,
     ) -> None:
         self.path = socket_path
+        self.devices = devices
+        self.ranks: Any = None  # the site's RankGroup when it trains on several devices (`site_ranks.py`)
         self.policy = policy
         self.socket_group = socket_group
         self.allowed_uids = {os.getuid(), *(policy.allowed_uids if policy else ())}
@@ -171,6 +174,10 @@ class SiteWorker:
                 sorted(self.allowed_uids),
             )
         try:
+            if self.devices > 1:
+                from .site_ranks import RankGroup
+
+                self.ranks = RankGroup(self.devices, self.path.parent / "ranks.rendezvous", self.threads).start()
             while not self.stop.is_set():
                 self.drop_stale_runs()
                 try:
@@ -181,6 +188,8 @@ class SiteWorker:
         finally:
             server.close()
             self.path.unlink(missing_ok=True)
+            if self.ranks is not None:
+                self.ranks.stop()
             log.info("site worker: stopped")
 
     def handle(self, conn: socket.socket) -> None:
@@ -285,7 +294,7 @@ class SiteWorker:
             settings = RunSettings.from_run_config(run_config)
             if self.policy is not None:
                 settings = self.policy.run_settings(settings)
-            work = SiteWork(settings, node, MemoryHistory())
+            work = SiteWork(settings, node, MemoryHistory(), ranks=self.ranks)
             min_sites = self.policy.min_secagg_sites if self.policy else DEFAULT_MIN_SECAGG_SITES
             state = RunState(work, None)
             state.messages = RunMessages(work, int(run), min_sites, on_fit=lambda r, s=state: self._fitted(s, r))

@@ -27,6 +27,7 @@ from fedtune.precision import autocast_for, compute_dtype
 from fedtune.schedule import lr_factor, round_progress
 
 from .optimizer_state import OptimizerStore, optimizer_arrays, restore_optimizer
+from .site_ranks import RankShard
 
 log = logging.getLogger("fedtune.site")
 
@@ -67,9 +68,12 @@ def train_local(
     proximal_mu: float = 0.0,
     seed: int = 0,
     optimizer_store: OptimizerStore | None = None,
+    shard: RankShard | None = None,
 ) -> TrainResult:
     """Train the trainable (adapter + head) parameters in place for one round. With an
-    `optimizer_store`, AdamW starts from the moments the site kept last round and keeps its own."""
+    `optimizer_store`, AdamW starts from the moments the site kept last round and keeps its own.
+    With a `shard` (one of a site's ranks, `site_ranks.py`), this process trains on its slice
+    of each global batch and the ranks' gradients are averaged before each step."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     anchors: Sequence[torch.Tensor] = [p.detach().clone() for p in params] if proximal_mu > 0 else []
@@ -88,15 +92,24 @@ def train_local(
     model.train()
     for step in range(steps):
         set_scheduled_lr(optimizer, settings, round_progress(server_round, step, steps, num_rounds))
-        batch = {k: v.to(device) for k, v in encoder.batch(next(batches)).items()}
-        loss = training_loss(model, batch, logit_mask, device)
-        if proximal_mu > 0:
-            loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
-        loss.backward()
+        indices = next(batches)
+        if shard is not None:
+            indices = shard.split(indices)
+        batch = {k: v.to(device) for k, v in encoder.batch(indices).items()} if indices else None
+        weight = 1.0 if shard is None else shard.loss_weight(batch, device)
+        value = 0.0
+        if batch is not None:
+            loss = training_loss(model, batch, logit_mask, device)
+            if proximal_mu > 0:
+                loss = loss + 0.5 * proximal_mu * sum(((p - a) ** 2).sum() for p, a in zip(params, anchors))
+            (loss * weight).backward()
+            value = float(loss.detach()) * weight
+        if shard is not None:
+            value = shard.average(params, value)  # the whole global batch's gradient and loss
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
+        losses.append(value)
         if (step + 1) % report_every == 0 or step + 1 == steps:
             log.info(
                 "%s round %d: step %d/%d loss %.4f",

@@ -32,6 +32,16 @@ NOBODY = 65534
 
 @pytest.fixture()
 def worker(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    yield from _worker(tmp_path)
+
+
+@pytest.fixture()
+def worker_with_two_ranks(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
+    """The worker and a second gloo rank (`--devices 2`) sharing this CPU."""
+    yield from _worker(tmp_path, "--devices", "2")
+
+
+def _worker(tmp_path: Path, *extra: str) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     # The socket under a folder another user may traverse (pytest's own is 0700), so that
     # only the worker's own protections stand between it and another uid.
     base = Path(tempfile.mkdtemp(prefix="ftw-", dir="/tmp"))
@@ -39,7 +49,7 @@ def worker(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     path = base / "w" / "worker.sock"
     log = open(tmp_path / "worker.log", "wb")
     proc = subprocess.Popen(
-        [FEDTUNE, "deploy", "worker", "--socket", str(path), "--max-message-mb", "1", "--simulation"],
+        [FEDTUNE, "deploy", "worker", "--socket", str(path), "--max-message-mb", "1", "--simulation", *extra],
         stdout=log,
         stderr=subprocess.STDOUT,
         env=child_env(),
@@ -177,14 +187,14 @@ def test_the_thin_clientapp_imports_no_torch() -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_simulation_with_one_worker_serving_every_virtual_site(
-    worker: tuple[Path, subprocess.Popen[bytes]],
+def test_simulation_with_one_two_rank_worker_serving_every_virtual_site(
+    worker_with_two_ranks: tuple[Path, subprocess.Popen[bytes]],
     tmp_path: Path,
     federate,
     tiny_bert_dir: Path,
     sentiment_data: dict[str, Path],
 ) -> None:
-    path, _ = worker
+    path, _ = worker_with_two_ranks
     run_dir = federate(
         tmp_path,
         "via-worker",
@@ -200,6 +210,9 @@ def test_simulation_with_one_worker_serving_every_virtual_site(
     status, _ = call_worker(path, "status", {})
     assert status["model_loads"] == 1  # both virtual sites trained on the worker's one model
     assert sorted((r["node_config"]["partition-id"], r["rounds"]) for r in status["runs"]) == [(0, [1, 2]), (1, [1, 2])]
+    log = (tmp_path / "worker.log").read_text()
+    assert "2 ranks joined (gloo)" in log
+    assert log.count("site rank 1: round") == 4  # the second rank trained every site's every round with it
 
 
 @pytest.mark.slow

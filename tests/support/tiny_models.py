@@ -20,7 +20,7 @@ def _minilm_tokenizer():  # type: ignore[no-untyped-def]
     return AutoTokenizer.from_pretrained(resolve_model_path("default"))
 
 
-def save_tiny_bert(out: Path) -> Path:
+def save_tiny_bert(out: Path, dropout: float = 0.1) -> Path:
     """A 2-layer BERT with random weights (seed 0) and the MiniLM tokenizer, saved to `out`."""
     import torch
     from transformers import BertConfig, BertModel
@@ -34,6 +34,8 @@ def save_tiny_bert(out: Path) -> Path:
         num_attention_heads=2,
         intermediate_size=64,
         max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
     )
     BertModel(cfg).save_pretrained(out)
     tok.save_pretrained(out)
