@@ -104,8 +104,11 @@ def cmd_release(args: argparse.Namespace) -> int:
 
     from fedtune.edge_export.release import release_bundle
 
-    out = Path(args.out) if args.out else Path("releases") / args.model / args.version
-    record = release_bundle(args.bundle, args.model, args.version, args.key, out, args.sequence)
+    channel = "candidate" if args.candidate else "release"
+    out = (
+        Path(args.out) if args.out else Path("releases") / args.model / (args.version + ("-candidate" * args.candidate))
+    )
+    record = release_bundle(args.bundle, args.model, args.version, args.key, out, args.sequence, channel)
     print(
         f"{out}: {record.model} {record.version}, sequence {record.sequence}, manifest "
         f"{record.manifest_sha256[:16]} (publish it: fedtune registry publish {out} ...)"
@@ -237,7 +240,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
         "(default: the current UTC time in milliseconds)",
     )
     rel.add_argument("--key", required=True, help="the private key that signed the bundle")
-    rel.add_argument("--out", help="where to write the release (default: releases/MODEL/VERSION)")
+    rel.add_argument(
+        "--candidate",
+        action="store_true",
+        help="a release candidate for the sites' gate (fedtune gate), published as MODEL.candidate; devices refuse it",
+    )
+    rel.add_argument("--out", help="where to write the release (default: releases/MODEL/VERSION[-candidate])")
     rel.set_defaults(func=cmd_release)
 
     keys = sub.add_parser("keys", help="signing keys for bundles").add_subparsers(dest="keys_command", required=True)

@@ -89,11 +89,13 @@ def pull(
     key: bytes | None = None,
     timeout: float = 600.0,
     allow_rollback: bool = False,
+    candidate: bool = False,
 ) -> PullResult:
     """Download `model` (`version`, or the latest), verify it, and make it current.
     A download that breaks off part-way keeps what it received and raises
     PullInterrupted; the next pull resumes from there. A release older than the active
-    one is refused unless `allow_rollback`."""
+    one is refused unless `allow_rollback`. A release candidate is refused unless
+    `candidate` (a site scoring it for the gate)."""
     root = Path(into)
     public_key = load_public_key(trusted_key)
     with open_channel(registry, ca, cert, key) as channel:
@@ -112,7 +114,7 @@ def pull(
             release = parse_release(
                 reply.release, reply.release_signature, public_key, sha256_bytes(reply.manifest), what
             )
-            check_release_fits(release, model, reply.version, what)
+            check_release_fits(release, model, reply.version, what, candidate)
         except ReleaseError as err:
             raise PullError(f"refused: {err}") from None
         _require_newer(root, release, public_key, allow_rollback, what)

@@ -4,9 +4,14 @@ model's releases, and the sha256 of the manifest it releases; it is signed with 
 same Ed25519 key as the manifest. The manifest itself stays as exported, so adapter
 updates keep naming their base bundle by its manifest's sha256.
 
+A record's `channel` is "release" (what devices run) or "candidate" (a bundle the sites
+score on their own data before any device gets it: `fedtune gate`); it is signed, so no
+registry can turn a candidate into a release. A promoted release names the gate's result.
+
 A device checks a record before it downloads anything: the trusted key's signature, the
-manifest's sha256, the model it asked for, the version the registry says it serves, and
-a sequence above the active version's unless the user asks for a rollback. Torch-free.
+manifest's sha256, the model it asked for, the version the registry says it serves, its
+channel, and a sequence above the active version's unless the user asks for a rollback.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -25,6 +30,13 @@ from .signature import SignatureError, verify
 RELEASE_FILE = "release.json"
 RELEASE_SIGNATURE_FILE = "release.sig"
 RELEASE_FORMAT = "fedtune-release/1"
+CHANNELS = ("release", "candidate")
+CANDIDATE_SUFFIX = ".candidate"  # candidates are published under MODEL.candidate, never under MODEL
+
+
+def candidate_model(model: str) -> str:
+    """The registry name a model's candidates are published under."""
+    return model + CANDIDATE_SUFFIX
 
 
 class ReleaseError(FedtuneError):
@@ -39,10 +51,13 @@ class Release:
     version: str
     sequence: int
     manifest_sha256: str
+    channel: str = "release"
+    gate: str = ""  # a promoted release: the site gate's result, one line
 
     def to_bytes(self) -> bytes:
         """The exact bytes of release.json (and what is signed)."""
-        return (json.dumps({"format": RELEASE_FORMAT, **asdict(self)}, indent=2, sort_keys=True) + "\n").encode()
+        fields = {k: v for k, v in asdict(self).items() if k != "gate" or v}
+        return (json.dumps({"format": RELEASE_FORMAT, **fields}, indent=2, sort_keys=True) + "\n").encode()
 
 
 def check_release_names(model: str, version: str) -> None:
@@ -73,8 +88,15 @@ def parse_release(
         if record.get("format") != RELEASE_FORMAT:
             raise ValueError(f"field 'format': expected {RELEASE_FORMAT!r}, got {record.get('format')!r}")
         release = Release(
-            str(record["model"]), str(record["version"]), int(record["sequence"]), str(record["manifest_sha256"])
+            str(record["model"]),
+            str(record["version"]),
+            int(record["sequence"]),
+            str(record["manifest_sha256"]),
+            str(record.get("channel", "release")),
+            str(record.get("gate", ""))[:500],
         )
+        if release.channel not in CHANNELS:
+            raise ValueError(f"field 'channel': expected one of {CHANNELS}, got {release.channel[:40]!r}")
     except (ValueError, KeyError, TypeError) as err:
         raise ReleaseError(f"{what}: release record malformed ({err})") from None
     if release.manifest_sha256 != manifest_sha256:
@@ -85,8 +107,13 @@ def parse_release(
     return release
 
 
-def check_release_fits(release: Release, model: str, version: str, what: str) -> None:
-    """Refuse a record signed for another model name or another version."""
+def check_release_fits(release: Release, model: str, version: str, what: str, candidate: bool = False) -> None:
+    """Refuse a record signed for another model name or another version, and a candidate
+    unless `candidate` (a site scoring it; devices never)."""
+    if release.channel == "candidate" and not candidate:
+        raise ReleaseError(
+            f"{what}: a release candidate, not a release: devices run only what the sites' gate promoted"
+        )
     if release.model != model:
         raise ReleaseError(f"{what}: signed for model {release.model!r}, not {model!r}")
     if release.version != version:

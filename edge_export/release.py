@@ -12,7 +12,15 @@ import time
 from pathlib import Path
 
 from fedtune.edge_device.bundle import MANIFEST_FILE, SIGNATURE_FILE, BundleError, signed_manifest
-from fedtune.edge_device.release import RELEASE_FILE, RELEASE_SIGNATURE_FILE, Release, check_release_names
+from fedtune.edge_device.release import (
+    CANDIDATE_SUFFIX,
+    CHANNELS,
+    RELEASE_FILE,
+    RELEASE_SIGNATURE_FILE,
+    Release,
+    candidate_model,
+    check_release_names,
+)
 from fedtune.edge_device.signature import SignatureError
 from fedtune.errors import FedtuneError
 
@@ -26,11 +34,23 @@ def default_sequence() -> int:
 
 
 def release_bundle(
-    bundle: str | Path, model: str, version: str, key_path: str | Path, out: str | Path, sequence: int | None = None
+    bundle: str | Path,
+    model: str,
+    version: str,
+    key_path: str | Path,
+    out: str | Path,
+    sequence: int | None = None,
+    channel: str = "release",
+    gate: str = "",
 ) -> Release:
     """Check `bundle` against `key_path`'s public half, copy it to `out` (which must not
-    exist) and add the signed release record. Returns the record."""
+    exist) and add the signed release record. Returns the record. A `channel` of
+    "candidate" releases it to the sites' gate only, under MODEL.candidate."""
     source, target = Path(bundle), Path(out)
+    if channel not in CHANNELS:
+        raise FedtuneError(f"channel must be one of {CHANNELS}, got {channel!r}")
+    if channel == "candidate" and not model.endswith(CANDIDATE_SUFFIX):
+        model = candidate_model(model)
     check_release_names(model, version)
     number = default_sequence() if sequence is None else sequence
     if number < 1:
@@ -52,7 +72,7 @@ def release_bundle(
                 os.link(source / name, staging / name)
             except OSError:
                 shutil.copy2(source / name, staging / name)
-        record = Release(model, version, number, digest)
+        record = Release(model, version, number, digest, channel, gate)
         raw = record.to_bytes()
         (staging / RELEASE_FILE).write_bytes(raw)
         (staging / RELEASE_SIGNATURE_FILE).write_bytes(sign(key, raw))

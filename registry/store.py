@@ -25,6 +25,7 @@ from fedtune.edge_device.bundle import (
     verify_bundle,
 )
 from fedtune.edge_device.release import (
+    CANDIDATE_SUFFIX,
     RELEASE_FILE,
     RELEASE_SIGNATURE_FILE,
     ReleaseError,
@@ -137,7 +138,14 @@ class ModelStore:
             verify_bundle(staging, self.trusted_key)
             raw = (staging / MANIFEST_FILE).read_bytes()
             release = read_release(staging, load_public_key(self.trusted_key), sha256_bytes(raw))
-            check_release_fits(release, model, version, "bundle")
+            # a candidate is stored only under MODEL.candidate, a release never there
+            candidate = model.endswith(CANDIDATE_SUFFIX)
+            if (release.channel == "candidate") != candidate:
+                raise ReleaseError(
+                    f"bundle: a {release.channel} cannot be published as {model!r} "
+                    f"(candidates go under MODEL{CANDIDATE_SUFFIX}, releases under MODEL)"
+                )
+            check_release_fits(release, model, version, "bundle", candidate)
             entry = VersionEntry(
                 version,
                 time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

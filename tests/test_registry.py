@@ -62,6 +62,43 @@ def _publish(
     return reg.publish(bundle, model, version, next(SEQUENCE) if sequence is None else sequence, key)
 
 
+@pytest.mark.timeout(600)
+def test_a_candidate_reaches_sites_only_and_a_promoted_release_names_its_gate(
+    tmp_path: Path, registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path]
+) -> None:
+    """A candidate is published under MODEL.candidate: devices pulling MODEL never see it, a
+    device sent to MODEL.candidate refuses it (the channel is signed), a site scoring it for
+    the gate pulls it; the promoted release is a new signed record that names the gate."""
+    from fedtune.edge_device.bundle import sha256_bytes
+    from fedtune.edge_device.release import read_release
+    from fedtune.edge_device.signature import load_public_key
+    from fedtune.registry.store import ModelStore
+
+    candidate = registry.publish(bert_bundle[1], "banking", "v1", next(SEQUENCE), channel="candidate")
+    device = tmp_path / "device"
+    with pytest.raises(PullError, match="not in the registry"):
+        pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
+    with pytest.raises(PullError, match="a release candidate, not a release"):
+        pull(registry.address, "banking.candidate", keys["public"], device, ca=registry.pki["ca"])
+    assert active_version(device) is None
+    site = pull(
+        registry.address, "banking.candidate", keys["public"], tmp_path / "site", ca=registry.pki["ca"], candidate=True
+    )
+    assert site.version == "v1"
+    # The registry itself refuses a candidate under the release name, and a release under the candidate's.
+    store = ModelStore(tmp_path / "other-store", keys["public"])
+    staging = store.begin("banking", "v1")
+    shutil.copytree(candidate, staging, dirs_exist_ok=True)
+    with pytest.raises(Exception, match="cannot be published as 'banking'"):
+        store.commit("banking", "v1", staging)
+    gate = "passed: federation accuracy drop 0.2 pt <= 1.0 pt (3 sites)"
+    registry.publish(candidate, "banking", "v1", next(SEQUENCE), gate=gate)
+    got = pull(registry.address, "banking", keys["public"], device, ca=registry.pki["ca"])
+    digest = sha256_bytes((got.path / "manifest.json").read_bytes())
+    record = read_release(got.path, load_public_key(keys["public"]), digest)
+    assert record.gate == gate and record.channel == "release"
+
+
 @pytest.mark.timeout(900)
 def test_publish_pull_predict_and_rollback(
     registry: Registry, bert_bundle: tuple[Path, Path, dict], keys: dict[str, Path], tmp_path: Path

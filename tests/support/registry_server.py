@@ -33,12 +33,22 @@ class Registry:
         )
         self.address = f"127.0.0.1:{port}"
 
-    def publish(self, bundle: Path, model: str, version: str, sequence: int, key: Path | None = None) -> Path:
+    def publish(
+        self,
+        bundle: Path,
+        model: str,
+        version: str,
+        sequence: int,
+        key: Path | None = None,
+        channel: str = "release",
+        gate: str = "",
+    ) -> Path:
         """Release `bundle` as `model` `version` with `sequence` (signed with `key`, default
-        the coordinator's) and publish it with the token; returns the released folder."""
-        released = self.store_dir.parent / "releases" / model / f"{version}-{sequence}"
-        release_bundle(bundle, model, version, key or self.keys["private"], released, sequence)
-        publish(self.address, released, model, version, TOKEN, self.pki["ca"])
+        the coordinator's; a candidate goes under MODEL.candidate) and publish it with the
+        token; returns the released folder."""
+        released = self.store_dir.parent / "releases" / channel / model / f"{version}-{sequence}"
+        record = release_bundle(bundle, model, version, key or self.keys["private"], released, sequence, channel, gate)
+        publish(self.address, released, record.model, version, TOKEN, self.pki["ca"])
         return released
 
     def stub(self, **tls: bytes) -> rpc.ModelRegistryStub:
