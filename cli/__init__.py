@@ -21,7 +21,7 @@ from fedtune.flower_env import apply_env
 
 apply_env()  # offline and quiet before any Hugging Face or Flower module is imported
 
-from . import deploy, edge, export, plan, registry, run  # noqa: E402
+from . import deploy, edge, export, gate, plan, registry, run  # noqa: E402
 
 TRAIN_ONLY_MODULES = {"torch", "transformers", "peft", "flwr", "optimum", "onnx", "opacus", "ray", "safetensors"}
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the coordinator aggregates only the adapters.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    for group in (run, plan, export, edge, deploy, registry):
+    for group in (run, plan, export, gate, edge, deploy, registry):
         group.add_parsers(sub)
     return parser
 

@@ -27,6 +27,10 @@ SITE_NAME = "site-name"
 WORKER_SOCKET = "worker-socket"
 PARTITION_ID = "partition-id"  # Flower's, for virtual sites
 NUM_PARTITIONS = "num-partitions"
+GATE_REGISTRY = "gate-registry"  # the registry this site pulls release candidates from (host:port)
+GATE_TRUST_KEY = "gate-trust-key"  # the public key a candidate must be signed with
+GATE_REGISTRY_CA = "gate-registry-ca"  # the registry's TLS CA
+REVEAL_GATE_DROP = "reveal-gate-drop"  # this site also sends its own accuracy drop, in the clear
 MAX_TEXT = 4096  # a node config value that is a path or a name
 
 
@@ -50,6 +54,10 @@ class NodeSettings:
     floor: PrivacyFloor | None = None  # None: no floor here (a relaying ClientApp never loads the floor's code)
     partition_id: int = 0
     num_partitions: int = 0
+    gate_registry: str = ""
+    gate_trust_key: str = ""
+    gate_registry_ca: str = ""
+    reveal_gate_drop: bool = False  # simulated sites: the operator's own, they reveal
 
     @classmethod
     def from_node_config(
@@ -69,6 +77,10 @@ class NodeSettings:
                 state_dir=_text(node_config, STATE_DIR),
                 site_name=_text(node_config, SITE_NAME),
                 floor=PrivacyFloor.from_node_config(node_config),
+                gate_registry=_text(node_config, GATE_REGISTRY),
+                gate_trust_key=_text(node_config, GATE_TRUST_KEY),
+                gate_registry_ca=_text(node_config, GATE_REGISTRY_CA),
+                reveal_gate_drop=node_config.get(REVEAL_GATE_DROP) is True,
             )
         try:
             part, parts = int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 0))
@@ -82,6 +94,7 @@ class NodeSettings:
             floor=PrivacyFloor.from_node_config(node_config),
             partition_id=part,
             num_partitions=parts,
+            reveal_gate_drop=True,
         )
 
     def to_node_config(self) -> dict[str, Any]:
@@ -93,9 +106,17 @@ class NodeSettings:
             out[DATA_PATH] = self.data_path
         else:
             out.update({PARTITION_ID: self.partition_id, NUM_PARTITIONS: self.num_partitions})
-        for key, value in ((STATE_DIR, self.state_dir), (SITE_NAME, self.site_name)):
+        for key, value in (
+            (STATE_DIR, self.state_dir),
+            (SITE_NAME, self.site_name),
+            (GATE_REGISTRY, self.gate_registry),
+            (GATE_TRUST_KEY, self.gate_trust_key),
+            (GATE_REGISTRY_CA, self.gate_registry_ca),
+        ):
             if value:
                 out[key] = value
+        if self.mode == "deployed" and self.reveal_gate_drop:
+            out[REVEAL_GATE_DROP] = True
         return {**out, **(self.floor.to_node_config() if self.floor else {})}
 
     def supernode_flag(self) -> str:

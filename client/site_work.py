@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 import zlib
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -33,6 +35,7 @@ from fedtune.memory_plan import (
 from fedtune.precision import BasePrecision, resolve_precision
 
 from .dp_history import HistoryStore, history_file
+from .gate_request import GateRequest
 from .model_cache import cached_lora_model, cached_tokenizer, held_model_bytes
 from .node_settings import NodeSettings
 from .optimizer_state import MemoryOptimizerStore, OptimizerStore
@@ -141,6 +144,9 @@ class SiteWork:
         return {"site": site.name, "num_examples": len(site.train)}
 
     def fit(self, parameters: list[np.ndarray], config: Config) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        request = GateRequest.from_config(config)
+        if request is not None:
+            return self.score_candidate(parameters, config, request)
         labels = self.labels(config)
         site = self.site(labels)
         s = self.settings
@@ -184,6 +190,43 @@ class SiteWork:
             limit = s.secagg_clipping_range
             metrics["secagg_clipped_values"] = int(sum(int((np.abs(a) > limit).sum()) for a in arrays))
         return arrays, result.num_examples, metrics
+
+    def score_candidate(
+        self, parameters: list[np.ndarray], config: Config, request: GateRequest
+    ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
+        """A gate round: the release candidate and the final round's PyTorch model on this
+        site's validation split, as one vector of fractions (`client/release_gate.py`)."""
+        from .release_gate import SiteTrust, pull_candidate, score_classifier, site_drop_pt
+
+        labels = self.labels(config)
+        site = self.site(labels)
+        s = self.settings
+        self.floor.check_run(s, site.name)
+        if s.task != "seq-cls":
+            raise FedtuneError(f"site {site.name}: the release gate scores classifiers only (this run: {s.task})")
+        trust = SiteTrust.of(self.node, s)
+        folder = self.node.state_folder(s) / "gate" / site.name
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="candidate-", dir=folder) as into:  # a fresh pull every gate round
+            from fedtune.edge_device.runtime import EdgeModel
+
+            edge = EdgeModel.load(pull_candidate(request, trust, Path(into)), trust.trust_key)
+        model = self.model(labels)
+        set_adapter_arrays(model, parameters, self.lora)
+        examples = site.val or site.train
+        encoder = self.encoder("val" if site.val else "train", examples)
+        vector = score_classifier(model, encoder, examples, labels, edge)  # type: ignore[arg-type]
+        metrics: dict[str, Scalar] = {"site": site.name, "gate_examples": len(examples)}
+        if self.node.reveal_gate_drop:
+            metrics["gate_drop_pt"] = round(site_drop_pt(vector, len(labels)), 4)
+        log.info(
+            "%s: scored release candidate %s %s on %d examples",
+            site.name,
+            request.model,
+            request.version,
+            len(examples),
+        )
+        return [vector], len(examples), metrics
 
     def _fit_dp(
         self, model: PeftModel, encoder: Encoder, config: Config, site: str, server_round: int, num_rounds: int

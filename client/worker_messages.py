@@ -39,7 +39,7 @@ log = logging.getLogger("fedtune.site")
 RELEASED_METRICS = frozenset(
     {"site", "num_examples", "train_loss", "train_loss_first", "train_loss_last", "steps", "secagg_clipped_values"}
 )
-RELEASED_PREFIXES = ("val_", "dp_")
+RELEASED_PREFIXES = ("val_", "dp_", "gate_")
 MAX_METRICS = 64
 
 

@@ -37,6 +37,8 @@ DP_ACCOUNTANTS = ("rdp", "prv")
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE_BASES = ("none", "nf4", "int8")
 CHECKPOINTING = ("auto", "on", "off")
+GATE_NAME = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a registry model or version name, or none
+GATE_REGISTRY = r"^$|^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$"  # host:port, or none
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a folder name under output-dir, never a path
 
 
@@ -253,6 +255,24 @@ class RunSettings:
         "simulation only: a site worker's socket serving every virtual site "
         "(deployment: the SuperNode's worker-socket node config)",
     )
+    gate_registry: str = setting(
+        "",
+        'fedtune gate: the registry (host:port) the candidate is in ("": a training run, no gate)',
+        matches(GATE_REGISTRY, "is a host:port"),
+        section="Release gate at the sites (fedtune gate)",
+    )
+    gate_model: str = setting(
+        "", "the model devices pull; its candidate is MODEL.candidate", matches(GATE_NAME, "is a registry name")
+    )
+    gate_version: str = setting("", "the candidate's version", matches(GATE_NAME, "is a registry name"))
+    gate_max_drop_pt: float = setting(
+        1.0, "promote only if the federation's accuracy drop (device vs PyTorch) is at most this", non_negative
+    )
+    gate_site_max_drop_pt: float = setting(5.0, "... and no site that reveals its own drop is past this", non_negative)
+    gate_registry_ca: str = setting("", "the registry's TLS CA file (the coordinator, and simulated sites)")
+    gate_trust_key: str = setting(
+        "", "simulation only: the public key candidates must be signed with (a deployed site: its own)"
+    )
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
@@ -280,6 +300,11 @@ class RunSettings:
             problem = check(getattr(self, field.name)) if check else None
             if problem:
                 raise ConfigError(field.name.replace("_", "-"), problem)
+        if self.gate_registry and not (self.gate_model and self.gate_version):
+            raise ConfigError("gate-model", "a gate run names the candidate: set gate-model and gate-version")
+        for key, name in (("gate-model", self.gate_model), ("gate-version", self.gate_version)):
+            if ".." in name:
+                raise ConfigError(key, f"{name!r}: no '..' in a registry name")
         if self.head_only and self.ffa_head_rank:
             raise ConfigError("dp-head-only", "trains the full head: set ffa-head-rank = 0 or dp-head-only = false")
         if self.ffa_head_rank and self.head_init == "label-names":

@@ -37,6 +37,7 @@ from .polling_grid import FastPollingGrid
 from .preflight import check_run_inputs
 from .privacy_budget import EpsilonBudgetStrategy, resume_refusal
 from .recorder import RecordingStrategy
+from .release_gate import run_gate
 from .report import write_report
 from .run_dir import RunDir
 from .secagg_dropouts import check_workflow_state
@@ -61,8 +62,18 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Entry point for `flwr run` and the Simulation Engine."""
-    run_federation(grid, context)
+    """Entry point for `flwr run` and the Simulation Engine: a training run, or with
+    `gate-registry` set, the release gate's round for a trained run (`release_gate.py`)."""
+    settings = RunSettings.from_run_config(context.run_config)
+    if settings.gate_registry:
+        if settings.secagg:
+            install_csprng_masks("server")
+            check_workflow_state()
+            flower.require("masked-vectors")
+        flower.require("failure-text")
+        run_gate(grid, settings)
+    else:
+        run_federation(grid, context)
 
 
 def new_run_id(settings: RunSettings) -> str:

@@ -38,6 +38,10 @@ def check_run_inputs(settings: RunSettings, data_set: bool = False, num_sites: i
 def check_run_folder(settings: RunSettings) -> Path:
     """The run folder must be new, or (with `resume`) hold a run the budget did not stop."""
     run_path = Path(settings.output_dir).expanduser().resolve() / (settings.run_name or "-")
+    if settings.gate_registry:  # a gate round scores a finished run's final adapter
+        if not (run_path / "final").is_dir():
+            raise FedtuneError(f"gate: {run_path} holds no finished run (no final adapter)")
+        return run_path
     if settings.resume:
         if not (run_path / RUN_FILE).exists():
             raise FedtuneError(f"cannot resume: {run_path} holds no run ({RUN_FILE} missing)")

@@ -1,7 +1,8 @@
 """The layering rules, checked on the product's import graph (not the tests'):
 
 - the core (`fedtune/`) imports no stage;
-- the site and the coordinator import only the core (never each other);
+- the site and the coordinator import only the core (never each other); the site also the
+  device runtime, to score release candidates the way a device runs them;
 - the export imports the core and the device; the registry the core, the device and
   its own wire contract;
 - the device imports the core and the registry's wire contract only, and neither it nor
@@ -42,7 +43,7 @@ STAGES = {  # stage -> package prefix
 PROTOCOL = ("fedtune.registry.protocol", "fedtune.registry.v1")  # the registry's wire contract
 ALLOWED = {  # stage -> stages it may import (besides itself)
     "core": set(),
-    "site": {"core"},
+    "site": {"core", "device", "protocol"},  # the release gate runs candidates as a device does
     "coordinator": {"core"},
     "export": {"core", "device"},
     "device": {"core", "protocol"},

@@ -1,0 +1,87 @@
+"""`fedtune gate`: the release gate at the sites, end to end. The exported bundle is
+released as a candidate (MODEL.candidate, a signed channel devices refuse) and published;
+a gate round asks every site to score it on its own data (`server/release_gate.py`,
+`client/release_gate.py`); only when the gate passes is the same bundle released under
+MODEL, its release record naming the gate's result, and published for devices. Otherwise
+it says which gate failed, in one line, and devices keep the release they have."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fedtune.errors import FedtuneError
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    from fedtune.edge_device.release import candidate_model
+    from fedtune.edge_export.release import release_bundle
+    from fedtune.gate_counts import GATE_FILE
+    from fedtune.registry.publisher import publish
+    from fedtune.registry.token import read_token
+    from fedtune.run_folder import read_run
+
+    from .common import absolute_paths
+    from .simulation import run_simulation
+
+    run_dir = Path(args.run).expanduser().resolve()
+    if not (run_dir / "final").is_dir():
+        raise FedtuneError(f"{run_dir}: not a finished run (no final adapter)")
+    token = read_token(args.token_file)
+    ca = Path(args.registry_ca).read_bytes() if args.registry_ca else None
+    gate_dir = run_dir / "gate"
+    candidate = gate_dir / f"{args.version}-candidate"
+    if not candidate.exists():
+        release_bundle(args.bundle, args.model, args.version, args.key, candidate, channel="candidate")
+    publish(args.registry, candidate, candidate_model(args.model), args.version, token, ca)
+    print(f"gate: candidate {candidate_model(args.model)} {args.version} published to {args.registry}", flush=True)
+
+    config: dict[str, Any] = {
+        **read_run(run_dir).settings,
+        "output-dir": str(run_dir.parent),
+        "run-name": run_dir.name,
+        "resume": False,
+        "gate-registry": args.registry,
+        "gate-model": args.model,
+        "gate-version": args.version,
+        "gate-max-drop-pt": args.max_drop_pt,
+        "gate-site-max-drop-pt": args.site_max_drop_pt,
+        "gate-registry-ca": str(Path(args.registry_ca).resolve()) if args.registry_ca else "",
+        "gate-trust-key": str(Path(args.trust_key).resolve()),
+        "site-state-dir": str(gate_dir / "sites"),  # where the virtual sites pull the candidate
+    }
+    run_simulation(absolute_paths(config), num_sites=args.sites, verbose=args.verbose)
+    outcome = json.loads((run_dir / GATE_FILE).read_text())
+    summary = f"{'passed' if outcome['passed'] else 'failed'}: {outcome['reason']}"
+    if not outcome["passed"]:
+        raise FedtuneError(f"gate: candidate {args.model} {args.version} not promoted: {summary}")
+    released = gate_dir / args.version
+    if not released.exists():
+        release_bundle(candidate, args.model, args.version, args.key, released, gate=summary)
+    publish(args.registry, released, args.model, args.version, token, ca)
+    print(f"gate: {args.model} {args.version} promoted and published ({summary})")
+    return 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    gate = sub.add_parser(
+        "gate",
+        help="release gate: every site scores the exported bundle on its own data before devices get it",
+        description=__doc__,
+    )
+    gate.add_argument("run", help="the trained run's folder (runs/RUN)")
+    gate.add_argument("--bundle", required=True, help="the signed bundle `fedtune export` made from it")
+    gate.add_argument("--model", required=True, help="the model name devices pull")
+    gate.add_argument("--version", required=True, help="the version to release")
+    gate.add_argument("--key", required=True, help="the coordinator's private signing key")
+    gate.add_argument("--registry", required=True, help="the registry, host:port")
+    gate.add_argument("--registry-ca", help="the registry's TLS CA (PEM)")
+    gate.add_argument("--token-file", required=True, help="the registry's publish token")
+    gate.add_argument("--trust-key", required=True, help="simulated sites: the public key they accept candidates from")
+    gate.add_argument("--sites", type=int, default=3, help="simulated sites (the trained run's number)")
+    gate.add_argument("--max-drop-pt", type=float, default=1.0, help="largest federation-wide accuracy drop (points)")
+    gate.add_argument("--site-max-drop-pt", type=float, default=5.0, help="largest drop at a site that reveals its own")
+    gate.add_argument("--verbose", action="store_true", help="Flower's and Ray's own logs")
+    gate.set_defaults(func=cmd_gate)
