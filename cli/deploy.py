@@ -114,7 +114,29 @@ def site_policy(args: argparse.Namespace, allowed_uids: tuple[int, ...] = ()) ->
         min_secagg_sites=args.min_secagg_sites,
         allowed_uids=allowed_uids,
         val_fraction=args.val_fraction,
+        gate_registry=_gate_registry(args.gate_registry),
+        gate_trust_key=_existing_file("--gate-trust-key", args.gate_trust_key),
+        gate_registry_ca=_existing_file("--gate-registry-ca", args.gate_registry_ca),
+        reveal_gate_drop=args.reveal_gate_drop,
     )
+
+
+def _gate_registry(address: str | None) -> str:
+    import re
+
+    from fedtune.config import GATE_REGISTRY
+
+    if address and not re.match(GATE_REGISTRY, address):
+        raise FedtuneError(f"--gate-registry {address!r}: expected host:port")
+    return address or ""
+
+
+def _existing_file(flag: str, path: str | None) -> Path | None:
+    if not path:
+        return None
+    if not Path(path).expanduser().is_file():
+        raise FedtuneError(f"{flag} {path}: file not found")
+    return Path(path).expanduser().resolve()
 
 
 def cmd_deploy_worker(args: argparse.Namespace) -> int:
@@ -160,6 +182,9 @@ def check_rank_flags(args: argparse.Namespace) -> None:
         )
     if args.devices > 1 and getattr(args, "no_worker", False):
         raise FedtuneError("--devices needs the site worker: the ranks live next to it (drop --no-worker)")
+    _gate_registry(args.gate_registry)
+    if bool(args.gate_registry) != bool(args.gate_trust_key):
+        raise FedtuneError("--gate-registry and --gate-trust-key go together: the registry and whose key to trust")
 
 
 def privacy_floor(args: argparse.Namespace) -> "PrivacyFloor":
@@ -606,6 +631,20 @@ def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -
         default="auto",
         type=check_device,
         help="the device the site worker trains on: auto (a GPU if any), cpu, or cuda:N (default: auto)",
+    )
+    parser.add_argument(
+        "--gate-registry",
+        help="the release gate (fedtune gate): the registry this site pulls release candidates from, host:port",
+    )
+    parser.add_argument(
+        "--gate-trust-key", help="the release gate: the coordinator's public key candidates must be signed with"
+    )
+    parser.add_argument("--gate-registry-ca", help="the release gate: the registry's TLS CA (PEM)")
+    parser.add_argument(
+        "--reveal-gate-drop",
+        action="store_true",
+        help="the release gate: also send this site's own accuracy drop in the clear (default: only the "
+        "masked counts, so the coordinator sees the federation's totals)",
     )
     parser.add_argument(
         "--devices",

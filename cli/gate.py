@@ -49,10 +49,17 @@ def cmd_gate(args: argparse.Namespace) -> int:
         "gate-max-drop-pt": args.max_drop_pt,
         "gate-site-max-drop-pt": args.site_max_drop_pt,
         "gate-registry-ca": str(Path(args.registry_ca).resolve()) if args.registry_ca else "",
-        "gate-trust-key": str(Path(args.trust_key).resolve()),
+        "gate-trust-key": str(Path(args.trust_key).resolve()) if args.trust_key else "",
         "site-state-dir": str(gate_dir / "sites"),  # where the virtual sites pull the candidate
     }
-    run_simulation(absolute_paths(config), num_sites=args.sites, verbose=args.verbose)
+    if args.federation:
+        _run_deployed(config, Path(args.federation), Path(args.app))
+    else:
+        if not args.trust_key:
+            raise FedtuneError("--trust-key: simulated sites need the public key they accept candidates from")
+        run_simulation(absolute_paths(config), num_sites=args.sites, verbose=args.verbose)
+    if not (run_dir / GATE_FILE).exists():
+        raise FedtuneError(f"gate: the gate round wrote no {GATE_FILE} in {run_dir} (see the log above)")
     outcome = json.loads((run_dir / GATE_FILE).read_text())
     summary = f"{'passed' if outcome['passed'] else 'failed'}: {outcome['reason']}"
     if not outcome["passed"]:
@@ -63,6 +70,23 @@ def cmd_gate(args: argparse.Namespace) -> int:
     publish(args.registry, released, args.model, args.version, token, ca)
     print(f"gate: {args.model} {args.version} promoted and published ({summary})")
     return 0
+
+
+def _run_deployed(config: dict[str, Any], deploy_dir: Path, app: Path) -> None:
+    """The gate round on the deployment: `flwr run` with the gate's settings, to the end."""
+    import subprocess
+
+    from fedtune.run_config_table import flat_table
+    from fedtune.server.deployment import run_command
+
+    record = deploy_dir / "launched" / f"{config['run-name']}-gate-{config['gate-version']}.toml"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(flat_table(dict(sorted(config.items()))))
+    cmd, env = run_command(deploy_dir, app.expanduser().resolve(), [str(record.resolve())])
+    print(f"gate: the sites score the candidate ({' '.join(cmd)})", flush=True)
+    code = subprocess.run(cmd, env=env).returncode
+    if code != 0:
+        raise FedtuneError(f"gate: flwr run exited with code {code}")
 
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -79,7 +103,14 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     gate.add_argument("--registry", required=True, help="the registry, host:port")
     gate.add_argument("--registry-ca", help="the registry's TLS CA (PEM)")
     gate.add_argument("--token-file", required=True, help="the registry's publish token")
-    gate.add_argument("--trust-key", required=True, help="simulated sites: the public key they accept candidates from")
+    gate.add_argument("--trust-key", help="simulated sites: the public key they accept candidates from")
+    gate.add_argument(
+        "--federation",
+        metavar="DEPLOY_DIR",
+        help="run the gate round on this deployment (fedtune deploy init's folder) instead of in simulation; "
+        "each site pulls from its own --gate-registry with its own --gate-trust-key",
+    )
+    gate.add_argument("--app", default=".", help="with --federation: the fedtune project folder (the Flower app)")
     gate.add_argument("--sites", type=int, default=3, help="simulated sites (the trained run's number)")
     gate.add_argument("--max-drop-pt", type=float, default=1.0, help="largest federation-wide accuracy drop (points)")
     gate.add_argument("--site-max-drop-pt", type=float, default=5.0, help="largest drop at a site that reveals its own")

@@ -230,6 +230,12 @@ def policy_arguments(policy: SitePolicy) -> list[str]:
         args += ["--allow-uid", str(uid)]
     if policy.val_fraction is not None:
         args += ["--val-fraction", repr(policy.val_fraction)]
+    if policy.gate_registry and policy.gate_trust_key is not None:
+        args += ["--gate-registry", policy.gate_registry, "--gate-trust-key", str(policy.gate_trust_key.resolve())]
+    if policy.gate_registry_ca is not None:
+        args += ["--gate-registry-ca", str(policy.gate_registry_ca.resolve())]
+    if policy.reveal_gate_drop:
+        args.append("--reveal-gate-drop")
     return args
 
 

@@ -54,9 +54,15 @@ class SitePolicy:
     min_secagg_sites: int = DEFAULT_MIN_SECAGG_SITES
     allowed_uids: tuple[int, ...] = ()  # local accounts (besides the worker's own) that may use the worker
     val_fraction: float | None = None  # the site's own validation split (None: the run's val-fraction)
+    gate_registry: str = ""  # the release gate: the registry this site pulls candidates from (host:port)
+    gate_trust_key: Path | None = None  # ... the public key a candidate must be signed with
+    gate_registry_ca: Path | None = None  # ... the registry's TLS CA
+    reveal_gate_drop: bool = False  # ... and whether this site sends its own accuracy drop in the clear
 
     def __post_init__(self) -> None:
         check_site_name(self.name)
+        if bool(self.gate_registry) != (self.gate_trust_key is not None):
+            raise FedtuneError("--gate-registry and --gate-trust-key go together: the registry and whose key to trust")
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise FedtuneError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.min_secagg_sites < 2:
@@ -77,4 +83,8 @@ class SitePolicy:
             state_dir=str(self.state_dir),
             site_name=self.name,
             floor=self.floor,
+            gate_registry=self.gate_registry,
+            gate_trust_key=str(self.gate_trust_key or ""),
+            gate_registry_ca=str(self.gate_registry_ca or ""),
+            reveal_gate_drop=self.reveal_gate_drop,
         )

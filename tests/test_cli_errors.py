@@ -67,7 +67,42 @@ def test_site_floor_flags_are_checked_before_anything_is_dialled(tmp_path: Path)
     assert line == "fedtune: error: --own-noise-only applies to --max-epsilon: set both"
     line = one_line_error(fedtune(*site, "--max-epsilon", "0"))
     assert line == "fedtune: error: --max-epsilon must be > 0, got 0.0"
+    line = one_line_error(fedtune(*site, "--devices", "2", "--device", "cpu"))
+    assert "--device cpu names one device; --devices 2" in line
+    line = one_line_error(fedtune(*site, "--devices", "2", "--no-worker"))
+    assert line == "fedtune: error: --devices needs the site worker: the ranks live next to it (drop --no-worker)"
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_gate_flags_are_one_line(tmp_path: Path) -> None:
+    """The release gate's own flags, at the coordinator and at a site, before anything is dialled."""
+    line = one_line_error(
+        fedtune(
+            "gate",
+            str(tmp_path / "no-run"),
+            "--bundle",
+            "b",
+            "--model",
+            "m",
+            "--version",
+            "v",
+            "--key",
+            "k",
+            "--registry",
+            "127.0.0.1:1",
+            "--token-file",
+            "t",
+        )  # fmt: skip
+    )
+    assert line == f"fedtune: error: {tmp_path / 'no-run'}: not a finished run (no final adapter)"
+    data = tmp_path / "site.jsonl"
+    data.write_text('{"text": "fine", "label": "pos"}\n')
+    site = ["deploy", "site", "--superlink", f"127.0.0.1:{free_port()}", "--ca", str(tmp_path / "ca.pem")]
+    site += ["--key", str(tmp_path / "site.key"), "--data", str(data)]
+    line = one_line_error(fedtune(*site, "--gate-registry", "not an address"))
+    assert line == "fedtune: error: --gate-registry 'not an address': expected host:port"
+    line = one_line_error(fedtune(*site, "--gate-registry", "127.0.0.1:1"))
+    assert "--gate-registry and --gate-trust-key go together" in line
 
 
 def test_bench_llm_federated_config_bad_key_names_its_flag() -> None:

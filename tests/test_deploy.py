@@ -29,9 +29,14 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 from support.processes import ManagedProcesses, free_port, site_command, wait_for_port
+from support.registry_server import TOKEN as REGISTRY_TOKEN
+from support.registry_server import Registry, make_pki
+from support.run_configs import sentiment_config
 
 from fedtune.client.deployment import site_keypair
 from fedtune.client.worker_client import call_worker
+from fedtune.edge_device.pull import pull
+from fedtune.edge_export.exporter import export_bundle
 from fedtune.errors import FedtuneError
 from fedtune.flower_env import child_env
 from fedtune.server.deployment import init_pki, register_site, run_command
@@ -133,15 +138,18 @@ def processes(tmp_path: Path) -> Iterator[ManagedProcesses]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
+def test_tls_superlink_with_site_auth_runs_secagg_refuses_strangers_and_gates_the_release(
     tmp_path: Path,
     processes: ManagedProcesses,
     tiny_bert_dir: Path,
     sentiment_data: dict[str, Path],
     app_user,
     app_homes: Path,
+    keys: dict[str, Path],
+    federate,
 ) -> None:
     # The steps of docs/deployment.md, with its commands (ports: free ones on 127.0.0.1).
+    signing = keys  # the coordinator's bundle-signing keys
     deploy = tmp_path / "deploy"
     cli([FEDTUNE, "deploy", "init", "--dir", str(deploy), "--host", "127.0.0.1"])  # 1. CA + certificate
     ca = deploy / "pki" / "ca.pem"
@@ -225,8 +233,15 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
             "--app-user", app_user.name, "--app-home", str(app_homes / site), *extra,
         )  # fmt: skip
 
+    # The model registry on loopback; each site pulls release candidates from it with the
+    # coordinator's public key it holds itself (bank-b also reveals its own gate drop).
+    registry = Registry(tmp_path / "registry", make_pki(tmp_path / "registry-pki"), signing)
+    (tmp_path / "registry-ca.pem").write_bytes(registry.pki["ca"])
+    gate_flags = ["--gate-registry", registry.address, "--gate-trust-key", str(signing["public"])]
+    gate_flags += ["--gate-registry-ca", str(tmp_path / "registry-ca.pem")]
     for site in ("bank-a", "bank-b"):
-        processes.start(site, site_cmd(site, keys[site][0], data[site]))
+        extra = [*gate_flags, *(["--reveal-gate-drop"] if site == "bank-b" else [])]
+        processes.start(site, site_cmd(site, keys[site][0], data[site], ca, *extra))
 
     # Refusals, each one line and a non-zero exit: an unregistered key, a wrong CA, a bad data file.
     stranger = subprocess.run(
@@ -329,6 +344,42 @@ def test_tls_superlink_with_site_auth_runs_secagg_and_refuses_strangers(
         str(p.relative_to(deploy)) for p in deploy.rglob("*") if p.is_file() and b"PRIVATE KEY" in p.read_bytes()
     )
     assert private == ["pki/ca.key", "pki/superlink.key"], private
+
+    # The release gate on the deployment: the sites score the exported bundle on their own data.
+    export_bundle(run_dir, tmp_path / "bundle", signing["private"], max_accuracy_drop_pt=100.0)
+    (tmp_path / "token").write_text(REGISTRY_TOKEN)
+
+    def gate(bundle: Path, version: str, expect: int) -> subprocess.CompletedProcess[str]:
+        return cli(
+            [
+                FEDTUNE, "gate", str(run_dir), "--bundle", str(bundle), "--model", "banking", "--version", version,
+                "--key", str(signing["private"]), "--registry", registry.address,
+                "--registry-ca", str(tmp_path / "registry-ca.pem"), "--token-file", str(tmp_path / "token"),
+                "--federation", str(deploy), "--app", str(REPO), "--max-drop-pt", "5",
+            ],
+            expect=expect,
+        )  # fmt: skip
+
+    gate(tmp_path / "bundle", "v1", 0)
+    outcome = json.loads((run_dir / "gate.json").read_text())
+    assert outcome["passed"] and outcome["secagg"] and sorted(outcome["sites"]) == ["bank-a", "bank-b"]
+    assert "drop_pt" in outcome["sites"]["bank-b"] and "drop_pt" not in outcome["sites"]["bank-a"]
+    device = tmp_path / "device"
+    got = pull(registry.address, "banking", signing["public"], device, ca=registry.pki["ca"])
+    assert got.version == "v1"
+    # A candidate that learnt the opposite labels fails the gate; devices keep v1.
+    flip = {"pos": "neg", "neg": "pos"}
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({**r, "label": flip[r["label"]]}) + "\n" for r in map(json.loads, rows)))
+    other = federate(
+        tmp_path / "other", "flipped", {**sentiment_config(tiny_bert_dir, sentiment_data), "data-path": str(flipped)}
+    )
+    export_bundle(other, tmp_path / "bad", signing["private"], max_accuracy_drop_pt=100.0)
+    failed = gate(tmp_path / "bad", "v2", 1)
+    assert failed.stderr.strip().splitlines()[-1].startswith("fedtune: error: gate: candidate banking v2 not promoted")
+    assert pull(registry.address, "banking", signing["public"], device, ca=registry.pki["ca"]).version == "v1"
+    assert "## Release gate: banking v2" in (run_dir / "report.md").read_text()
+    registry.server.stop(grace=None).wait()
 
 
 @pytest.mark.timeout(600)
