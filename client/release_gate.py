@@ -15,19 +15,22 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from fedtune.config import GATE_REGISTRY, RunSettings
-from fedtune.data import ClassificationExample
+from fedtune.data import ClassificationExample, CompletionExample
+from fedtune.edge_device.generative import GenerationOptions, GenerativeModel
 from fedtune.edge_device.pull import PullError, pull
 from fedtune.edge_device.release import ReleaseError, candidate_model
 from fedtune.edge_device.runtime import EdgeModel
-from fedtune.encoding import ClassificationEncoder
+from fedtune.encoding import ClassificationEncoder, CompletionEncoder
 from fedtune.errors import FedtuneError
-from fedtune.gate_counts import read_vector, score_vector
+from fedtune.gate_counts import completion_vector, read_vector, score_vector
+from fedtune.generation import greedy_completions
+from fedtune.metrics import normalize_answer
 from fedtune.precision import autocast_for, compute_dtype
 
 from .gate_request import GateRequest
@@ -110,6 +113,29 @@ def score_classifier(
     device_pred = np.asarray(edge.logits([e.text for e in examples]).argmax(axis=1), dtype=np.int64)
     gold = np.asarray([e.label for e in examples], dtype=np.int64)
     return score_vector(gold, torch_pred, device_pred, len(labels))
+
+
+@torch.no_grad()
+def score_completions(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    encoder: CompletionEncoder,
+    examples: Sequence[CompletionExample],
+    generator: GenerativeModel,
+    max_new_tokens: int,
+) -> np.ndarray:
+    """A causal LM site's gate vector: greedy completions of the PyTorch model (final round's
+    adapter) and of the candidate on onnxruntime-genai, each against the references, and
+    whether the two agree."""
+    prompts = [encoder.prompt_ids(e.prompt) for e in examples]
+    reference = greedy_completions(model, tokenizer, prompts, max_new_tokens)
+    options = GenerationOptions(max_new_tokens=max_new_tokens)
+    candidate = [generator.generate(e.prompt, options).strip() for e in examples]
+    gold = [normalize_answer(e.completion) for e in examples]
+    torch_hits = np.array([normalize_answer(r) == g for r, g in zip(reference, gold)])
+    device_hits = np.array([normalize_answer(c) == g for c, g in zip(candidate, gold)])
+    agree = np.array([normalize_answer(r) == normalize_answer(c) for r, c in zip(reference, candidate)])
+    return completion_vector(torch_hits, device_hits, agree)
 
 
 def site_drop_pt(vector: np.ndarray, num_labels: int) -> float:

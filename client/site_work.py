@@ -195,30 +195,45 @@ class SiteWork:
         self, parameters: list[np.ndarray], config: Config, request: GateRequest
     ) -> tuple[list[np.ndarray], int, dict[str, Scalar]]:
         """A gate round: the release candidate and the final round's PyTorch model on this
-        site's validation split, as one vector of fractions (`client/release_gate.py`)."""
-        from .release_gate import SiteTrust, pull_candidate, score_classifier, site_drop_pt
+        site's validation split (a causal LM's: its first `eval-max-examples`), as one vector
+        of fractions (`client/release_gate.py`)."""
+        from fedtune.edge_device.generative import GenerativeModel
+        from fedtune.edge_device.runtime import EdgeModel
+
+        from .release_gate import SiteTrust, pull_candidate, score_classifier, score_completions, site_drop_pt
 
         labels = self.labels(config)
         site = self.site(labels)
         s = self.settings
         self.floor.check_run(s, site.name)
-        if s.task != "seq-cls":
-            raise FedtuneError(f"site {site.name}: the release gate scores classifiers only (this run: {s.task})")
         trust = SiteTrust.of(self.node, s)
-        folder = self.node.state_folder(s) / "gate" / site.name
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="candidate-", dir=folder) as into:  # a fresh pull every gate round
-            from fedtune.edge_device.runtime import EdgeModel
-
-            edge = EdgeModel.load(pull_candidate(request, trust, Path(into)), trust.trust_key)
         model = self.model(labels)
         set_adapter_arrays(model, parameters, self.lora)
         examples = site.val or site.train
+        if s.task == "causal-lm" and s.eval_max_examples > 0:
+            examples = examples[: s.eval_max_examples]
         encoder = self.encoder("val" if site.val else "train", examples)
-        vector = score_classifier(model, encoder, examples, labels, edge)  # type: ignore[arg-type]
+        folder = self.node.state_folder(s) / "gate" / site.name
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="candidate-", dir=folder) as into:  # a fresh pull every gate round
+            bundle = pull_candidate(request, trust, Path(into))
+            if s.task == "seq-cls":
+                edge = EdgeModel.load(bundle, trust.trust_key)
+                vector = score_classifier(model, encoder, examples, labels, edge)  # type: ignore[arg-type]
+            else:
+                with GenerativeModel(bundle, trust.trust_key) as generator:
+                    vector = score_completions(
+                        model,
+                        cached_tokenizer(s.base_model),
+                        encoder,  # type: ignore[arg-type]
+                        examples,  # type: ignore[arg-type]
+                        generator,
+                        s.eval_max_new_tokens,
+                    )
+        num_labels = len(labels) if s.task == "seq-cls" else 0
         metrics: dict[str, Scalar] = {"site": site.name, "gate_examples": len(examples)}
         if self.node.reveal_gate_drop:
-            metrics["gate_drop_pt"] = round(site_drop_pt(vector, len(labels)), 4)
+            metrics["gate_drop_pt"] = round(site_drop_pt(vector, num_labels), 4)
         log.info(
             "%s: scored release candidate %s %s on %d examples",
             site.name,

@@ -2,8 +2,9 @@
 
 A site scores the candidate (the device model, on the device runtime) and the PyTorch
 model of the final round on its own validation split and sends one vector of fractions
-of its n examples, never an example: per class the true positives, false positives and
-false negatives of each model, then the share where the two models agree. Under SecAgg+
+of its n examples, never an example: for a classifier, per class the true positives,
+false positives and false negatives of each model, then the share where the two models
+agree; for a causal LM, each model's exact match and their agreement. Under SecAgg+
 the vectors travel masked and the coordinator only sees their n-weighted mean, which is
 the federation's own fractions: accuracy is the sum of the true positives, and each
 class's F1 = 2TP / (2TP + FP + FN) does not depend on the common scale."""
@@ -20,7 +21,14 @@ PARTS = ("tp_torch", "fp_torch", "fn_torch", "tp_device", "fp_device", "fn_devic
 
 
 def vector_length(num_labels: int) -> int:
-    return len(PARTS) * num_labels + 1
+    """A classifier's vector (num_labels > 0), or a causal LM's (num_labels = 0: 3 values)."""
+    return len(PARTS) * num_labels + 1 if num_labels > 0 else 3
+
+
+def completion_vector(torch_hits: np.ndarray, device_hits: np.ndarray, agree: np.ndarray) -> np.ndarray:
+    """A causal LM site's vector: exact match of each model and their agreement, as fractions."""
+    n = max(len(torch_hits), 1)
+    return np.array([np.sum(torch_hits) / n, np.sum(device_hits) / n, np.sum(agree) / n], dtype=np.float32)
 
 
 def score_vector(gold: np.ndarray, torch_pred: np.ndarray, device_pred: np.ndarray, num_labels: int) -> np.ndarray:
@@ -42,11 +50,11 @@ def score_vector(gold: np.ndarray, torch_pred: np.ndarray, device_pred: np.ndarr
 class GateScore:
     """The two models on some examples (a site's, or the federation's)."""
 
-    accuracy_torch: float
+    accuracy_torch: float  # a causal LM's: exact match
     accuracy_device: float
-    macro_f1_torch: float
-    macro_f1_device: float
     agreement: float
+    macro_f1_torch: float | None = None  # classifiers only
+    macro_f1_device: float | None = None
 
     @property
     def drop_pt(self) -> float:
@@ -54,7 +62,8 @@ class GateScore:
         return 100.0 * (self.accuracy_torch - self.accuracy_device)
 
     def to_json(self) -> dict[str, float]:
-        return {**{k: round(v, 6) for k, v in asdict(self).items()}, "drop_pt": round(self.drop_pt, 4)}
+        values = {k: round(v, 6) for k, v in asdict(self).items() if v is not None}
+        return {**values, "drop_pt": round(self.drop_pt, 4)}
 
 
 def read_vector(vector: np.ndarray, num_labels: int) -> GateScore:
@@ -62,6 +71,8 @@ def read_vector(vector: np.ndarray, num_labels: int) -> GateScore:
     v = np.asarray(vector, dtype=np.float64).ravel()
     if v.size != vector_length(num_labels):
         raise ValueError(f"a gate vector for {num_labels} labels has {vector_length(num_labels)} values, got {v.size}")
+    if num_labels == 0:
+        return GateScore(accuracy_torch=float(v[0]), accuracy_device=float(v[1]), agreement=float(v[2]))
     parts = v[:-1].reshape(len(PARTS), num_labels)
 
     def macro_f1(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> float:

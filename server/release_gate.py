@@ -135,8 +135,6 @@ def run_gate(grid: Grid, settings: RunSettings) -> GateOutcome:
     if not settings.run_name or not (run_dir.final_dir / "adapter_model.safetensors").exists():
         raise FedtuneError(f"gate: {run_dir.path} holds no final adapter (run-name names the trained run)")
     run = read_run(run_dir.path)
-    if settings.task != "seq-cls":
-        raise FedtuneError(f"gate: the release gate scores classifiers only (this run: {settings.task})")
     labels = list(run.labels)
     lora = settings.lora_settings()
     model = build_lora_model(settings.base_model, settings.task, lora, labels, settings.seed).to(pick_device())
@@ -145,7 +143,7 @@ def run_gate(grid: Grid, settings: RunSettings) -> GateOutcome:
     request = json.dumps({"model": settings.gate_model, "version": settings.gate_version})
     strategy = GateStrategy(
         settings,
-        len(labels),
+        len(labels) if settings.task == "seq-cls" else 0,  # 0: a causal LM's vector (exact match)
         outcome,
         fraction_fit=1.0,
         fraction_evaluate=0.0,
@@ -186,6 +184,10 @@ def _context(settings: RunSettings) -> Any:
     return Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=settings.to_run_config())
 
 
+def _cell(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _append_report(path: Path, outcome: GateOutcome) -> None:
     """The gate's table at the end of report.md (per site where revealed, federation totals)."""
     f = outcome.federation
@@ -199,14 +201,15 @@ def _append_report(path: Path, outcome: GateOutcome) -> None:
         "final round, on its own validation split"
         + (" (the counts travelled under SecAgg+: the coordinator saw their total only)." if outcome.secagg else "."),
         "",
-        "| | examples | accuracy (PyTorch) | accuracy (device) | macro-F1 (PyTorch) | macro-F1 (device) "
+        "| | examples | accuracy or exact match (PyTorch) | (device) | macro-F1 (PyTorch) | macro-F1 (device) "
         "| agreement | drop (pt) |",
         "|---|---|---|---|---|---|---|---|",
     ]
     if f:
         lines.append(
             f"| federation | {outcome.examples} | {f['accuracy_torch']:.4f} | {f['accuracy_device']:.4f} | "
-            f"{f['macro_f1_torch']:.4f} | {f['macro_f1_device']:.4f} | {f['agreement']:.4f} | {f['drop_pt']:.2f} |"
+            f"{_cell(f.get('macro_f1_torch'))} | {_cell(f.get('macro_f1_device'))} | {f['agreement']:.4f} | "
+            f"{f['drop_pt']:.2f} |"
         )
     for name, entry in sorted(outcome.sites.items()):
         drop = f"{entry['drop_pt']:.2f}" if "drop_pt" in entry else "not revealed"

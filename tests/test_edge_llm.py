@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
-from support.registry_server import Registry, make_pki
+from support.registry_server import TOKEN, Registry, make_pki
 
+from fedtune.cli import main as cli_main
 from fedtune.cli.simulation import run_simulation
 from fedtune.config import default_run_config
 from fedtune.metrics import exact_match, normalize_answer
@@ -177,6 +178,32 @@ def test_merged_int4_bundle_is_small_signed_gated_and_lists_every_file(
     assert manifest["adapter"]["trained_on"] == {"base-dtype": "bf16", "quantize-base": "none"}
     with GenerativeModel(tmp_path / "bundle", keys["public"]) as model:
         assert model.adapters is None and isinstance(model.generate(PROMPTS[0]), str)
+
+    # The release gate on this bundle: both simulated sites generate with it on onnxruntime-genai
+    # and with the final round's PyTorch model on their own held-out pairs (exact match).
+    registry = Registry(tmp_path / "registry", make_pki(tmp_path / "pki"), keys)
+    try:
+        run = tmp_path / "runs" / llm_run.name
+        shutil.copytree(llm_run, run)
+        (tmp_path / "token").write_text(TOKEN)
+        (tmp_path / "ca.pem").write_bytes(registry.pki["ca"])
+        code = cli_main(
+            [
+                "gate", str(run), "--bundle", str(tmp_path / "bundle"), "--model", "intents", "--version", "v1",
+                "--key", str(keys["private"]), "--registry", registry.address, "--registry-ca", str(tmp_path / "ca.pem"),
+                "--token-file", str(tmp_path / "token"), "--trust-key", str(keys["public"]), "--sites", "2",
+                "--max-drop-pt", "100", "--site-max-drop-pt", "100",
+            ]
+        )  # fmt: skip
+    finally:
+        registry.server.stop(grace=None).wait()
+    outcome = json.loads((run / "gate.json").read_text())
+    assert code == 0 and outcome["passed"] and not outcome["secagg"], outcome
+    federation = outcome["federation"]
+    assert 0 < outcome["examples"] <= 16 and "macro_f1_torch" not in federation  # exact match, 8 pairs a site at most
+    assert 0.0 <= federation["accuracy_device"] <= 1.0 and 0.0 <= federation["agreement"] <= 1.0
+    assert sorted(outcome["sites"]) == ["site-0", "site-1"] and all("drop_pt" in e for e in outcome["sites"].values())
+    assert "| federation |" in (run / "report.md").read_text() and "n/a" in (run / "report.md").read_text()
 
 
 @pytest.mark.slow

@@ -134,3 +134,16 @@ def test_score_vectors_average_to_the_federation_totals() -> None:
     got = read_vector(mean, 3)
     for key, value in pooled.to_json().items():
         assert abs(got.to_json()[key] - value) < 1e-5, key
+
+
+def test_a_causal_lm_vector_reads_as_exact_match_and_agreement() -> None:
+    from fedtune.gate_counts import completion_vector
+
+    a = completion_vector(np.array([1, 1, 0, 1]), np.array([1, 0, 0, 1]), np.array([1, 0, 1, 1]))
+    b = completion_vector(np.array([0, 1]), np.array([0, 1]), np.array([1, 1]))
+    got = read_vector((4 * a.astype(np.float64) + 2 * b) / 6, 0)  # the n-weighted mean SecAgg+ delivers
+    assert got.accuracy_torch == pytest.approx(4 / 6) and got.accuracy_device == pytest.approx(3 / 6)
+    assert got.agreement == pytest.approx(5 / 6) and got.drop_pt == pytest.approx(100 / 6)
+    assert got.macro_f1_torch is None and "macro_f1_torch" not in got.to_json()
+    with pytest.raises(ValueError, match="has 3 values"):
+        read_vector(np.zeros(5), 0)
