@@ -35,6 +35,10 @@ from support.registry_server import TOKEN, Registry, make_pki  # noqa: E402
 
 LLM_PARITY_EXAMPLES = 100  # as make demo-llm
 LLM_MAX_DROP_PT = 10.0
+NOT_PROMOTED = (
+    " Not promoted: the candidate stays off the devices' channel. A site past its own limit while the"
+    " federation's total is within the gate is the case the site gate exists for."
+)
 
 
 def measure(source: Path, work: Path, llm: bool) -> dict[str, Any]:
@@ -107,7 +111,7 @@ promotion; the Simulation Engine's start is part of it). Result: **{"passed" if 
 {rows}
 
 Federation: PyTorch {metric} {fed["accuracy_torch"]:.4f}, device {fed["accuracy_device"]:.4f}{f1};
-agreement {fed["agreement"]:.4f}."""
+agreement {fed["agreement"]:.4f}.{NOT_PROMOTED if not outcome["passed"] else ""}"""
 
 
 def main() -> None:

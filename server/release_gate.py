@@ -150,6 +150,7 @@ def run_gate(grid: Grid, settings: RunSettings) -> GateOutcome:
         min_fit_clients=settings.min_sites,
         min_available_clients=settings.min_sites,
         initial_parameters=ndarrays_to_parameters(final),
+        fit_metrics_aggregation_fn=lambda _: {},  # the gate reads each site's metrics itself
         on_fit_config_fn=lambda r: {
             "server-round": r,
             "num-rounds": 1,
