@@ -497,7 +497,13 @@ def test_worker_killed_mid_secagg_round_round_goes_on_and_next_uses_restarted_wo
     # request (the training) waits in its socket's queue, kill it: the ClientApp sees the worker
     # die after the key exchange, the dropout SecAgg+ recovers from.
     old_pid = call_worker(victim, "status", {})[0]["pid"]
-    while (tmp_path / "bank-c.log").read_text(errors="replace").count(" train in ") < 6:
+
+    def answered(log: str) -> int:  # train messages the worker handled and its SuperNode sent back
+        return min(log.count(" train in "), log.count("Sending: train message"))
+
+    # Freeze only once the 6th reply has left (the worker logs before it replies: freezing between
+    # the two would hold round 2's key exchange for the whole secagg-timeout).
+    while answered((tmp_path / "bank-c.log").read_text(errors="replace")) < 6:
         assert run.poll() is None and time.time() < deadline, (tmp_path / "run.log").read_text()[-3000:]
         time.sleep(0.02)
     os.kill(old_pid, signal.SIGSTOP)
