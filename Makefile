@@ -19,7 +19,9 @@ $(STAMP): pyproject.toml
 
 # The demo: a whole federation (3 Banking77 bank sites, SecAgg+ on), then the edge
 # chain: a signing key (once), a signed INT8 bundle, one prediction on the device runtime,
-# and the registry on loopback (publish, pull + verify + activate, predict, stop).
+# and the registry on loopback: the bundle goes out as a release candidate, the 3 sites score
+# it on their own validation data (`fedtune gate`), and only if it passes is it released;
+# then pull + verify + activate, predict, stop.
 DEMO_RUN := $(or $(DEMO_RUN),demo-$(shell date +%Y%m%d-%H%M%S))
 DEMO_TEXT ?= I still have not received my new card, when will it arrive?
 LLM_PARITY_EXAMPLES ?= 100
@@ -29,7 +31,8 @@ demo: $(STAMP)
 	test -f keys/fedtune.key || $(BIN)/fedtune keys generate --out keys
 	$(BIN)/fedtune export runs/$(DEMO_RUN) --out bundles/$(DEMO_RUN) --key keys/fedtune.key
 	$(BIN)/fedtune edge predict bundles/$(DEMO_RUN) "$(DEMO_TEXT)" --trust-key keys/fedtune.pub
-	FEDTUNE_BIN=$(BIN)/fedtune bash scripts/registry_demo.sh bundles/$(DEMO_RUN) keys/fedtune.pub "$(DEMO_TEXT)"
+	FEDTUNE_BIN=$(BIN)/fedtune GATE_RUN=runs/$(DEMO_RUN) \
+		bash scripts/registry_demo.sh bundles/$(DEMO_RUN) keys/fedtune.pub "$(DEMO_TEXT)"
 
 # The causal-LM demo: SmolLM2-135M-Instruct (embedded) instruction-tuned on Banking77
 # prompt/completion pairs by 3 bank sites under SecAgg+ (configs/banking77-llm.toml). Then

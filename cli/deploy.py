@@ -118,7 +118,21 @@ def site_policy(args: argparse.Namespace, allowed_uids: tuple[int, ...] = ()) ->
         gate_trust_key=_existing_file("--gate-trust-key", args.gate_trust_key),
         gate_registry_ca=_existing_file("--gate-registry-ca", args.gate_registry_ca),
         reveal_gate_drop=args.reveal_gate_drop,
+        peers_dir=_existing_dir("--peers", args.peers),
+        identity_key=_existing_file(
+            "--identity-key", args.identity_key or (getattr(args, "key", None) if args.peers else None)
+        ),
+        max_colluders=args.max_colluders,
     )
+
+
+def _existing_dir(flag: str, path: str | None) -> Path | None:
+    if path is None:
+        return None
+    folder = Path(path).expanduser().resolve()
+    if not folder.is_dir():
+        raise FedtuneError(f"{flag} {path}: not a folder")
+    return folder
 
 
 def _gate_registry(address: str | None) -> str:
@@ -652,6 +666,24 @@ def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -
         default=1,
         help="train on N ranks at this site (torch.distributed: one process per GPU, cuda:0..N-1; "
         "gloo ranks sharing the CPU without GPUs); each trains on its slice of every batch (default: 1)",
+    )
+    parser.add_argument(
+        "--peers",
+        metavar="DIR",
+        help="signed SecAgg+: a folder of the public keys (NAME.pub, their SuperNode keys) of the sites this "
+        "site agreed, among the sites, to aggregate with; it then refuses any SecAgg+ round with a site "
+        "outside it, unsigned or replaced keys, or an inconsistent list of who dropped",
+    )
+    parser.add_argument(
+        "--identity-key",
+        help="signed SecAgg+: the private key this site signs with (deploy site: its SuperNode --key)",
+    )
+    parser.add_argument(
+        "--max-colluders",
+        type=int,
+        default=0,
+        help="signed SecAgg+: the most sites assumed to collude with the coordinator; a round needs a "
+        "threshold t with 2t > sites + this and t >= this + 2 (default: 0)",
     )
     parser.add_argument(
         "--min-secagg-sites",

@@ -29,6 +29,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     run_dir = Path(args.run).expanduser().resolve()
     if not (run_dir / "final").is_dir():
         raise FedtuneError(f"{run_dir}: not a finished run (no final adapter)")
+    _check_base_version(Path(args.bundle), args.base_version, args.version)
     token = read_token(args.token_file)
     ca = Path(args.registry_ca).read_bytes() if args.registry_ca else None
     gate_dir = run_dir / "gate"
@@ -46,6 +47,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         "gate-registry": args.registry,
         "gate-model": args.model,
         "gate-version": args.version,
+        "gate-base-version": args.base_version,
         "gate-max-drop-pt": args.max_drop_pt,
         "gate-site-max-drop-pt": args.site_max_drop_pt,
         "gate-registry-ca": str(Path(args.registry_ca).resolve()) if args.registry_ca else "",
@@ -70,6 +72,24 @@ def cmd_gate(args: argparse.Namespace) -> int:
     publish(args.registry, released, args.model, args.version, token, ca)
     print(f"gate: {args.model} {args.version} promoted and published ({summary})")
     return 0
+
+
+def _check_base_version(bundle: Path, base_version: str, version: str) -> None:
+    """An adapter-only update is gated on the release it applies to, and only it names one."""
+    from fedtune.edge_device.bundle import BundleError, bundle_kind, unverified_manifest
+
+    try:
+        adapter = bundle_kind(unverified_manifest(bundle)) == "adapter"
+    except BundleError as err:
+        raise FedtuneError(f"--bundle: {err}") from None
+    if adapter and not base_version:
+        raise FedtuneError(
+            f"--bundle {bundle} is an adapter-only update: name the release it applies to with --base-version"
+        )
+    if base_version and not adapter:
+        raise FedtuneError(f"--base-version: {bundle} is a whole model, not an adapter-only update")
+    if base_version == version:
+        raise FedtuneError(f"--base-version: the candidate {version!r} cannot be its own base")
 
 
 def _run_deployed(config: dict[str, Any], deploy_dir: Path, app: Path) -> None:
@@ -100,6 +120,11 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
     gate.add_argument("--model", required=True, help="the model name devices pull")
     gate.add_argument("--version", required=True, help="the version to release")
     gate.add_argument("--key", required=True, help="the coordinator's private signing key")
+    gate.add_argument(
+        "--base-version",
+        default="",
+        help="an adapter-only update (fedtune export-adapter): the released version of --model it applies to",
+    )
     gate.add_argument("--registry", required=True, help="the registry, host:port")
     gate.add_argument("--registry-ca", help="the registry's TLS CA (PEM)")
     gate.add_argument("--token-file", required=True, help="the registry's publish token")

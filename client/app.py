@@ -27,7 +27,7 @@ from fedtune.secagg.masks import SecAggSetupError
 from fedtune.stage_timing import TIMING_RECORD, process_start_time
 
 from .node_settings import NodeSettings
-from .secagg_setup import forget_secagg_state, run_secaggplus
+from .secagg_setup import forget_secagg_state, run_secaggplus, simulated_peers
 from .worker_client import relay_to_worker
 
 log = logging.getLogger("fedtune.site")
@@ -50,7 +50,7 @@ def secaggplus_when_requested(msg: Message, ctxt: Context, call_next: ClientAppC
     Flower would not call them, the site refuses SecAgg+ and replies with the error."""
     if msg.metadata.message_type == MessageType.TRAIN and SECAGG_CONFIGS in msg.content.config_records:
         try:
-            return run_secaggplus(msg, ctxt, call_next)
+            return run_secaggplus(msg, ctxt, call_next, simulated_peers(ctxt))
         except SecAggSetupError as err:
             log.error("fedtune: error: %s", err)
             raise

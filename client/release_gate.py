@@ -29,11 +29,11 @@ from fedtune.edge_device.runtime import EdgeModel
 from fedtune.encoding import ClassificationEncoder, CompletionEncoder
 from fedtune.errors import FedtuneError
 from fedtune.gate_counts import completion_vector, read_vector, score_vector
+from fedtune.gate_request import GateRequest
 from fedtune.generation import greedy_completions
 from fedtune.metrics import normalize_answer
 from fedtune.precision import autocast_for, compute_dtype
 
-from .gate_request import GateRequest
 from .node_settings import NodeSettings
 
 REGISTRY_RE = re.compile(GATE_REGISTRY)
@@ -68,8 +68,20 @@ class SiteTrust:
 
 
 def pull_candidate(request: GateRequest, trust: SiteTrust, into: Path) -> Path:
-    """The candidate, verified as a device verifies a release (but accepted as a candidate)."""
+    """The candidate, verified as a device verifies a release (but accepted as a candidate).
+    An adapter-only candidate comes after its base: the released `base_version`, pulled and
+    verified as a device holds it, beside which the candidate then lands (a device's
+    `versions/`), so the device runtime finds it by the sha256 the adapter's manifest names."""
     try:
+        if request.base_version:
+            pull(
+                trust.registry,
+                request.model,
+                trust.trust_key,
+                into,
+                version=request.base_version,
+                ca=trust.registry_ca,
+            )
         got = pull(
             trust.registry,
             candidate_model(request.model),
@@ -81,7 +93,8 @@ def pull_candidate(request: GateRequest, trust: SiteTrust, into: Path) -> Path:
             allow_rollback=True,  # a site may score an older candidate again
         )
     except (PullError, ReleaseError) as err:
-        raise FedtuneError(f"release candidate {request.model} {request.version}: {err}") from None
+        on = f" on {request.model} {request.base_version}" if request.base_version else ""
+        raise FedtuneError(f"release candidate {request.model} {request.version}{on}: {err}") from None
     return got.path
 
 

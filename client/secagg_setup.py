@@ -13,9 +13,10 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 from flwr.common import Context, Message
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 
 from fedtune.internals import flower
+from fedtune.secagg.signed_keys import PeerSet
 
 from .node_settings import NodeSettings
 from .worker_protocol import Scalar
@@ -64,20 +65,50 @@ def setup_from_config(config: Mapping[str, Scalar]) -> SecAggSetup | None:
     return SecAggSetup.from_json(str(config[SETUP_KEY])) if SETUP_KEY in config else None
 
 
-def run_secaggplus(msg: Message, ctxt: Context, call_next: Any) -> Message:
+def run_secaggplus(
+    msg: Message, ctxt: Context, call_next: Any, peers: PeerSet | None = None, site: str = "site"
+) -> Message:
     """One SecAgg+ stage at this site: CSPRNG masks installed and checked (SecAggSetupError
     if Flower would not call them), Flower's `secaggplus_mod` around `call_next`, and the
-    masked vector narrowed to uint32 for the wire."""
+    masked vector narrowed to uint32 for the wire. With `peers`, fedtune's signed SecAgg+
+    around it (`secagg_active.py`): each stage checked first, the keys signed after setup,
+    and the consistency stage answered."""
     from flwr.client.mod import secaggplus_mod
 
     from fedtune.secagg.masks import install_csprng_masks
     from fedtune.secagg.wire_codec import narrow_masked_reply
 
+    from .secagg_active import active_stage, refuse_unsigned, sign_advertisement
+
     install_csprng_masks("client")
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stage = configs.get(Key.STAGE)  # Flower's mod pops it
+    if peers is None:
+        refuse_unsigned(configs, site)
+    else:
+        answer = active_stage(msg, ctxt, peers, site)
+        if answer is not None:
+            return answer
     with _rounding_seeded(_simulated_rounding_seed(msg, ctxt)):
         reply = secaggplus_mod(msg, ctxt, call_next)
+    if peers is not None and stage == Stage.SETUP:
+        sign_advertisement(reply, msg, peers)
     narrow_masked_reply(reply)  # uint32 on the wire: half of Flower's int64
     return reply
+
+
+def simulated_peers(ctxt: Context) -> PeerSet | None:
+    """A virtual site's peers under signed SecAgg+ (`secagg-peers-dir`, simulation only):
+    the folder's `*.pub`, and `site-<partition>.key` as its own key."""
+    folder = str(ctxt.run_config.get("secagg-peers-dir", "") or "")
+    if not folder:
+        return None
+    from pathlib import Path
+
+    node = NodeSettings.from_node_config(ctxt.node_config, ctxt.run_config)
+    if node.on_a_supernode:
+        return None  # a real site's peers are its worker's (--peers), never a path from the run config
+    return PeerSet.load(Path(folder) / f"site-{node.partition_id}.key", Path(folder))
 
 
 def forget_secagg_state(context: Context) -> None:

@@ -10,12 +10,15 @@ import hashlib
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedtune.errors import FedtuneError
 
 from .node_settings import NodeSettings
 from .privacy_floor import PrivacyFloor
+
+if TYPE_CHECKING:
+    from fedtune.secagg.signed_keys import PeerSet
 
 # The fewest sites whose sum the coordinator may unmask (SecAgg+'s reconstruction threshold):
 # with 1 it could run the protocol with this site alone and read its update.
@@ -58,6 +61,9 @@ class SitePolicy:
     gate_trust_key: Path | None = None  # ... the public key a candidate must be signed with
     gate_registry_ca: Path | None = None  # ... the registry's TLS CA
     reveal_gate_drop: bool = False  # ... and whether this site sends its own accuracy drop in the clear
+    peers_dir: Path | None = None  # signed SecAgg+: the peers' public keys, agreed among the sites
+    identity_key: Path | None = None  # ... the key this site signs with (its SuperNode key)
+    max_colluders: int = 0  # ... the most sites it assumes may collude with the coordinator
 
     def __post_init__(self) -> None:
         check_site_name(self.name)
@@ -65,11 +71,23 @@ class SitePolicy:
             raise FedtuneError("--gate-registry and --gate-trust-key go together: the registry and whose key to trust")
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise FedtuneError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.peers_dir is not None and self.identity_key is None:
+            raise FedtuneError("--peers needs --identity-key: the key this site signs its SecAgg+ keys with")
+        if self.max_colluders and self.peers_dir is None:
+            raise FedtuneError("--max-colluders applies to signed SecAgg+: give the peers with --peers DIR")
         if self.min_secagg_sites < 2:
             raise FedtuneError(
                 f"--min-secagg-sites must be at least 2 (with 1 the coordinator could unmask this "
                 f"site alone), got {self.min_secagg_sites}"
             )
+
+    def peer_set(self) -> "PeerSet | None":
+        """The peers this site aggregates with under signed SecAgg+, loaded and checked once."""
+        if self.peers_dir is None or self.identity_key is None:
+            return None
+        from fedtune.secagg.signed_keys import PeerSet
+
+        return PeerSet.load(self.identity_key, self.peers_dir, self.max_colluders)
 
     def run_settings(self, settings: Any) -> Any:
         """The run's settings with what the site decides put over them (its validation split)."""

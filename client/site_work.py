@@ -23,6 +23,7 @@ from fedtune.config import RunSettings
 from fedtune.encoding import Encoder, make_encoder
 from fedtune.errors import FedtuneError
 from fedtune.evaluation import evaluate
+from fedtune.gate_request import GateRequest
 from fedtune.memory_plan import (
     MemoryPlan,
     MemoryPlanError,
@@ -35,7 +36,6 @@ from fedtune.memory_plan import (
 from fedtune.precision import BasePrecision, resolve_precision
 
 from .dp_history import HistoryStore, history_file
-from .gate_request import GateRequest
 from .model_cache import cached_lora_model, cached_tokenizer, held_model_bytes
 from .node_settings import NodeSettings
 from .optimizer_state import MemoryOptimizerStore, OptimizerStore

@@ -112,6 +112,7 @@ class SiteWorker:
         self.devices = devices
         self.ranks: Any = None  # the site's RankGroup when it trains on several devices (`site_ranks.py`)
         self.policy = policy
+        self.peers = policy.peer_set() if policy else None  # signed SecAgg+: checked before any run
         self.socket_group = socket_group
         self.allowed_uids = {os.getuid(), *(policy.allowed_uids if policy else ())}
         self.idle_timeout = idle_timeout
@@ -165,12 +166,13 @@ class SiteWorker:
         else:
             p = self.policy
             log.info(
-                "site worker: site %s, data %s, state %s, floor %s, SecAgg+ with at least %d sites, peers uid %s",
+                "site worker: site %s, data %s, state %s, floor %s, SecAgg+ with at least %d sites%s, peers uid %s",
                 p.name,
                 p.data_path,
                 p.state_dir,
                 p.floor.to_node_config() or "none",
                 p.min_secagg_sites,
+                f", signed, with {len(self.peers.peers)} known sites" if self.peers else "",
                 sorted(self.allowed_uids),
             )
         try:
@@ -297,7 +299,9 @@ class SiteWorker:
             work = SiteWork(settings, node, MemoryHistory(), ranks=self.ranks)
             min_sites = self.policy.min_secagg_sites if self.policy else DEFAULT_MIN_SECAGG_SITES
             state = RunState(work, None)
-            state.messages = RunMessages(work, int(run), min_sites, on_fit=lambda r, s=state: self._fitted(s, r))
+            state.messages = RunMessages(
+                work, int(run), min_sites, peers=self.peers, on_fit=lambda r, s=state: self._fitted(s, r)
+            )
             self.runs[run_id] = state
             log.info("site worker: run %d: state created (%s, %s)", run_id[0], settings.base_model, settings.task)
         return state

@@ -27,6 +27,7 @@ from flwr.common.serde import message_from_proto, recorddict_to_proto
 from flwr.proto.message_pb2 import Message as ProtoMessage  # pylint: disable=no-name-in-module
 
 from fedtune.errors import FedtuneError
+from fedtune.secagg.signed_keys import PeerSet
 
 from .secagg_guard import check_stage_request, protocol_state
 from .secagg_setup import forget_secagg_state, run_secaggplus, with_secagg_setup
@@ -105,10 +106,16 @@ class RunMessages:
     site's work, and replies built and narrowed here."""
 
     def __init__(
-        self, work: Any, run_id: int, min_secagg_sites: int, on_fit: Callable[[int], None] | None = None
+        self,
+        work: Any,
+        run_id: int,
+        min_secagg_sites: int,
+        peers: PeerSet | None = None,
+        on_fit: Callable[[int], None] | None = None,
     ) -> None:
         self.work = work
         self.min_secagg_sites = min_secagg_sites
+        self.peers = peers  # signed SecAgg+ (`secagg_active.py`): the peers the site agreed to
         self.on_fit = on_fit
         self.context = Context(
             run_id=run_id,
@@ -131,7 +138,7 @@ class RunMessages:
                     site,
                 )
                 try:
-                    reply = run_secaggplus(msg, self.context, self._legacy)
+                    reply = run_secaggplus(msg, self.context, self._legacy, self.peers, site)
                 except (KeyError, TypeError, ValueError) as err:  # Flower's own protocol checks, one line
                     raise RequestRefused(
                         f"site {site}: SecAgg+ message refused ({type(err).__name__}: {str(err)[:200]})"

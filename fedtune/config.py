@@ -230,6 +230,15 @@ class RunSettings:
         "when its heartbeats lapse)",
         positive,
     )
+    secagg_active: bool = setting(
+        False,
+        "signed SecAgg+ (server/secagg_active.py): sites sign their keys and the survivor list, for sites that "
+        "hold their peers' keys (fedtune deploy site --peers); needs secagg-num-shares = 1.0",
+    )
+    secagg_peers_dir: str = setting(
+        "",
+        "simulation only: signed SecAgg+ keys of the virtual sites (site-N.key and .pub; a deployed site: --peers)",
+    )
     central_eval_path: str = setting(
         "data/banking77/test.jsonl", 'the coordinator\'s held-out file ("": none)', section="Outputs"
     )
@@ -265,6 +274,12 @@ class RunSettings:
         "", "the model devices pull; its candidate is MODEL.candidate", matches(GATE_NAME, "is a registry name")
     )
     gate_version: str = setting("", "the candidate's version", matches(GATE_NAME, "is a registry name"))
+    gate_base_version: str = setting(
+        "",
+        "an adapter-only candidate: the released version of gate-model it is an adapter for "
+        "(each site pulls that base first, as a device holds it)",
+        matches(GATE_NAME, "is a registry name"),
+    )
     gate_max_drop_pt: float = setting(
         1.0, "promote only if the federation's accuracy drop (device vs PyTorch) is at most this", non_negative
     )
@@ -302,9 +317,16 @@ class RunSettings:
                 raise ConfigError(field.name.replace("_", "-"), problem)
         if self.gate_registry and not (self.gate_model and self.gate_version):
             raise ConfigError("gate-model", "a gate run names the candidate: set gate-model and gate-version")
-        for key, name in (("gate-model", self.gate_model), ("gate-version", self.gate_version)):
+        names = (("gate-model", self.gate_model), ("gate-version", self.gate_version))
+        for key, name in (*names, ("gate-base-version", self.gate_base_version)):
             if ".." in name:
                 raise ConfigError(key, f"{name!r}: no '..' in a registry name")
+        if self.gate_base_version and self.gate_base_version == self.gate_version:
+            raise ConfigError("gate-base-version", "names the release the candidate applies to, not the candidate")
+        if self.secagg_active and not self.secagg:
+            raise ConfigError("secagg-active", "signs SecAgg+'s keys: set secagg = true")
+        if self.secagg_active and self.secagg_num_shares < 1.0:
+            raise ConfigError("secagg-active", "every site shares with every other: set secagg-num-shares = 1.0")
         if self.head_only and self.ffa_head_rank:
             raise ConfigError("dp-head-only", "trains the full head: set ffa-head-rank = 0 or dp-head-only = false")
         if self.ffa_head_rank and self.head_init == "label-names":

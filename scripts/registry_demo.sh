@@ -6,7 +6,10 @@
 #   scripts/registry_demo.sh BUNDLE TRUST_KEY.pub "text" [LATER_BUNDLE ...]
 # Env: FEDTUNE_BIN (default .venv/bin/fedtune), REGISTRY_WORK (default registry-demo), MODEL (default banking77),
 #      SIGNING_KEY (default: TRUST_KEY with .key for .pub; signs each bundle's release record),
-#      PREDICT_ARGS (extra `fedtune edge predict` flags, e.g. --max-new-tokens 8).
+#      PREDICT_ARGS (extra `fedtune edge predict` flags, e.g. --max-new-tokens 8),
+#      GATE_RUN (the trained run's folder: each bundle goes out as a release candidate that the
+#      run's simulated sites score on their own data, `fedtune gate`, and devices get it only if
+#      it passes), GATE_ARGS (extra `fedtune gate` flags, e.g. --max-drop-pt 2).
 set -euo pipefail
 BUNDLE=$1; TRUST_KEY=$2; TEXT=$3
 shift 3
@@ -36,9 +39,16 @@ done
 for B in "$BUNDLE" ${LATER[@]+"${LATER[@]}"}; do
   V=$(basename "$B")
   R="$WORK/releases/$MODEL/$V"
-  [ -d "$R" ] || "$FEDTUNE" release "$B" --model "$MODEL" --version "$V" --key "$SIGNING_KEY" --out "$R"
-  "$FEDTUNE" registry publish "$R" --registry "127.0.0.1:$PORT" \
-    --token-file "$WORK/publish.token" --ca "$WORK/pki/ca.pem"
+  if [ -n "${GATE_RUN:-}" ]; then
+    # shellcheck disable=SC2086
+    "$FEDTUNE" gate "$GATE_RUN" --bundle "$B" --model "$MODEL" --version "$V" --key "$SIGNING_KEY" \
+      --registry "127.0.0.1:$PORT" --registry-ca "$WORK/pki/ca.pem" --token-file "$WORK/publish.token" \
+      --trust-key "$TRUST_KEY" ${GATE_ARGS:-}
+  else
+    [ -d "$R" ] || "$FEDTUNE" release "$B" --model "$MODEL" --version "$V" --key "$SIGNING_KEY" --out "$R"
+    "$FEDTUNE" registry publish "$R" --registry "127.0.0.1:$PORT" \
+      --token-file "$WORK/publish.token" --ca "$WORK/pki/ca.pem"
+  fi
   "$FEDTUNE" edge pull --registry "127.0.0.1:$PORT" --model "$MODEL" --trust-key "$TRUST_KEY" \
     --into "$WORK/device" --ca "$WORK/pki/ca.pem"
   # shellcheck disable=SC2086

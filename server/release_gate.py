@@ -28,6 +28,7 @@ from fedtune.adapter_io import load_adapter_arrays
 from fedtune.config import RunSettings
 from fedtune.errors import FedtuneError
 from fedtune.gate_counts import GATE_FILE, GATE_KEY, read_vector
+from fedtune.gate_request import GateRequest
 from fedtune.model import build_lora_model
 from fedtune.run_folder import read_run
 
@@ -140,7 +141,7 @@ def run_gate(grid: Grid, settings: RunSettings) -> GateOutcome:
     model = build_lora_model(settings.base_model, settings.task, lora, labels, settings.seed).to(pick_device())
     final = load_adapter_arrays(model, run_dir.final_dir, lora)
     outcome = GateOutcome(settings.gate_model, settings.gate_version, secagg=settings.secagg)
-    request = json.dumps({"model": settings.gate_model, "version": settings.gate_version})
+    request = GateRequest(settings.gate_model, settings.gate_version, settings.gate_base_version).to_config()
     strategy = GateStrategy(
         settings,
         len(labels) if settings.task == "seq-cls" else 0,  # 0: a causal LM's vector (exact match)

@@ -41,6 +41,7 @@ from fedtune.config import RunSettings
 from fedtune.errors import FedtuneError
 
 from .polling_grid import one_line
+from .secagg_active import SignedSecAggPlusWorkflow
 from .secagg_dropouts import DropoutTolerantSecAggPlusWorkflow, check_workflow_state
 
 log = logging.getLogger("fedtune.server")
@@ -107,7 +108,8 @@ def build_secagg_workflow(settings: RunSettings, max_weight: float) -> SecAggPlu
     """Flower's SecAgg+ fit workflow (recovering from sites that drop before the key
     exchange: `secagg_dropouts.py`) with fedtune's adapter-tuned parameters."""
     check_workflow_state()
-    return DropoutTolerantSecAggPlusWorkflow(
+    workflow = SignedSecAggPlusWorkflow if settings.secagg_active else DropoutTolerantSecAggPlusWorkflow
+    return workflow(
         num_shares=float(settings.secagg_num_shares),
         reconstruction_threshold=float(settings.secagg_reconstruction_threshold),
         max_weight=max_weight,

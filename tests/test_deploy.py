@@ -32,6 +32,7 @@ from support.processes import ManagedProcesses, free_port, site_command, wait_fo
 from support.registry_server import TOKEN as REGISTRY_TOKEN
 from support.registry_server import Registry, make_pki
 from support.run_configs import sentiment_config
+from support.wire import record_superlink_objects, superlink_objects
 
 from fedtune.client.deployment import site_keypair
 from fedtune.client.worker_client import call_worker
@@ -162,7 +163,10 @@ def test_tls_superlink_with_site_auth_runs_secagg_refuses_strangers_and_gates_th
     data["bank-a"].write_text("\n".join(rows[: len(rows) // 2]) + "\n")
     data["bank-b"].write_text("\n".join(rows[len(rows) // 2 :]) + "\n")
 
-    address, loopback = start_superlink(processes, deploy, tmp_path)  # 3. SuperLink behind nginx
+    # 3. SuperLink behind nginx; its state in SQLite, where the test records every message object.
+    link_db = tmp_path / "superlink.db"
+    address, loopback = start_superlink(processes, deploy, tmp_path, "--database", str(link_db))
+    record_superlink_objects(link_db)
     for site in ("bank-a", "bank-b"):  # 4. register the public keys
         assert (
             "registered"
@@ -239,8 +243,13 @@ def test_tls_superlink_with_site_auth_runs_secagg_refuses_strangers_and_gates_th
     (tmp_path / "registry-ca.pem").write_bytes(registry.pki["ca"])
     gate_flags = ["--gate-registry", registry.address, "--gate-trust-key", str(signing["public"])]
     gate_flags += ["--gate-registry-ca", str(tmp_path / "registry-ca.pem")]
+    # The two banks exchanged their public keys between themselves: signed SecAgg+ (--peers).
+    peers = tmp_path / "peers"
+    peers.mkdir()
     for site in ("bank-a", "bank-b"):
-        extra = [*gate_flags, *(["--reveal-gate-drop"] if site == "bank-b" else [])]
+        shutil.copy(keys[site][1], peers / keys[site][1].name)
+    for site in ("bank-a", "bank-b"):
+        extra = [*gate_flags, "--peers", str(peers), *(["--reveal-gate-drop"] if site == "bank-b" else [])]
         processes.start(site, site_cmd(site, keys[site][0], data[site], ca, *extra))
 
     # Refusals, each one line and a non-zero exit: an unregistered key, a wrong CA, a bad data file.
@@ -298,7 +307,7 @@ def test_tls_superlink_with_site_auth_runs_secagg_refuses_strangers_and_gates_th
     shutil.copy(sentiment_data["test"], operator / "held-out.jsonl")
     run_config = (
         f'model="{tiny_bert_dir}" labels-file="labels.json" central-eval-path="held-out.jsonl" '
-        f"num-rounds=2 local-steps=4 batch-size=16 learning-rate=0.05 val-fraction=0.2 secagg=true "
+        f"num-rounds=2 local-steps=4 batch-size=16 learning-rate=0.05 val-fraction=0.2 secagg=true secagg-active=true "
         f'min-sites=2 secagg-timeout=300.0 run-name="deployed"'
     )
     run = subprocess.run(
@@ -327,7 +336,7 @@ def test_tls_superlink_with_site_auth_runs_secagg_refuses_strangers_and_gates_th
     # The coordinator split every round's stages into polling, ClientApp start-up and site work.
     for r in records:
         d = r["dispatch"]
-        assert d["stages"] == 5, d  # SecAgg+ setup, share keys, collect, unmask; evaluate
+        assert d["stages"] == 6, d  # signed SecAgg+: setup, share keys, collect, consistency, unmask; evaluate
         assert 0 < d["polling_seconds"] < d["stage_seconds"] and d["site_work_seconds"] > 0, d
     secagg = json.loads((run_dir / "secagg.json").read_text())
     assert secagg["sites_at_start"] == 2
@@ -380,6 +389,18 @@ def test_tls_superlink_with_site_auth_runs_secagg_refuses_strangers_and_gates_th
     assert pull(registry.address, "banking", signing["public"], device, ca=registry.pki["ca"]).version == "v1"
     assert "## Release gate: banking v2" in (run_dir / "report.md").read_text()
     registry.server.stop(grace=None).wait()
+
+    # On the wire (every object the SuperLink received, either way, in the 2 training rounds and
+    # the 2 gate rounds): the gate requests, and not one of the sites' examples.
+    wire = superlink_objects(link_db)
+    # (Flower stores an object once per content: both sites' identical requests are one object.)
+    for version in (b"v1", b"v2"):
+        assert any(b'"model": "banking", "version": "' + version + b'"' in blob for blob in wire), len(wire)
+    # Signed SecAgg+ in each of the 4 rounds: at least the 2 sites' signed keys and their 2
+    # signatures over the survivor list came up, each its own object.
+    assert sum(b"fedtune-secagg-signatures" in blob for blob in wire) >= 4 * 2 * 2
+    texts = {json.loads(row)["text"].encode() for row in rows}
+    assert len(wire) > 20 and not [t for t in texts if any(t in blob for blob in wire)]
 
 
 @pytest.mark.timeout(600)

@@ -282,6 +282,46 @@ def test_adapter_update_over_the_registry_changes_answers_and_rollback_restores(
         reg.server.stop(grace=None).wait()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_adapter_update_is_gated_on_the_release_devices_hold(
+    llm_run: Path, base_bundle: Path, update: Path, keys: dict[str, Path], tmp_path: Path
+) -> None:
+    """The sites pull the released base, then the adapter-only candidate beside it, and score
+    the pair on onnxruntime-genai; only then do devices get the few-MB update."""
+    from fedtune.edge_device.pull import pull
+
+    run = tmp_path / "runs" / llm_run.name
+    shutil.copytree(llm_run, run)
+    (tmp_path / "token").write_text(TOKEN)
+    reg = Registry(tmp_path / "registry", make_pki(tmp_path / "pki"), keys)
+    (tmp_path / "ca.pem").write_bytes(reg.pki["ca"])
+    gate = [
+        "gate", str(run), "--bundle", str(update), "--model", "intents", "--version", "v2",
+        "--key", str(keys["private"]), "--registry", reg.address, "--registry-ca", str(tmp_path / "ca.pem"),
+        "--token-file", str(tmp_path / "token"), "--trust-key", str(keys["public"]), "--sites", "2",
+        "--max-drop-pt", "100", "--site-max-drop-pt", "100",
+    ]  # fmt: skip
+    try:
+        # The update alone names no base to score it on: one line, before anything is published.
+        _one_line_error(_cli(*gate), "is an adapter-only update: name the release it applies to with --base-version")
+        _one_line_error(_cli(*gate, "--base-version", "v2"), "cannot be its own base")
+        reg.publish(base_bundle, "intents", "v1", 1)
+        device = tmp_path / "device"
+        assert pull(reg.address, "intents", keys["public"], device, ca=reg.pki["ca"]).version == "v1"
+        assert cli_main([*gate, "--base-version", "v1"]) == 0
+        got = pull(reg.address, "intents", keys["public"], device, ca=reg.pki["ca"])
+    finally:
+        reg.server.stop(grace=None).wait()
+    outcome = json.loads((run / "gate.json").read_text())
+    assert outcome["passed"] and sorted(outcome["sites"]) == ["site-0", "site-1"], outcome
+    assert 0 < outcome["examples"] <= 16 and 0.0 <= outcome["federation"]["agreement"] <= 1.0
+    # The sites' pulls went to temporary folders, gone after the round.
+    assert [p.name for p in (run / "gate" / "sites").rglob("candidate-*")] == []
+    assert got.version == "v2" and json.loads((got.path / "manifest.json").read_text())["kind"] == "adapter"
+    assert got.downloaded_bytes < 0.05 * sum(f.stat().st_size for f in base_bundle.rglob("*") if f.is_file())
+
+
 def _resign(folder: Path, key: Path, change: Any) -> None:
     from fedtune.edge_device.bundle import manifest_bytes
     from fedtune.edge_export.signing import load_private_key, sign

@@ -20,7 +20,6 @@ from support.run_configs import sentiment_config
 from support.wire import observe_messages
 
 from fedtune.cli import main as cli_main
-from fedtune.client.gate_request import GateRequest
 from fedtune.edge_device.bundle import sha256_bytes
 from fedtune.edge_device.pull import active_version, pull
 from fedtune.edge_device.release import read_release
@@ -28,6 +27,7 @@ from fedtune.edge_device.signature import load_public_key
 from fedtune.edge_export.exporter import export_bundle
 from fedtune.errors import FedtuneError
 from fedtune.gate_counts import read_vector, score_vector
+from fedtune.gate_request import GateRequest
 
 
 @pytest.fixture()
@@ -107,14 +107,21 @@ def test_a_good_candidate_is_promoted_and_a_bad_one_is_not(
     assert len(wire) > 10 and not any(f"'{t}'".encode() in sent or f'"{t}"'.encode() in sent for t in texts)
 
 
-def test_the_site_reads_a_gate_request_as_two_registry_names_only() -> None:
+def test_the_site_reads_a_gate_request_as_registry_names_only() -> None:
     assert GateRequest.from_config({}) is None
     assert GateRequest.from_config({"fedtune-gate": '{"model": "m", "version": "v1"}'}) == GateRequest("m", "v1")
+    update = GateRequest("m", "v2", base_version="v1")
+    assert GateRequest.from_config({"fedtune-gate": update.to_config()}) == update
     for bad in (
         '{"model": "../etc", "version": "v"}',
         '{"model": "m"}',
         "not json",
+        "[1, 2]",
         '{"model": "a/b", "version": "v"}',
+        '{"model": "", "version": "v"}',
+        '{"model": "m", "version": "v2", "base_version": "../v1"}',
+        '{"model": "m", "version": "v2", "base_version": "v2"}',
+        '{"model": "m", "version": "v2", "base_version": "' + "v" * 2000 + '"}',
     ):
         with pytest.raises(FedtuneError, match="gate request refused"):
             GateRequest.from_config({"fedtune-gate": bad})

@@ -35,6 +35,7 @@ def _run_secagg(
     fail_stage: str = "",
     slow_fit: float = 0.0,
     timeout: float = 300.0,
+    extra: dict[str, Any] | None = None,
 ) -> tuple[Path, list[np.ndarray], Path]:
     audit = tmp_path / "site-audit"
     masks_log = tmp_path / "mask-calls.txt"
@@ -62,6 +63,7 @@ def _run_secagg(
         "secagg": True,
         "min-sites": sites,
         "secagg-timeout": timeout,
+        **(extra or {}),
     }
     observe_messages(monkeypatch, observe)
     draw = masks.csprng_rand_gen

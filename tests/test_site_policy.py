@@ -170,6 +170,26 @@ def test_bad_site_flags_are_one_line(args: list[str], message: str) -> None:
     assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
 
 
+def test_bad_peer_flags_are_one_line_before_the_worker_serves(tmp_path: Path) -> None:
+    from fedtune.client.deployment import site_keypair
+
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"text": "a", "label": "x"}\n')
+    private, public = site_keypair(tmp_path / "keys", "bank-a")
+    (tmp_path / "peers").mkdir()
+    (tmp_path / "peers" / "bank-a.pub").write_bytes(public.read_bytes())
+    worker = ["deploy", "worker", "--socket", str(tmp_path / "w.sock"), "--data", str(data)]
+    for extra, message in (
+        (["--peers", str(tmp_path / "peers")], "--peers needs --identity-key"),
+        (["--peers", str(tmp_path / "nowhere"), "--identity-key", str(private)], "nowhere: not a folder"),
+        (["--peers", str(tmp_path / "peers"), "--identity-key", str(public)], "not an unencrypted OpenSSH private key"),
+        (["--max-colluders", "1"], "--max-colluders applies to signed SecAgg+"),
+    ):
+        out = fedtune(*worker, *extra)
+        assert out.returncode == 1 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
 def test_deploy_init_twice_refuses_to_replace_the_keys_sites_trust(tmp_path: Path) -> None:
     assert fedtune("deploy", "init", "--dir", str(tmp_path), "--host", "127.0.0.1").returncode == 0
     key = (tmp_path / "pki" / "superlink.key").read_bytes()
