@@ -17,6 +17,7 @@ from fedtune.run_config_table import flat_table
 
 if TYPE_CHECKING:
     from flwr.clientapp import ClientApp
+    from flwr.serverapp import ServerApp
 
 
 def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
@@ -38,12 +39,17 @@ def _write_app_config(directory: Path, config: Mapping[str, Any]) -> None:
 
 
 def run_simulation(
-    overrides: Mapping[str, Any], num_sites: int, verbose: bool = False, client_app: ClientApp | None = None
+    overrides: Mapping[str, Any],
+    num_sites: int,
+    verbose: bool = False,
+    client_app: ClientApp | None = None,
+    server_app: ServerApp | None = None,
 ) -> RunSettings:
     """Run the ServerApp and `num_sites` ClientApps in this process's Simulation Engine.
 
     Overrides are validated first, so a bad value fails before Ray starts. `client_app`
-    defaults to the product's; tests pass one wrapped with their own mods.
+    and `server_app` default to the product's; tests pass a ClientApp wrapped with their
+    own mods, or a ServerApp of their own (a coordinator that cheats).
     """
     apply_env(SIMULATION_ENV)
     config = {**default_run_config(), **overrides}
@@ -69,7 +75,8 @@ def run_simulation(
 
     if client_app is None:
         from fedtune.client.app import app as client_app
-    from fedtune.server.app import app as server_app
+    if server_app is None:
+        from fedtune.server.app import app as server_app
 
     if not verbose:
         flwr_log = logging.getLogger("flwr")

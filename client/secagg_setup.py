@@ -99,7 +99,8 @@ def run_secaggplus(
 
 def simulated_peers(ctxt: Context) -> PeerSet | None:
     """A virtual site's peers under signed SecAgg+ (`secagg-peers-dir`, simulation only):
-    the folder's `*.pub`, and `site-<partition>.key` as its own key."""
+    the folder's `*.pub`, `site-<partition>.key` as its own key, and the colluders it
+    assumes (`secagg-max-colluders`)."""
     folder = str(ctxt.run_config.get("secagg-peers-dir", "") or "")
     if not folder:
         return None
@@ -108,7 +109,8 @@ def simulated_peers(ctxt: Context) -> PeerSet | None:
     node = NodeSettings.from_node_config(ctxt.node_config, ctxt.run_config)
     if node.on_a_supernode:
         return None  # a real site's peers are its worker's (--peers), never a path from the run config
-    return PeerSet.load(Path(folder) / f"site-{node.partition_id}.key", Path(folder))
+    colluders = int(ctxt.run_config.get("secagg-max-colluders", 0) or 0)  # type: ignore[arg-type]
+    return PeerSet.load(Path(folder) / f"site-{node.partition_id}.key", Path(folder), colluders)
 
 
 def forget_secagg_state(context: Context) -> None:

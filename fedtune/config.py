@@ -239,6 +239,12 @@ class RunSettings:
         "",
         "simulation only: signed SecAgg+ keys of the virtual sites (site-N.key and .pub; a deployed site: --peers)",
     )
+    secagg_max_colluders: int = setting(
+        0,
+        "simulation only: the most colluding sites each virtual site assumes under signed SecAgg+ "
+        "(a deployed site: --max-colluders)",
+        non_negative,
+    )
     central_eval_path: str = setting(
         "data/banking77/test.jsonl", 'the coordinator\'s held-out file ("": none)', section="Outputs"
     )

@@ -8,7 +8,9 @@ simulation: the signed protocol gives the same aggregate as plain SecAgg+."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -58,56 +60,70 @@ def make_sites(
     return sites
 
 
-def sign_for_sybils(rnd: Round, tmp: Path) -> None:
+@dataclass(frozen=True)
+class Roles:
+    """Which node plays which part in an attack (in-process: the constants above; through a
+    ServerApp: the node ids of the partitions), and the run id the sites sign with."""
+
+    A: int = A
+    B: int = B
+    T: int = T
+    K: int = K
+    S1: int = S1
+    S2: int = S2
+    run_id: int = 4711
+
+
+def sign_for_sybils(rnd: Round, tmp: Path, r: Roles) -> None:
     """Sybils sign their keys with identity keys of their own (the coordinator's, not a member's)."""
     from fedtune.client.deployment import site_keypair
 
-    for nid in (S1, S2):
-        if nid in rnd.keys:
+    for nid in (r.S1, r.S2):
+        if nid in rnd.keys and nid not in rnd.ads:
             key = load_key(site_keypair(tmp / f"sybil-{nid}", f"sybil-{nid}")[0])
-            rnd.ads[nid] = sign(key, advertisement_bytes(4711, "1", nid, *rnd.keys[nid]))
+            rnd.ads[nid] = sign(key, advertisement_bytes(r.run_id, "1", nid, *rnd.keys[nid]))
 
 
 def close_to(recovered: list[np.ndarray] | None, update: list[np.ndarray]) -> bool:
     return recovered is not None and all(np.allclose(r, u, atol=1e-4) for r, u in zip(recovered, update, strict=True))
 
 
-def attack_sybils(sites: dict[int, Site], tmp: Path) -> Round:
+def attack_sybils(sites: dict[int, Any], tmp: Path, r: Roles = Roles()) -> Round:
     """(a) The target alone with two nodes the coordinator registered: they hold enough
     shares of its self-mask, and their own mask keys give every pairwise mask."""
     rnd = Round(sites, threshold=2)
     rnd.setup()
-    sign_for_sybils(rnd, tmp)
+    sign_for_sybils(rnd, tmp, r)
     for nid in sites:
         rnd.share_keys(nid)
-    rnd.target_view, rnd.partners = dict(rnd.keys), [S1, S2]
+    rnd.target_view, rnd.partners = dict(rnd.keys), [r.S1, r.S2]
     for nid in sites:
         rnd.collect(nid)
-    for nid in (S1, S2):
+    for nid in (r.S1, r.S2):
         rnd.learn_from(sites[nid])
-    secrets = {nid: pair_secret(sites[nid].secrets().sk1, rnd.keys[T][0]) for nid in (S1, S2) if T in rnd.keys}
-    rnd.recovered = rnd.recover(T, secrets)  # type: ignore[attr-defined]
+    secrets = {n: pair_secret(sites[n].secrets().sk1, rnd.keys[r.T][0]) for n in (r.S1, r.S2) if r.T in rnd.keys}
+    rnd.recovered = rnd.recover(r.T, secrets)  # type: ignore[attr-defined]
     return rnd
 
 
-def attack_too_few(sites: dict[int, Site], tmp: Path) -> Round:
+def attack_too_few(sites: dict[int, Any], tmp: Path, r: Roles = Roles()) -> Round:
     """(b) A round of the target and one member that colludes: the sum of two is one
     site's update once the other hands over its own."""
     rnd = Round(sites, threshold=2)
     rnd.setup()
     for nid in sites:
         rnd.share_keys(nid)
-    rnd.target_view, rnd.partners = dict(rnd.keys), [K]
+    rnd.target_view, rnd.partners = dict(rnd.keys), [r.K]
     for nid in sites:
         rnd.collect(nid)
-    rnd.unmask(T, active=[T, K], dead=[])
-    rnd.learn_from(sites[K])
-    secrets = {K: pair_secret(sites[K].secrets().sk1, rnd.keys[T][0])} if T in rnd.keys else {}
-    rnd.recovered = rnd.recover(T, secrets)  # type: ignore[attr-defined]
+    rnd.unmask(r.T, active=[r.T, r.K], dead=[])
+    rnd.learn_from(sites[r.K])
+    secrets = {r.K: pair_secret(sites[r.K].secrets().sk1, rnd.keys[r.T][0])} if r.T in rnd.keys else {}
+    rnd.recovered = rnd.recover(r.T, secrets)  # type: ignore[attr-defined]
     return rnd
 
 
-def attack_equivocation(sites: dict[int, Site], tmp: Path, threshold: int = 2) -> Round:
+def attack_equivocation(sites: dict[int, Any], tmp: Path, r: Roles = Roles(), threshold: int = 2) -> Round:
     """(c) Every site sends its masked vector; the coordinator then tells bank-a that the
     target dropped (so bank-a reveals its share of the target's mask key) and tells the
     target it survived (so it reveals its self-mask share); a colluding member gives both,
@@ -116,42 +132,43 @@ def attack_equivocation(sites: dict[int, Site], tmp: Path, threshold: int = 2) -
     rnd.setup()
     for nid in sites:
         rnd.share_keys(nid)
-    rnd.target_view, rnd.partners = dict(rnd.keys), [A, K]
+    rnd.target_view, rnd.partners = dict(rnd.keys), [r.A, r.K]
     for nid in sites:
         rnd.collect(nid)
-    told_a, told_t = [A, K], [A, K, T]
+    told_a, told_t = [r.A, r.K], [r.A, r.K, r.T]
     signed: dict[str, dict[int, bytes]] = {"a": {}, "t": {}}
-    if sites[T].peers is not None:  # signed SecAgg+: the consistency stage, lied through
-        for nid, listed, key in ((A, told_a, "a"), (T, told_t, "t")):
+    if rnd.ads:  # signed SecAgg+: the consistency stage, lied through
+        for nid, listed, key in ((r.A, told_a, "a"), (r.T, told_t, "t")):
             if rnd.consistency(nid, listed):
                 signed[key][nid] = rnd.survivor_sigs[nid]
-            signed[key][K] = sign(sites[K].peers.identity, survivors_bytes(4711, "1", listed))  # type: ignore[union-attr]
-    rnd.unmask(A, active=told_a, dead=[T], signatures=signed["a"])
-    rnd.unmask(T, active=told_t, dead=[], signatures=signed["t"])
-    rnd.learn_from(sites[K])
-    rnd.recovered = rnd.recover(T)  # type: ignore[attr-defined]
+            signed[key][r.K] = sign(sites[r.K].peers.identity, survivors_bytes(r.run_id, "1", listed))
+    rnd.unmask(r.A, active=told_a, dead=[r.T], signatures=signed["a"])
+    rnd.unmask(r.T, active=told_t, dead=[], signatures=signed["t"])
+    rnd.learn_from(sites[r.K])
+    rnd.recovered = rnd.recover(r.T)  # type: ignore[attr-defined]
     return rnd
 
 
-def attack_substituted_keys(sites: dict[int, Site], tmp: Path) -> Round:
+def attack_substituted_keys(sites: dict[int, Any], tmp: Path, r: Roles = Roles()) -> Round:
     """(d) The coordinator shows the target its own keys in place of bank-a's and bank-b's:
     it reads the shares the target encrypts for them and shares every pairwise mask."""
+    target, others = r.T, (r.A, r.B)
     rnd = Round(sites, threshold=2)
     rnd.setup()
-    fakes = {nid: fake_keys() for nid in (A, B)}
-    view = {T: rnd.keys[T], **{nid: (f[1], f[3]) for nid, f in fakes.items()}} if T in rnd.keys else {}
-    rnd.target_view, rnd.partners = view, [A, B]
-    if view and rnd.share_keys(T, view):
-        for dst in (A, B):
+    fakes = {nid: fake_keys() for nid in others}
+    view = {target: rnd.keys[target], **{nid: (f[1], f[3]) for nid, f in fakes.items()}} if target in rnd.keys else {}
+    rnd.target_view, rnd.partners = view, list(others)
+    if view and rnd.share_keys(target, view):
+        for dst in others:
             for src, ciphertext in rnd.outbox.get(dst, []):
-                if src == T:
-                    b_share, sk1_share = read_share(fakes[dst][2], rnd.keys[T][1], ciphertext)
-                    rnd.b_shares.setdefault(T, []).append(b_share)
-                    rnd.sk1_shares.setdefault(T, []).append(sk1_share)
-        forged = [(nid, relay_as(fakes[nid][2], rnd.keys[T][1], nid, T)) for nid in (A, B)]
-        rnd.collect(T, forged)
-    secrets = {nid: pair_secret(fakes[nid][0], rnd.keys[T][0]) for nid in (A, B)} if T in rnd.keys else {}
-    rnd.recovered = rnd.recover(T, secrets)  # type: ignore[attr-defined]
+                if src == target:
+                    b_share, sk1_share = read_share(fakes[dst][2], rnd.keys[target][1], ciphertext)
+                    rnd.b_shares.setdefault(target, []).append(b_share)
+                    rnd.sk1_shares.setdefault(target, []).append(sk1_share)
+        forged = [(nid, relay_as(fakes[nid][2], rnd.keys[target][1], nid, target)) for nid in others]
+        rnd.collect(target, forged)
+    secrets = {nid: pair_secret(fakes[nid][0], rnd.keys[target][0]) for nid in others} if target in rnd.keys else {}
+    rnd.recovered = rnd.recover(target, secrets)  # type: ignore[attr-defined]
     return rnd
 
 
@@ -294,3 +311,70 @@ def test_signed_secagg_in_flower_gives_the_plain_aggregate(
         np.testing.assert_array_equal(a, b)
     _assert_is_weighted_mean(signed, _site_updates(audit, 1), 1)
     assert json.loads((signed / "summary.json").read_text())["rounds"] == 1
+
+
+# Each attack in Flower: partition roles, sites, sybil partitions, colluding partitions.
+IN_FLOWER: dict[str, tuple[dict[str, int], int, frozenset[int], frozenset[int]]] = {
+    "sybils": ({"T": 0, "S1": 1, "S2": 2}, 3, frozenset({1, 2}), frozenset()),
+    "too-few-honest": ({"T": 0, "K": 1}, 2, frozenset(), frozenset({1})),
+    "equivocation": ({"A": 0, "T": 1, "K": 2}, 3, frozenset(), frozenset({2})),
+    "substituted-keys": ({"A": 0, "B": 1, "T": 2}, 3, frozenset(), frozenset()),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("signed", [False, True], ids=["plain", "signed"])
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_each_attack_as_a_hostile_serverapp_in_flower(
+    attack: str, signed: bool, tmp_path: Path, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    """The same attacks as a Flower ServerApp of the test's own, over the Simulation Engine's
+    grid, against virtual sites running the product's ClientApp (their training replaced by
+    a fixed update, `CannedUpdate`; sybils and a colluding member controlled through
+    `Controlled`): plain SecAgg+ hands the coordinator the target's update, sites holding
+    their peers' keys (`secagg-peers-dir`, 4 members) refuse first."""
+    from flwr.serverapp import Grid, ServerApp
+    from flwr.supercore.task_identity import TaskIdentity
+    from support.hostile_secagg import Controlled, GridSite
+    from support.run_configs import sentiment_config
+    from support.site_hooks import CannedUpdate, client_app_with
+
+    from fedtune.cli.simulation import run_simulation
+    from fedtune.client.deployment import site_keypair
+
+    run, _, colluders, refusal = ATTACKS[attack]
+    roles, num_sites, sybils, colluding = IN_FLOWER[attack]
+    peers, controlled = tmp_path / "peers", tmp_path / "controlled"
+    for i in range(4):
+        site_keypair(peers, f"site-{i}")
+    controlled.mkdir()
+    outcome: dict[str, Any] = {}
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Any) -> None:
+        nodes = GridSite.roles(grid, num_sites)  # partition -> node id
+        r = Roles(**{role: nodes[p] for role, p in roles.items()}, run_id=TaskIdentity.run_id)  # type: ignore[arg-type]
+        sites = {
+            nid: GridSite(grid, nid, controlled, peers / f"site-{p}.key" if p in colluding else None)
+            for p, nid in nodes.items()
+        }
+        outcome.update(round=run(sites, tmp_path, r), roles=r, sites=sites)
+
+    config = {
+        **sentiment_config(tiny_bert_dir, sentiment_data),
+        "output-dir": str(tmp_path / "runs"),
+        "secagg": True,
+        **({"secagg-peers-dir": str(peers), "secagg-max-colluders": colluders} if signed else {}),
+    }
+    client_app = client_app_with(outer=[Controlled(str(controlled), sybils, colluding)], inner=[CannedUpdate()])
+    run_simulation(config, num_sites=num_sites, client_app=client_app, server_app=app)
+    rnd, r, sites = outcome["round"], outcome["roles"], outcome["sites"]
+    if not signed:
+        assert close_to(rnd.recovered, sites[r.T].update), attack
+        return
+    assert rnd.recovered is None or not close_to(rnd.recovered, sites[r.T].update)
+    honest = [sites[n] for n in (r.A, r.B, r.T) if n in sites]
+    said = [line for site in honest for line in site.refusals]
+    assert any(refusal in line for line in said), said

@@ -8,6 +8,8 @@ honest sites refused."""
 
 from __future__ import annotations
 
+import pickle
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,10 +46,120 @@ from fedtune.secagg.signed_keys import (
     SIGNATURES_RECORD,
     SURVIVORS_KEY,
     PeerSet,
+    advertisement_bytes,
+    load_identity_key,
+    sign,
 )
 
 RUN_ID, ROUND = 4711, "1"
 CLIP, Q, M, WEIGHT = 4.0, 1 << 22, 1 << 32, 10.0
+
+
+def canned_update(seed: int) -> list[np.ndarray]:
+    """The update a site sends in these tests (its training replaced: SecAgg+ is the subject)."""
+    return [np.random.default_rng(seed).uniform(-0.5, 0.5, size=(4, 6)).astype(np.float32)]
+
+
+def canned_fit_reply(msg: Message, seed: int) -> Message:
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(canned_update(seed)), int(WEIGHT), {})
+    return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+
+
+def stage_message(nid: int, configs: dict[str, Any], signatures: dict[str, bytes] | None, fit: bool) -> Message:
+    """A SecAgg+ stage message as the coordinator sends it (with signatures for signed SecAgg+)."""
+    content = RecordDict()
+    if fit:
+        content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(canned_update(0)), {}), keep_input=True)
+    content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(configs)  # type: ignore[arg-type]
+    if signatures is not None:
+        content.config_records[SIGNATURES_RECORD] = ConfigRecord(signatures)  # type: ignore[arg-type]
+    return Message(content=content, dst_node_id=nid, message_type=MessageType.TRAIN, group_id=ROUND)
+
+
+ROLE_RECORD = "test-role"  # a message the Controlled mod answers with the node's partition
+
+
+@dataclass(frozen=True)
+class Controlled:
+    """Outermost mod at the virtual sites of a hostile-ServerApp test. Every node answers a
+    role query with its partition. A node in `sybils` is the coordinator's own: it runs
+    plain SecAgg+ outside the product's mods and signs its keys with a key that is no
+    member's; a node in `colluders` is a member site that also hands the coordinator what it
+    holds. Both write their SecAgg+ state to `folder` after each stage (what the coordinator
+    then knows)."""
+
+    folder: str
+    sybils: frozenset[int] = frozenset()
+    colluders: frozenset[int] = frozenset()
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: Any) -> Message:
+        partition = int(ctxt.node_config.get("partition-id", -1))
+        nid = msg.metadata.dst_node_id
+        if ROLE_RECORD in msg.content.config_records:
+            return Message(RecordDict({ROLE_RECORD: ConfigRecord({"partition": partition})}), reply_to=msg)
+        if partition in self.sybils:
+            reply = run_secaggplus(msg, ctxt, lambda m, c: canned_fit_reply(m, nid), None, f"sybil {nid}")
+            if not reply.has_error() and Key.PUBLIC_KEY_1 in reply.content.config_records[RECORD_KEY_CONFIGS]:
+                keys = reply.content.config_records[RECORD_KEY_CONFIGS]
+                data = advertisement_bytes(
+                    msg.metadata.run_id, msg.metadata.group_id, nid, keys[Key.PUBLIC_KEY_1], keys[Key.PUBLIC_KEY_2]
+                )  # type: ignore[arg-type]
+                signature = sign(_sybil_key(Path(self.folder), nid), data)
+                reply.content.config_records[SIGNATURES_RECORD] = ConfigRecord({SIGNATURE_KEY: signature})
+        else:
+            reply = call_next(msg, ctxt)
+        if partition in self.sybils | self.colluders and RECORD_KEY_STATE in ctxt.state.config_records:
+            state = dict(ctxt.state.config_records[RECORD_KEY_STATE])
+            (Path(self.folder) / f"state-{nid}.pickle").write_bytes(pickle.dumps(state))
+        return reply
+
+
+def _sybil_key(folder: Path, nid: int) -> Any:
+    from fedtune.client.deployment import site_keypair
+
+    path = folder / f"sybil-{nid}" / f"sybil-{nid}.key"
+    if not path.exists():
+        site_keypair(path.parent, f"sybil-{nid}")
+    return load_identity_key(path)
+
+
+class GridSite:
+    """A site of a real Flower federation, reached through a hostile ServerApp's grid; what
+    a node the coordinator controls holds is read from its Controlled mod's files."""
+
+    def __init__(self, grid: Any, nid: int, folder: Path, identity: Path | None = None) -> None:
+        self.grid, self.nid, self.name, self.folder = grid, nid, f"node {nid}", folder
+        self.update = canned_update(nid)
+        self.refusals: list[str] = []
+        self.peers = PeerSet(load_identity_key(identity), {}) if identity else None  # a colluder's key
+
+    def secrets(self) -> SecAggPlusState:
+        """Empty if the node's own code refused the round (a member that colludes runs the site's code)."""
+        path = self.folder / f"state-{self.nid}.pickle"
+        return SecAggPlusState(**pickle.loads(path.read_bytes())) if path.exists() else SecAggPlusState()
+
+    @staticmethod
+    def roles(grid: Any, sites: int, timeout: float = 60.0) -> dict[int, int]:
+        """partition -> node id, asked of every node (its Controlled mod answers), once
+        all `sites` have joined."""
+        deadline = time.monotonic() + timeout
+        while len(list(grid.get_node_ids())) < sites and time.monotonic() < deadline:
+            time.sleep(0.5)
+        out = {}
+        for nid in grid.get_node_ids():
+            query = Message(
+                RecordDict({ROLE_RECORD: ConfigRecord({})}), dst_node_id=nid, message_type=MessageType.QUERY
+            )
+            reply = list(grid.send_and_receive([query], timeout=60))[0]
+            out[int(reply.content.config_records[ROLE_RECORD]["partition"])] = nid  # type: ignore[arg-type]
+        return out
+
+    def send(self, configs: dict[str, Any], signatures: dict[str, bytes] | None = None, fit: bool = False) -> Any:
+        replies = list(self.grid.send_and_receive([stage_message(self.nid, configs, signatures, fit)], timeout=120))
+        if not replies or replies[0].has_error():
+            self.refusals.append(replies[0].error.reason if replies else "no reply")
+            return None
+        return replies[0].content
 
 
 class Site:
@@ -55,7 +167,7 @@ class Site:
 
     def __init__(self, nid: int, name: str, peers: PeerSet | None, seed: int) -> None:
         self.nid, self.name, self.peers = nid, name, peers
-        self.update = [np.random.default_rng(seed).uniform(-0.5, 0.5, size=(4, 6)).astype(np.float32)]
+        self.update = canned_update(seed)
         self.context = Context(
             run_id=RUN_ID,
             node_id=nid,
@@ -67,13 +179,7 @@ class Site:
 
     def send(self, configs: dict[str, Any], signatures: dict[str, bytes] | None = None, fit: bool = False) -> Any:
         """The site's reply to one stage message (its configs record), or None if it refused."""
-        content = RecordDict()
-        if fit:
-            content = compat.fitins_to_recorddict(FitIns(ndarrays_to_parameters(self.update), {}), keep_input=True)
-        content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(configs)  # type: ignore[arg-type]
-        if signatures is not None:
-            content.config_records[SIGNATURES_RECORD] = ConfigRecord(signatures)  # type: ignore[arg-type]
-        msg = Message(content=content, dst_node_id=self.nid, message_type=MessageType.TRAIN, group_id=ROUND)
+        msg = stage_message(self.nid, configs, signatures, fit)
         try:  # as the site worker runs it: fedtune's own checks, then (signed) SecAgg+ around Flower's mod
             check_stage_request(
                 msg.content.config_records[RECORD_KEY_CONFIGS], protocol_state(self.context.state), 2, self.name
@@ -85,8 +191,7 @@ class Site:
         return reply.content
 
     def _train(self, msg: Message, ctxt: Context) -> Message:
-        fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(self.update), int(WEIGHT), {})
-        return Message(compat.fitres_to_recorddict(fitres, keep_input=True), reply_to=msg)
+        return canned_fit_reply(msg, self.nid)
 
     def secrets(self) -> SecAggPlusState:
         """What a site the coordinator controls knows (its Flower SecAgg+ state)."""
@@ -110,7 +215,7 @@ def signed_peers(folder: Path, names: list[str]) -> dict[str, Path]:
 class Round:
     """One protocol run driven by the coordinator; the `view` of the keys is its to shape."""
 
-    sites: dict[int, Site]
+    sites: dict[int, Any]  # Site (in process) or GridSite (through a ServerApp's grid)
     threshold: int
     keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict)  # what each site advertised
     ads: dict[int, bytes] = field(default_factory=dict)  # its signatures over them
@@ -194,9 +299,9 @@ class Round:
     def learn_from(self, controlled: Site) -> None:
         """A site the coordinator controls hands over the shares it holds of everyone."""
         state = controlled.secrets()
-        for owner, share in state.rd_seed_share_dict.items():
+        for owner, share in getattr(state, "rd_seed_share_dict", {}).items():
             self.b_shares.setdefault(owner, []).append(share)
-        for owner, share in state.sk1_share_dict.items():
+        for owner, share in getattr(state, "sk1_share_dict", {}).items():
             self.sk1_shares.setdefault(owner, []).append(share)
 
     def recover(self, target: int, pair_secrets: dict[int, bytes] | None = None) -> list[np.ndarray] | None:

@@ -10,6 +10,8 @@ it to the simulation launcher:
 - `FailAt({"site-2@1"})`, inside SecAgg+'s mod: that site raises in that round's training.
 - `FailStage({"site-2@1:setup"})`, outside it: that site raises on that round's SecAgg+ stage.
 - `SlowFit(seconds)`, inside SecAgg+'s mod: every site's training takes `seconds` longer.
+- `CannedUpdate()`, inside SecAgg+'s mod: a fit returns a fixed update made from the node id
+  (`hostile_secagg.canned_update`) instead of training: tests of the protocol itself.
 - `CountMaskDraws(log)`, outside SecAgg+'s mod: appends "client <pid>" to `log` every
   time that process draws a CSPRNG mask.
 
@@ -157,4 +159,16 @@ class CountMaskDraws:
 
             counted.counted = True  # type: ignore[attr-defined]
             masks.csprng_rand_gen = counted
+        return call_next(msg, ctxt)
+
+
+@dataclass(frozen=True)
+class CannedUpdate:
+    """Every fit returns `canned_update(node id)` instead of training."""
+
+    def __call__(self, msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+        if _is_fit(msg):
+            from support.hostile_secagg import canned_fit_reply
+
+            return canned_fit_reply(msg, msg.metadata.dst_node_id)
         return call_next(msg, ctxt)
