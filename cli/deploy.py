@@ -196,9 +196,10 @@ def check_rank_flags(args: argparse.Namespace) -> None:
         )
     if args.devices > 1 and getattr(args, "no_worker", False):
         raise FedtuneError("--devices needs the site worker: the ranks live next to it (drop --no-worker)")
+    from fedtune.client.site_policy import check_gate_pair
+
     _gate_registry(args.gate_registry)
-    if bool(args.gate_registry) != bool(args.gate_trust_key):
-        raise FedtuneError("--gate-registry and --gate-trust-key go together: the registry and whose key to trust")
+    check_gate_pair(args.gate_registry, args.gate_trust_key)
 
 
 def privacy_floor(args: argparse.Namespace) -> "PrivacyFloor":
@@ -375,8 +376,7 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
 
     from fedtune.cli.common import parse_flwr_run_config, pin_launch_paths
     from fedtune.config import RunSettings, default_run_config
-    from fedtune.run_config_table import flat_table
-    from fedtune.server.deployment import run_command
+    from fedtune.server.deployment import launch_run
     from fedtune.server.preflight import check_run_inputs
 
     app = Path(args.app).expanduser().resolve()
@@ -397,10 +397,8 @@ def cmd_deploy_run(args: argparse.Namespace) -> int:
     check_run_inputs(settings)  # everything the coordinator can check, before any site trains
     pinned = {k for k in ("labels-file", "central-eval-path", "output-dir") if config.get(k)}
     launched = {k: config[k] for k in set(overrides) | pinned}  # what Flower's copy of the app gets
-    record = Path(args.dir) / "launched" / f"{settings.run_name or time.strftime('%Y%m%d-%H%M%S')}.toml"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(flat_table(dict(sorted(launched.items()))))
-    cmd, env = run_command(Path(args.dir), app, [str(record.resolve())])
+    name = settings.run_name or time.strftime("%Y%m%d-%H%M%S")
+    record, cmd, env = launch_run(Path(args.dir), app, name, launched)
     print(f"run config checked; launched with {record} (paths absolute: runs go to {settings.output_dir})", flush=True)
     print(" ".join(cmd), flush=True)
     os.execve(cmd[0], cmd, env)

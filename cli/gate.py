@@ -96,13 +96,10 @@ def _run_deployed(config: dict[str, Any], deploy_dir: Path, app: Path) -> None:
     """The gate round on the deployment: `flwr run` with the gate's settings, to the end."""
     import subprocess
 
-    from fedtune.run_config_table import flat_table
-    from fedtune.server.deployment import run_command
+    from fedtune.server.deployment import launch_run
 
-    record = deploy_dir / "launched" / f"{config['run-name']}-gate-{config['gate-version']}.toml"
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(flat_table(dict(sorted(config.items()))))
-    cmd, env = run_command(deploy_dir, app.expanduser().resolve(), [str(record.resolve())])
+    name = f"{config['run-name']}-gate-{config['gate-version']}"
+    _, cmd, env = launch_run(deploy_dir, app.expanduser().resolve(), name, config)
     print(f"gate: the sites score the candidate ({' '.join(cmd)})", flush=True)
     code = subprocess.run(cmd, env=env).returncode
     if code != 0:

@@ -28,11 +28,11 @@ from fedtune.edge_device.release import ReleaseError, candidate_model
 from fedtune.edge_device.runtime import EdgeModel
 from fedtune.encoding import ClassificationEncoder, CompletionEncoder
 from fedtune.errors import FedtuneError
+from fedtune.evaluation import predict_labels
 from fedtune.gate_counts import completion_vector, read_vector, score_vector
 from fedtune.gate_request import GateRequest
 from fedtune.generation import greedy_completions
 from fedtune.metrics import normalize_answer
-from fedtune.precision import autocast_for, compute_dtype
 
 from .node_settings import NodeSettings
 
@@ -98,31 +98,18 @@ def pull_candidate(request: GateRequest, trust: SiteTrust, into: Path) -> Path:
     return got.path
 
 
-@torch.no_grad()
 def score_classifier(
     model: torch.nn.Module,
     encoder: ClassificationEncoder,
     examples: Sequence[ClassificationExample],
     labels: Sequence[str],
     edge: EdgeModel,
-    batch_size: int = 64,
 ) -> np.ndarray:
     """The site's gate vector: the PyTorch model (final round's adapter) and the device model
     on the same examples."""
     if edge.task != "seq-cls" or list(edge.labels) != list(labels):
         raise FedtuneError("the release candidate is not this run's classifier (task or labels differ)")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        torch_pred = np.empty(len(examples), dtype=np.int64)
-        for start in range(0, len(examples), batch_size):
-            idx = list(range(start, min(start + batch_size, len(examples))))
-            batch = {k: v.to(device) for k, v in encoder.batch(idx).items() if k != "labels"}
-            with autocast_for(device, compute_dtype(model)):
-                torch_pred[idx] = model(**batch).logits.float().argmax(-1).cpu().numpy()
-    finally:
-        model.train(was_training)
+    torch_pred = predict_labels(model, encoder)  # type: ignore[arg-type]
     device_pred = np.asarray(edge.logits([e.text for e in examples]).argmax(axis=1), dtype=np.int64)
     gold = np.asarray([e.label for e in examples], dtype=np.int64)
     return score_vector(gold, torch_pred, device_pred, len(labels))

@@ -91,7 +91,7 @@ def _check_setup(msg: Message, ctxt: Context, configs: ConfigRecord, peers: Peer
             f"sites (--max-colluders) it needs 2t > n + {c} and t >= {c + 2}"
         )
     ctxt.state.config_records[STATE_RECORD] = ConfigRecord(
-        {"run": str(msg.metadata.run_id), "round": msg.metadata.group_id, "threshold": t}
+        {"run": str(msg.metadata.run_id), "round": msg.metadata.group_id, "threshold": t, "sites": n}
     )
 
 
@@ -142,6 +142,10 @@ def _check_share_keys(msg: Message, ctxt: Context, configs: ConfigRecord, peers:
         raise SecAggRefused(f"site {site} refuses SecAgg+: its own keys are missing or not its own")
     if len(signers) < int(state["threshold"]):  # type: ignore[arg-type]
         raise SecAggRefused(f"site {site} refuses SecAgg+ with {len(signers)} sites, below the threshold")
+    if len(signers) > int(state["sites"]):  # type: ignore[arg-type]
+        raise SecAggRefused(
+            f"site {site} refuses SecAgg+ with {len(signers)} sites in the key exchange: the setup said {state['sites']}"
+        )
     state["participants"] = sorted(signers)
     state["names"] = [signers[n] for n in sorted(signers)]
 

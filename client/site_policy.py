@@ -46,6 +46,12 @@ def run_key(run_id: Any) -> str:
     return f"{slug}-{hashlib.sha256(text.encode('utf-8', 'replace')).hexdigest()[:16]}"
 
 
+def check_gate_pair(registry: str | None, trust_key: object) -> None:
+    """The release gate's registry and the key a candidate must be signed with come together."""
+    if bool(registry) != bool(trust_key):
+        raise FedtuneError("--gate-registry and --gate-trust-key go together: the registry and whose key to trust")
+
+
 @dataclass(frozen=True)
 class SitePolicy:
     """What the site decided, before any coordinator spoke."""
@@ -67,8 +73,7 @@ class SitePolicy:
 
     def __post_init__(self) -> None:
         check_site_name(self.name)
-        if bool(self.gate_registry) != (self.gate_trust_key is not None):
-            raise FedtuneError("--gate-registry and --gate-trust-key go together: the registry and whose key to trust")
+        check_gate_pair(self.gate_registry, self.gate_trust_key)
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise FedtuneError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.peers_dir is not None and self.identity_key is None:

@@ -5,6 +5,7 @@ for causal-LM."""
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -55,17 +56,41 @@ def evaluate(
         model.train(was_training)
 
 
-def _evaluate_classification(
+def _classified(
     model: PreTrainedModel, encoder: ClassificationEncoder, batch_size: int, device: torch.device
-) -> dict[str, float]:
-    preds, golds, loss_sum = [], [], 0.0
+) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+    """(example indices, fp32 logits, gold labels) per batch of similar length."""
     for idx in _sorted_batches(encoder, batch_size):
         batch = {k: v.to(device) for k, v in encoder.batch(idx).items()}
         with autocast_for(device, compute_dtype(model)):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
-        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        yield idx, logits, batch["labels"]
+
+
+@torch.no_grad()
+def predict_labels(model: PreTrainedModel, encoder: ClassificationEncoder, batch_size: int = 64) -> np.ndarray:
+    """Each example's predicted label index, in the encoder's order (for comparing one model
+    with another example by example, as the release gate does at a site)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        out = np.empty(len(encoder), dtype=np.int64)
+        for idx, logits, _ in _classified(model, encoder, batch_size, device):
+            out[idx] = logits.argmax(-1).cpu().numpy()
+        return out
+    finally:
+        model.train(was_training)
+
+
+def _evaluate_classification(
+    model: PreTrainedModel, encoder: ClassificationEncoder, batch_size: int, device: torch.device
+) -> dict[str, float]:
+    preds, golds, loss_sum = [], [], 0.0
+    for _, logits, labels in _classified(model, encoder, batch_size, device):
+        loss_sum += float(F.cross_entropy(logits, labels, reduction="sum"))
         preds.append(logits.argmax(-1).cpu().numpy())
-        golds.append(batch["labels"].cpu().numpy())
+        golds.append(labels.cpu().numpy())
     num_labels = int(model.config.num_labels)
     metrics = classification_metrics(np.concatenate(golds), np.concatenate(preds), num_labels)
     metrics["loss"] = loss_sum / max(len(encoder), 1)

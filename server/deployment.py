@@ -19,7 +19,7 @@ import subprocess
 import threading
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 from fedtune.child_process import Relay, stop_helpers
 from fedtune.errors import FedtuneError
@@ -179,6 +179,20 @@ def check_connection(deploy_dir: Path) -> None:
             f"--dir {deploy_dir}: no flwr-home/config.toml there; run `fedtune deploy init` and "
             f"`fedtune deploy register` with this --dir first"
         )
+
+
+def launch_run(
+    deploy_dir: Path, app_dir: Path, name: str, config: Mapping[str, Any]
+) -> tuple[Path, list[str], dict[str, str]]:
+    """Record the run config a run is launched with (`DEPLOY/launched/NAME.toml`, what
+    Flower's copy of the app gets) and return it with its `flwr run` command and env."""
+    from fedtune.run_config_table import flat_table
+
+    record = deploy_dir / "launched" / f"{name}.toml"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(flat_table(dict(sorted(config.items()))))
+    cmd, env = run_command(deploy_dir, app_dir, [str(record.resolve())])
+    return record, cmd, env
 
 
 def run_command(deploy_dir: Path, app_dir: Path, run_config: Sequence[str]) -> tuple[list[str], dict[str, str]]:

@@ -241,6 +241,11 @@ def test_the_honest_signed_round_unmasks_the_sum_and_nothing_else(keys: tuple[Pa
         assert rnd.unmask(nid, active=[A, B, T], dead=[])
     assert not any(s.refusals for s in sites.values())
     assert all(len(rnd.b_shares[n]) == 3 for n in sites) and not rnd.sk1_shares  # self-mask shares only
+    # A key exchange with more sites than the setup announced is refused (the threshold was checked for 3).
+    extra, _ = set_up(True, keys)
+    more = Round({**extra, K: make_sites(True, keys, [K])[K]}, threshold=2)
+    more.setup(n=3)
+    assert not more.share_keys(A) and "the setup said 3" in extra[A].refusals[-1]
     # A second, different survivor list in the same round is refused.
     assert not sites[A].send({"stage": "fedtune-consistency", "survivors": [A, B]})
     assert "a second, different survivor list" in sites[A].refusals[-1]
@@ -378,3 +383,27 @@ def test_each_attack_as_a_hostile_serverapp_in_flower(
     honest = [sites[n] for n in (r.A, r.B, r.T) if n in sites]
     said = [line for site in honest for line in site.refusals]
     assert any(refusal in line for line in said), said
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_signed_secagg_keeps_dropout_tolerance(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
+) -> None:
+    """4 signed sites (t = 3), one fails in training after the key exchange: the 3 survivors
+    sign the survivor list, reveal the dropped site's mask-key shares, and the round is their
+    weighted mean, as under plain SecAgg+."""
+    from fedtune.client.deployment import site_keypair
+
+    peers = tmp_path / "peers"
+    for i in range(4):
+        site_keypair(peers, f"site-{i}")
+    run_dir, _, audit = _run_secagg(
+        tmp_path, monkeypatch, tiny_bert_dir, sentiment_data, sites=4, rounds=1, fail_at="site-2@1",
+        extra={"secagg-active": True, "secagg-peers-dir": str(peers)},
+    )  # fmt: skip
+    updates = _site_updates(audit, 1)
+    assert sorted(updates) == ["site-0", "site-1", "site-3"]
+    _assert_is_weighted_mean(run_dir, updates, 1)
+    record = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
+    assert not record.get("skipped") and record["failures"] == 1
