@@ -123,6 +123,7 @@ def site_policy(args: argparse.Namespace, allowed_uids: tuple[int, ...] = ()) ->
             "--identity-key", args.identity_key or (getattr(args, "key", None) if args.peers else None)
         ),
         max_colluders=args.max_colluders,
+        lora_rank=args.lora_rank,
     )
 
 
@@ -664,6 +665,13 @@ def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -
         default=1,
         help="train on N ranks at this site (torch.distributed: one process per GPU, cuda:0..N-1; "
         "gloo ranks sharing the CPU without GPUs); each trains on its slice of every batch (default: 1)",
+    )
+    parser.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="the LoRA rank this site affords in runs with hetero-ranks (at most the run's lora-r; it trains "
+        "that many columns of each B); default: the run's lora-r",
     )
     parser.add_argument(
         "--peers",

@@ -236,6 +236,8 @@ def policy_arguments(policy: SitePolicy) -> list[str]:
         args += ["--gate-registry-ca", str(policy.gate_registry_ca.resolve())]
     if policy.reveal_gate_drop:
         args.append("--reveal-gate-drop")
+    if policy.lora_rank:
+        args += ["--lora-rank", str(policy.lora_rank)]
     if policy.peers_dir is not None and policy.identity_key is not None:
         args += ["--peers", str(policy.peers_dir.resolve()), "--identity-key", str(policy.identity_key.resolve())]
         args += ["--max-colluders", str(policy.max_colluders)]

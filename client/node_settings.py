@@ -31,6 +31,7 @@ GATE_REGISTRY = "gate-registry"  # the registry this site pulls release candidat
 GATE_TRUST_KEY = "gate-trust-key"  # the public key a candidate must be signed with
 GATE_REGISTRY_CA = "gate-registry-ca"  # the registry's TLS CA
 REVEAL_GATE_DROP = "reveal-gate-drop"  # this site also sends its own accuracy drop, in the clear
+LORA_RANK = "lora-rank"  # the LoRA rank this site affords (hetero-ranks runs); 0: the run's lora-r
 MAX_TEXT = 4096  # a node config value that is a path or a name
 
 
@@ -40,6 +41,22 @@ def _text(node_config: Mapping[str, Any], key: str) -> str:
     if len(text) > MAX_TEXT:
         raise FedtuneError(f"node config {key}: longer than {MAX_TEXT} characters")
     return text
+
+
+def _rank(value: Any) -> int:
+    if type(value) is not int or not 0 <= value <= 1 << 16:  # noqa: E721 (bool is an int)
+        raise FedtuneError(f"node config {LORA_RANK}: expected a rank (an integer >= 0), got {str(value)[:40]!r}")
+    return value
+
+
+def _simulated_rank(run: Mapping[str, Any], partition: int) -> int:
+    """A virtual site's rank from the run's `site-lora-ranks` (simulation only)."""
+    text = str(run.get("site-lora-ranks", "") or "")
+    try:
+        ranks = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FedtuneError(f"site-lora-ranks {text[:80]!r}: comma-separated integers") from None
+    return ranks[partition] if 0 <= partition < len(ranks) else 0
 
 
 @dataclass(frozen=True)
@@ -58,6 +75,7 @@ class NodeSettings:
     gate_trust_key: str = ""
     gate_registry_ca: str = ""
     reveal_gate_drop: bool = False  # simulated sites: the operator's own, they reveal
+    lora_rank: int = 0  # the LoRA rank this site trains (0: the run's lora-r); see `trained_rank`
 
     @classmethod
     def from_node_config(
@@ -81,6 +99,7 @@ class NodeSettings:
                 gate_trust_key=_text(node_config, GATE_TRUST_KEY),
                 gate_registry_ca=_text(node_config, GATE_REGISTRY_CA),
                 reveal_gate_drop=node_config.get(REVEAL_GATE_DROP) is True,
+                lora_rank=_rank(node_config.get(LORA_RANK, 0)),
             )
         try:
             part, parts = int(node_config.get(PARTITION_ID, 0)), int(node_config.get(NUM_PARTITIONS, 0))
@@ -95,6 +114,7 @@ class NodeSettings:
             partition_id=part,
             num_partitions=parts,
             reveal_gate_drop=True,
+            lora_rank=_simulated_rank(run, part),
         )
 
     def to_node_config(self) -> dict[str, Any]:
@@ -117,6 +137,8 @@ class NodeSettings:
                 out[key] = value
         if self.mode == "deployed" and self.reveal_gate_drop:
             out[REVEAL_GATE_DROP] = True
+        if self.mode == "deployed" and self.lora_rank:
+            out[LORA_RANK] = self.lora_rank
         return {**out, **(self.floor.to_node_config() if self.floor else {})}
 
     def supernode_flag(self) -> str:
@@ -138,6 +160,22 @@ class NodeSettings:
         if self.data_path:
             return resolve_path(self.data_path).stem
         return f"site-{self.partition_id}"
+
+    def trained_rank(self, settings: RunSettings) -> int:
+        """The LoRA rank this site trains in a run: its own where it set one, refused in one
+        line above the federation's `lora-r`, or below it in a run without `hetero-ranks`."""
+        rank = self.lora_rank or settings.lora_r
+        if rank > settings.lora_r:
+            raise FedtuneError(
+                f"site {self.name} declares LoRA rank {rank}, above the federation's lora-r = {settings.lora_r}: "
+                "refused (the aggregate has the federation's rank)"
+            )
+        if rank < settings.lora_r and not settings.hetero_ranks:
+            raise FedtuneError(
+                f"site {self.name} affords LoRA rank {rank}, below this run's lora-r = {settings.lora_r}, and the "
+                "run does not take per-site ranks (hetero-ranks = false)"
+            )
+        return rank
 
     def state_folder(self, settings: RunSettings) -> Path:
         """Where the site keeps state across restarts: its own `state-dir`, else the run's `site-state-dir`."""

@@ -70,6 +70,7 @@ class SitePolicy:
     peers_dir: Path | None = None  # signed SecAgg+: the peers' public keys, agreed among the sites
     identity_key: Path | None = None  # ... the key this site signs with (its SuperNode key)
     max_colluders: int = 0  # ... the most sites it assumes may collude with the coordinator
+    lora_rank: int = 0  # the LoRA rank this site affords in hetero-ranks runs (0: the run's lora-r)
 
     def __post_init__(self) -> None:
         check_site_name(self.name)
@@ -80,6 +81,8 @@ class SitePolicy:
             raise FedtuneError("--peers needs --identity-key: the key this site signs its SecAgg+ keys with")
         if self.max_colluders and self.peers_dir is None:
             raise FedtuneError("--max-colluders applies to signed SecAgg+: give the peers with --peers DIR")
+        if self.lora_rank < 0:
+            raise FedtuneError(f"--lora-rank must be 1 or more (0: the run's lora-r), got {self.lora_rank}")
         if self.min_secagg_sites < 2:
             raise FedtuneError(
                 f"--min-secagg-sites must be at least 2 (with 1 the coordinator could unmask this "
@@ -110,4 +113,5 @@ class SitePolicy:
             gate_trust_key=str(self.gate_trust_key or ""),
             gate_registry_ca=str(self.gate_registry_ca or ""),
             reveal_gate_drop=self.reveal_gate_drop,
+            lora_rank=self.lora_rank,
         )

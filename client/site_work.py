@@ -34,6 +34,7 @@ from fedtune.memory_plan import (
     resolve_checkpointing,
 )
 from fedtune.precision import BasePrecision, resolve_precision
+from fedtune.site_rank import column_weights, trained_rank
 
 from .dp_history import HistoryStore, history_file
 from .model_cache import cached_lora_model, cached_tokenizer, held_model_bytes
@@ -140,6 +141,7 @@ class SiteWork:
         labels = self.labels(config)
         site = self.site(labels)
         self.floor.check_run(self.settings, site.name)
+        self.node.trained_rank(self.settings)  # a rank above the federation's is refused here, before round 1
         self.plan(labels)
         return {"site": site.name, "num_examples": len(site.train)}
 
@@ -151,6 +153,7 @@ class SiteWork:
         site = self.site(labels)
         s = self.settings
         self.floor.check_run(s, site.name)  # before the model is touched
+        rank = self.node.trained_rank(s)
         model = self.model(labels)
         set_adapter_arrays(model, parameters, self.lora)
         server_round = int(config.get("server-round", 1))
@@ -163,19 +166,22 @@ class SiteWork:
         if s.dp:
             result, dp_metrics = self._fit_dp(model, encoder, config, site.name, server_round, num_rounds)
         else:
-            result = train_local(
-                model,
-                encoder,
-                s,
-                server_round=server_round,
-                num_rounds=num_rounds,
-                site=site.name,
-                proximal_mu=float(config.get("proximal_mu", 0.0)),
-                seed=seed,
-                optimizer_store=self.optimizer_store if s.keep_optimizer_state else None,
-                shard=self.shard,
-            )
+            with trained_rank(model, rank, s.lora_r):  # a lower rank: the first `rank` columns of each B
+                result = train_local(
+                    model,
+                    encoder,
+                    s,
+                    server_round=server_round,
+                    num_rounds=num_rounds,
+                    site=site.name,
+                    proximal_mu=float(config.get("proximal_mu", 0.0)),
+                    seed=seed,
+                    optimizer_store=self.optimizer_store if s.keep_optimizer_state else None,
+                    shard=self.shard,
+                )
         arrays = get_adapter_arrays(model, self.lora)
+        if s.hetero_ranks:
+            arrays.append(column_weights(rank, s.lora_r))  # which columns of B this site trained
         metrics: dict[str, Scalar] = {
             "site": site.name,
             "train_loss": result.loss,

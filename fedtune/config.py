@@ -98,6 +98,15 @@ class RunSettings:
         "FFA-LoRA, seq-cls: > 0 makes the head B_h A_h with A_h frozen too (upload: out x rank)",
         zero_or("full head", "a rank >= 1"),
     )
+    hetero_ranks: bool = setting(
+        False,
+        "sites train the LoRA rank they can afford (their --lora-rank, at most lora-r) and say which columns of B "
+        "they trained; the coordinator averages each column over the sites that trained it (needs ffa-lora)",
+    )
+    site_lora_ranks: str = setting(
+        "",
+        'simulation only, with hetero-ranks: each virtual site\'s LoRA rank, comma-separated ("": all lora-r)',
+    )
     head_init: str = setting(
         "auto",
         'seq-cls: "label-names" starts the head from the base model\'s features of '
@@ -333,6 +342,17 @@ class RunSettings:
             raise ConfigError("secagg-active", "signs SecAgg+'s keys: set secagg = true")
         if self.secagg_active and self.secagg_num_shares < 1.0:
             raise ConfigError("secagg-active", "every site shares with every other: set secagg-num-shares = 1.0")
+        if self.hetero_ranks and not self.ffa_lora:
+            raise ConfigError("hetero-ranks", "averages B column by column over a shared frozen A: set ffa-lora = true")
+        if self.hetero_ranks and self.dp:
+            raise ConfigError("hetero-ranks", "is not built for DP-SGD yet: set dp = false")
+        if self.site_lora_ranks and not self.hetero_ranks:
+            raise ConfigError("site-lora-ranks", "gives the virtual sites their own ranks: set hetero-ranks = true")
+        for rank in self.site_ranks():
+            if not 1 <= rank <= self.lora_r:
+                raise ConfigError(
+                    "site-lora-ranks", f"a site's rank {rank} is outside 1..lora-r = {self.lora_r} (the federation's)"
+                )
         if self.head_only and self.ffa_head_rank:
             raise ConfigError("dp-head-only", "trains the full head: set ffa-head-rank = 0 or dp-head-only = false")
         if self.ffa_head_rank and self.head_init == "label-names":
@@ -390,9 +410,20 @@ class RunSettings:
                     "with every other: set secagg-num-shares = 1.0",
                 )
 
+    def site_ranks(self) -> list[int]:
+        """`site-lora-ranks` as integers (empty: every site trains lora-r)."""
+        try:
+            return [int(x) for x in self.site_lora_ranks.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError("site-lora-ranks", f"{self.site_lora_ranks!r}: comma-separated integers") from None
+
     def check_for_sites(self, num_sites: int) -> None:
         """The rules that need the number of sites, run once it is known (the launchers:
         `min-sites` or the simulation's count; the ServerApp: the connected sites)."""
+        if self.site_lora_ranks and len(self.site_ranks()) != num_sites:
+            raise ConfigError(
+                "site-lora-ranks", f"names {len(self.site_ranks())} ranks for {num_sites} sites: one per site"
+            )
         if self.secagg and num_sites * self.secagg_quantization_range >= self.secagg_modulus_range:
             raise ConfigError(
                 "secagg-quantization-range",
