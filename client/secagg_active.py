@@ -37,7 +37,7 @@ from fedtune.secagg.signed_keys import (
     survivors_bytes,
 )
 
-from .secagg_guard import SecAggRefused
+from .secagg_guard import SecAggRefused, config_int
 
 STATE_RECORD = "fedtune-secagg-active-state"
 
@@ -68,15 +68,8 @@ def sign_advertisement(reply: Message, msg: Message, peers: PeerSet) -> None:
     reply.content.config_records[SIGNATURES_RECORD] = ConfigRecord({SIGNATURE_KEY: sign(peers.identity, data)})
 
 
-def _int(configs: ConfigRecord, key: str, site: str) -> int:
-    value = configs.get(key)
-    if type(value) is not int:  # noqa: E721 (bool is an int)
-        raise SecAggRefused(f"site {site}: SecAgg+ setup: '{key}' must be an integer")
-    return value
-
-
 def _check_setup(msg: Message, ctxt: Context, configs: ConfigRecord, peers: PeerSet, site: str) -> None:
-    n, shares, t = (_int(configs, k, site) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
+    n, shares, t = (config_int(configs, k) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
     c = peers.max_colluders
     if shares != n:
         raise SecAggRefused(

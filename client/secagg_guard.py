@@ -35,7 +35,8 @@ def check_stage_request(configs: ConfigRecord, state: ConfigRecord | None, min_s
         _check_unmask(configs, state, site)
 
 
-def _int(configs: ConfigRecord, key: str) -> int:
+def config_int(configs: ConfigRecord, key: str) -> int:
+    """An integer SecAgg+ parameter from a stage message (a bool is refused too)."""
     value = configs.get(key)
     if type(value) is not int:  # noqa: E721 (bool is an int)
         raise SecAggRefused(f"SecAgg+ setup: '{key}' must be an integer")
@@ -43,8 +44,8 @@ def _int(configs: ConfigRecord, key: str) -> int:
 
 
 def _check_setup(configs: ConfigRecord, min_sites: int, site: str) -> None:
-    sample, shares, threshold = (_int(configs, k) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
-    target, modulus = _int(configs, Key.TARGET_RANGE), _int(configs, Key.MOD_RANGE)
+    sample, shares, threshold = (config_int(configs, k) for k in (Key.SAMPLE_NUMBER, Key.SHARE_NUMBER, Key.THRESHOLD))
+    target, modulus = config_int(configs, Key.TARGET_RANGE), config_int(configs, Key.MOD_RANGE)
     clip = configs.get(Key.CLIPPING_RANGE)
     if threshold < min_sites:
         raise SecAggRefused(

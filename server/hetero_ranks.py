@@ -20,6 +20,7 @@ from flwr.common import Code, FitIns, FitRes, Parameters, Scalar, Status, ndarra
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+from flwr.server.strategy.aggregate import aggregate
 
 from fedtune.site_rank import column_weighted
 
@@ -49,22 +50,17 @@ class RankColumnsStrategy(DelegatingStrategy):
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         if not results:
             return self.inner.aggregate_fit(server_round, results, failures)
-        weights = np.array([float(res.num_examples) for _, res in results])
-        arrays = [parameters_to_ndarrays(res.parameters) for _, res in results]
-        if len(arrays[0]) != len(self.current) + 1:
+        arrays = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]
+        if len(arrays[0][0]) != len(self.current) + 1:
             raise ValueError(
-                f"hetero-ranks: a result holds {len(arrays[0])} tensors, expected the adapter's "
+                f"hetero-ranks: a result holds {len(arrays[0][0])} tensors, expected the adapter's "
                 f"{len(self.current)} and the column weights"
             )
-        mean = [
-            np.tensordot(weights / weights.sum(), np.stack([a[i] for a in arrays]), axes=1)
-            for i in range(len(arrays[0]))
-        ]
-        aggregate = column_weighted(mean, self.b_indices, self.current)
+        column_wise = column_weighted(aggregate(arrays), self.b_indices, self.current)  # Flower's weighted mean
         one = FitRes(
             Status(Code.OK, ""),
-            ndarrays_to_parameters([a.astype(np.float32) for a in aggregate]),
-            int(weights.sum()),
+            ndarrays_to_parameters([a.astype(np.float32) for a in column_wise]),
+            sum(n for _, n in arrays),
             weighted_metrics([(res.num_examples, res.metrics) for _, res in results]),
         )
         return self.inner.aggregate_fit(server_round, [(results[0][0], one)], failures)
