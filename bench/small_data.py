@@ -54,6 +54,20 @@ def make_subset(out: Path) -> tuple[Path, Path, Path, list[str]]:
     return *paths, labels
 
 
+def subset_run(files: tuple[Path, Path, Path], rounds: int, runs: Path, name: str) -> dict[str, Any]:
+    """The run config of a federation on the subset (`make_subset`'s train, test and labels)."""
+    train, test, labels_file = files
+    return {
+        "data-path": str(train),
+        "labels-file": str(labels_file),
+        "central-eval-path": str(test),
+        "num-rounds": rounds,
+        "dirichlet-alpha": ALPHA,
+        "output-dir": str(runs),
+        "run-name": name,
+    }
+
+
 def trained_examples(run_dir: Path, batch_size: int) -> int:
     """Examples the sites trained on over the run: sum of steps x batch size."""
     total = 0
@@ -79,16 +93,10 @@ def main() -> None:
     args = parser.parse_args()
 
     train, test, labels_file, labels = make_subset(WORK / "data")
-    overrides: dict[str, Any] = {
-        "data-path": str(train),
-        "labels-file": str(labels_file),
-        "central-eval-path": str(test),
-        "num-rounds": args.rounds,
-        "dirichlet-alpha": ALPHA,
-        "output-dir": str(WORK / "runs"),
-        "run-name": f"small-{args.tag or time.strftime('%Y%m%d-%H%M%S')}",
-        **parse_overrides(args.set),
-    }
+    overrides = subset_run(
+        (train, test, labels_file), args.rounds, WORK / "runs", f"small-{args.tag or time.strftime('%Y%m%d-%H%M%S')}"
+    )
+    overrides.update(parse_overrides(args.set))
     started = time.time()
     settings = run_simulation(overrides, num_sites=SITES)
     run_dir = WORK / "runs" / overrides["run-name"]

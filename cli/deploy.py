@@ -671,7 +671,7 @@ def add_policy_arguments(parser: argparse.ArgumentParser, data_required: bool) -
         type=int,
         default=0,
         help="the LoRA rank this site affords in runs with hetero-ranks (at most the run's lora-r; it trains "
-        "that many columns of each B); default: the run's lora-r",
+        "the first that many components of the federation's adapter); default: the run's lora-r",
     )
     parser.add_argument(
         "--peers",

@@ -34,7 +34,7 @@ from fedtune.memory_plan import (
     resolve_checkpointing,
 )
 from fedtune.precision import BasePrecision, resolve_precision
-from fedtune.site_rank import column_weights, trained_rank
+from fedtune.site_rank import column_weights, trained_rank, zero_untrained
 
 from .dp_history import HistoryStore, history_file
 from .model_cache import cached_lora_model, cached_tokenizer, held_model_bytes
@@ -166,7 +166,7 @@ class SiteWork:
         if s.dp:
             result, dp_metrics = self._fit_dp(model, encoder, config, site.name, server_round, num_rounds)
         else:
-            with trained_rank(model, rank, s.lora_r):  # a lower rank: the first `rank` columns of each B
+            with trained_rank(model, rank, s.lora_r):  # a lower rank: the first `rank` components
                 result = train_local(
                     model,
                     encoder,
@@ -179,6 +179,8 @@ class SiteWork:
                     optimizer_store=self.optimizer_store if s.keep_optimizer_state else None,
                     shard=self.shard,
                 )
+        if s.hetero_ranks:
+            zero_untrained(model, rank)  # the sum over sites holds only what each trained
         arrays = get_adapter_arrays(model, self.lora)
         if s.hetero_ranks:
             arrays.append(column_weights(rank, s.lora_r))  # which columns of B this site trained

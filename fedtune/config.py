@@ -35,6 +35,7 @@ HEAD_INPUTS = ("auto", "pooler", "cls")
 DP_MODES = ("local", "distributed")
 DP_ACCOUNTANTS = ("rdp", "prv")
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+HETERO_AGGREGATIONS = ("padding", "svd")
 QUANTIZE_BASES = ("none", "nf4", "int8")
 CHECKPOINTING = ("auto", "on", "off")
 GATE_NAME = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a registry model or version name, or none
@@ -100,8 +101,15 @@ class RunSettings:
     )
     hetero_ranks: bool = setting(
         False,
-        "sites train the LoRA rank they can afford (their --lora-rank, at most lora-r) and say which columns of B "
-        "they trained; the coordinator averages each column over the sites that trained it (needs ffa-lora)",
+        "sites train the LoRA rank they can afford (their --lora-rank, at most lora-r), the first components of "
+        "the federation's adapter; exact under ffa-lora, see hetero-aggregation otherwise",
+    )
+    hetero_aggregation: str = setting(
+        "padding",
+        "hetero-ranks: padding averages each column of B (row of A) over the sites that trained it, from the "
+        "masked sum (exact under ffa-lora; HetLoRA's approximation when A trains); svd averages the sites' "
+        "products and refactors them (FlexLoRA: plain LoRA without SecAgg+, the coordinator sees each site's)",
+        one_of(HETERO_AGGREGATIONS),
     )
     site_lora_ranks: str = setting(
         "",
@@ -342,8 +350,17 @@ class RunSettings:
             raise ConfigError("secagg-active", "signs SecAgg+'s keys: set secagg = true")
         if self.secagg_active and self.secagg_num_shares < 1.0:
             raise ConfigError("secagg-active", "every site shares with every other: set secagg-num-shares = 1.0")
-        if self.hetero_ranks and not self.ffa_lora:
-            raise ConfigError("hetero-ranks", "averages B column by column over a shared frozen A: set ffa-lora = true")
+        if self.hetero_ranks and self.hetero_aggregation == "svd" and self.secagg:
+            raise ConfigError(
+                "hetero-aggregation",
+                "'svd' needs each site's adapter at the coordinator: set secagg = false or hetero-aggregation = padding",
+            )
+        if self.hetero_ranks and self.hetero_aggregation == "svd" and self.ffa_lora:
+            raise ConfigError(
+                "hetero-aggregation", "'svd' refactors A, which ffa-lora freezes: set hetero-aggregation = padding"
+            )
+        if self.hetero_ranks and self.ffa_head_rank:
+            raise ConfigError("hetero-ranks", "ranks the LoRA layers, not a low-rank head: set ffa-head-rank = 0")
         if self.hetero_ranks and self.dp:
             raise ConfigError("hetero-ranks", "is not built for DP-SGD yet: set dp = false")
         if self.site_lora_ranks and not self.hetero_ranks:
@@ -417,10 +434,11 @@ class RunSettings:
         except ValueError:
             raise ConfigError("site-lora-ranks", f"{self.site_lora_ranks!r}: comma-separated integers") from None
 
-    def check_for_sites(self, num_sites: int) -> None:
+    def check_for_sites(self, num_sites: int, exact: bool = True) -> None:
         """The rules that need the number of sites, run once it is known (the launchers:
-        `min-sites` or the simulation's count; the ServerApp: the connected sites)."""
-        if self.site_lora_ranks and len(self.site_ranks()) != num_sites:
+        `min-sites` or the simulation's count; the ServerApp: the connected sites). With
+        `exact` false, `num_sites` is only the least the run will have (`min-sites`)."""
+        if self.site_lora_ranks and exact and len(self.site_ranks()) != num_sites:
             raise ConfigError(
                 "site-lora-ranks", f"names {len(self.site_ranks())} ranks for {num_sites} sites: one per site"
             )

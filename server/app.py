@@ -30,10 +30,11 @@ from fedtune.logs import setup_logging
 from fedtune.model import LoraSettings, build_lora_model, resolve_model_path
 from fedtune.run_folder import RUN_FILE, SECAGG_FILE, SUMMARY_FILE, RunRecord, Summary, read_run
 from fedtune.secagg.masks import install_csprng_masks
-from fedtune.site_rank import lora_b_indices
+from fedtune.site_rank import lora_a_indices, lora_b_indices, lora_pairs
 
 from .central_eval import make_central_evaluator
 from .hetero_ranks import RankColumnsStrategy
+from .hetero_svd import SvdRanksStrategy
 from .plots import save_plots
 from .polling_grid import FastPollingGrid
 from .preflight import check_run_inputs
@@ -154,8 +155,12 @@ def run_federation(grid: Grid, context: Context) -> Summary:
         save_strategy_state(flower_strategy, folder)
 
     inner: Any = flower_strategy
-    if settings.hetero_ranks:  # sites of different LoRA ranks: B averaged column by column
-        inner = RankColumnsStrategy(inner, lora_b_indices(adapter_info["keys"]), initial)
+    if settings.hetero_ranks:  # sites of different LoRA ranks
+        keys = adapter_info["keys"]
+        if settings.hetero_aggregation == "svd":
+            inner = SvdRanksStrategy(inner, lora_pairs(keys), initial, settings.lora_r)
+        else:  # padding: each column of B (row of A) averaged over the sites that trained it
+            inner = RankColumnsStrategy(inner, lora_b_indices(keys), initial, lora_a_indices(keys))
     if settings.resume:
         restored = load_strategy_state(flower_strategy, run_dir.round_dir(done))
         if restored:

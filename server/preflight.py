@@ -32,7 +32,7 @@ def check_run_inputs(settings: RunSettings, data_set: bool = False, num_sites: i
         _require_file("central-eval-path", settings.central_eval_path)
         load_examples(settings.central_eval_path, settings, labels)
     check_model(settings)
-    settings.check_for_sites(max(num_sites or 0, settings.min_sites))
+    settings.check_for_sites(max(num_sites or 0, settings.min_sites), exact=num_sites is not None)
 
 
 def check_run_folder(settings: RunSettings) -> Path:
