@@ -1,17 +1,19 @@
 """Sites of different LoRA ranks (`hetero-ranks`). The federation's adapter has rank r =
-`lora-r`; a site that affords r_k < r trains only the first r_k columns of each B (and,
-where A trains, the first r_k rows of A) and keeps the rest of B at zero: its product B A
-is a rank-r_k adapter in the federation's shape. It sends the factors with the part it did
-not train zeroed, and a column-weight vector (1 for the columns it trained, 0 beyond),
-which travels like the factors, masked under SecAgg+. Averaged over the sites with their
-example weights, that vector gives, per column, the share of weight that trained it;
-dividing each column of the averaged B (and row of A) by it is the mean over the sites
-that trained it, computed from the masked sum alone (`column_weighted`).
+`lora-r`; a site that affords r_k < r trains only the first r_k components of it: the first
+r_k columns of each B (and, where A trains, rows of A), the rest kept at the global values.
+It sends what it trained, the rest zeroed, and a column-weight vector (1 for the
+components it trained, 0 beyond), which travels like the factors, masked under SecAgg+.
+Averaged over the sites with their example weights, that vector gives, per component, the
+share of weight that trained it; dividing each column of the averaged B (and row of A) by
+it is the mean over the sites that trained it, computed from the masked sum alone
+(`column_weighted`).
 
-Under FFA-LoRA (A frozen and shared) that mean of B is exactly the mean of the sites'
-products. With A trained it is HetLoRA's zero-padding (Cho et al., 2024), an approximation;
-without SecAgg+ the coordinator can instead average the products themselves and hand the
-sites the best rank-r factors of that mean (`svd_redistributed`, FlexLoRA, Bai et al., 2024)."""
+Under FFA-LoRA (A frozen and shared) the sites' adapters differ only in B, so that is the
+exact component-wise mean of the sites' adapters B_k A, with no error from averaging two
+factors apart. With A trained it is zero-padding in the manner of HetLoRA (Cho et al.,
+2024), whose mean of factors only approximates a mean of products; without SecAgg+ the
+coordinator can instead average the products themselves and hand the sites the best
+rank-r factors of that mean (`svd_redistributed`, FlexLoRA, Bai et al., 2024)."""
 
 from __future__ import annotations
 
@@ -43,17 +45,14 @@ def _rank_slices(model: torch.nn.Module, rank: int) -> list[tuple[torch.nn.Param
 
 @contextmanager
 def trained_rank(model: torch.nn.Module, rank: int, full_rank: int) -> Iterator[None]:
-    """Inside: every B's columns from `rank` on are zero and get no gradient (AdamW leaves a
-    zero with a zero gradient at zero), and the rows of a trained A from `rank` on get no
-    gradient and keep the global values (their product with B's zero columns is zero):
-    training touches the first `rank` components only."""
+    """Inside: every B's columns from `rank` on, and a trained A's rows from `rank` on, get
+    no gradient and keep the global values (restored on the way out, past AdamW's weight
+    decay): the site trains the first `rank` components of the global adapter, on top of
+    the rest of it, so its local model is the global one plus its own update."""
     if rank >= full_rank:
         yield
         return
     parts = _rank_slices(model, rank)
-    with torch.no_grad():
-        for w in lora_b_weights(model):
-            w[:, rank:] = 0
 
     def frozen(where: tuple[slice, ...]) -> Callable[[torch.Tensor], torch.Tensor]:
         def keep_trained(grad: torch.Tensor) -> torch.Tensor:
@@ -63,7 +62,7 @@ def trained_rank(model: torch.nn.Module, rank: int, full_rank: int) -> Iterator[
 
         return keep_trained
 
-    kept = [(w, w[rank:].detach().clone()) for w in lora_a_weights(model)]  # AdamW's weight decay would shrink them
+    kept = [(w, where, w[where].detach().clone()) for w, where in parts]
     hooks = [w.register_hook(frozen(where)) for w, where in parts]
     try:
         yield
@@ -71,13 +70,13 @@ def trained_rank(model: torch.nn.Module, rank: int, full_rank: int) -> Iterator[
         for hook in hooks:
             hook.remove()
         with torch.no_grad():
-            for w, rows in kept:
-                w[rank:] = rows
+            for w, where, values in kept:
+                w[where] = values
 
 
 def zero_untrained(model: torch.nn.Module, rank: int) -> None:
-    """Zero what a site of `rank` did not train (A's rows beyond it; B's columns are zero
-    already) before its factors travel: the sum over sites holds only the trainers' values."""
+    """Zero what a site of `rank` did not train (B's columns and A's rows beyond it) before
+    its factors travel: the sum over sites holds only the trainers' values."""
     with torch.no_grad():
         for w, where in _rank_slices(model, rank):
             w[where] = 0

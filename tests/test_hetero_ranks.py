@@ -1,7 +1,7 @@
 """Sites of different LoRA ranks (`hetero-ranks`): a site of rank r_k trains only the first
 r_k columns of each B (and rows of a trained A), sends which it trained, and the coordinator
 averages each over the sites that trained it, from the masked sum alone: under FFA-LoRA,
-through real SecAgg+, that is exactly the mean of the sites' products; with A trained it is
+through real SecAgg+, that is exactly the component-wise mean of the sites' adapters B_k A; with A trained it is
 HetLoRA's zero-padding, also through SecAgg+; without SecAgg+ FlexLoRA's SVD refactors the
 mean of the sites' products. A rank above the federation's is refused in one line."""
 
@@ -88,9 +88,10 @@ def _train_at_rank(model: torch.nn.Module, rank: int, full_rank: int) -> dict[st
     return batch
 
 
-def _assert_trained_columns(b_weights: list[torch.nn.Parameter], rank: int) -> None:
-    for w in b_weights:
-        assert torch.count_nonzero(w[:, rank:]) == 0 and torch.count_nonzero(w[:, :rank]) > 0
+def _assert_trained_columns(b_weights: list[torch.nn.Parameter], before: list[torch.Tensor], rank: int) -> None:
+    """The first `rank` columns of each B trained; the rest hold the global values still."""
+    for w, was in zip(b_weights, before):
+        assert torch.equal(w[:, rank:], was[:, rank:]) and not torch.equal(w[:, :rank], was[:, :rank])
 
 
 def test_a_lower_rank_trains_its_rows_of_a_when_a_trains(tiny_bert_dir: Path) -> None:
@@ -103,12 +104,14 @@ def test_a_lower_rank_trains_its_rows_of_a_when_a_trains(tiny_bert_dir: Path) ->
         for w in b_weights:
             w.normal_()
     a_before = [w.detach().clone() for w in a_weights]
+    b_before = [w.detach().clone() for w in b_weights]
     _train_at_rank(model, 2, 8)
-    _assert_trained_columns(b_weights, 2)
+    _assert_trained_columns(b_weights, b_before, 2)
     for before, after in zip(a_before, a_weights):
         assert torch.equal(before[2:], after[2:]) and not torch.equal(before[:2], after[:2])
-    zero_untrained(model, 2)  # what travels: only the trained rows
+    zero_untrained(model, 2)  # what travels: only the trained rows and columns
     assert all(torch.count_nonzero(w[2:]) == 0 and torch.count_nonzero(w[:2]) > 0 for w in a_weights)
+    assert all(torch.count_nonzero(w[:, 2:]) == 0 and torch.count_nonzero(w[:, :2]) > 0 for w in b_weights)
 
 
 def test_a_lower_rank_trains_only_its_columns(tiny_bert_dir: Path) -> None:
@@ -120,8 +123,9 @@ def test_a_lower_rank_trains_only_its_columns(tiny_bert_dir: Path) -> None:
         for w in weights:
             w.normal_()  # a global B that larger sites trained in every column
     a_before = [p.detach().clone() for n, p in model.named_parameters() if ".lora_A." in n]
+    b_before = [w.detach().clone() for w in weights]
     batch = _train_at_rank(model, 2, 8)
-    _assert_trained_columns(weights, 2)
+    _assert_trained_columns(weights, b_before, 2)  # trained on top of the larger sites' columns
     a_after = [p for n, p in model.named_parameters() if ".lora_A." in n]
     assert all(torch.equal(x, y) for x, y in zip(a_before, a_after))  # FFA: A frozen
     model(**batch).loss.backward()  # outside, no hook is left behind
@@ -141,6 +145,11 @@ def test_a_rank_above_the_federations_is_refused_in_one_line() -> None:
         RunSettings.from_run_config({**base, "ffa-head-rank": 16})
     RunSettings.from_run_config({**svd, "secagg": False})  # plain LoRA, no SecAgg+: FlexLoRA's SVD
     RunSettings.from_run_config({**base, "ffa-lora": False})  # plain LoRA: zero-padding, under SecAgg+ too
+    four = RunSettings.from_run_config({**base, "site-lora-ranks": "2,4,8,8", "min-sites": 2})
+    four.check_for_sites(2, exact=False)  # the ServerApp before the sites connect: min-sites is only a floor
+    four.check_for_sites(4)
+    with pytest.raises(ConfigError, match="'site-lora-ranks': names 4 ranks for 3 sites"):
+        four.check_for_sites(3)
     settings = RunSettings.from_run_config(base)
     site = NodeSettings("deployed", data_path="d.jsonl", site_name="bank-a", lora_rank=16)
     with pytest.raises(FedtuneError, match="site bank-a declares LoRA rank 16, above the federation's lora-r = 8"):
@@ -165,8 +174,8 @@ def test_heterogeneous_ranks_aggregate_exactly_through_secagg(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tiny_bert_dir: Path, sentiment_data: dict[str, Path]
 ) -> None:
     """3 sites of ranks 2, 4 and 8 (lora-r = 8) through real SecAgg+: the aggregate's B is
-    each column's weighted mean over the sites that trained it, and B A the same mean of
-    the sites' products (A is shared), within SecAgg+'s quantisation."""
+    each column's weighted mean over the sites that trained it, and B A the same
+    component-wise mean of the sites' adapters B_k A (A is shared), within SecAgg+'s quantisation."""
     run_dir, _, audit = _run_secagg(
         tmp_path, monkeypatch, tiny_bert_dir, sentiment_data, sites=3, rounds=1,
         extra={"ffa-lora": True, "hetero-ranks": True, "site-lora-ranks": "2,4,8", "lora-r": 8},
@@ -192,7 +201,7 @@ def test_heterogeneous_ranks_aggregate_exactly_through_secagg(
         np.testing.assert_allclose(got[i], expected, atol=1e-4)
         a = saved[keys[i].replace(".default", "").replace(".lora_B.", ".lora_A.")]
         products = sum(w * (arrays[i] / share[None, :]) @ a for w, (_, arrays) in zip(weights, updates.values()))
-        np.testing.assert_allclose(got[i] @ a, products, atol=1e-4)  # B A: the same mean of the products
+        np.testing.assert_allclose(got[i] @ a, products, atol=1e-4)  # B A: the component-wise mean
 
 
 @pytest.mark.slow
