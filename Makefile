@@ -86,6 +86,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/edge.py
 	$(BIN)/python bench/registry.py
 	$(BIN)/python bench/deploy.py
+	$(BIN)/python bench/hetero_ranks.py
+	$(BIN)/python bench/tracking.py
 
 # `flwr run .` against Flower's managed local SuperLink, then stop that SuperLink.
 flwr-run: $(STAMP)

@@ -156,9 +156,10 @@ Upload: under SecAgg+ every site sends the federation's full rank-{MAX_RANK} sha
 like the rest, which is what hides a site's rank), plus one {MAX_RANK}-value column-weight vector; so does
 `lora-svd` today. Memory: a site builds the federation's rank-{MAX_RANK} adapter and trains its first r_k
 components, so its memory is that of rank {MAX_RANK}. What a model built at its own rank would hold for LoRA and
-AdamW (the memory plan's "LoRA + optimizer", fp32, the head included), against the whole step's plan:
+AdamW (the memory plan's "LoRA + optimizer", fp32, the head included; on MiniLM the rest of a training step
+is far larger, so a rank buys little memory here):
 
-| rank | trainable values (LoRA + head) | LoRA + optimizer |
+| rank | trainable values (plain LoRA A and B + head) | LoRA + optimizer |
 |---|---|---|
 {mem_rows}
 """

@@ -42,6 +42,7 @@ from .node_settings import NodeSettings
 from .optimizer_state import MemoryOptimizerStore, OptimizerStore
 from .privacy_floor import PrivacyFloor
 from .secagg_setup import setup_from_config
+from .site_curves import SiteCurves, curves_folder
 from .site_data import SiteData, load_site_data
 from .site_ranks import RankGroup, RankShard, rank_device
 from .trainer import TrainResult, train_local
@@ -161,6 +162,8 @@ class SiteWork:
         encoder = self.encoder("train", site.train)
         seed = s.seed + 7919 * server_round + zlib.crc32(site.name.encode())
         dp_metrics: dict[str, Scalar] = {}
+        curves = self.curves(config, site.name)
+        curves.start_round(server_round)
         if isinstance(self.ranks, RankGroup):  # the site's other ranks train this round with this process
             self.ranks.start_fit(s.to_run_config(), self.node.to_node_config(), parameters, config)
         if s.dp:
@@ -178,6 +181,7 @@ class SiteWork:
                     seed=seed,
                     optimizer_store=self.optimizer_store if s.keep_optimizer_state else None,
                     shard=self.shard,
+                    on_step=curves.train_step,
                 )
         if s.hetero_ranks:
             zero_untrained(model, rank)  # the sum over sites holds only what each trained
@@ -197,7 +201,12 @@ class SiteWork:
             # SecAgg+ clips values beyond +-C; say how many, since the sum cannot show it.
             limit = s.secagg_clipping_range
             metrics["secagg_clipped_values"] = int(sum(int((np.abs(a) > limit).sum()) for a in arrays))
+        curves.end_round(server_round, {k: v for k, v in metrics.items() if k != "secagg_clipped_values"})
         return arrays, result.num_examples, metrics
+
+    def curves(self, config: Config, site: str) -> SiteCurves:
+        """This site's own TensorBoard curves of the run the message names (kept at the site)."""
+        return SiteCurves(curves_folder(self.node.state_folder(self.settings), config.get("run-id", "run"), site))
 
     def score_candidate(
         self, parameters: list[np.ndarray], config: Config, request: GateRequest
@@ -304,4 +313,5 @@ class SiteWork:
         metrics = evaluate(model, encoder, max_new_tokens=s.eval_max_new_tokens, max_generated=s.eval_max_examples)
         out: dict[str, Scalar] = {"site": site.name, "num_examples": len(examples)}
         out.update({f"val_{k}": float(v) for k, v in metrics.items()})
+        self.curves(config, site.name).validation(int(config.get("server-round", 0)), metrics)
         return float(metrics["loss"]), len(examples), out

@@ -7,7 +7,7 @@ import inspect
 import logging
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -69,11 +69,13 @@ def train_local(
     seed: int = 0,
     optimizer_store: OptimizerStore | None = None,
     shard: RankShard | None = None,
+    on_step: Callable[[float, float], None] | None = None,
 ) -> TrainResult:
     """Train the trainable (adapter + head) parameters in place for one round. With an
     `optimizer_store`, AdamW starts from the moments the site kept last round and keeps its own.
     With a `shard` (one of a site's ranks, `site_ranks.py`), this process trains on its slice
-    of each global batch and the ranks' gradients are averaged before each step."""
+    of each global batch and the ranks' gradients are averaged before each step. `on_step`
+    hears each step's loss and learning rate (the site's own curves)."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     anchors: Sequence[torch.Tensor] = [p.detach().clone() for p in params] if proximal_mu > 0 else []
@@ -110,6 +112,8 @@ def train_local(
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(value)
+        if on_step is not None:
+            on_step(value, float(optimizer.param_groups[0]["lr"]))
         if (step + 1) % report_every == 0 or step + 1 == steps:
             log.info(
                 "%s round %d: step %d/%d loss %.4f",

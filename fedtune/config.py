@@ -36,6 +36,7 @@ DP_MODES = ("local", "distributed")
 DP_ACCOUNTANTS = ("rdp", "prv")
 BASE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 HETERO_AGGREGATIONS = ("padding", "svd")
+TRACKINGS = ("tensorboard", "mlflow", "none")
 QUANTIZE_BASES = ("none", "nf4", "int8")
 CHECKPOINTING = ("auto", "on", "off")
 GATE_NAME = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a registry model or version name, or none
@@ -279,6 +280,22 @@ class RunSettings:
         ),
     )
     resume: bool = setting(False, "true: continue run-name after its last completed round")
+    tracking: str = setting(
+        "tensorboard",
+        "the coordinator's live view of the run, written after every round: tensorboard (event files in the run "
+        "folder's tensorboard/), mlflow (an MLflow run at tracking-uri) or none",
+        one_of(TRACKINGS),
+    )
+    tracking_uri: str = setting(
+        "",
+        'tracking = mlflow: the MLflow tracking URI ("": a SQLite store, output-dir/mlflow.db, its artifacts in '
+        "output-dir/mlartifacts)",
+    )
+    tracking_experiment: str = setting(
+        "fedtune",
+        "tracking = mlflow: the MLflow experiment the run goes to",
+        matches(r"^[\w][\w .:/-]{0,199}$", "use 1-200 letters, digits, spaces or '.', ':', '/', '_', '-'"),
+    )
     site_state_dir: str = setting(
         ".fedtune-site-state", "simulation: where the virtual sites keep their state (DP accountant) across restarts"
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import uuid
 from pathlib import Path
@@ -35,13 +36,11 @@ from fedtune.site_rank import lora_a_indices, lora_b_indices, lora_pairs
 from .central_eval import make_central_evaluator
 from .hetero_ranks import RankColumnsStrategy
 from .hetero_svd import SvdRanksStrategy
-from .plots import save_plots
 from .polling_grid import FastPollingGrid
 from .preflight import check_run_inputs
 from .privacy_budget import EpsilonBudgetStrategy, resume_refusal
 from .recorder import RecordingStrategy
 from .release_gate import run_gate
-from .report import write_report
 from .run_dir import RunDir
 from .secagg_dropouts import check_workflow_state
 from .secure_aggregation import (
@@ -55,6 +54,7 @@ from .strategy_state import (
     load_strategy_state,
     save_strategy_state,
 )
+from .tracking import RoundSink, open_tracker
 from .traffic import MeteredGrid
 
 log = logging.getLogger("fedtune.server")
@@ -98,7 +98,14 @@ def run_federation(grid: Grid, context: Context) -> Summary:
         check_workflow_state()  # and if its workflow no longer looks as the dropout fix expects
         flower.require("masked-vectors")
     flower.require("failure-text")
+    fresh = not run_dir.path.exists()
     run_dir.create()
+    try:
+        tracker = open_tracker(settings, run_dir.path, run_id)  # refuses in one line before round 1
+    except FedtuneError:
+        if fresh:
+            shutil.rmtree(run_dir.path, ignore_errors=True)  # nothing of this run was written yet
+        raise
     log.info("fedtune %s: run %s -> %s", __version__, run_id, run_dir.path)
 
     lora = settings.lora_settings()  # what the model trains and what travels
@@ -169,10 +176,11 @@ def run_federation(grid: Grid, context: Context) -> Summary:
         inner = EpsilonBudgetStrategy(inner, settings.dp_epsilon_budget, settings.dp_delta)
         inner.worst_epsilon = max((r.dp_epsilon_max or 0.0 for r in run_dir.read_rounds()), default=0.0)
     metered = MeteredGrid(FastPollingGrid(grid))  # replies pulled every 0.1 s, stages timed
+    sink = RoundSink(run_dir.append_round, run_dir.read_rounds, tracker, settings, run_dir.path, run_id, adapter_info)
     strategy = RecordingStrategy(
         inner,
         metered,
-        run_dir.append_round,
+        sink,
         save_round,
         num_rounds - done,
         round_offset=done,
@@ -201,9 +209,8 @@ def run_federation(grid: Grid, context: Context) -> Summary:
         site_validation=records[-1].aggregate if records else {},
         seconds=round(time.monotonic() - started, 2),
     )
-    plots = save_plots(records, run_dir.path, settings.task)
-    write_report(run_dir.path / "report.md", settings, records, summary, plots, adapter_info)
     run_dir.write_json(SUMMARY_FILE, summary.to_json())
+    sink.finish(summary)  # the final plots and report, and the tracker's artefacts
     log.info(_summary_line(summary, settings.task))
     return summary
 

@@ -1,7 +1,9 @@
-"""PNG plots of a run: loss and accuracy per round, per site and global."""
+"""PNG plots of a run: loss and accuracy per round, per site and global; rewritten after
+every round, each file replaced whole."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +77,9 @@ def save_plots(records: list[RoundRecord], out_dir: Path, task: str) -> list[Pat
             _plot(ax, records, key, central_key, title)
         fig.tight_layout()
         path = out_dir / name
-        fig.savefig(path, dpi=110)
+        tmp = path.with_name(f".{name}.tmp")
+        fig.savefig(tmp, dpi=110, format="png")
         plt.close(fig)
+        os.replace(tmp, path)  # a reader (a browser, a file watcher) never sees half a picture
         written.append(path)
     return written

@@ -32,6 +32,10 @@ def check_run_inputs(settings: RunSettings, data_set: bool = False, num_sites: i
         _require_file("central-eval-path", settings.central_eval_path)
         load_examples(settings.central_eval_path, settings, labels)
     check_model(settings)
+    if settings.tracking == "mlflow" and settings.tracking_uri:
+        from .mlflow_tracker import check_tracking_uri
+
+        check_tracking_uri(settings.tracking_uri)
     settings.check_for_sites(max(num_sites or 0, settings.min_sites), exact=num_sites is not None)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +150,9 @@ def write_report(
     ]
     lines += [f"- `{p.name}`" for p in plots]
     lines.append("")
-    path.write_text("\n".join(lines), encoding="utf-8")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines), encoding="utf-8")
+    os.replace(tmp, path)  # rewritten after every round: a reader never sees half a report
     return path
 
 

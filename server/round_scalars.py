@@ -4,12 +4,19 @@ what the report holds, one name per value, so TensorBoard and MLflow show the sa
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from fedtune.run_folder import RoundRecord
 
 _NOT_A_METRIC = frozenset({"node_id", "site"})  # identifiers the sites' metrics carry
-MAX_NAME = 200  # a site name is the operator's: kept short for the trackers' limits
+MAX_NAME = 200  # names hold site names and the sites' metric keys: bounded for the trackers' limits
+_UNSAFE = re.compile(r"[^\w\-./ ]")  # what MLflow and TensorBoard both accept in a name
+
+
+def scalar_name(*parts: str) -> str:
+    """A tracker's name for a value: the parts joined with '/', odd characters replaced."""
+    return _UNSAFE.sub("_", "/".join(parts))[:MAX_NAME]
 
 
 def _numbers(prefix: str, values: dict[str, Any]) -> dict[str, float]:
@@ -18,7 +25,7 @@ def _numbers(prefix: str, values: dict[str, Any]) -> dict[str, float]:
         if key in _NOT_A_METRIC or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         if math.isfinite(float(value)):
-            out[f"{prefix}/{key}"[:MAX_NAME]] = float(value)
+            out[scalar_name(prefix, str(key))] = float(value)
     return out
 
 
@@ -32,7 +39,7 @@ def round_scalars(record: RoundRecord) -> dict[str, float]:
     for site, metrics in sorted(record.sites.items()):
         out |= _numbers(f"site/{site}", metrics)
         if isinstance(metrics.get("dp_epsilon"), (int, float)):
-            out[f"privacy/epsilon/{site}"[:MAX_NAME]] = float(metrics["dp_epsilon"])
+            out[scalar_name("privacy/epsilon", site)] = float(metrics["dp_epsilon"])
     if record.dp_epsilon_max is not None:
         out["privacy/epsilon_worst_site"] = float(record.dp_epsilon_max)
     for key in ("bytes_up", "bytes_down"):

@@ -6,7 +6,8 @@
 - the export imports the core and the device; the registry the core, the device and
   its own wire contract;
 - the device imports the core and the registry's wire contract only, and neither it nor
-  any core module it reaches imports torch, transformers, peft, flwr, optimum or opacus;
+  any core module it reaches imports torch, transformers, peft, flwr, optimum or opacus, nor
+  the trackers (tensorboard, mlflow: a run's views belong to the coordinator and the sites);
 - only the composition roots (`fedtune.cli`: the CLI and the simulation launcher)
   import several stages;
 - the ClientApp (the code Flower runs from the coordinator's copy of the app) reaches,
@@ -51,7 +52,7 @@ ALLOWED = {  # stage -> stages it may import (besides itself)
     "protocol": {"core"},
     "roots": {"core", "site", "coordinator", "export", "device", "registry", "protocol"},
 }
-HEAVY = {"torch", "transformers", "peft", "flwr", "optimum", "opacus", "ray", "onnx"}
+HEAVY = {"torch", "transformers", "peft", "flwr", "optimum", "opacus", "ray", "onnx", "tensorboard", "mlflow"}
 DEVICE_THIRD_PARTY_BANNED = HEAVY
 
 
