@@ -73,6 +73,7 @@ lint: $(STAMP)
 
 bench-llm: $(STAMP)
 	$(BIN)/python bench/llm.py
+	$(BIN)/python bench/llm_small_data.py
 
 # INT4 on onnxruntime-genai vs PyTorch, optimum INT8 and llama.cpp (built into .venv-llamacpp,
 # for this benchmark only), on the newest causal-LM run (`make demo-llm` first).

@@ -34,6 +34,7 @@ from fedtune.memory_plan import (
     resolve_checkpointing,
 )
 from fedtune.precision import BasePrecision, resolve_precision
+from fedtune.run_budget import read_round_plan
 from fedtune.site_rank import column_weights, trained_rank, zero_untrained
 
 from .dp_history import HistoryStore, history_file
@@ -154,6 +155,9 @@ class SiteWork:
         site = self.site(labels)
         s = self.settings
         self.floor.check_run(s, site.name)  # before the model is touched
+        plan = read_round_plan(config)  # train-epochs: this round's steps and batch, bounded
+        if plan and not s.dp:
+            s = replace(s, local_steps=plan["local-steps"], batch_size=plan["batch-size"])
         rank = self.node.trained_rank(s)
         model = self.model(labels)
         set_adapter_arrays(model, parameters, self.lora)
@@ -179,7 +183,7 @@ class SiteWork:
                     site=site.name,
                     proximal_mu=float(config.get("proximal_mu", 0.0)),
                     seed=seed,
-                    optimizer_store=self.optimizer_store if s.keep_optimizer_state else None,
+                    optimizer_store=self.optimizer_store if s.keeps_optimizer_state else None,
                     shard=self.shard,
                     on_step=curves.train_step,
                 )

@@ -300,16 +300,18 @@ class SiteWorker:
             min_sites = self.policy.min_secagg_sites if self.policy else DEFAULT_MIN_SECAGG_SITES
             state = RunState(work, None)
             state.messages = RunMessages(
-                work, int(run), min_sites, peers=self.peers, on_fit=lambda r, s=state: self._fitted(s, r)
+                work, int(run), min_sites, peers=self.peers, on_fit=lambda r, n, s=state: self._fitted(s, r, n)
             )
             self.runs[run_id] = state
             log.info("site worker: run %d: state created (%s, %s)", run_id[0], settings.base_model, settings.task)
         return state
 
     @staticmethod
-    def _fitted(state: RunState, server_round: int) -> None:
+    def _fitted(state: RunState, server_round: int, num_rounds: int) -> None:
+        """A round trained; the run is finished after its last round (the message's count:
+        a train-epochs plan sets it at the coordinator; else the run config's)."""
         state.rounds.add(server_round)
-        if server_round and server_round >= state.work.settings.num_rounds:
+        if server_round and server_round >= (num_rounds or state.work.settings.num_rounds):
             state.finished = True
 
     def drop_stale_runs(self) -> None:

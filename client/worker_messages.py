@@ -111,7 +111,7 @@ class RunMessages:
         run_id: int,
         min_secagg_sites: int,
         peers: PeerSet | None = None,
-        on_fit: Callable[[int], None] | None = None,
+        on_fit: Callable[[int, int], None] | None = None,
     ) -> None:
         self.work = work
         self.min_secagg_sites = min_secagg_sites
@@ -161,7 +161,8 @@ class RunMessages:
     def _legacy(self, msg: Message, ctxt: Context) -> Message:
         out = handle_legacy_message_from_msgtype(lambda _: _WorkClient(self.work, ctxt).to_client(), msg, ctxt)
         if msg.metadata.message_type == MessageType.TRAIN and self.on_fit is not None:
-            self.on_fit(int(msg.content.config_records.get("fitins.config", {}).get("server-round", 0) or 0))
+            config = msg.content.config_records.get("fitins.config", {})
+            self.on_fit(_round_number(config.get("server-round")), _round_number(config.get("num-rounds")))
         return out
 
     def _released(self, content: RecordDict, site: str) -> RecordDict:
@@ -178,3 +179,8 @@ class RunMessages:
                 else:
                     out[name] = record  # Flower's status record and SecAgg+'s stage reply
         return out
+
+
+def _round_number(value: Any) -> int:
+    """A round count from the coordinator's message: an integer >= 0, else 0 (unknown)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0

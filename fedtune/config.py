@@ -39,9 +39,22 @@ HETERO_AGGREGATIONS = ("padding", "svd")
 TRACKINGS = ("tensorboard", "mlflow", "none")
 QUANTIZE_BASES = ("none", "nf4", "int8")
 CHECKPOINTING = ("auto", "on", "off")
+OPTIMIZER_STATES = ("auto", "true", "false")
+AUTO_TRAIN_EPOCHS = 3.0  # transformers' Trainer's own default (num_train_epochs)
 GATE_NAME = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a registry model or version name, or none
 GATE_REGISTRY = r"^$|^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$"  # host:port, or none
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a folder name under output-dir, never a path
+
+
+def _epochs_budget(value: str) -> str | None:
+    """`train-epochs`: auto, off, or a number of epochs > 0 (at most 1000)."""
+    if value in ("auto", "off"):
+        return None
+    try:
+        epochs = float(value)
+    except ValueError:
+        return f'must be "auto", "off" or a number of epochs, got {value!r}'
+    return None if math.isfinite(epochs) and 0 < epochs <= 1000 else f"must be in (0, 1000] epochs, got {value}"
 
 
 # Project root: relative data paths in the run config resolve against it when they
@@ -163,10 +176,25 @@ class RunSettings:
     lr_schedule: str = setting("linear", "linear | cosine | constant, over the whole run", one_of(LR_SCHEDULES))
     restricted_softmax: bool = setting(True, "seq-cls: mask labels a site lacks out of its training loss (FedRS)")
     group_by_length: bool = setting(True, "batches of similar length: less padding, same examples")
-    keep_optimizer_state: bool = setting(
-        False,
-        "sites keep their AdamW moments from round to round (in the run's "
-        "context / site worker) instead of restarting Adam each round",
+    keep_optimizer_state: str = setting(
+        "auto",
+        "sites keep their AdamW moments from round to round (in the run's context / site worker) instead of "
+        "restarting Adam each round: auto (on for causal-lm, off for seq-cls; DP-SGD always restarts) | true | false",
+        one_of(OPTIMIZER_STATES),
+    )
+    train_epochs: str = setting(
+        "auto",
+        "the run's budget in epochs of all sites' data: before round 1 the coordinator derives num-rounds, "
+        "local-steps and each site's batch (batch-size over the sites) from it and the sites' example counts; "
+        f"auto: {AUTO_TRAIN_EPOCHS:g} for causal-lm plain training that leaves local-steps at 0, else off; "
+        "off: num-rounds and local-steps/local-epochs as set",
+        _epochs_budget,
+    )
+    budget_local_steps: int = setting(
+        10, "train-epochs: the fewest local steps a round; the plan makes as many such rounds as it can", at_least(1)
+    )
+    budget_max_rounds: int = setting(
+        20, "train-epochs: the most rounds the plan makes (each costs a SecAgg+ exchange and validation)", at_least(1)
     )
     num_rounds: int = setting(16, "federated rounds", at_least(1), section="Federation")
     strategy: str = setting("fedavg", " | ".join(STRATEGIES), one_of(STRATEGIES))
@@ -399,11 +427,21 @@ class RunSettings:
             raise ConfigError("resume", "needs run-name: the run folder to continue")
         if self.local_steps <= 0 and self.local_epochs <= 0:
             raise ConfigError("local-epochs", "must be > 0 when local-steps is 0")
-        if self.keep_optimizer_state and self.dp:
+        if self.keep_optimizer_state == "true" and self.dp:
             raise ConfigError(
                 "keep-optimizer-state",
                 "applies to plain training only (DP-SGD's optimizer restarts "
                 "every round): set keep-optimizer-state = false or dp = false",
+            )
+        if self.train_epochs not in ("auto", "off") and self.local_steps > 0:
+            raise ConfigError(
+                "train-epochs", 'derives local-steps from the budget: set local-steps = 0 or train-epochs = "off"'
+            )
+        if self.dp and self.train_epochs not in ("auto", "off"):
+            raise ConfigError(
+                "train-epochs",
+                "DP-SGD's work is dp-local-epochs x num-rounds (its noise is set for them): set train-epochs = "
+                '"off" or dp = false',
             )
         if self.quantize_base != "none" and self.task != "causal-lm":
             raise ConfigError("quantize-base", 'applies to task = "causal-lm": set quantize-base = "none"')
@@ -465,6 +503,23 @@ class RunSettings:
                 f"{num_sites} sites x {self.secagg_quantization_range} levels overflow the modulus "
                 f"{self.secagg_modulus_range}; lower the quantization range or raise the modulus",
             )
+
+    @property
+    def keeps_optimizer_state(self) -> bool:
+        """Whether sites keep AdamW's moments across rounds: never under DP-SGD."""
+        if self.dp or self.keep_optimizer_state == "false":
+            return False
+        return self.keep_optimizer_state == "true" or self.task == "causal-lm"
+
+    @property
+    def budget_epochs(self) -> float:
+        """`train-epochs` as a number of epochs; 0 when the run has no budget (off, or auto
+        for seq-cls and DP runs and for runs that set local-steps: their work is set directly)."""
+        if self.train_epochs == "off" or self.dp:
+            return 0.0
+        if self.train_epochs == "auto":
+            return AUTO_TRAIN_EPOCHS if self.task == "causal-lm" and self.local_steps == 0 else 0.0
+        return float(self.train_epochs)
 
     @property
     def dp_batch(self) -> int:
@@ -596,6 +651,8 @@ def _coerce(key: str, raw: Any, type_name: Any) -> Any:
                     return False
                 raise ValueError
             return bool(raw)
+        if isinstance(raw, bool):  # TOML true/false for a key that also takes words ("auto")
+            return "true" if raw else "false"
         return str(raw)
     except (TypeError, ValueError):
         raise ConfigError(key, f"expected {type_name}, got {raw!r}") from None

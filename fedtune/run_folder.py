@@ -18,6 +18,7 @@ RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 SECAGG_FILE = "secagg.json"
+BUDGET_FILE = "budget.json"  # train-epochs: the plan the coordinator derived before round 1
 FINAL_DIR = "final"
 ADAPTER_META_FILE = "fedtune.json"  # in every adapter folder: the run's metadata and the round
 

@@ -12,6 +12,7 @@ import logging
 import shutil
 import time
 import uuid
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from fedtune.errors import FedtuneError
 from fedtune.internals import flower
 from fedtune.logs import setup_logging
 from fedtune.model import LoraSettings, build_lora_model, resolve_model_path
-from fedtune.run_folder import RUN_FILE, SECAGG_FILE, SUMMARY_FILE, RunRecord, Summary, read_run
+from fedtune.run_budget import BudgetPlan, plan_budget, round_plan_config
+from fedtune.run_folder import BUDGET_FILE, RUN_FILE, SECAGG_FILE, SUMMARY_FILE, RunRecord, Summary, read_run
 from fedtune.secagg.masks import install_csprng_masks
 from fedtune.site_rank import lora_a_indices, lora_b_indices, lora_pairs
 
@@ -44,6 +46,7 @@ from .release_gate import run_gate
 from .run_dir import RunDir
 from .secagg_dropouts import check_workflow_state
 from .secure_aggregation import (
+    Census,
     build_secagg_workflow,
     secagg_census,
     wait_for_sites,
@@ -98,6 +101,11 @@ def run_federation(grid: Grid, context: Context) -> Summary:
         check_workflow_state()  # and if its workflow no longer looks as the dropout fix expects
         flower.require("masked-vectors")
     flower.require("failure-text")
+    metered = MeteredGrid(FastPollingGrid(grid))  # replies pulled every 0.1 s, stages timed
+    census = _census(settings, metered)  # before anything is written: who joins, with how many examples
+    plan = _budget_plan(settings, census)
+    if plan is not None:
+        settings = replace(settings, num_rounds=plan.num_rounds, local_steps=plan.local_steps)
     fresh = not run_dir.path.exists()
     run_dir.create()
     try:
@@ -132,6 +140,8 @@ def run_federation(grid: Grid, context: Context) -> Summary:
         done, initial, run = _resume_point(run_dir, settings, model, run)
     else:
         run_dir.write_json(RUN_FILE, run.to_json())
+        if plan is not None:
+            run_dir.write_json(BUDGET_FILE, {**asdict(plan), "samples": plan.samples})
         run_dir.save_adapter(model, initial, run_dir.round_dir(0), {**run.metadata(), "round": 0}, lora)
     metadata = run.metadata()
     evaluate_fn = make_central_evaluator(
@@ -151,6 +161,7 @@ def run_federation(grid: Grid, context: Context) -> Summary:
             "num-rounds": num_rounds,
             "labels": labels_json,
             "run-id": f"{run_id}-{run.run_uid[:12]}",
+            **(round_plan_config(plan) if plan is not None else {}),
         }
 
     flower_strategy = build_strategy(settings, ndarrays_to_parameters(initial), evaluate_fn, fit_config, fit_config)
@@ -175,7 +186,6 @@ def run_federation(grid: Grid, context: Context) -> Summary:
     if settings.dp:
         inner = EpsilonBudgetStrategy(inner, settings.dp_epsilon_budget, settings.dp_delta)
         inner.worst_epsilon = max((r.dp_epsilon_max or 0.0 for r in run_dir.read_rounds()), default=0.0)
-    metered = MeteredGrid(FastPollingGrid(grid))  # replies pulled every 0.1 s, stages timed
     sink = RoundSink(run_dir.append_round, run_dir.read_rounds, tracker, settings, run_dir.path, run_id, adapter_info)
     strategy = RecordingStrategy(
         inner,
@@ -187,7 +197,7 @@ def run_federation(grid: Grid, context: Context) -> Summary:
         surviving_sites_floor=2 if settings.secagg else 1,
     )
     legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds - done), strategy=strategy)
-    fit_workflow = _secagg_fit_workflow(settings, metered, run_dir, strategy)
+    fit_workflow = _secagg_fit_workflow(settings, census, run_dir, strategy)
     DefaultWorkflow(fit_workflow=fit_workflow)(metered, legacy)  # type: ignore[arg-type]
     strategy.flush()
 
@@ -211,8 +221,24 @@ def run_federation(grid: Grid, context: Context) -> Summary:
     )
     run_dir.write_json(SUMMARY_FILE, summary.to_json())
     sink.finish(summary)  # the final plots and report, and the tracker's artefacts
-    log.info(_summary_line(summary, settings.task))
+    line = _summary_line(summary, settings.task)
+    if settings.task == "causal-lm":  # how much training that was: a short run says so
+        line += " | " + _training_spent(records, plan.site_batch if plan else settings.batch_size, census, settings)
+    log.info(line)
     return summary
+
+
+def _training_spent(records: list[Any], batch: int, census: Census | None, settings: RunSettings) -> str:
+    """The training samples the sites reported (steps x batch), in epochs of their data
+    where the census counted it; without a budget, where to find one."""
+    steps = sum(int(site.get("steps", 0)) for record in records for site in record.sites.values())
+    samples = steps * (settings.dp_batch if settings.dp else batch)
+    text = f"{samples:,} training samples"
+    if census is not None and sum(census.counts):
+        text += f" = {samples / sum(census.counts):.2f} epochs of the sites' data"
+    if not settings.budget_epochs:
+        text += " (train-epochs is off: a set number of rounds x local steps)"
+    return text
 
 
 def _resume_point(
@@ -263,20 +289,46 @@ def _resume_point(
     return done, arrays, saved
 
 
-def _secagg_fit_workflow(settings: RunSettings, grid: MeteredGrid, run_dir: RunDir, strategy: RecordingStrategy) -> Any:
-    """SecAgg+ as the fit stage when `secagg` is on; None keeps Flower's plain fit. The
-    census leaves the sites that refuse the run out of every round, with their reasons."""
-    if not settings.secagg:
+def _census(settings: RunSettings, grid: MeteredGrid) -> Census | None:
+    """Before round 1, when SecAgg+ (its max weight) or a budget (its plan) needs them: the
+    connected sites' example counts, and the sites that refuse the run and why."""
+    if not (settings.secagg or settings.budget_epochs):
         return None
     nodes = wait_for_sites(grid, settings.min_sites, settings.secagg_timeout)
     settings.check_for_sites(len(nodes))
-    census = secagg_census(grid, nodes, settings.secagg_timeout)
-    strategy.leave_out(census.refused)
+    return secagg_census(grid, nodes, settings.secagg_timeout)
+
+
+def _budget_plan(settings: RunSettings, census: Census | None) -> BudgetPlan | None:
+    """`train-epochs` turned into rounds, steps and the sites' batch, from the census."""
+    if not settings.budget_epochs or census is None:
+        return None
+    plan = plan_budget(
+        settings.budget_epochs,
+        census.counts,
+        settings.batch_size,
+        settings.budget_local_steps,
+        settings.budget_max_rounds,
+        settings.fraction_train,
+    )
+    log.info("train-epochs: %s", plan.describe())
+    return plan
+
+
+def _secagg_fit_workflow(
+    settings: RunSettings, census: Census | None, run_dir: RunDir, strategy: RecordingStrategy
+) -> Any:
+    """SecAgg+ as the fit stage when `secagg` is on; None keeps Flower's plain fit. The
+    census leaves the sites that refuse the run out of every round, with their reasons."""
+    if census is not None:
+        strategy.leave_out(census.refused)
+    if not settings.secagg or census is None:
+        return None
     max_weight = settings.secagg_max_weight or census.max_weight
     run_dir.write_json(
         SECAGG_FILE,
         {
-            "sites_at_start": len(nodes),
+            "sites_at_start": len(census.counts) + len(census.refused),
             "max_weight": max_weight,
             "masks": "ChaCha20 keyed by SHA-256(shared secret)",
             "refused_at_census": sorted(census.refused.values()),

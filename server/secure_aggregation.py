@@ -72,6 +72,7 @@ class Census:
 
     max_weight: float
     refused: dict[int, str]  # node id -> the site's one-line reason
+    counts: tuple[int, ...] = ()  # each answering site's training-example count
 
 
 def secagg_census(grid: Any, nodes: list[int], timeout: float) -> Census:
@@ -101,7 +102,7 @@ def secagg_census(grid: Any, nodes: list[int], timeout: float) -> Census:
             + (f" ({'; '.join(refused.values())})" if refused else "")
         )
     log.info("SecAgg+: %d sites, largest holds %d training examples (max_weight)", len(counts), max(counts))
-    return Census(float(max(counts)), refused)
+    return Census(float(max(counts)), refused, tuple(counts))
 
 
 def build_secagg_workflow(settings: RunSettings, max_weight: float) -> SecAggPlusWorkflow:

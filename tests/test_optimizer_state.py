@@ -1,6 +1,7 @@
 """keep-optimizer-state: a site's AdamW moments go on from round to round in the run's Flower
 context (which Flower hands to whichever ClientApp handles the next message), never in the
-reply; off by default; moments that do not fit are dropped with a log line; refused with DP."""
+reply; on by default for causal-lm (auto), off for seq-cls; moments that do not fit are dropped
+with a log line; refused with DP."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, RecordDict
+from flwr.app import Context
+from support.run_configs import completion_site_config, site_context
 
 from fedtune.client.optimizer_state import STATE_KEY, ContextOptimizerStore, restore_optimizer
 from fedtune.client.site_client import SiteClient
@@ -20,26 +22,10 @@ from fedtune.errors import ConfigError
 
 
 def run_config(tiny_llama_dir: Path, completion_data: dict[str, Path], **run: Any) -> dict[str, Any]:
-    return {
-        **default_run_config(),
-        "task": "causal-lm",
-        "model": str(tiny_llama_dir),
-        "data-path": str(completion_data["train"]),
-        "central-eval-path": "",
-        "partitioning": "iid",
-        "local-steps": 3,
-        "batch-size": 8,
-        "val-fraction": 0.2,
-        "secagg": False,
-        "lora-target-modules": "",
-        **run,
-    }
+    return completion_site_config(tiny_llama_dir, completion_data, **{"local-steps": 3, **run})
 
 
-def new_context(config: dict[str, Any]) -> Context:
-    return Context(
-        run_id=1, node_id=1, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(), run_config=config
-    )
+new_context = site_context
 
 
 def steps_kept(context: Context) -> list[float]:
@@ -69,9 +55,9 @@ def test_site_keeps_adam_moments_in_the_run_context_across_rounds(
     assert any(not np.array_equal(first[k], second[k]) for k in first if k.endswith(".exp_avg"))
 
 
-def test_off_by_default_nothing_is_kept(tiny_llama_dir: Path, completion_data: dict[str, Path]) -> None:
-    config = run_config(tiny_llama_dir, completion_data)
-    assert default_run_config()["keep-optimizer-state"] is False
+def test_switched_off_nothing_is_kept(tiny_llama_dir: Path, completion_data: dict[str, Path]) -> None:
+    config = run_config(tiny_llama_dir, completion_data, **{"keep-optimizer-state": False})
+    assert default_run_config()["keep-optimizer-state"] == "auto"
     context = new_context(config)
     client = SiteClient(RunSettings.from_run_config(config), context)
     client.fit(client.get_parameters({}), {"server-round": 1, "num-rounds": 1})
