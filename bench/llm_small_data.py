@@ -141,8 +141,8 @@ def main() -> None:
     table = "\n".join(rows)
     md = f"""## Causal LM on a site's own small data, with the defaults (`bench/llm_small_data.py`)
 
-Banking77-chat subsets made with seed {SEED}: {SUBSET_INTENTS} intents drawn at random, about N of their training
-pairs, split non-IID over the sites (Dirichlet 0.5 over intents); scored on {results[0]["test"]} of their held-out
+Banking77-chat subsets made with seed {SEED}: {SUBSET_INTENTS} intents drawn at random, {results[0]["pairs"]:,} of their training
+pairs (the sites keep 5% of theirs for validation), split non-IID over the sites (Dirichlet 0.5 over intents); scored on {results[0]["test"]} of their held-out
 test pairs by greedy exact match (the same code for both). Federated: `configs/llm-own-data.toml` as it
 stands (`train-epochs = 3`: the coordinator derives rounds x local steps x each site's batch from the sites'
 counts; AdamW kept across rounds; SecAgg+ on). Central: peft + transformers `Trainer` on all pairs in one
