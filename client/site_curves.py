@@ -54,7 +54,7 @@ class SiteCurves:
         self._scalars("round", server_round, metrics)
         ends = self._ends()
         ends[str(server_round)] = self.step
-        tmp = self.folder / f".{_STEPS_FILE}.tmp"
+        tmp = self.folder / f".{_STEPS_FILE}.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(ends))
         os.replace(tmp, self.folder / _STEPS_FILE)
         self.writer.flush()
@@ -75,3 +75,22 @@ class SiteCurves:
         except (OSError, ValueError):
             return {}  # a damaged file costs only the x axis
         return {str(k): int(v) for k, v in data.items() if str(k).isdigit() and isinstance(v, int)}
+
+
+class NoCurves(SiteCurves):
+    """A site's other ranks (`fedtune deploy site --devices N`): rank 0 writes the site's curves."""
+
+    def __init__(self) -> None:
+        pass
+
+    def start_round(self, server_round: int) -> None:
+        pass
+
+    def train_step(self, loss: float, lr: float) -> None:
+        pass
+
+    def end_round(self, server_round: int, metrics: Mapping[str, Any]) -> None:
+        pass
+
+    def validation(self, server_round: int, metrics: Mapping[str, Any]) -> None:
+        pass

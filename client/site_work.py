@@ -43,7 +43,7 @@ from .node_settings import NodeSettings
 from .optimizer_state import MemoryOptimizerStore, OptimizerStore
 from .privacy_floor import PrivacyFloor
 from .secagg_setup import setup_from_config
-from .site_curves import SiteCurves, curves_folder
+from .site_curves import NoCurves, SiteCurves, curves_folder
 from .site_data import SiteData, load_site_data
 from .site_ranks import RankGroup, RankShard, rank_device
 from .trainer import TrainResult, train_local
@@ -209,7 +209,10 @@ class SiteWork:
         return arrays, result.num_examples, metrics
 
     def curves(self, config: Config, site: str) -> SiteCurves:
-        """This site's own TensorBoard curves of the run the message names (kept at the site)."""
+        """This site's own TensorBoard curves of the run the message names (kept at the site);
+        with several ranks, rank 0 writes them."""
+        if self.shard is not None and self.shard.rank != 0:
+            return NoCurves()
         return SiteCurves(curves_folder(self.node.state_folder(self.settings), config.get("run-id", "run"), site))
 
     def score_candidate(
