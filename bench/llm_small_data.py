@@ -30,6 +30,7 @@ from results import update_results  # noqa: E402
 
 from fedtune.cli.common import read_run_config_file  # noqa: E402
 from fedtune.config import RunSettings, default_run_config  # noqa: E402
+from fedtune.run_folder import read_rounds  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work" / "llm_small_data"
 OWN_DATA_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "llm-own-data.toml"
@@ -57,11 +58,7 @@ def make_pairs_subset(pairs: int, folder: Path) -> tuple[Path, Path]:
 def trained_samples(run_dir: Path) -> tuple[int, dict[str, Any]]:
     """The samples the sites trained on (the plan's steps x batch, as reported) and the plan."""
     plan = json.loads((run_dir / "budget.json").read_text())
-    steps = sum(
-        int(site.get("steps", 0))
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-        for site in json.loads(line)["sites"].values()
-    )
+    steps = sum(record.local_steps for record in read_rounds(run_dir))
     return steps * int(plan["site_batch"]), plan
 
 

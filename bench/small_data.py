@@ -30,6 +30,7 @@ from fedtune.cli.common import parse_overrides  # noqa: E402
 from fedtune.cli.simulation import run_simulation  # noqa: E402
 from fedtune.config import default_run_config, resolve_path  # noqa: E402
 from fedtune.model import resolve_model_path  # noqa: E402
+from fedtune.run_folder import read_rounds  # noqa: E402
 
 WORK = Path(__file__).resolve().parent / "_work" / "small_data"
 INTENTS, TRAIN_EXAMPLES, SITES, ALPHA, SEED = 24, 1000, 4, 0.5, 0
@@ -70,12 +71,7 @@ def subset_run(files: tuple[Path, Path, Path], rounds: int, runs: Path, name: st
 
 def trained_examples(run_dir: Path, batch_size: int) -> int:
     """Examples the sites trained on over the run: sum of steps x batch size."""
-    total = 0
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        for site in record.get("sites", {}).values():
-            total += int(site.get("steps", 0)) * batch_size
-    return total
+    return sum(record.local_steps for record in read_rounds(run_dir)) * batch_size
 
 
 def main() -> None:

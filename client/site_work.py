@@ -155,7 +155,7 @@ class SiteWork:
         site = self.site(labels)
         s = self.settings
         self.floor.check_run(s, site.name)  # before the model is touched
-        plan = read_round_plan(config)  # train-epochs: this round's steps and batch, bounded
+        plan = read_round_plan(config, s.batch_size)  # train-epochs: this round's steps and batch, bounded
         if plan and not s.dp:
             s = replace(s, local_steps=plan["local-steps"], batch_size=plan["batch-size"])
         rank = self.node.trained_rank(s)

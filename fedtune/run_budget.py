@@ -90,15 +90,25 @@ def round_plan_config(plan: BudgetPlan) -> dict[str, int]:
     return {"local-steps": plan.local_steps, "batch-size": plan.site_batch}
 
 
-def read_round_plan(config: Mapping[str, Any]) -> dict[str, int]:
+def read_round_plan(config: Mapping[str, Any], run_batch: int) -> dict[str, int]:
     """The coordinator's plan from a training message, each value checked and bounded;
-    empty when the run has no budget. Raises FedtuneError naming the bad value."""
+    empty when the run has no budget. The plan divides the run's batch-size over the sites,
+    so a planned batch above `run_batch` (what the site's memory plan checked before round 1)
+    is refused too. Raises FedtuneError naming the bad value."""
     plan: dict[str, int] = {}
-    for key, ceiling in (("local-steps", MAX_PLANNED_STEPS), ("batch-size", MAX_PLANNED_BATCH)):
+    ceilings = (
+        ("local-steps", MAX_PLANNED_STEPS, ""),
+        (
+            "batch-size",
+            min(MAX_PLANNED_BATCH, run_batch),
+            " (the run's batch-size, which this site's memory plan checked)",
+        ),
+    )
+    for key, ceiling, why in ceilings:
         if key not in config:
             continue
         value = config[key]
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= ceiling:
-            raise FedtuneError(f"the coordinator's {key} {value!r} is not an integer in 1..{ceiling}")
+            raise FedtuneError(f"the coordinator's {key} {value!r} is not an integer in 1..{ceiling}{why}")
         plan[key] = value
     return plan

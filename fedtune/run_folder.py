@@ -78,6 +78,11 @@ class RoundRecord:
     def from_json(cls, data: Any, where: str = METRICS_FILE) -> "RoundRecord":
         return _from_json(cls, data, where)
 
+    @property
+    def local_steps(self) -> int:
+        """The local steps the round's sites reported, summed over the sites."""
+        return sum(int(site.get("steps", 0)) for site in self.sites.values())
+
 
 @dataclass
 class RunRecord:

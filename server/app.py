@@ -31,7 +31,16 @@ from fedtune.internals import flower
 from fedtune.logs import setup_logging
 from fedtune.model import LoraSettings, build_lora_model, resolve_model_path
 from fedtune.run_budget import BudgetPlan, plan_budget, round_plan_config
-from fedtune.run_folder import BUDGET_FILE, RUN_FILE, SECAGG_FILE, SUMMARY_FILE, RunRecord, Summary, read_run
+from fedtune.run_folder import (
+    BUDGET_FILE,
+    RUN_FILE,
+    SECAGG_FILE,
+    SUMMARY_FILE,
+    RoundRecord,
+    RunRecord,
+    Summary,
+    read_run,
+)
 from fedtune.secagg.masks import install_csprng_masks
 from fedtune.site_rank import lora_a_indices, lora_b_indices, lora_pairs
 
@@ -228,10 +237,10 @@ def run_federation(grid: Grid, context: Context) -> Summary:
     return summary
 
 
-def _training_spent(records: list[Any], batch: int, census: Census | None, settings: RunSettings) -> str:
+def _training_spent(records: list[RoundRecord], batch: int, census: Census | None, settings: RunSettings) -> str:
     """The training samples the sites reported (steps x batch), in epochs of their data
     where the census counted it; without a budget, where to find one."""
-    steps = sum(int(site.get("steps", 0)) for record in records for site in record.sites.values())
+    steps = sum(record.local_steps for record in records)
     samples = steps * (settings.dp_batch if settings.dp else batch)
     text = f"{samples:,} training samples"
     if census is not None and sum(census.counts):

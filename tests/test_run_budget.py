@@ -79,12 +79,20 @@ def test_plan_without_examples_is_refused_in_one_line() -> None:
 def test_a_plan_from_a_message_is_bounded(config: dict[str, Any]) -> None:
     key = next(iter(config))
     with pytest.raises(FedtuneError, match=f"the coordinator's {key} .* is not an integer in 1\\.\\."):
-        read_round_plan(config)
+        read_round_plan(config, 16)
+
+
+def test_a_planned_batch_above_the_runs_is_refused() -> None:
+    """The site's memory plan checked the run's batch-size before round 1: a coordinator
+    cannot raise it later through the plan."""
+    assert read_round_plan({"batch-size": 16}, 16) == {"batch-size": 16}
+    with pytest.raises(FedtuneError, match="batch-size 17 is not an integer in 1..16 .*memory plan"):
+        read_round_plan({"batch-size": 17}, 16)
 
 
 def test_a_message_without_a_plan_changes_nothing() -> None:
-    assert read_round_plan({"server-round": 3, "num-rounds": 9}) == {}
-    assert read_round_plan({"local-steps": 30, "batch-size": 4}) == {"local-steps": 30, "batch-size": 4}
+    assert read_round_plan({"server-round": 3, "num-rounds": 9}, 16) == {}
+    assert read_round_plan({"local-steps": 30, "batch-size": 4}, 16) == {"local-steps": 30, "batch-size": 4}
 
 
 def settings(**run: Any) -> RunSettings:
