@@ -8,7 +8,7 @@ import math
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from fedtune.errors import ConfigError
 from fedtune.setting import (
@@ -46,15 +46,24 @@ GATE_REGISTRY = r"^$|^[A-Za-z0-9.-]{1,253}:[0-9]{1,5}$"  # host:port, or none
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a folder name under output-dir, never a path
 
 
-def _epochs_budget(value: str) -> str | None:
-    """`train-epochs`: auto, off, or a number of epochs > 0 (at most 1000)."""
-    if value in ("auto", "off"):
-        return None
-    try:
-        epochs = float(value)
-    except ValueError:
-        return f'must be "auto", "off" or a number of epochs, got {value!r}'
-    return None if math.isfinite(epochs) and 0 < epochs <= 1000 else f"must be in (0, 1000] epochs, got {value}"
+def _word_or_number(words: tuple[str, ...], high: float, unit: str = "") -> Callable[[str], str | None]:
+    """A rule for a setting that is one of `words` or a number in (0, high] of `unit`."""
+    choices = ", ".join(f'"{w}"' for w in words) + " or a number" + (f" of{unit}" if unit else "")
+
+    def check(value: str) -> str | None:
+        if value in words:
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            return f"must be {choices}, got {value!r}"
+        return None if math.isfinite(number) and 0 < number <= high else f"must be in (0, {high:g}]{unit}, got {value}"
+
+    return check
+
+
+_epochs_budget = _word_or_number(("auto", "off"), 1000, " epochs")  # train-epochs
+_server_rate = _word_or_number(("auto",), 100)  # budget-server-rate: the server's step on the mean update
 
 
 # Project root: relative data paths in the run config resolve against it when they
@@ -195,6 +204,13 @@ class RunSettings:
     )
     budget_max_rounds: int = setting(
         20, "train-epochs: the most rounds the plan makes (each costs a SecAgg+ exchange and validation)", at_least(1)
+    )
+    budget_server_rate: str = setting(
+        "auto",
+        "train-epochs with strategy fedavg: the server steps this many times the sites' mean update (FedAvgM, no "
+        "momentum); auto: sqrt(batch-size / each site's batch), at most 2, which makes up what AdamW on a site's "
+        "smaller, noisier batch leaves short; 1: plain FedAvg",
+        _server_rate,
     )
     num_rounds: int = setting(16, "federated rounds", at_least(1), section="Federation")
     strategy: str = setting("fedavg", " | ".join(STRATEGIES), one_of(STRATEGIES))
@@ -520,6 +536,11 @@ class RunSettings:
         if self.train_epochs == "auto":
             return AUTO_TRAIN_EPOCHS if self.task == "causal-lm" and self.local_steps == 0 else 0.0
         return float(self.train_epochs)
+
+    @property
+    def budget_server_rate_value(self) -> float | None:
+        """`budget-server-rate` as a number; None for auto (the plan derives it)."""
+        return None if self.budget_server_rate == "auto" else float(self.budget_server_rate)
 
     @property
     def dp_batch(self) -> int:

@@ -30,7 +30,7 @@ from fedtune.errors import FedtuneError
 from fedtune.internals import flower
 from fedtune.logs import setup_logging
 from fedtune.model import LoraSettings, build_lora_model, resolve_model_path
-from fedtune.run_budget import BudgetPlan, plan_budget, round_plan_config
+from fedtune.run_budget import BudgetPlan, plan_budget, round_plan_config, saved_plan
 from fedtune.run_folder import (
     BUDGET_FILE,
     RUN_FILE,
@@ -112,9 +112,9 @@ def run_federation(grid: Grid, context: Context) -> Summary:
     flower.require("failure-text")
     metered = MeteredGrid(FastPollingGrid(grid))  # replies pulled every 0.1 s, stages timed
     census = _census(settings, metered)  # before anything is written: who joins, with how many examples
-    plan = _budget_plan(settings, census)
+    plan = _budget_plan(settings, census, run_dir)
     if plan is not None:
-        settings = replace(settings, num_rounds=plan.num_rounds, local_steps=plan.local_steps)
+        settings = _planned_settings(settings, plan)
     fresh = not run_dir.path.exists()
     run_dir.create()
     try:
@@ -308,10 +308,23 @@ def _census(settings: RunSettings, grid: MeteredGrid) -> Census | None:
     return secagg_census(grid, nodes, settings.secagg_timeout)
 
 
-def _budget_plan(settings: RunSettings, census: Census | None) -> BudgetPlan | None:
-    """`train-epochs` turned into rounds, steps and the sites' batch, from the census."""
+def _budget_plan(settings: RunSettings, census: Census | None, run_dir: RunDir) -> BudgetPlan | None:
+    """`train-epochs` turned into rounds, steps and the sites' batch, from the census; a
+    resumed run goes on with the plan it started with (budget.json), whatever the census
+    says now, so that a site joining or a count changing between the crash and the resume
+    does not change the run under it."""
     if not settings.budget_epochs or census is None:
         return None
+    saved = run_dir.path / BUDGET_FILE
+    if settings.resume and saved.is_file():
+        try:
+            plan = saved_plan(json.loads(saved.read_text()))
+        except (OSError, ValueError) as exc:
+            raise FedtuneError(f"cannot resume {run_dir.path}: {saved.name} is unreadable ({exc})") from None
+        except FedtuneError as exc:
+            raise FedtuneError(f"cannot resume {run_dir.path}: {exc}") from None
+        log.info("train-epochs: resuming the run's plan, %s", plan.describe())
+        return plan
     plan = plan_budget(
         settings.budget_epochs,
         census.counts,
@@ -319,9 +332,19 @@ def _budget_plan(settings: RunSettings, census: Census | None) -> BudgetPlan | N
         settings.budget_local_steps,
         settings.budget_max_rounds,
         settings.fraction_train,
+        settings.budget_server_rate_value,
     )
     log.info("train-epochs: %s", plan.describe())
     return plan
+
+
+def _planned_settings(settings: RunSettings, plan: BudgetPlan) -> RunSettings:
+    """The run's settings under the plan: its rounds and local steps; with fedavg and a
+    server rate other than 1, FedAvgM stepping that rate on the mean update (no momentum)."""
+    settings = replace(settings, num_rounds=plan.num_rounds, local_steps=plan.local_steps)
+    if settings.strategy != "fedavg" or plan.server_rate == 1:
+        return settings
+    return replace(settings, strategy="fedavgm", server_learning_rate=plan.server_rate, server_momentum=0.0)
 
 
 def _secagg_fit_workflow(

@@ -6,49 +6,15 @@ accountants carry on, and the final adapter equals an uninterrupted run's."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 from safetensors.numpy import load_file
+from support.crashing_coordinator import rounds_done as _rounds
+from support.crashing_coordinator import simulate as _simulate
 from support.run_configs import sentiment_config
-
-REPO = Path(__file__).resolve().parent.parent
-CRASHING_COORDINATOR = REPO / "tests" / "support" / "crashing_coordinator.py"
-
-
-def _simulate(
-    out: Path,
-    run: str,
-    sets: dict[str, object],
-    crash_after: int = 0,
-    resume: bool = False,
-) -> subprocess.CompletedProcess[str]:
-    launcher = ["-m", "fedtune.cli"] if not crash_after else [str(CRASHING_COORDINATOR), str(crash_after)]
-    args = [sys.executable, *launcher, "simulate", "--sites", "2", "--output-dir", str(out), "--run-name", run]
-    args += [x for k, v in sets.items() for x in ("--set", f"{k}={json.dumps(v)}")]
-    if resume:
-        args.append("--resume")
-    proc = subprocess.Popen(
-        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, start_new_session=True
-    )
-    try:
-        stdout, _ = proc.communicate(timeout=900)
-    finally:
-        try:  # whatever the dead coordinator left behind (Ray) goes with its process group
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(args, proc.returncode, stdout, "")
-
-
-def _rounds(run_dir: Path) -> list[int]:
-    return [json.loads(line)["round"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def _base(tiny_bert_dir: Path, sentiment_data: dict[str, Path], tmp_path: Path) -> dict[str, object]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
+from support.crashing_coordinator import rounds_done, simulate
 from support.run_configs import completion_site_config, site_context
 
 from fedtune.cli.simulation import run_simulation
@@ -18,7 +20,7 @@ from fedtune.client.optimizer_state import STATE_KEY
 from fedtune.client.site_client import SiteClient
 from fedtune.config import AUTO_TRAIN_EPOCHS, RunSettings, default_run_config
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.run_budget import MAX_PLANNED_STEPS, plan_budget, read_round_plan
+from fedtune.run_budget import MAX_PLANNED_STEPS, plan_budget, read_round_plan, saved_plan
 
 
 @pytest.mark.parametrize(
@@ -55,6 +57,31 @@ def test_plan_counts_only_the_sites_trained_per_round() -> None:
     half = plan_budget(2.0, [500] * 4, 16, 10, 20, fraction_train=0.5)
     assert (full.sites_per_round, half.sites_per_round) == (4, 2)
     assert half.site_batch == 8 and half.samples == pytest.approx(2.0 * 2000, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("sites", "batch", "rate"),
+    [(1, 16, 1.0), (2, 16, math.sqrt(2)), (3, 16, math.sqrt(16 / 5)), (4, 16, 2.0), (8, 16, 2.0), (32, 16, 2.0)],
+)
+def test_the_server_rate_makes_up_the_batch_split(sites: int, batch: int, rate: float) -> None:
+    """Auto: sqrt(batch / site batch), the square-root rule for Adam, at most 2; a set rate is kept."""
+    plan = plan_budget(3.0, [200] * sites, batch, 10, 20)
+    assert plan.server_rate == pytest.approx(rate, abs=1e-4)
+    assert plan_budget(3.0, [200] * sites, batch, 10, 20, server_rate=1.0).server_rate == 1.0
+    assert plan_budget(3.0, [200] * sites, batch, 10, 20, server_rate=2.83).server_rate == 2.83
+
+
+def test_a_saved_plan_reads_back_and_a_bad_one_is_refused() -> None:
+    plan = plan_budget(3.0, [250, 240, 260, 250], 16, 10, 20)
+    data = {**asdict(plan), "samples": plan.samples}
+    assert saved_plan(json.loads(json.dumps(data))) == plan
+    old = {k: v for k, v in data.items() if k != "server_rate"}  # saved before the server rate: plain FedAvg
+    assert saved_plan(old) == replace(plan, server_rate=1.0)
+    for key, value in (("num_rounds", 0), ("local_steps", "10"), ("site_batch", True), ("server_rate", -1)):
+        with pytest.raises(FedtuneError, match=f"budget.json: {key} .* is not a positive"):
+            saved_plan({**data, key: value})
+    with pytest.raises(FedtuneError, match="not a JSON object"):
+        saved_plan([1, 2])
 
 
 def test_plan_without_examples_is_refused_in_one_line() -> None:
@@ -126,6 +153,8 @@ def test_dp_runs_keep_the_optimizer_reset_and_have_no_budget() -> None:
         ({"train-epochs": "nan"}, "must be in \\(0, 1000\\] epochs"),
         ({"train-epochs": 3, "local-steps": 10}, "derives local-steps from the budget"),
         ({"keep-optimizer-state": "sometimes"}, "must be one of auto, true, false"),
+        ({"budget-server-rate": "fast"}, 'must be "auto" or a number'),
+        ({"budget-server-rate": 0}, "must be in \\(0, 100\\]"),
     ],
 )
 def test_bad_budget_settings_are_refused_in_one_line(run: dict[str, Any], message: str) -> None:
@@ -180,4 +209,41 @@ def test_a_budgeted_federation_runs_the_plan(
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in records] == list(range(1, plan["num_rounds"] + 1))
     assert all(site["steps"] == plan["local_steps"] for r in records for site in r["sites"].values())
-    assert json.loads((run_dir / "run.json").read_text())["settings"]["num-rounds"] == plan["num_rounds"]
+    ran = json.loads((run_dir / "run.json").read_text())["settings"]
+    assert ran["num-rounds"] == plan["num_rounds"]
+    # batch 8 over 2 sites: the server steps sqrt(2) x the sites' mean update (FedAvgM, no momentum)
+    assert plan["server_rate"] == pytest.approx(math.sqrt(2), abs=1e-4)
+    assert ran["strategy"] == "fedavgm" and ran["server-learning-rate"] == plan["server_rate"]
+    assert ran["server-momentum"] == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_resumed_run_keeps_the_plan_it_started_with(
+    tmp_path: Path, tiny_llama_dir: Path, completion_data: dict[str, Path]
+) -> None:
+    """The coordinator dies after round 1; by the resume the sites hold half the data, so a
+    new census would plan fewer rounds (and the resume would be refused for a changed
+    num-rounds). The resume trains the saved plan instead, each round once."""
+    out = tmp_path / "runs"
+    rows = completion_data["train"].read_text().splitlines(keepends=True)
+    half = tmp_path / "half.jsonl"
+    half.write_text("".join(rows[: len(rows) // 2]))
+    config = {
+        **site_config(tiny_llama_dir, completion_data),
+        "train-epochs": "0.5",
+        "budget-local-steps": 5,
+        "site-state-dir": str(tmp_path / "site-state"),
+    }
+    config = {k: v for k, v in config.items() if k not in ("output-dir", "run-name")}
+    crashed = simulate(out, "budget", config, crash_after=1)
+    assert crashed.returncode == 137, crashed.stdout[-3000:]
+    plan = json.loads((out / "budget" / "budget.json").read_text())
+    assert plan["num_rounds"] == 2 and rounds_done(out / "budget") == [1]
+    resumed = simulate(out, "budget", {**config, "data-path": str(half)}, resume=True)
+    assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "resuming the run's plan" in resumed.stdout
+    assert rounds_done(out / "budget") == [1, 2]
+    assert json.loads((out / "budget" / "budget.json").read_text()) == plan
+    records = [json.loads(x) for x in (out / "budget" / "metrics.jsonl").read_text().splitlines()]
+    assert all(site["steps"] == plan["local_steps"] for r in records for site in r["sites"].values())
