@@ -5,8 +5,8 @@ in one place at the same sample budget.
 Subsets of Banking77-chat made with a fixed seed: SUBSET_INTENTS intents drawn at random, about
 `--pairs` training pairs from them, and their held-out test pairs. Each shape is federated with
 the config's defaults (the budget `train-epochs`, from which the coordinator derives rounds,
-local steps and the sites' batch; the sites' AdamW kept across rounds; SecAgg+ on), split
-non-IID over the sites (Dirichlet 0.5 over intents). The Trainer takes the same budget: the
+local steps, the sites' batch and the server's step on the mean update; the sites' AdamW kept
+across rounds; SecAgg+ on), split non-IID over the sites (Dirichlet 0.5 over intents). The Trainer takes the same budget: the
 plan's training samples, at the config's batch. Both are scored by the same greedy exact match
 (fedtune.evaluation) on the same test pairs.
 
@@ -142,7 +142,8 @@ Banking77-chat subsets made with seed {SEED}: {SUBSET_INTENTS} intents drawn at 
 pairs (the sites keep 5% of theirs for validation), split non-IID over the sites (Dirichlet 0.5 over intents); scored on {results[0]["test"]} of their held-out
 test pairs by greedy exact match (the same code for both). Federated: `configs/llm-own-data.toml` as it
 stands (`train-epochs = 3`: the coordinator derives rounds x local steps x each site's batch from the sites'
-counts; AdamW kept across rounds; SecAgg+ on). Central: peft + transformers `Trainer` on all pairs in one
+counts; the server steps sqrt(batch split), at most 2, times the mean update; AdamW kept across
+rounds; SecAgg+ on). Central: peft + transformers `Trainer` on all pairs in one
 place, the same LoRA, learning rate and schedule, at the config's batch ({results[0]["steps_central"]} steps
 for the first shape) for the same training samples.
 
