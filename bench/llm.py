@@ -142,7 +142,6 @@ def main() -> None:
         "output-dir": str(WORK / "runs"),
         "run-name": run_name,
         "central-eval-path": "",
-        "eval-max-examples": 32,  # each site's per-round validation: 32 greedy completions
         **federated_overrides,
     }
     examples = test_subset(settings, args.test_examples)
@@ -205,7 +204,7 @@ Scored on {len(examples):,} held-out test pairs (a seeded sample of the 3,080) b
 | wall time (s) | | {central_wall:.1f} | {fed_wall:.1f} | {keys["llm_federated_over_central_wall_time"]:.3f} |
 
 Wall time: central = `Trainer.train()` + scoring; federated = the whole simulation (Ray start-up,
-SecAgg+, every round's training, per-site validation on {config["eval-max-examples"]} pairs, checkpoints) + the same scoring.
+SecAgg+, every round's training, per-site validation on {config["site-val-max-examples"]} pairs, checkpoints) + the same scoring.
 fedtune's trainer runs the LM head only at completion positions (`logits_to_keep`) and batches
 pairs of similar length; the Trainer baseline computes logits at every position, as a user's would.
 

@@ -317,7 +317,7 @@ class SiteWork:
         set_adapter_arrays(model, parameters, self.lora)
         examples = site.val or site.train
         encoder = self.encoder("val" if site.val else "train", examples)
-        metrics = evaluate(model, encoder, max_new_tokens=s.eval_max_new_tokens, max_generated=s.eval_max_examples)
+        metrics = evaluate(model, encoder, max_new_tokens=s.eval_max_new_tokens, max_generated=s.site_val_generated)
         out: dict[str, Scalar] = {"site": site.name, "num_examples": len(examples)}
         out.update({f"val_{k}": float(v) for k, v in metrics.items()})
         self.curves(config, site.name).validation(int(config.get("server-round", 0)), metrics)

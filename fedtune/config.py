@@ -95,6 +95,12 @@ class RunSettings:
     eval_max_examples: int = setting(
         0, "causal-lm: first N evaluation examples for exact match (0: all)", zero_or("all")
     )
+    site_val_max_examples: int = setting(
+        0,
+        "causal-lm: first N of a site's validation examples for its per-round exact match (greedy decoding is "
+        "most of a large site's round); 0: eval-max-examples",
+        zero_or("eval-max-examples"),
+    )
     labels: str = setting("", "seq-cls: comma-separated label set, or use labels-file")
     labels_file: str = setting("data/banking77/labels.json", "seq-cls: the label set, a JSON list or one per line")
     max_length: int = setting(
@@ -536,6 +542,11 @@ class RunSettings:
         if self.train_epochs == "auto":
             return AUTO_TRAIN_EPOCHS if self.task == "causal-lm" and self.local_steps == 0 else 0.0
         return float(self.train_epochs)
+
+    @property
+    def site_val_generated(self) -> int:
+        """How many of a site's validation examples its exact match decodes (0: all)."""
+        return self.site_val_max_examples or self.eval_max_examples
 
     @property
     def budget_server_rate_value(self) -> float | None:
