@@ -24,8 +24,9 @@ Trainer's number of optimizer steps:
   the sites' steps agree and a large rate overshoots: on 1,000 pairs over 8 sites
   (learning rate 0.004) sqrt(8) = 2.83 lost the first rounds (0.12 validation exact match
   at round 7 against 0.72 at 2.0 and 0.74 at 1), while 2.0 ended at 0.830 test exact match
-  against 0.807 for plain FedAvg (over 4 sites 2.0 gave 0.873 against 0.850). Auto is therefore sqrt(batch / site batch) capped at
-  MAX_AUTO_SERVER_RATE: 1 for one site, 2 for four or more at batch 16.
+  against 0.807 for plain FedAvg (over 4 sites 2.0 gave 0.873 against 0.850). Auto is
+  therefore sqrt(batch / site batch) capped at MAX_AUTO_SERVER_RATE: 1 for one site, 2 for
+  four or more at batch 16.
 
 Every value here that reaches a site arrives in a message: `read_round_plan` bounds it.
 """

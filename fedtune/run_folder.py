@@ -47,6 +47,8 @@ def _read_json(path: Path) -> Any:
         raise FedtuneError(f"{path}: not found") from None
     except json.JSONDecodeError as err:
         raise FedtuneError(f"{path}:{err.lineno}: bad JSON ({err.msg})") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise FedtuneError(f"{path}: unreadable ({err})") from None
 
 
 @dataclass

@@ -39,6 +39,7 @@ from fedtune.run_folder import (
     RoundRecord,
     RunRecord,
     Summary,
+    read_json_file,
     read_run,
 )
 from fedtune.secagg.masks import install_csprng_masks
@@ -318,9 +319,7 @@ def _budget_plan(settings: RunSettings, census: Census | None, run_dir: RunDir) 
     saved = run_dir.path / BUDGET_FILE
     if settings.resume and saved.is_file():
         try:
-            plan = saved_plan(json.loads(saved.read_text()))
-        except (OSError, ValueError) as exc:
-            raise FedtuneError(f"cannot resume {run_dir.path}: {saved.name} is unreadable ({exc})") from None
+            plan = saved_plan(read_json_file(saved))
         except FedtuneError as exc:
             raise FedtuneError(f"cannot resume {run_dir.path}: {exc}") from None
         log.info("train-epochs: resuming the run's plan, %s", plan.describe())

@@ -16,6 +16,7 @@ from fedtune.run_folder import (
     RunRecord,
     Summary,
     read_finished_run,
+    read_json_file,
     read_rounds,
     read_run,
     read_summary,
@@ -82,6 +83,19 @@ def test_a_damaged_run_file_is_one_line_naming_it(tmp_path: Path, name: str, tex
     with pytest.raises(FedtuneError) as err:
         read_rounds(tmp_path) if name == METRICS_FILE else read_run(tmp_path)
     assert expected in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_json_file_that_is_not_text_is_one_line_naming_it(tmp_path: Path) -> None:
+    """budget.json, secagg.json and the rest: bytes that are not UTF-8, or a folder in the
+    file's place, are refused in one line like bad JSON."""
+    damaged = tmp_path / "budget.json"
+    damaged.write_bytes(b'{"num_rounds": \xff}')
+    with pytest.raises(FedtuneError, match=r"budget.json: unreadable") as err:
+        read_json_file(damaged)
+    assert "\n" not in str(err.value)
+    (tmp_path / "secagg.json").mkdir()
+    with pytest.raises(FedtuneError, match=r"secagg.json: unreadable"):
+        read_json_file(tmp_path / "secagg.json")
 
 
 def test_a_folder_that_is_not_a_finished_run_names_the_missing_file(tmp_path: Path) -> None:
