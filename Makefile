@@ -56,11 +56,12 @@ demo-llm: $(STAMP)
 	FEDTUNE_BIN=$(BIN)/fedtune MODEL=banking77-llm REGISTRY_WORK=registry-demo-llm PREDICT_ARGS="--max-new-tokens 8" \
 		bash scripts/registry_demo.sh bundles/$(LLM_RUN)-base keys/fedtune.pub "$(DEMO_TEXT)" bundles/$(LLM_RUN)-update
 
-# Lint, format check and types first (seconds), then the whole suite; CI runs this.
+# Lint, format check and types first (seconds), then the whole suite (its 25 slowest tests
+# listed at the end, to see where the time goes); CI runs this.
 test: lint
 	bash scripts/ensure_nginx.sh
 	bash scripts/ensure_setfacl.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=25
 
 # The unit tier: every test not marked slow (no federation, deployment, export or registry run).
 test-fast: lint

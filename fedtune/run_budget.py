@@ -75,6 +75,13 @@ def _half_up(value: float) -> int:
     return int(math.floor(value + 0.5))
 
 
+def sites_trained_per_round(sites: int, fraction_train: float, min_sites: int) -> int:
+    """How many of `sites` Flower's strategies sample for training each round: the share
+    rounded down (`int`, as `FedAvg.num_fit_clients` does), at least `min-sites`, at most
+    the sites there are. The plan divides the batch by this number, so it must be Flower's."""
+    return max(1, min(sites, max(int(sites * fraction_train), min_sites)))
+
+
 def plan_budget(
     epochs: float,
     site_examples: Sequence[int],
@@ -83,9 +90,10 @@ def plan_budget(
     max_rounds: int,
     fraction_train: float = 1.0,
     server_rate: float | None = None,
+    min_sites: int = 1,
 ) -> BudgetPlan:
     """The plan for `epochs` of the sites' data: each site's batch is `batch_size` over the
-    sites trained per round (at least 1), the run's steps are the budget over the samples
+    sites trained per round (`sites_trained_per_round`), the run's steps are the budget over the samples
     of one averaged step, cut into as many rounds of at least `min_round_steps` as there
     are, at most `max_rounds`. The server's step on the mean update is `server_rate`, or
     (None) the square root of the batch's split, sqrt(batch_size / site batch), at most
@@ -95,7 +103,7 @@ def plan_budget(
     examples = int(sum(site_examples))
     if not site_examples or examples <= 0:
         raise FedtuneError("train-epochs: no site reported training examples, so there is no budget to plan")
-    per_round = max(1, math.ceil(fraction_train * len(site_examples)))
+    per_round = sites_trained_per_round(len(site_examples), fraction_train, min_sites)
     site_batch = max(1, _half_up(batch_size / per_round))
     total_steps = max(1, math.ceil(epochs * examples / (site_batch * per_round)))
     num_rounds = max(1, min(max_rounds, total_steps // max(1, min_round_steps)))

@@ -332,6 +332,7 @@ def _budget_plan(settings: RunSettings, census: Census | None, run_dir: RunDir) 
         settings.budget_max_rounds,
         settings.fraction_train,
         settings.budget_server_rate_value,
+        settings.min_sites,
     )
     log.info("train-epochs: %s", plan.describe())
     return plan

@@ -42,7 +42,8 @@ def _plot(ax: Any, records: list[RoundRecord], key: str, central_key: str | None
     ax.set_title(title)
     ax.set_xlabel("round")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a round with no figures yet has nothing to name
+        ax.legend(fontsize=8)
     return bool(per_site or agg)
 
 

@@ -20,7 +20,13 @@ from fedtune.client.optimizer_state import STATE_KEY
 from fedtune.client.site_client import SiteClient
 from fedtune.config import AUTO_TRAIN_EPOCHS, RunSettings, default_run_config
 from fedtune.errors import ConfigError, FedtuneError
-from fedtune.run_budget import MAX_PLANNED_STEPS, plan_budget, read_round_plan, saved_plan
+from fedtune.run_budget import (
+    MAX_PLANNED_STEPS,
+    plan_budget,
+    read_round_plan,
+    saved_plan,
+    sites_trained_per_round,
+)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +63,20 @@ def test_plan_counts_only_the_sites_trained_per_round() -> None:
     half = plan_budget(2.0, [500] * 4, 16, 10, 20, fraction_train=0.5)
     assert (full.sites_per_round, half.sites_per_round) == (4, 2)
     assert half.site_batch == 8 and half.samples == pytest.approx(2.0 * 2000, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("sites", "fraction", "min_sites"), [(7, 0.5, 2), (10, 0.3, 2), (5, 0.1, 2), (8, 0.5, 1), (3, 1.0, 3)]
+)
+def test_the_plan_counts_the_sites_flower_samples(sites: int, fraction: float, min_sites: int) -> None:
+    """The plan divides the batch over the sites Flower's strategy will sample, so it rounds
+    the share as that strategy does (7 sites at 0.5: 3, not 4)."""
+    from flwr.server.strategy import FedAvg
+
+    flower = FedAvg(fraction_fit=fraction, min_fit_clients=min_sites).num_fit_clients(sites)[0]
+    assert sites_trained_per_round(sites, fraction, min_sites) == flower
+    plan = plan_budget(3.0, [200] * sites, 16, 10, 20, fraction_train=fraction, min_sites=min_sites)
+    assert plan.sites_per_round == flower
 
 
 @pytest.mark.parametrize(
