@@ -211,6 +211,12 @@ class RunSettings:
     budget_max_rounds: int = setting(
         20, "train-epochs: the most rounds the plan makes (each costs a SecAgg+ exchange and validation)", at_least(1)
     )
+    budget_min_site_batch: int = setting(
+        0,
+        "train-epochs: the least batch a site trains on; where batch-size over the sites is smaller, the plan "
+        "trains fewer sites a round (sampled each round), each at batch-size over those; 0: no floor",
+        zero_or("no floor"),
+    )
     budget_server_rate: str = setting(
         "auto",
         "train-epochs with strategy fedavg: the server steps this many times the sites' mean update (FedAvgM, no "

@@ -82,6 +82,12 @@ def sites_trained_per_round(sites: int, fraction_train: float, min_sites: int) -
     return max(1, min(sites, max(int(sites * fraction_train), min_sites)))
 
 
+def sampling_fraction(per_round: int, sites: int) -> float:
+    """The `fraction-train` under which Flower samples `per_round` of `sites` (its `int`
+    rounding down is kept off the boundary by half a site)."""
+    return 1.0 if per_round >= sites else (per_round + 0.5) / sites
+
+
 def plan_budget(
     epochs: float,
     site_examples: Sequence[int],
@@ -91,11 +97,13 @@ def plan_budget(
     fraction_train: float = 1.0,
     server_rate: float | None = None,
     min_sites: int = 1,
+    min_site_batch: int = 0,
 ) -> BudgetPlan:
     """The plan for `epochs` of the sites' data: each site's batch is `batch_size` over the
     sites trained per round (`sites_trained_per_round`), the run's steps are the budget over the samples
     of one averaged step, cut into as many rounds of at least `min_round_steps` as there
-    are, at most `max_rounds`. The server's step on the mean update is `server_rate`, or
+    are, at most `max_rounds`. With `min_site_batch`, fewer sites train a round where the
+    batch's split would fall below it (`sampling_fraction` is what Flower then needs). The server's step on the mean update is `server_rate`, or
     (None) the square root of the batch's split, sqrt(batch_size / site batch), at most
     MAX_AUTO_SERVER_RATE."""
     if epochs <= 0:
@@ -104,6 +112,8 @@ def plan_budget(
     if not site_examples or examples <= 0:
         raise FedtuneError("train-epochs: no site reported training examples, so there is no budget to plan")
     per_round = sites_trained_per_round(len(site_examples), fraction_train, min_sites)
+    if min_site_batch and batch_size / per_round < min_site_batch:  # fewer sites a round, each on more samples
+        per_round = min(per_round, max(1, min_sites, batch_size // min_site_batch))
     site_batch = max(1, _half_up(batch_size / per_round))
     total_steps = max(1, math.ceil(epochs * examples / (site_batch * per_round)))
     num_rounds = max(1, min(max_rounds, total_steps // max(1, min_round_steps)))

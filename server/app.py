@@ -30,7 +30,7 @@ from fedtune.errors import FedtuneError
 from fedtune.internals import flower
 from fedtune.logs import setup_logging
 from fedtune.model import LoraSettings, build_lora_model, resolve_model_path
-from fedtune.run_budget import BudgetPlan, plan_budget, round_plan_config, saved_plan
+from fedtune.run_budget import BudgetPlan, plan_budget, round_plan_config, sampling_fraction, saved_plan
 from fedtune.run_folder import (
     BUDGET_FILE,
     RUN_FILE,
@@ -114,8 +114,8 @@ def run_federation(grid: Grid, context: Context) -> Summary:
     metered = MeteredGrid(FastPollingGrid(grid))  # replies pulled every 0.1 s, stages timed
     census = _census(settings, metered)  # before anything is written: who joins, with how many examples
     plan = _budget_plan(settings, census, run_dir)
-    if plan is not None:
-        settings = _planned_settings(settings, plan)
+    if plan is not None and census is not None:
+        settings = _planned_settings(settings, plan, len(census.counts))
     fresh = not run_dir.path.exists()
     run_dir.create()
     try:
@@ -333,15 +333,19 @@ def _budget_plan(settings: RunSettings, census: Census | None, run_dir: RunDir) 
         settings.fraction_train,
         settings.budget_server_rate_value,
         settings.min_sites,
+        settings.budget_min_site_batch,
     )
     log.info("train-epochs: %s", plan.describe())
     return plan
 
 
-def _planned_settings(settings: RunSettings, plan: BudgetPlan) -> RunSettings:
-    """The run's settings under the plan: its rounds and local steps; with fedavg and a
-    server rate other than 1, FedAvgM stepping that rate on the mean update (no momentum)."""
+def _planned_settings(settings: RunSettings, plan: BudgetPlan, sites: int) -> RunSettings:
+    """The run's settings under the plan: its rounds, local steps and the share of the
+    `sites` sampled each round; with fedavg and a server rate other than 1, FedAvgM stepping
+    that rate on the mean update (no momentum)."""
     settings = replace(settings, num_rounds=plan.num_rounds, local_steps=plan.local_steps)
+    if plan.sites_per_round < sites:
+        settings = replace(settings, fraction_train=sampling_fraction(plan.sites_per_round, sites))
     if settings.strategy != "fedavg" or plan.server_rate == 1:
         return settings
     return replace(settings, strategy="fedavgm", server_learning_rate=plan.server_rate, server_momentum=0.0)

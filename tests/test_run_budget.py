@@ -24,6 +24,7 @@ from fedtune.run_budget import (
     MAX_PLANNED_STEPS,
     plan_budget,
     read_round_plan,
+    sampling_fraction,
     saved_plan,
     sites_trained_per_round,
 )
@@ -77,6 +78,38 @@ def test_the_plan_counts_the_sites_flower_samples(sites: int, fraction: float, m
     assert sites_trained_per_round(sites, fraction, min_sites) == flower
     plan = plan_budget(3.0, [200] * sites, 16, 10, 20, fraction_train=fraction, min_sites=min_sites)
     assert plan.sites_per_round == flower
+
+
+def test_a_site_batch_floor_trains_fewer_sites_a_round_at_a_larger_batch() -> None:
+    """8 sites at batch 16 would train at batch 2 each; a floor of 4 samples 4 sites a round at
+    batch 4 (the budget's samples and the server's rate as for 4 sites); 4 sites keep batch 4."""
+    eight = plan_budget(3.0, [119] * 8, 16, 10, 20, min_site_batch=4)
+    assert (eight.sites_per_round, eight.site_batch, eight.server_rate) == (4, 4, 2.0)
+    assert eight.samples == pytest.approx(3.0 * 8 * 119, rel=0.06)
+    assert plan_budget(3.0, [238] * 4, 16, 10, 20, min_site_batch=4) == plan_budget(3.0, [238] * 4, 16, 10, 20)
+    assert plan_budget(3.0, [119] * 8, 16, 10, 20, min_site_batch=4, min_sites=6).sites_per_round == 6
+    assert plan_budget(3.0, [119] * 8, 16, 10, 20, min_site_batch=32).sites_per_round == 1
+
+
+def test_the_coordinator_samples_the_planned_sites_and_steps_the_planned_rate() -> None:
+    from fedtune.server.app import _planned_settings
+
+    settings = RunSettings.from_run_config({**default_run_config(), "strategy": "fedavg"})
+    plan = plan_budget(3.0, [119] * 8, 16, 10, 20, min_site_batch=4)
+    planned = _planned_settings(settings, plan, 8)
+    assert (planned.num_rounds, planned.local_steps) == (plan.num_rounds, plan.local_steps)
+    assert planned.fraction_train == sampling_fraction(4, 8) and int(8 * planned.fraction_train) == 4
+    assert (planned.strategy, planned.server_learning_rate, planned.server_momentum) == ("fedavgm", 2.0, 0.0)
+    everyone = _planned_settings(settings, plan_budget(3.0, [238] * 4, 16, 10, 20), 4)
+    assert everyone.fraction_train == 1.0
+
+
+@pytest.mark.parametrize(("per_round", "sites"), [(k, n) for n in range(1, 17) for k in range(1, n + 1)])
+def test_flower_samples_the_sites_the_plan_counts(per_round: int, sites: int) -> None:
+    from flwr.server.strategy import FedAvg
+
+    strategy = FedAvg(fraction_fit=sampling_fraction(per_round, sites), min_fit_clients=1)
+    assert strategy.num_fit_clients(sites)[0] == per_round
 
 
 @pytest.mark.parametrize(
