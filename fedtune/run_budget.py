@@ -26,7 +26,11 @@ Trainer's number of optimizer steps:
   at round 7 against 0.72 at 2.0 and 0.74 at 1), while 2.0 ended at 0.830 test exact match
   against 0.807 for plain FedAvg (over 4 sites 2.0 gave 0.873 against 0.850). Auto is
   therefore sqrt(batch / site batch) capped at MAX_AUTO_SERVER_RATE: 1 for one site, 2 for
-  four or more at batch 16.
+  four or more at batch 16;
+- a site's batch of 2 (8 sites at batch 16) is a noisy Adam step: with `budget-min-site-batch`
+  the plan trains fewer sites a round, each on at least that batch (Flower samples which).
+  On the same 8-site subset a floor of 4 (4 sites a round at batch 4, rate 2) reached 0.857
+  test exact match against 0.830 (a trial, 2026-12-07; off by default until the bench says so).
 
 Every value here that reaches a site arrives in a message: `read_round_plan` bounds it.
 """
