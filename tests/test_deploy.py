@@ -159,6 +159,15 @@ def test_tls_superlink_with_site_auth_runs_secagg_refuses_strangers_and_gates_th
         cli([FEDTUNE, "deploy", "site-key", "--site", site, "--out", str(tmp_path / "sites" / site)])
         keys[site] = (tmp_path / "sites" / site / f"{site}.key", tmp_path / "sites" / site / f"{site}.pub")
     rows = sentiment_data["train"].read_text().splitlines()
+    # The candidate the gate must refuse later, one that learnt the opposite labels, federated in
+    # simulation now, before the deployment's processes share the 2 cores with Ray's start-up
+    # (whose 30 s wait for its own GCS port timed out once when this ran after them).
+    flip = {"pos": "neg", "neg": "pos"}
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({**r, "label": flip[r["label"]]}) + "\n" for r in map(json.loads, rows)))
+    other = federate(
+        tmp_path / "other", "flipped", {**sentiment_config(tiny_bert_dir, sentiment_data), "data-path": str(flipped)}
+    )
     data = {"bank-a": tmp_path / "bank-a.jsonl", "bank-b": tmp_path / "bank-b.jsonl"}
     data["bank-a"].write_text("\n".join(rows[: len(rows) // 2]) + "\n")
     data["bank-b"].write_text("\n".join(rows[len(rows) // 2 :]) + "\n")
@@ -376,13 +385,7 @@ def test_tls_superlink_with_site_auth_runs_secagg_refuses_strangers_and_gates_th
     device = tmp_path / "device"
     got = pull(registry.address, "banking", signing["public"], device, ca=registry.pki["ca"])
     assert got.version == "v1"
-    # A candidate that learnt the opposite labels fails the gate; devices keep v1.
-    flip = {"pos": "neg", "neg": "pos"}
-    flipped = tmp_path / "flipped.jsonl"
-    flipped.write_text("".join(json.dumps({**r, "label": flip[r["label"]]}) + "\n" for r in map(json.loads, rows)))
-    other = federate(
-        tmp_path / "other", "flipped", {**sentiment_config(tiny_bert_dir, sentiment_data), "data-path": str(flipped)}
-    )
+    # A candidate that learnt the opposite labels (federated above) fails the gate; devices keep v1.
     export_bundle(other, tmp_path / "bad", signing["private"], max_accuracy_drop_pt=100.0)
     failed = gate(tmp_path / "bad", "v2", 1)
     assert failed.stderr.strip().splitlines()[-1].startswith("fedtune: error: gate: candidate banking v2 not promoted")
