@@ -104,12 +104,12 @@ def plan_budget(
     min_site_batch: int = 0,
 ) -> BudgetPlan:
     """The plan for `epochs` of the sites' data: each site's batch is `batch_size` over the
-    sites trained per round (`sites_trained_per_round`), the run's steps are the budget over the samples
-    of one averaged step, cut into as many rounds of at least `min_round_steps` as there
-    are, at most `max_rounds`. With `min_site_batch`, fewer sites train a round where the
-    batch's split would fall below it (`sampling_fraction` is what Flower then needs). The server's step on the mean update is `server_rate`, or
-    (None) the square root of the batch's split, sqrt(batch_size / site batch), at most
-    MAX_AUTO_SERVER_RATE."""
+    sites trained per round (`sites_trained_per_round`), the run's steps are the budget over
+    the samples of one averaged step, cut into as many rounds of at least `min_round_steps`
+    as there are, at most `max_rounds`. With `min_site_batch`, fewer sites train a round
+    where the batch's split would fall below it (`sampling_fraction` is what Flower then
+    needs). The server's step on the mean update is `server_rate`, or (None) the square
+    root of the batch's split, sqrt(batch_size / site batch), at most MAX_AUTO_SERVER_RATE."""
     if epochs <= 0:
         raise FedtuneError(f"train-epochs: a budget must be > 0 epochs, got {epochs}")
     examples = int(sum(site_examples))
